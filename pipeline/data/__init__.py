@@ -1,0 +1,51 @@
+"""Datasets as float32 (N, C, H, W) images in [0, 1] with int64 labels; example id = index in the split."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import DatasetError
+from . import cifar, digits
+from .shard import Shard, make_shards, select
+
+SPLITS = ("train", "test")
+DATA_ENV = "ROBUSTSWEEP_DATA"
+
+
+def load_split(name: str, split: str, root: str | None = None, storage_options: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load one split of a dataset.
+
+    name: "digits" (embedded, no root needed), "cifar10" or "cifar100" (root: a local folder
+    or an s3:// URI; default: $ROBUSTSWEEP_DATA/{name}, else data/{name}). storage_options go to
+    fsspec. Returns x float32 (N, C, H, W) in [0, 1] and y int64 (N,): digits (N, 1, 8, 8),
+    CIFAR (N, 3, 32, 32).
+    """
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r} for dataset {name!r}; expected one of {SPLITS}")
+    if name == "digits":
+        return digits.load(split)
+    if name in cifar.VARIANTS:
+        return cifar.load(name, split, root or default_root(name), storage_options)
+    raise DatasetError(f"unknown dataset {name!r}; expected 'digits', 'cifar10' or 'cifar100'")
+
+
+def default_root(name: str) -> str:
+    """Where a dataset lives when no root is given: $ROBUSTSWEEP_DATA/{name}, else data/{name}."""
+    base = os.environ.get(DATA_ENV) or "data"
+    if "://" in base:
+        # A URI joins with "/" whatever the local OS separator is.
+        return f"{base.rstrip('/')}/{name}"
+    return os.path.join(base, name)
+
+
+def num_classes(name: str) -> int:
+    """Number of classes of a dataset by name."""
+    table = {"digits": 10, "cifar10": 10, "cifar100": 100}
+    if name not in table:
+        raise DatasetError(f"unknown dataset {name!r}; expected one of {sorted(table)}")
+    return table[name]
+
+
+__all__ = ["load_split", "num_classes", "default_root", "SPLITS", "Shard", "make_shards", "select"]

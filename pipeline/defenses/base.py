@@ -1,0 +1,137 @@
+"""What every defense shares: input checks, randomness binding, and the grid protocol.
+
+A defense is an `nn.Module` from x (B, C, H, W) in [0, 1] to logits (B, K). Its output is a
+reduction over independent cells (DESIGN.md, "The grid"):
+
+    forward(x) = finish(x, sum over cells c of partial(x, [c], draw), draw)
+
+`grid()` lists the cells as an int64 tensor (n_cells, k); `partial` of any subset of rows of
+that tensor gives the additive piece of those cells; `finish` maps the sum to logits (the
+identity for RDC, a log of averaged probabilities for MI). `partial_vjp` gives the
+vector-Jacobian product of a partial, so a sharded defense can sum gradients across workers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import GridError, InputError
+from ..rng import Draw, DrawCounter
+
+
+def check_input(x: torch.Tensor, channels: int, size: int | None, who: str) -> None:
+    """Raise InputError unless x is a finite float (B, channels, size, size) tensor in [0, 1]."""
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{who}: input must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise InputError(f"{who}: input must be a float tensor of images in [0, 1], got dtype {x.dtype}")
+    if x.dim() != 4:
+        raise InputError(f"{who}: input must have shape (B, C, H, W), got {tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise InputError(f"{who}: input has {x.shape[1]} channels, expected {channels} (shape {tuple(x.shape)})")
+    if size is not None and tuple(x.shape[2:]) != (size, size):
+        raise InputError(f"{who}: input images are {x.shape[2]}x{x.shape[3]}, expected {size}x{size}")
+    if x.numel() == 0:
+        return
+    x = x.detach()
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise InputError(f"{who}: input holds {bad} NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise InputError(f"{who}: input values must lie in [0, 1], found range [{lo:.4g}, {hi:.4g}]")
+
+
+class Cost:
+    """Network evaluations spent by a defense: images through a network, forward and backward."""
+
+    def __init__(self):
+        self.forward = 0
+        self.backward = 0
+
+    def reset(self) -> None:
+        self.forward = self.backward = 0
+
+    def as_dict(self) -> dict:
+        return {"forward": self.forward, "backward": self.backward}
+
+
+class Defense(nn.Module):
+    """Base class; subclasses set `stochastic`, implement `grid`, `partial` and maybe `finish`.
+
+    Randomness: a stochastic defense numbers the calls of each example, so repeated calls
+    (EOT) see fresh draws that a rerun reproduces. The example ids of the rows come from
+    `bind(ids)`; unbound, row i is example i.
+    """
+
+    stochastic = False
+    def __init__(self, num_classes: int, in_channels: int, image_size: int | None, seed: int = 0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.image_size = image_size
+        self.draws = DrawCounter(seed)
+        self.cost = Cost()
+        self._bound: torch.Tensor | None = None
+
+    # --- randomness -------------------------------------------------------------------
+    def bind(self, example_ids, seed: int | None = None) -> "Defense":
+        """Name the example ids of the rows of the next calls (and optionally restart the seed)."""
+        self._bound = None if example_ids is None else torch.as_tensor(example_ids, dtype=torch.int64).reshape(-1).cpu()
+        if seed is not None:
+            self.draws.reset(seed)
+        return self
+
+    def reseed(self, seed: int) -> "Defense":
+        """Start the draws over from `seed` (every example's call count back to 0)."""
+        self.draws.reset(seed)
+        return self
+
+    def next_draw(self, batch: int) -> Draw:
+        """The Draw of the next call on `batch` rows (bound ids, or 0..batch-1)."""
+        ids = self._bound if self._bound is not None else torch.arange(batch)
+        if ids.numel() != batch:
+            raise InputError(f"{type(self).__name__}: bound to {ids.numel()} example ids but got {batch} rows; call bind() with the ids of this batch")
+        if not self.stochastic:
+            return Draw(self.draws.seed, ids, torch.zeros_like(ids))
+        return self.draws.next(ids)
+
+    # --- the grid protocol --------------------------------------------------------------
+    def grid(self) -> torch.Tensor:
+        """The cells, int64 (n_cells, k)."""
+        return torch.zeros(1, 1, dtype=torch.int64)
+
+    def partial(self, x: torch.Tensor, cells: torch.Tensor, draw: Draw) -> torch.Tensor:
+        """The additive contribution of `cells` (rows of grid()) for inputs x (B, C, H, W)."""
+        raise NotImplementedError
+
+    def finish(self, x: torch.Tensor, total: torch.Tensor, draw: Draw) -> torch.Tensor:
+        """Logits (B, K) from the sum of partials over the whole grid."""
+        return total
+
+    def partial_vjp(self, x: torch.Tensor, cells: torch.Tensor, draw: Draw, grad_total: torch.Tensor) -> torch.Tensor:
+        """grad_total^T d partial(x, cells) / dx, shape of x."""
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            out = self.partial(xg, cells, draw)
+            (g,) = torch.autograd.grad(out, xg, grad_total, allow_unused=True)
+        return torch.zeros_like(x) if g is None else g
+
+    def check_cells(self, cells: torch.Tensor) -> None:
+        grid = self.grid()
+        if cells.dim() != 2 or cells.shape[1] != grid.shape[1]:
+            raise GridError(f"{type(self).__name__}: cells must be int64 (n, {grid.shape[1]}), got {tuple(cells.shape)}")
+
+    # --- evaluation ---------------------------------------------------------------------
+    def evaluate(self, x: torch.Tensor, draw: Draw, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for x under an explicit draw (no call counting): finish(sum of partials)."""
+        cells = self.grid() if cells is None else cells
+        return self.finish(x, self.partial(x, cells, draw), draw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_channels, self.image_size, type(self).__name__)
+        if x.shape[0] == 0:
+            return x.new_zeros(0, self.num_classes)
+        return self.evaluate(x, self.next_draw(x.shape[0]))

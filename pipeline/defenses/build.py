@@ -1,0 +1,148 @@
+"""build_defense: the table a job file uses for one defense -> a ready nn.Module.
+
+    {"kind": "plain", "dataset": "digits", "model": "default", "method": "erm"}
+    {"kind": "mi", "mode": "pl" | "ol" | "combined", "dataset": "digits", "model": "default"}
+    {"kind": "rdc", "model": "optimal" | "default" | "path/to/checkpoint", "dataset": "digits",
+     "timesteps": 100, "lm": {"steps": 10, "gradient": "bpda"}, "pruning": [[50, 5], [500, 1]]}
+
+"default" models are trained on first use and cached (pipeline.zoo); a path names a
+checkpoint folder (model.safetensors + config.json).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from ..data import load_split, num_classes
+from ..errors import ConfigError, config_error
+from .base import Defense
+
+IMAGE = {"digits": (1, 8), "cifar10": (3, 32), "cifar100": (3, 32)}
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, description="name in results; default: derived from the table")
+    dataset: Literal["digits", "cifar10", "cifar100"] = "digits"
+    data_root: str | None = None
+    seed: int = 0
+
+
+class LMSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(10, ge=0)
+    mu: float = Field(1.0, ge=0)
+    eta: float = Field(8 / 255, ge=0)
+    gamma: float | None = Field(None, gt=0)
+    timesteps: Literal["random", "all"] | Annotated[int, Field(ge=1, le=1000)] = "random"
+    samples: int = Field(1, ge=1)
+    gradient: Literal["bpda", "exact"] = "bpda"
+
+
+class PlainSpec(_Spec):
+    kind: Literal["plain"]
+    model: str = "default"
+    method: Literal["erm", "mixup", "iat", "pgd_at"] = "erm"
+
+
+class MISpec(_Spec):
+    kind: Literal["mi"]
+    mode: Literal["pl", "ol", "combined"] = "pl"
+    model: str = "default"
+    method: Literal["erm", "mixup", "iat", "pgd_at"] = "mixup"
+    lam: float = Field(0.5, ge=0, le=1)
+    n_pl: int | None = Field(None, ge=0)
+    n_ol: int | None = Field(None, ge=0)
+    threshold: float = 0.2
+
+
+class RDCSpec(_Spec):
+    kind: Literal["rdc"]
+    model: str = "default"
+    timesteps: Literal["all"] | Annotated[int, Field(ge=1, le=1000)] | list[int] = "all"
+    prior: list[Annotated[float, Field(gt=0)]] | None = None
+    temperature: float = Field(1.0, gt=0)
+    pruning: list[tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]] | None = None
+    lm: LMSpec | None = None
+    batch_size: int = Field(4096, ge=1)
+
+
+DefenseSpec = Annotated[Union[PlainSpec, MISpec, RDCSpec], Field(discriminator="kind")]
+_ADAPTER = TypeAdapter(DefenseSpec)
+KINDS = ("plain", "mi", "rdc")
+
+
+def parse_defense(config: dict) -> PlainSpec | MISpec | RDCSpec:
+    """Validate a defense table; ConfigError names every bad field."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"defense: expected a table, got {type(config).__name__}")
+    if config.get("kind") not in KINDS:
+        raise ConfigError(f"defense.kind: unknown defense kind {config.get('kind')!r}; expected one of {KINDS}")
+    try:
+        return _ADAPTER.validate_python(config)
+    except ValidationError as exc:
+        raise config_error(exc, "defense", tags=KINDS) from None
+
+
+def defense_name(spec) -> str:
+    """A short, stable name for results: the spec's `name`, else kind and main options."""
+    if spec.name:
+        return spec.name
+    if spec.kind == "plain":
+        return f"plain-{spec.method}"
+    if spec.kind == "mi":
+        return f"mi-{spec.mode}"
+    model = "optimal" if spec.model == "optimal" else "unet"
+    return f"rdc-{model}" + ("-lm" if spec.lm else "")
+
+
+def build_defense(config: dict, device: str | torch.device | None = None) -> Defense:
+    """The defense of a job table, on `device` (default CPU). See the module docstring."""
+    spec = parse_defense(config)
+    channels, size = IMAGE[spec.dataset]
+    K = num_classes(spec.dataset)
+    if spec.kind == "plain":
+        from ..zoo import load_model
+        from .plain import Plain
+
+        model, _, _ = load_model(spec.model, spec.dataset, spec.method, channels)
+        defense = Plain(model, K, channels, size)
+    elif spec.kind == "mi":
+        from ..zoo import load_model
+        from .mi import MixupInference
+
+        model, _, _ = load_model(spec.model, spec.dataset, spec.method, channels)
+        pool_x, pool_y = load_split(spec.dataset, "train", root=spec.data_root)
+        defense = MixupInference(model, pool_x, pool_y, K, mode=spec.mode, lam=spec.lam, n_pl=spec.n_pl,
+                                 n_ol=spec.n_ol, threshold=spec.threshold, seed=spec.seed)
+    else:
+        defense = _build_rdc(spec, channels, size, K)
+    defense.spec = spec.model_dump()
+    defense.name = defense_name(spec)
+    return defense.to(device or "cpu").eval()
+
+
+def _build_rdc(spec: RDCSpec, channels: int, size: int, K: int) -> Defense:
+    from .lm import LikelihoodMaximization
+    from .rdc import RDC
+
+    if spec.model == "optimal":
+        from ..diffusion.optimal import OptimalEps
+
+        x, y = load_split(spec.dataset, "train", root=spec.data_root)
+        eps_model = OptimalEps(x, y, K)
+    else:
+        from ..zoo import load_model
+
+        eps_model, _, _ = load_model(spec.model, spec.dataset, "diffusion", channels)
+    lm = None
+    if spec.lm is not None:
+        lm = LikelihoodMaximization(eps_model, K, steps=spec.lm.steps, mu=spec.lm.mu, eta=spec.lm.eta,
+                                    gamma=spec.lm.gamma, timesteps=spec.lm.timesteps, samples=spec.lm.samples,
+                                    gradient=spec.lm.gradient)
+    timesteps = None if spec.timesteps == "all" else spec.timesteps
+    return RDC(eps_model, K, channels, size, timesteps=timesteps, prior=spec.prior, temperature=spec.temperature,
+               pruning=spec.pruning, lm=lm, batch_size=spec.batch_size, seed=spec.seed)

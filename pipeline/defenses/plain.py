@@ -1,0 +1,22 @@
+"""The undefended baseline: a classifier as it is, behind the defense interface."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..rng import Draw
+from .base import Defense
+
+
+class Plain(Defense):
+    """logits = F(x) for x (B, C, H, W) in [0, 1]; one cell, deterministic."""
+
+    def __init__(self, classifier: nn.Module, num_classes: int, in_channels: int, image_size: int | None):
+        super().__init__(num_classes, in_channels, image_size)
+        self.classifier = classifier
+
+    def partial(self, x: torch.Tensor, cells: torch.Tensor, draw: Draw) -> torch.Tensor:
+        self.check_cells(cells)
+        self.cost.forward += x.shape[0] * cells.shape[0]
+        return self.classifier(x) * cells.shape[0]

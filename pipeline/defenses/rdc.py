@@ -1,0 +1,261 @@
+"""The Robust Diffusion Classifier (Chen et al., ICML 2024): a diffusion model as a classifier.
+
+By Bayes' rule with the diffusion ELBO as log p(x | y) (paper eq. 4-5):
+
+    logit_y(x) = -(1/|S|) sum_{t in S} w_t || eps_theta(sqrt(a_t) x + s_t e_t, t, y) - e_t ||^2 / tau + log p(y)
+
+with w_t = 1, S all T timesteps or a systematic subsample, one noise e_t per (example, t)
+shared by all classes, tau a temperature (1 in the paper). Likelihood maximization (lm.py)
+may run first. Adaptive class pruning (Li et al. 2023) spends few timesteps on every class,
+keeps the best, and spends the rest on those.
+
+The engine: every (example, class, timestep) evaluation goes into chunks of `batch_size`
+network inputs; x_t is formed once per (example, t) and shared by all classes; a model with
+`all_classes` (the optimal model) computes every class from one distance matmul. Gradients
+are exact and memory-bounded: forward keeps no graph and backward recomputes chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import rng
+from ..diffusion.schedule import VPSchedule
+from ..errors import ConfigError
+from ..rng import Draw
+from .base import Defense
+from .lm import LikelihoodMaximization
+
+
+@dataclass(frozen=True)
+class Evaluations:
+    """A set of ELBO terms: row ex (E,) of the batch, class cls (E,), timestep ts[j] (E,), weight (E,)."""
+
+    ex: torch.Tensor
+    cls: torch.Tensor
+    j: torch.Tensor
+    ts: torch.Tensor
+    weight: torch.Tensor
+
+
+class _ElboSum(torch.autograd.Function):
+    """out (B, K) = sum_e weight_e * err_e at (ex_e, cls_e); backward recomputes per chunk."""
+
+    @staticmethod
+    def forward(ctx, x, rdc, ev, draw):
+        ctx.rdc, ctx.ev, ctx.draw = rdc, ev, draw
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            err = rdc.errors(x, ev, draw)
+        out = x.new_zeros(x.shape[0], rdc.num_classes)
+        return out.index_put((ev.ex.to(x.device), ev.cls.to(x.device)), ev.weight.to(x) * err, accumulate=True)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        ev = ctx.ev
+        w = grad_out[ev.ex.to(grad_out.device), ev.cls.to(grad_out.device)] * ev.weight.to(grad_out)
+        return ctx.rdc.errors_vjp(x, ev, ctx.draw, w), None, None, None
+
+
+class RDC(Defense):
+    """RDC logits (B, K) for x (B, C, H, W) in [0, 1].
+
+    eps_model(x_t, t, y) -> eps, with class `num_classes` the null class; timesteps: None
+    (all T), an int (systematic subsample) or an explicit list; prior: K probabilities or
+    None (uniform); pruning: stages [(n_timesteps, keep), ...]; lm: a LikelihoodMaximization
+    or None; batch_size: network inputs per call (the memory budget).
+    """
+
+    stochastic = True
+
+    def __init__(self, eps_model: nn.Module, num_classes: int, in_channels: int, image_size: int, *,
+                 schedule: VPSchedule | None = None, timesteps=None, prior=None, temperature: float = 1.0,
+                 pruning=None, prune_margin: float = 1.0, lm: LikelihoodMaximization | None = None,
+                 batch_size: int = 4096, seed: int = 0):
+        super().__init__(num_classes, in_channels, image_size, seed)
+        self.eps_model = eps_model
+        self.schedule = schedule or VPSchedule()
+        self.ts = self._timesteps(timesteps)
+        if temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        if prior is None:
+            log_prior = torch.zeros(num_classes, dtype=torch.float64)
+        else:
+            p = torch.as_tensor(prior, dtype=torch.float64)
+            if p.shape != (num_classes,) or (p <= 0).any():
+                raise ConfigError(f"prior must be {num_classes} positive numbers, got {list(p.shape)} values")
+            log_prior = torch.log(p / p.sum())
+        self.register_buffer("log_prior", log_prior, persistent=False)
+        self.pruning = self._stages(pruning)
+        self.prune_margin = prune_margin
+        self.lm = lm
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+
+    def _timesteps(self, timesteps) -> torch.Tensor:
+        T = self.schedule.T
+        if timesteps is None or isinstance(timesteps, int) and not isinstance(timesteps, bool):
+            if timesteps is not None and not 1 <= timesteps <= T:
+                raise ConfigError(f"timesteps must be in [1, {T}], got {timesteps}")
+            return self.schedule.subsample(timesteps)
+        ts = torch.as_tensor(list(timesteps), dtype=torch.int64)
+        if ts.numel() == 0 or ts.min() < 0 or ts.max() >= T or ts.unique().numel() != ts.numel():
+            raise ConfigError(f"timesteps must be distinct integers in [0, {T}), got {list(timesteps)[:8]}...")
+        return ts.sort().values
+
+    def _stages(self, pruning):
+        if not pruning:
+            return None
+        stages = []
+        for i, stage in enumerate(pruning):
+            n, keep = (stage["timesteps"], stage["keep"]) if isinstance(stage, dict) else stage
+            if not (1 <= int(n) <= self.schedule.T and 1 <= int(keep) <= self.num_classes):
+                raise ConfigError(f"pruning[{i}]: timesteps must be in [1, {self.schedule.T}] and keep in [1, {self.num_classes}], got ({n}, {keep})")
+            stages.append((int(n), int(keep)))
+        return stages
+
+    # --- the grid --------------------------------------------------------------------
+    def grid(self) -> torch.Tensor:
+        """Cells (K * |S|, 2): rows (class, timestep)."""
+        return torch.cartesian_prod(torch.arange(self.num_classes), self.ts)
+
+    def purify(self, x: torch.Tensor, draw: Draw) -> torch.Tensor:
+        return x if self.lm is None else self.lm(x, draw)
+
+    def partial(self, x: torch.Tensor, cells: torch.Tensor, draw: Draw) -> torch.Tensor:
+        """sum over cells (c, t) of -err(x, c, t) / (|S| tau) + log p(c) / |S|, shape (B, K)."""
+        self.check_cells(cells)
+        x_lm = self.purify(x, draw)
+        ts, j = torch.unique(cells[:, 1], return_inverse=True)
+        B, n = x.shape[0], cells.shape[0]
+        n_total = self.ts.numel()
+        ev = Evaluations(ex=torch.arange(B).repeat_interleave(n), cls=cells[:, 0].repeat(B), j=j.repeat(B), ts=ts,
+                         weight=torch.full((B * n,), -1.0 / (n_total * self.temperature), dtype=torch.float64))
+        out = _ElboSum.apply(x_lm, self, ev, draw)
+        prior = torch.zeros(self.num_classes, dtype=torch.float64).index_add_(
+            0, cells[:, 0], self.log_prior[cells[:, 0]].cpu() / n_total)
+        return out + prior.to(out)
+
+    # --- the engine ------------------------------------------------------------------
+    def noise(self, draw: Draw, ts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """e_t for every row and timestep in ts: (B, len(ts), C, H, W), shared by all classes."""
+        return draw.normal(rng.ELBO_NOISE, ts, tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+
+    def _chunks(self, ev: Evaluations):
+        """Chunks of evaluations (UNet) or of (example, t) pairs with all classes (optimal model)."""
+        if hasattr(self.eps_model, "all_classes"):
+            pair = ev.ex * ev.ts.numel() + ev.j
+            pairs, where = torch.unique(pair, return_inverse=True)
+            step = max(1, self.batch_size // self.num_classes)
+            return "pairs", pairs, where, step
+        return "evals", None, None, self.batch_size
+
+    def _chunk_errors(self, x: torch.Tensor, noise: torch.Tensor, ev: Evaluations, mode: str, rows: torch.Tensor,
+                      n_ts: int) -> torch.Tensor:
+        """Squared errors of one chunk: (len(rows),) for evals, (len(rows), K) for pairs."""
+        sqrt_a, s = self.schedule.coefficients(ev.ts, x.dtype)
+        if mode == "pairs":
+            ex, j = rows // n_ts, rows % n_ts
+        else:
+            ex, j = ev.ex[rows], ev.j[rows]
+        ex_d, j_d = ex.to(x.device), j.to(x.device)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        e = noise[ex_d, j_d]
+        x_t = sqrt_a.to(x.device)[j_d].view(shape) * (2.0 * x[ex_d] - 1.0) + s.to(x.device)[j_d].view(shape) * e
+        t = ev.ts.to(x.device)[j_d]
+        if mode == "pairs":
+            eps = self.eps_model.all_classes(x_t, t)  # (m, K, C, H, W)
+            return (eps - e.unsqueeze(1)).pow(2).flatten(2).sum(2)
+        eps = self.eps_model(x_t, t, ev.cls[rows].to(x.device))
+        return (eps - e).pow(2).flatten(1).sum(1)
+
+    def errors(self, x: torch.Tensor, ev: Evaluations, draw: Draw) -> torch.Tensor:
+        """||eps_theta(x_t, t, y) - e_t||^2 for every evaluation, (E,); no graph is kept."""
+        noise = self.noise(draw, ev.ts, x)
+        mode, pairs, where, step = self._chunks(ev)
+        n_rows = pairs.numel() if mode == "pairs" else ev.ex.numel()
+        parts = []
+        for start in range(0, n_rows, step):
+            rows = pairs[start:start + step] if mode == "pairs" else torch.arange(start, min(start + step, n_rows))
+            parts.append(self._chunk_errors(x, noise, ev, mode, rows, ev.ts.numel()))
+        self.cost.forward += n_rows
+        if not parts:
+            return x.new_zeros(0)
+        err = torch.cat(parts)
+        if mode == "pairs":
+            return err[where.to(err.device), ev.cls.to(err.device)]
+        return err
+
+    def errors_vjp(self, x: torch.Tensor, ev: Evaluations, draw: Draw, w: torch.Tensor) -> torch.Tensor:
+        """d/dx sum_e w_e err_e, recomputing chunk by chunk so memory stays bounded."""
+        noise = self.noise(draw, ev.ts, x)
+        mode, pairs, where, step = self._chunks(ev)
+        if mode == "pairs":
+            w = w.new_zeros(pairs.numel(), self.num_classes).index_put(
+                (where.to(w.device), ev.cls.to(w.device)), w, accumulate=True)
+        n_rows = pairs.numel() if mode == "pairs" else ev.ex.numel()
+        grad = torch.zeros_like(x)
+        for start in range(0, n_rows, step):
+            rows = pairs[start:start + step] if mode == "pairs" else torch.arange(start, min(start + step, n_rows))
+            with torch.enable_grad():
+                xg = x.detach().requires_grad_(True)
+                err = self._chunk_errors(xg, noise, ev, mode, rows, ev.ts.numel())
+                (g,) = torch.autograd.grad(err, xg, w[start:start + step].to(err))
+            grad += g
+        self.cost.forward += n_rows
+        self.cost.backward += n_rows
+        return grad
+
+    # --- pruning ---------------------------------------------------------------------
+    def evaluate(self, x: torch.Tensor, draw: Draw, cells: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pruning is None or cells is not None:
+            return super().evaluate(x, draw, cells)
+        return self._pruned(x, draw)
+
+    def _pruned(self, x: torch.Tensor, draw: Draw) -> torch.Tensor:
+        """Adaptive class pruning: each stage scores the surviving classes on its own subsample.
+
+        A class's logit is its estimate from the last stage it took part in; classes pruned
+        earlier are capped `prune_margin` below the weakest finalist, so the prediction is
+        always a finalist and gradients still flow through every estimate.
+        """
+        x_lm = self.purify(x, draw)
+        B, K = x.shape[0], self.num_classes
+        all_ts = torch.unique(torch.cat([self.schedule.subsample(n) for n, _ in self.pruning]))
+        active = torch.ones(B, K, dtype=torch.bool)
+        final: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
+        stage_of = torch.zeros(B, K, dtype=torch.int64)
+        for s, (n, keep) in enumerate(self.pruning):
+            ts = self.schedule.subsample(n)
+            j_stage = torch.searchsorted(all_ts, ts)
+            ex_c = active.nonzero()  # (A, 2) rows (example, class)
+            ev = Evaluations(ex=ex_c[:, 0].repeat_interleave(n), cls=ex_c[:, 1].repeat_interleave(n),
+                             j=j_stage.repeat(ex_c.shape[0]), ts=all_ts,
+                             weight=torch.full((ex_c.shape[0] * n,), -1.0 / (n * self.temperature), dtype=torch.float64))
+            stage_of[active] = s
+            final[s] = ev
+            with torch.no_grad():
+                est = x.new_zeros(B, K).index_put(
+                    (ev.ex.to(x.device), ev.cls.to(x.device)), ev.weight.to(x) * self.errors(x_lm.detach(), ev, draw), accumulate=True)
+            est = (est.cpu() + self.log_prior.to(est.dtype).cpu()).masked_fill(~active, float("-inf"))
+            if s < len(self.pruning) - 1:
+                top = torch.topk(est, keep, dim=1).indices
+                active = torch.zeros_like(active).scatter_(1, top, True)
+        finalists = stage_of == len(self.pruning) - 1
+        # The logit of every (example, class) from the last stage it took part in.
+        keep_rows = []
+        for s, ev in final.items():
+            mask = stage_of[ev.ex, ev.cls] == s
+            keep_rows.append((s, ev, mask))
+        ev = Evaluations(ex=torch.cat([e.ex[m] for _, e, m in keep_rows]), cls=torch.cat([e.cls[m] for _, e, m in keep_rows]),
+                         j=torch.cat([e.j[m] for _, e, m in keep_rows]), ts=all_ts,
+                         weight=torch.cat([e.weight[m] for _, e, m in keep_rows]))
+        raw = _ElboSum.apply(x_lm, self, ev, draw) + self.log_prior.to(x)
+        floor = torch.where(finalists.to(x.device), raw, torch.full_like(raw, float("inf"))).min(1, keepdim=True).values
+        return torch.where(finalists.to(x.device), raw, torch.minimum(raw, floor - self.prune_margin))

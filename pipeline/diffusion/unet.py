@@ -1,0 +1,270 @@
+"""A class-conditional epsilon-prediction UNet in the style of DDPM (Ho et al. 2020) and ADM
+(Dhariwal & Nichol 2021), with classifier-free-guidance style label dropout support
+(Ho & Salimans 2022): class index `num_classes` is the NULL class, the unconditional branch.
+
+The forward pass is split into a class-independent `stem` (the input convolution) and the
+class-dependent `trunk`, so a diffusion classifier can compute the stem once per noisy image
+and reuse it for every class: forward(x, t, y) == trunk(stem(x), t, y).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, InputError
+
+
+def _num_groups(channels: int) -> int:
+    """GroupNorm groups: 32 as in DDPM for wide layers, at least 4 channels a group for narrow ones."""
+    for g in (32, 16, 8, 4, 2, 1):
+        if channels % g == 0 and channels // g >= 4:
+            return g
+    return 1
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    """Zero-initialise a layer so that each residual branch starts as the identity (ADM)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal embedding of the integer timestep (Vaswani et al. 2017, sec. 3.5; DDPM appendix B)."""
+
+    def __init__(self, dim: int, max_period: float = 10000.0):
+        super().__init__()
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        # A buffer, not a parameter: fixed, and not stored in checkpoints (persistent=False).
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t (B,) integer timesteps -> (B, dim) float embedding."""
+        args = t.to(self.freqs.dtype)[:, None] * self.freqs[None, :]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+        if self.dim % 2:
+            emb = F.pad(emb, (0, 1))
+        return emb
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, + projected (time, class) embedding, GroupNorm-SiLU-dropout-conv, + skip."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_num_groups(in_ch), in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_ch, out_ch)
+        self.norm2 = nn.GroupNorm(_num_groups(out_ch), out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        # The embedding enters after the first conv, as a per-channel bias (DDPM).
+        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the H*W positions (DDPM at 16x16), residual, heads of <= 64 channels."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.heads = max(1, channels // 64)
+        self.norm = nn.GroupNorm(_num_groups(channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
+        # (B, heads, HW, d): softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, eq. 1).
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(out.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 conv halving H and W."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv (avoids checkerboard artefacts)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t, y): predicts the noise of x_t = sqrt(alpha_t) x_0 + sigma_t eps (DDPM eq. 14).
+
+    x (B, C, H, W) in model space (data 2x-1 in [-1, 1] plus noise), t int64 (B,) in [0, T),
+    y int64 (B,) in [0, num_classes]; y == num_classes is the NULL (unconditional) class.
+    Returns eps prediction (B, C, H, W). All constructor arguments are JSON-able and kept in
+    `self.config`, from which `pipeline.models.build_model` rebuilds the model.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 8,
+        num_classes: int = 10,
+        base_channels: int = 32,
+        channel_mult: tuple[int, ...] = (1, 2),
+        num_res_blocks: int = 1,
+        attn_resolutions: tuple[int, ...] = (),
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        channel_mult = tuple(int(m) for m in channel_mult)
+        attn_resolutions = tuple(int(r) for r in attn_resolutions)
+        if image_size % (2 ** (len(channel_mult) - 1)):
+            raise ConfigError(
+                f"unet: image_size {image_size} is not divisible by 2**{len(channel_mult) - 1} "
+                f"(one halving per level of channel_mult {channel_mult})"
+            )
+        self.config = {
+            "arch": "unet",
+            "in_channels": int(in_channels),
+            "image_size": int(image_size),
+            "num_classes": int(num_classes),
+            "base_channels": int(base_channels),
+            "channel_mult": list(channel_mult),
+            "num_res_blocks": int(num_res_blocks),
+            "attn_resolutions": list(attn_resolutions),
+            "dropout": float(dropout),
+        }
+        self.in_channels = in_channels
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.null_class = num_classes
+        emb_ch = 4 * base_channels
+
+        self.time_embed = TimestepEmbedding(base_channels)
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        self.class_embed = nn.Embedding(num_classes + 1, emb_ch)
+
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        # Encoder: num_res_blocks ResBlocks per level, halving between levels; every output is a skip.
+        self.down = nn.ModuleList()
+        skip_chs = [base_channels]
+        ch, res = base_channels, image_size
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                out = base_channels * mult
+                self.down.append(self._level_block(ch, out, emb_ch, dropout, res in attn_resolutions))
+                ch = out
+                skip_chs.append(ch)
+            if level != len(channel_mult) - 1:
+                self.down.append(nn.ModuleList([Downsample(ch)]))
+                res //= 2
+                skip_chs.append(ch)
+
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_ch, dropout), AttentionBlock(ch), ResBlock(ch, ch, emb_ch, dropout)])
+
+        # Decoder: one more block per level than the encoder, each eating one skip (DDPM).
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for _ in range(num_res_blocks + 1):
+                out = base_channels * mult
+                self.up.append(self._level_block(ch + skip_chs.pop(), out, emb_ch, dropout, res in attn_resolutions))
+                ch = out
+            if level != 0:
+                self.up.append(nn.ModuleList([Upsample(ch)]))
+                res *= 2
+
+        self.norm_out = nn.GroupNorm(_num_groups(ch), ch)
+        self.conv_out = _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
+
+    @staticmethod
+    def _level_block(in_ch: int, out_ch: int, emb_ch: int, dropout: float, attn: bool) -> nn.ModuleList:
+        layers = [ResBlock(in_ch, out_ch, emb_ch, dropout)]
+        if attn:
+            layers.append(AttentionBlock(out_ch))
+        return nn.ModuleList(layers)
+
+    def embed(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(time, class) embedding (B, 4*base_channels); the two are summed, as in ADM."""
+        return self.time_mlp(self.time_embed(t)) + self.class_embed(y)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The class-independent input conv: x (B, C, H, W) -> h (B, base_channels, H, W)."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            raise InputError(
+                f"unet expects x of shape (B, {self.in_channels}, {self.image_size}, {self.image_size}), got {tuple(x.shape)}"
+            )
+        return self.conv_in(x)
+
+    def trunk(self, h: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Everything after the stem: h (B, base_channels, H, W), t (B,), y (B,) -> eps (B, C, H, W).
+
+        h may be an expanded (stride-0) view of a stem output shared by several classes.
+        """
+        if t.shape != (h.shape[0],) or y.shape != (h.shape[0],):
+            raise InputError(f"unet expects t and y of shape ({h.shape[0]},), got {tuple(t.shape)} and {tuple(y.shape)}")
+        emb = self.embed(t, y)
+        skips = [h]
+        for layers in self.down:
+            for layer in layers:
+                h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            skips.append(h)
+        for layer in self.mid:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        for layers in self.up:
+            if isinstance(layers[0], ResBlock):
+                h = torch.cat([h, skips.pop()], dim=1)
+            for layer in layers:
+                h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """eps_theta(x, t, y); see the class docstring for shapes and ranges."""
+        return self.trunk(self.stem(x), t, y)
+
+
+def unet_config(dataset: str) -> dict:
+    """The default UNet config of a dataset: a tiny CPU-trainable one for digits, DDPM's for CIFAR.
+
+    digits (8x8, 1 channel): two levels (8x8, 4x4), no attention outside the middle block,
+    sized so that training fits in ~2 minutes on 2 CPU cores (see diffusion.train).
+    cifar10/cifar100: the DDPM CIFAR-10 model (Ho et al. 2020, appendix B), 35.7M parameters.
+    """
+    if dataset == "digits":
+        return UNet(in_channels=1, image_size=8, num_classes=10, base_channels=32, channel_mult=(1, 2),
+                    num_res_blocks=1, attn_resolutions=(), dropout=0.0).config
+    if dataset in ("cifar10", "cifar100"):
+        return {
+            "arch": "unet",
+            "in_channels": 3,
+            "image_size": 32,
+            "num_classes": 10 if dataset == "cifar10" else 100,
+            "base_channels": 128,
+            "channel_mult": [1, 2, 2, 2],
+            "num_res_blocks": 2,
+            "attn_resolutions": [16],
+            "dropout": 0.1,
+        }
+    raise ConfigError(f"no default unet config for dataset {dataset!r}; expected 'digits', 'cifar10' or 'cifar100'")
+
+
+__all__ = ["UNet", "unet_config", "TimestepEmbedding", "ResBlock", "AttentionBlock"]

@@ -1,0 +1,47 @@
+"""Errors a user can catch; each message names what is wrong and what to do about it."""
+
+
+class RobustsweepError(Exception):
+    """Base of every error raised on purpose by robustsweep."""
+
+
+class DatasetError(RobustsweepError):
+    """A dataset folder or file is missing, truncated or holds invalid values."""
+
+
+class InputError(RobustsweepError, ValueError):
+    """A tensor given to a model or defense has the wrong shape, range or values."""
+
+
+class CheckpointError(RobustsweepError):
+    """A checkpoint is missing, unreadable, or does not fit the model it is loaded into."""
+
+
+class ConfigError(RobustsweepError, ValueError):
+    """A configuration table (defense, attack, model, job) is invalid; the message names the field."""
+
+
+class GridError(RobustsweepError):
+    """A grid split does not cover the defense's cells, or a defense cannot be split."""
+
+
+def config_error(exc, where: str, tags: tuple[str, ...] = ()) -> ConfigError:
+    """A ConfigError from a pydantic ValidationError: one clause per field, naming the field.
+
+    Union members and discriminator tags (`tags`) that pydantic puts in an error's location
+    are dropped, and the alternatives of one field are joined with "or".
+    """
+    by_field: dict[str, list[str]] = {}
+    shown: dict[str, str] = {}
+    for err in exc.errors():
+        parts = [where] + [str(p) for p in err.get("loc", ())
+                           if not (isinstance(p, str) and (p in tags or any(c in p for c in "[]-'")))]
+        loc = ".".join(parts)
+        by_field.setdefault(loc, [])
+        if err.get("msg") not in by_field[loc]:
+            by_field[loc].append(err.get("msg"))
+        got = err.get("input")
+        if err.get("type") != "missing" and not isinstance(got, dict):
+            shown[loc] = f" (got {got!r})"
+    lines = [f"{loc}: {' or '.join(msgs)}{shown.get(loc, '')}" for loc, msgs in by_field.items()]
+    return ConfigError("; ".join(lines) if lines else str(exc))

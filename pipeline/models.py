@@ -1,0 +1,36 @@
+"""Build a model from its JSON config: the one place that maps config["arch"] to a class.
+
+Checkpoints store only a config and tensors (see pipeline.checkpoint); this function is the
+`build` that `load_checkpoint` calls.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .errors import ConfigError
+
+ARCHS = ("unet", "cnn", "resnet18")
+
+
+def build_model(config: dict) -> nn.Module:
+    """A fresh (randomly initialised) model from `config`, a dict with "arch" and the kwargs of its class."""
+    if not isinstance(config, dict) or "arch" not in config:
+        raise ConfigError(f"model config needs an 'arch' field (one of {ARCHS}), got {config!r}")
+    arch = config["arch"]
+    kwargs = {k: v for k, v in config.items() if k != "arch"}
+    if arch == "unet":
+        from .diffusion.unet import UNet as cls
+    elif arch == "cnn":
+        from .classifiers.cnn import SmallCNN as cls
+    elif arch == "resnet18":
+        from .classifiers.resnet import ResNet18 as cls
+    else:
+        raise ConfigError(f"model config: unknown arch {arch!r}; expected one of {ARCHS}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model config for arch {arch!r} has invalid fields: {exc}") from exc
+
+
+__all__ = ["build_model", "ARCHS"]

@@ -1,0 +1,63 @@
+"""Default models: trained on first use, cached on disk, loaded by name.
+
+The cache folder is $ROBUSTSWEEP_CACHE, else ~/.cache/robustsweep; each model lives in
+`models/{dataset}-{role}/` as model.safetensors + config.json. Training takes a file lock,
+so workers that ask for the same model at once train it once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from torch import nn
+
+from .checkpoint import load_checkpoint
+from .data import num_classes
+from .errors import CheckpointError, ConfigError
+from .models import build_model
+
+ROLES = ("diffusion", "erm", "mixup", "iat", "pgd_at")
+
+
+def cache_dir() -> Path:
+    """Where default models are kept: $ROBUSTSWEEP_CACHE or ~/.cache/robustsweep."""
+    return Path(os.environ.get("ROBUSTSWEEP_CACHE") or Path.home() / ".cache" / "robustsweep")
+
+
+def default_checkpoint(dataset: str, role: str, progress: bool = True) -> Path:
+    """The folder of the default `role` model of `dataset`, training it first if it is missing."""
+    if role not in ROLES:
+        raise ConfigError(f"unknown default model role {role!r}; expected one of {ROLES}")
+    path = cache_dir() / "models" / f"{dataset}-{role}"
+    if (path / "config.json").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{dataset}-{role}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one trainer; the others wait, then load
+        if not (path / "config.json").exists():
+            if role == "diffusion":
+                from .diffusion.train import train_default_diffusion
+
+                train_default_diffusion(dataset, path, progress=progress)
+            else:
+                from .classifiers.train import train_default_classifier
+
+                train_default_classifier(dataset, role, path, progress=progress)
+    return path
+
+
+def load_model(spec: str, dataset: str, role: str, in_channels: int | None = None) -> tuple[nn.Module, dict, dict]:
+    """A model by spec: "default" (the cached default of dataset and role) or a checkpoint folder.
+
+    The checkpoint must fit the dataset: its num_classes (and in_channels) are checked.
+    """
+    folder = default_checkpoint(dataset, role) if spec == "default" else Path(spec)
+    if not folder.exists():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    expected = {"num_classes": num_classes(dataset)}
+    if in_channels is not None:
+        expected["in_channels"] = in_channels
+    model, config, meta = load_checkpoint(folder, build_model, expected=expected)
+    return model.eval(), config, meta or {}
