@@ -45,3 +45,7 @@ def config_error(exc, where: str, tags: tuple[str, ...] = ()) -> ConfigError:
             shown[loc] = f" (got {got!r})"
     lines = [f"{loc}: {' or '.join(msgs)}{shown.get(loc, '')}" for loc, msgs in by_field.items()]
     return ConfigError("; ".join(lines) if lines else str(exc))
+
+
+class AttackError(RobustsweepError):
+    """An attack produced an invalid result (outside its eps ball or the [0, 1] box)."""

@@ -140,8 +140,11 @@ class DrawCounter:
         self._calls: dict[int, int] = {}
 
     def next(self, example_ids: torch.Tensor) -> Draw:
+        """The Draw of one call; a row whose id repeats in the batch counts as a further call."""
         ids = example_ids.detach().cpu().long()
-        calls = torch.tensor([self._calls.get(int(i), 0) for i in ids], dtype=torch.int64)
+        calls = []
         for i in ids.tolist():
-            self._calls[i] = self._calls.get(i, 0) + 1
-        return Draw(self.seed, ids, calls)
+            n = self._calls.get(i, 0)
+            calls.append(n)
+            self._calls[i] = n + 1
+        return Draw(self.seed, ids, torch.tensor(calls, dtype=torch.int64))

@@ -54,6 +54,15 @@ class Cost:
     def reset(self) -> None:
         self.forward = self.backward = 0
 
+    def count(self, output: torch.Tensor, n: int) -> torch.Tensor:
+        """Count n network evaluations in `output`, and n more when a gradient flows back through it."""
+        self.forward += n
+        if output.requires_grad:
+            def on_backward(grad):
+                self.backward += n
+            output.register_hook(on_backward)
+        return output
+
     def as_dict(self) -> dict:
         return {"forward": self.forward, "backward": self.backward}
 
@@ -92,6 +101,8 @@ class Defense(nn.Module):
     def next_draw(self, batch: int) -> Draw:
         """The Draw of the next call on `batch` rows (bound ids, or 0..batch-1)."""
         ids = self._bound if self._bound is not None else torch.arange(batch)
+        if ids.numel() == 1 and batch != 1:
+            ids = ids.expand(batch)  # an attack on one example may send several variants of it
         if ids.numel() != batch:
             raise InputError(f"{type(self).__name__}: bound to {ids.numel()} example ids but got {batch} rows; call bind() with the ids of this batch")
         if not self.stochastic:

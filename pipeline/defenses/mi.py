@@ -89,8 +89,7 @@ class MixupInference(Defense):
         idx = self.samples(self.predicted(x), cells, draw)  # (B, n_cells)
         x_s = self.pool_x[idx.reshape(-1).to(self.pool_x.device)].to(x)
         mixed = self.lam * x.repeat_interleave(n_cells, 0) + (1.0 - self.lam) * x_s  # MI eq. (5)
-        probs = torch.softmax(self.classifier(mixed), dim=1).view(B, n_cells, -1)
-        self.cost.forward += B * n_cells
+        probs = torch.softmax(self.cost.count(self.classifier(mixed), B * n_cells), dim=1).view(B, n_cells, -1)
         kind = cells[:, 0].to(x.device)
         return torch.stack([probs[:, kind == PL].sum(1), probs[:, kind == OL].sum(1)], dim=1)
 
@@ -102,7 +101,6 @@ class MixupInference(Defense):
             return torch.log(p_pl.clamp_min(tiny))
         if self.mode == "ol":
             return torch.log(p_ol.clamp_min(tiny))
-        self.cost.forward += x.shape[0]
-        gap = torch.softmax(self.classifier(x), 1).max(1).values - p_pl.max(1).values
+        gap = torch.softmax(self.cost.count(self.classifier(x), x.shape[0]), 1).max(1).values - p_pl.max(1).values
         use_pl = (gap < self.threshold)[:, None]
         return torch.log(torch.where(use_pl, p_pl, p_ol).clamp_min(tiny))

@@ -126,7 +126,13 @@ class RDC(Defense):
         return torch.cartesian_prod(torch.arange(self.num_classes), self.ts)
 
     def purify(self, x: torch.Tensor, draw: Draw) -> torch.Tensor:
-        return x if self.lm is None else self.lm(x, draw)
+        """LM(x), or x without LM; each LM step costs one forward and backward per sample."""
+        if self.lm is None:
+            return x
+        n = x.shape[0] * self.lm.steps * self.lm.samples
+        self.cost.forward += n
+        self.cost.backward += n
+        return self.lm(x, draw)
 
     def partial(self, x: torch.Tensor, cells: torch.Tensor, draw: Draw) -> torch.Tensor:
         """sum over cells (c, t) of -err(x, c, t) / (|S| tau) + log p(c) / |S|, shape (B, K)."""

@@ -1,0 +1,86 @@
+"""PGD (Madry et al. 2018) with expectation over transformation (Athalye et al. 2018).
+
+Each step averages the input gradient of the loss over `eot` calls of the model, each call
+a fresh draw of a randomized defense, then takes a steepest-ascent step for the norm:
+
+    Linf: delta <- clip_eps(delta + alpha sign(g))      L2: delta <- proj_eps(delta + alpha g / ||g||_2)
+
+and keeps x + delta in [0, 1]. Restarts begin at random points of the ball.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def margin_losses(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per-example losses to maximise: "ce", "cw" (max_{i!=y} z_i - z_y), "dlr" (Croce & Hein 2020, eq. 6)."""
+    if loss == "ce":
+        return F.cross_entropy(logits, y, reduction="none")
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.clone()
+    others.scatter_(1, y[:, None], float("-inf"))
+    best_other = others.max(1).values
+    if loss == "cw":
+        return best_other - z_y
+    top = logits.sort(1, descending=True).values
+    return (best_other - z_y) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def _project(delta: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    if norm == "Linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        n = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        delta = delta * torch.clamp(eps / n, max=1.0)
+    return (x + delta).clamp(0, 1) - x
+
+
+def _random_start(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator) -> torch.Tensor:
+    if norm == "Linf":
+        return (torch.rand(x.shape, generator=gen, dtype=x.dtype) * 2 - 1).to(x.device) * eps
+    d = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+    d = d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    r = torch.rand(x.shape[0], generator=gen, dtype=x.dtype).to(x.device) ** (1.0 / x[0].numel())
+    return d * (eps * r).view(-1, 1, 1, 1)
+
+
+def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "Linf",
+               steps: int = 100, step_size: float | None = None, eot: int = 1, restarts: int = 1,
+               loss: str = "ce", random_start: bool = True, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_adv, fooled): x (B, C, H, W) in [0, 1], y (B,). x_adv stays in the eps ball and in [0, 1].
+
+    `fooled` (B,) says whether the EOT-averaged prediction at x_adv differs from y. Restarts
+    stop early for examples already fooled. Draws come from a generator seeded by `seed`.
+    """
+    alpha = step_size if step_size is not None else 2.5 * eps / steps
+    gen = torch.Generator().manual_seed(seed)
+    x = x.detach()
+    best = x.clone()
+    fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for _ in range(restarts):
+        todo = (~fooled).nonzero().flatten()
+        if todo.numel() == 0 or eps == 0:
+            break
+        xs, ys = x[todo], y[todo]
+        delta = _random_start(xs, eps, norm, gen) if random_start else torch.zeros_like(xs)
+        delta = _project(delta, xs, eps, norm)
+        for _ in range(steps):
+            grad = torch.zeros_like(xs)
+            for _ in range(eot):
+                d = delta.clone().requires_grad_(True)
+                value = margin_losses(model(xs + d), ys, loss).sum()
+                grad += torch.autograd.grad(value, d)[0]
+            if norm == "Linf":
+                step = alpha * grad.sign()
+            else:
+                step = alpha * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            delta = _project(delta.detach() + step, xs, eps, norm)
+        with torch.no_grad():
+            probs = sum(torch.softmax(model(xs + delta), 1) for _ in range(eot)) / eot
+        hit = probs.argmax(1) != ys
+        best[todo] = (xs + delta).detach()
+        fooled[todo] = hit
+    return best, fooled

@@ -1,0 +1,120 @@
+"""Attack tables, as a job file writes them, validated with pydantic.
+
+    {"kind": "autoattack", "version": "rand", "norm": "Linf", "eps": 8/255}
+    {"kind": "pgd", "preset": "lee-kim", "eps": 8/255}          # 200 steps, EOT 20, step 0.007
+    {"kind": "pgd", "norm": "L2", "eps": 0.5, "steps": 100, "eot": 10, "loss": "dlr"}
+    {"kind": "transfer", "surrogate": {"kind": "plain"}, "attack": {"kind": "pgd", "eps": 8/255}}
+    {"kind": "none"}                                             # clean evaluation only
+
+Common fields: `passes` (R, the stochastic passes that score a randomized defense, default
+10), `path` ("adaptive": the attacker sees the whole defense; "oblivious": it attacks the
+defense's base classifier, MI only), `lm_gradient` ("bpda" or "exact": how gradients cross
+RDC's likelihood maximization, overriding the defense's own setting).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from ..errors import ConfigError, config_error
+
+AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+KINDS = ("autoattack", "pgd", "transfer", "none")
+
+
+class _Attack(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    norm: Literal["Linf", "L2", "L1"] = "Linf"
+    eps: float = Field(8 / 255, ge=0)
+    passes: int = Field(10, ge=1)
+    path: Literal["adaptive", "oblivious"] = "adaptive"
+    lm_gradient: Literal["bpda", "exact"] | None = None
+
+
+class NoAttack(_Attack):
+    kind: Literal["none"]
+    eps: float = Field(0.0, ge=0)
+
+
+class AutoAttackSpec(_Attack):
+    kind: Literal["autoattack"]
+    version: Literal["standard", "plus", "rand", "custom"] = "standard"
+    attacks: list[Literal[AA_ATTACKS]] | None = None
+    n_iter: int | None = Field(None, ge=1)
+    restarts: int | None = Field(None, ge=1)
+    eot_iter: int | None = Field(None, ge=1)
+    square_queries: int | None = Field(None, ge=1)
+    n_target_classes: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _custom_needs_attacks(self):
+        if self.version == "custom" and not self.attacks:
+            raise ValueError("version 'custom' needs a list of attacks")
+        if self.version != "custom" and self.attacks:
+            raise ValueError(f"attacks are only for version 'custom' (version is {self.version!r})")
+        return self
+
+
+class PGDSpec(_Attack):
+    kind: Literal["pgd"]
+    preset: Literal["lee-kim"] | None = None
+    norm: Literal["Linf", "L2"] = "Linf"
+    steps: int = Field(100, ge=1)
+    step_size: float | None = Field(None, gt=0)
+    eot: int = Field(1, ge=1)
+    restarts: int = Field(1, ge=1)
+    loss: Literal["ce", "dlr", "cw"] = "ce"
+    random_start: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data):
+        # Lee & Kim (ICCV 2023): 200 steps, EOT 20, step 0.007 at Linf 8/255; explicit fields win.
+        if isinstance(data, dict) and data.get("preset") == "lee-kim":
+            data = {"steps": 200, "eot": 20, "step_size": 0.007, **data}
+        return data
+
+
+class TransferSpec(_Attack):
+    kind: Literal["transfer"]
+    surrogate: dict
+    attack: dict
+
+    @model_validator(mode="after")
+    def _inner(self):
+        inner = parse_attack(self.attack)
+        if inner.kind in ("transfer", "none"):
+            raise ValueError("the inner attack of a transfer must be 'pgd' or 'autoattack'")
+        return self
+
+
+AttackSpec = Annotated[Union[NoAttack, AutoAttackSpec, PGDSpec, TransferSpec], Field(discriminator="kind")]
+_ADAPTER = TypeAdapter(AttackSpec)
+
+
+def parse_attack(config: dict):
+    """Validate an attack table; ConfigError names every bad field."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"attack: expected a table, got {type(config).__name__}")
+    if config.get("kind") not in KINDS:
+        raise ConfigError(f"attack.kind: unknown attack kind {config.get('kind')!r}; expected one of {KINDS}")
+    try:
+        return _ADAPTER.validate_python(config)
+    except ValidationError as exc:
+        raise config_error(exc, "attack", tags=KINDS) from None
+
+
+def attack_name(spec) -> str:
+    """A short stable name: the spec's `name`, else kind and version/preset."""
+    if spec.name:
+        return spec.name
+    if spec.kind == "autoattack":
+        return f"aa-{spec.version}" if spec.version != "custom" else "aa-" + "+".join(spec.attacks)
+    if spec.kind == "pgd":
+        return "pgd-" + (spec.preset or (f"eot{spec.eot}" if spec.eot > 1 else spec.loss))
+    if spec.kind == "transfer":
+        return "transfer-" + attack_name(parse_attack(spec.attack))
+    return "clean"

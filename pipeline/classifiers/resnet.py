@@ -1,0 +1,72 @@
+"""ResNet-18 (He et al. 2016), CIFAR variant: 3x3 stride-1 stem, no max-pool (as in Madry et al. 2018 and MI)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError
+
+# Per-channel CIFAR-10 training-set statistics; the model standardises [0, 1] inputs itself.
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity (or 1x1 conv-BN projection) shortcut (He et al. 2016, eq. 1-2)."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for 32x32 images: x float32 (B, C, 32, 32) in [0, 1] -> logits (B, num_classes).
+
+    Four stages of two BasicBlocks (64, 128, 256, 512 channels, strides 1, 2, 2, 2), global
+    average pooling, one linear layer; 11.2M parameters for 10 classes. Inputs are
+    standardised with the CIFAR statistics inside the model. `self.config` holds the
+    JSON-able constructor arguments (with "arch": "resnet18").
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        self.config = {"arch": "resnet18", "num_classes": int(num_classes), "in_channels": int(in_channels)}
+        self.in_channels, self.num_classes = in_channels, num_classes
+        mean = CIFAR_MEAN if in_channels == 3 else (0.5,) * in_channels
+        std = CIFAR_STD if in_channels == 3 else (0.5,) * in_channels
+        # Constants, not state: kept out of the checkpoint so old checkpoints load unchanged.
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        layers, in_planes = [], 64
+        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers.append(nn.Sequential(BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1)))
+            in_planes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise InputError(f"resnet18 expects x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        out = F.relu(self.bn1(self.conv1((x - self.mean) / self.std)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+__all__ = ["ResNet18", "BasicBlock"]

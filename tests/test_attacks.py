@@ -1,0 +1,181 @@
+"""Attacks and the scoring protocol: success on weak models, valid perturbations, flags, determinism."""
+
+import pytest
+import torch
+
+from pipeline.attacks import check_perturbation, evaluate, parse_attack, sweep_flags
+from pipeline.data import load_split
+from pipeline.defenses import MixupInference, Plain, RDC
+from pipeline.defenses.lm import LikelihoodMaximization
+from pipeline.diffusion.optimal import OptimalEps
+from pipeline.errors import AttackError, ConfigError
+
+
+@pytest.fixture(scope="module")
+def data():
+    xtr, ytr = load_split("digits", "train")
+    xte, yte = load_split("digits", "test")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    for _ in range(150):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(xtr), ytr).backward()
+        opt.step()
+    return net.eval(), xtr, ytr, xte[:12], yte[:12]
+
+
+def plain(net, name="linear"):
+    d = Plain(net, 10, 1, 8)
+    d.name = name
+    return d
+
+
+FAST_AA = {"n_iter": 20, "square_queries": 100}
+
+
+@pytest.mark.parametrize("attack", [
+    {"kind": "autoattack", "version": "standard", "norm": "Linf", "eps": 0.5, **FAST_AA},
+    {"kind": "autoattack", "version": "standard", "norm": "L2", "eps": 4.0, **FAST_AA},
+    {"kind": "autoattack", "version": "standard", "norm": "L1", "eps": 24.0, **FAST_AA},
+    {"kind": "autoattack", "version": "custom", "attacks": ["apgd-dlr", "fab"], "eps": 0.5, "n_iter": 20},
+    {"kind": "autoattack", "version": "rand", "eps": 0.5, "n_iter": 10, "eot_iter": 2},
+    {"kind": "pgd", "eps": 0.5, "steps": 20, "loss": "ce"},
+    {"kind": "pgd", "eps": 0.5, "steps": 20, "loss": "dlr"},
+    {"kind": "pgd", "norm": "L2", "eps": 4.0, "steps": 20, "loss": "cw", "restarts": 2},
+])
+def test_every_attack_breaks_a_linear_model_at_large_eps(data, attack):
+    net, _, _, x, y = data
+    records = evaluate(plain(net), attack, x, y, torch.arange(12), seed=0)
+    assert len(records) == 12
+    assert sum(r["adv_correct"] for r in records) <= 1
+    eps = attack["eps"]
+    key = {"Linf": "linf", "L2": "l2", "L1": "l1"}[attack.get("norm", "Linf")]
+    assert all(r[key] <= eps * (1 + 1e-5) + 1e-6 for r in records)
+    assert all(r["clean_correct"] == (r["clean_pred"] == r["label"]) for r in records)
+    assert all(r["passes"] == 1 and r["flags"] == [] for r in records)
+
+
+def test_small_eps_leaves_accuracy_and_records_the_stage(data):
+    net, _, _, x, y = data
+    records = evaluate(plain(net), {"kind": "autoattack", "eps": 1 / 255, "n_target_classes": 2, **FAST_AA}, x, y, torch.arange(12), seed=0)
+    clean = sum(r["clean_correct"] for r in records)
+    assert sum(r["adv_correct"] for r in records) >= clean - 2
+    stages = {r["broken_by"] for r in records}
+    assert stages <= {None, "clean", "apgd-ce", "apgd-t", "fab-t", "square"}
+
+
+def test_perturbations_outside_the_ball_or_box_are_errors():
+    x = torch.full((2, 1, 2, 2), 0.5)
+    check_perturbation(x + 0.1, x, "Linf", 0.1, [0, 1])
+    with pytest.raises(AttackError, match="Linf ball"):
+        check_perturbation(x + 0.2, x, "Linf", 0.1, [0, 1])
+    with pytest.raises(AttackError, match=r"\[0, 1\] box"):
+        check_perturbation(x + 0.6, x, "Linf", 1.0, [0, 1])
+    with pytest.raises(AttackError, match="L2 ball"):
+        check_perturbation(x + 0.1, x, "L2", 0.1, [0, 1])
+
+
+def test_gradient_masking_raises_the_zero_gradient_flag(data):
+    net, _, _, x, y = data
+
+    class Rounded(torch.nn.Module):
+        def forward(self, x):
+            return net(torch.round(x * 4) / 4)  # piecewise constant: no gradient anywhere
+
+    records = evaluate(plain(Rounded(), "rounded"), {"kind": "pgd", "eps": 0.1, "steps": 5}, x[:3], y[:3], [0, 1, 2], seed=0)
+    assert all("zero_gradient" in r["flags"] for r in records)
+
+
+def test_randomized_defense_without_eot_is_flagged_and_with_eot_is_not(data):
+    net, xtr, ytr, x, y = data
+    mi = MixupInference(net, xtr, ytr, 10, mode="pl")
+    mi.name = "mi-pl"
+    no_eot = evaluate(mi, {"kind": "pgd", "eps": 0.1, "steps": 3, "passes": 3}, x[:2], y[:2], [0, 1], seed=0)
+    assert all("stochastic_without_eot" in r["flags"] for r in no_eot)
+    assert all(r["passes"] == 3 for r in no_eot)
+    eot = evaluate(mi, {"kind": "pgd", "eps": 0.1, "steps": 3, "eot": 2, "passes": 3}, x[:2], y[:2], [0, 1], seed=0)
+    assert all("stochastic_without_eot" not in r["flags"] for r in eot)
+    aa_rand = evaluate(mi, {"kind": "autoattack", "version": "rand", "eps": 0.1, "n_iter": 3, "eot_iter": 2, "passes": 3},
+                       x[:2], y[:2], [0, 1], seed=0)
+    assert all("stochastic_without_eot" not in r["flags"] for r in aa_rand)
+    oblivious = evaluate(mi, {"kind": "pgd", "eps": 0.1, "steps": 3, "path": "oblivious"}, x[:2], y[:2], [0, 1], seed=0)
+    assert all(r["path"] == "oblivious" and r["flags"] == [] for r in oblivious)
+
+
+def test_scoring_votes_and_worst_case_are_consistent(data):
+    net, xtr, ytr, x, y = data
+    mi = MixupInference(net, xtr, ytr, 10, mode="ol", n_ol=3)
+    mi.name = "mi-ol"
+    records = evaluate(mi, {"kind": "pgd", "eps": 0.05, "steps": 3, "eot": 2, "passes": 7}, x, y, torch.arange(12), seed=1)
+    for r in records:
+        assert r["passes"] == 7
+        assert r["adv_worst_correct"] <= r["adv_vote_correct"] or r["adv_pass_accuracy"] == 1.0
+        assert r["adv_worst_correct"] == (r["adv_pass_accuracy"] == 1.0)
+        assert r["clean_worst_correct"] == (r["clean_pass_accuracy"] == 1.0)
+        assert r["adv_vote_correct"] == (r["adv_vote_pred"] == r["label"])
+        assert r["forward_passes"] > 0 and r["backward_passes"] > 0 and r["seconds"] > 0
+
+
+def test_same_seed_same_records_whatever_the_batch(data):
+    net, xtr, ytr, x, y = data
+    mi = MixupInference(net, xtr, ytr, 10, mode="pl", n_pl=4)
+    mi.name = "mi-pl"
+    attack = {"kind": "autoattack", "version": "rand", "eps": 0.1, "n_iter": 5, "eot_iter": 2, "passes": 3}
+    ids = torch.arange(40, 46)
+    together = evaluate(mi, attack, x[:6], y[:6], ids, seed=5)
+    split = evaluate(mi, attack, x[3:6], y[3:6], ids[3:], seed=5) + evaluate(mi, attack, x[:3], y[:3], ids[:3], seed=5)
+    split = split[3:] + split[:3]
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in together] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in split]
+    other = evaluate(mi, attack, x[:6], y[:6], ids, seed=6)
+    assert [r["adv_logits"] for r in other] != [r["adv_logits"] for r in together]
+
+
+def test_lm_paths_through_evaluate(data):
+    _, xtr, ytr, x, y = data
+    model = OptimalEps(xtr, ytr, 10)
+    rdc = RDC(model, 10, 1, 8, timesteps=4, lm=LikelihoodMaximization(model, 10, steps=2))
+    rdc.name = "rdc-optimal-lm"
+    for mode in ("bpda", "exact"):
+        records = evaluate(rdc, {"kind": "pgd", "eps": 0.1, "steps": 2, "eot": 2, "passes": 2, "lm_gradient": mode},
+                           x[:1], y[:1], [0], seed=0)
+        assert records[0]["path"] == f"adaptive+{mode}"
+        assert records[0]["flags"] == []
+        assert records[0]["linf"] <= 0.1 + 1e-6
+    assert rdc.lm.gradient == "bpda"  # restored
+
+
+def test_transfer_from_a_surrogate(data):
+    net, _, _, x, y = data
+    target = plain(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), "target")
+    records = evaluate(target, {"kind": "transfer", "surrogate": {"kind": "plain"}, "attack": {"kind": "pgd", "eps": 0.2, "steps": 5}},
+                       x[:3], y[:3], [0, 1, 2], seed=0, surrogate=plain(net, "surrogate"))
+    assert all(r["path"] == "transfer:surrogate" and r["attack"] == "transfer-pgd-ce" for r in records)
+
+
+def test_attack_tables_are_validated():
+    assert parse_attack({"kind": "pgd", "preset": "lee-kim"}).steps == 200
+    spec = parse_attack({"kind": "pgd", "preset": "lee-kim", "eps": 8 / 255})
+    assert (spec.eot, spec.step_size) == (20, 0.007)
+    with pytest.raises(ConfigError, match="attack.eps"):
+        parse_attack({"kind": "pgd", "eps": -1})
+    with pytest.raises(ConfigError, match="attack.kind"):
+        parse_attack({"kind": "cw"})
+    with pytest.raises(ConfigError, match="custom"):
+        parse_attack({"kind": "autoattack", "version": "custom"})
+    with pytest.raises(ConfigError, match="attack.unknown"):
+        parse_attack({"kind": "autoattack", "unknown": 1})
+
+
+def test_sweep_flags():
+    def recs(eps, correct):
+        return [{"defense": "d", "attack": "a", "norm": "Linf", "eps": eps, "adv_correct": c} for c in correct]
+
+    healthy = recs(0.01, [1] * 80 + [0] * 20) + recs(0.03, [1] * 50 + [0] * 50) + recs(1.0, [0] * 100)
+    assert sweep_flags(healthy)[("d", "a", "Linf")] == []
+    rising = recs(0.01, [1] * 30 + [0] * 70) + recs(0.03, [1] * 60 + [0] * 40)
+    assert sweep_flags(rising)[("d", "a", "Linf")] == ["accuracy_rises_with_eps"]
+    unbounded = recs(1.0, [1] * 50 + [0] * 50)
+    assert sweep_flags(unbounded)[("d", "a", "Linf")] == ["unbounded_attack_leaves_accuracy"]

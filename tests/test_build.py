@@ -1,0 +1,82 @@
+"""build_defense from job tables, the public API, and the CLI's exit codes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline.checkpoint import save_checkpoint
+from pipeline.data import load_split
+from pipeline.defenses import MixupInference, Plain, RDC, build_defense
+from pipeline.errors import CheckpointError, ConfigError
+
+
+def test_load_split_contract():
+    x, y = load_split("digits", "test")
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.shape == (355, 1, 8, 8) and y.shape == (355,)
+    assert 0 <= float(x.min()) and float(x.max()) <= 1
+
+
+def test_build_rdc_on_the_optimal_model():
+    d = build_defense({"kind": "rdc", "model": "optimal", "dataset": "digits", "timesteps": 100,
+                       "lm": {"steps": 5, "timesteps": 10, "gradient": "exact"}, "seed": 3})
+    assert isinstance(d, RDC) and d.name == "rdc-optimal-lm"
+    assert d.ts.numel() == 100 and d.lm.steps == 5 and d.lm.gradient == "exact" and d.draws.seed == 3
+    assert d.lm.fixed_t.numel() == 10
+    assert build_defense({"kind": "rdc", "model": "optimal"}).ts.numel() == 1000
+
+
+@pytest.fixture(scope="module")
+def cnn_checkpoint(tmp_path_factory):
+    from pipeline.models import build_model
+
+    folder = tmp_path_factory.mktemp("ckpt") / "cnn"
+    model = build_model({"arch": "cnn", "in_channels": 1, "num_classes": 10, "image_size": 8})
+    save_checkpoint(folder, model, model.config, {"method": "test"})
+    return folder
+
+
+def test_build_plain_and_mi_from_a_checkpoint(cnn_checkpoint):
+    plain = build_defense({"kind": "plain", "model": str(cnn_checkpoint)})
+    assert isinstance(plain, Plain) and plain.name == "plain-erm"
+    mi = build_defense({"kind": "mi", "mode": "combined", "model": str(cnn_checkpoint), "name": "mine"})
+    assert isinstance(mi, MixupInference) and mi.name == "mine" and (mi.n_pl, mi.n_ol) == (5, 15)
+    assert len(mi.pool_y) == 1442  # the pool is the training split
+    out = mi(torch.rand(2, 1, 8, 8))
+    assert out.shape == (2, 10)
+
+
+def test_a_checkpoint_for_another_dataset_is_refused(cnn_checkpoint):
+    with pytest.raises(CheckpointError, match="num_classes"):
+        build_defense({"kind": "plain", "model": str(cnn_checkpoint), "dataset": "cifar100"})
+    with pytest.raises(CheckpointError, match="does not exist"):
+        build_defense({"kind": "plain", "model": "/nonexistent/ckpt"})
+
+
+@pytest.mark.parametrize("table, field", [
+    ({"kind": "nope"}, "defense.kind"),
+    ({"kind": "rdc", "timesteps": -3}, "defense.timesteps"),
+    ({"kind": "rdc", "lm": {"eta": -1}}, "defense.lm.eta"),
+    ({"kind": "rdc", "colour": "red"}, "defense.colour"),
+    ({"kind": "mi", "mode": "both"}, "defense.mode"),
+    ({"kind": "mi", "dataset": "mnist"}, "defense.dataset"),
+])
+def test_bad_tables_name_the_field(table, field):
+    with pytest.raises(ConfigError) as info:
+        build_defense(table)
+    assert str(info.value).startswith(field)
+
+
+def test_cli_accuracy_and_exit_codes():
+    ok = subprocess.run([sys.executable, "-m", "pipeline.cli", "accuracy",
+                         json.dumps({"kind": "rdc", "model": "optimal", "timesteps": 10}), "--limit", "20"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    result = json.loads(ok.stdout)
+    assert result["n"] == 20 and result["accuracy"] >= 0.8
+    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "accuracy", json.dumps({"kind": "rdc", "timesteps": 0})],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "defense.timesteps" in bad.stderr
