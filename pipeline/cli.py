@@ -95,6 +95,108 @@ def accuracy_cmd(
     print(json.dumps({"defense": module.name, "split": split, "n": len(y), "accuracy": acc, "seconds": round(seconds, 2)}))
 
 
+def _job(path: Path):
+    from .runtime.spec import load_job
+
+    try:
+        return load_job(path)
+    except RobustsweepError as exc:
+        _fail(exc)
+
+
+@app.command("validate")
+def validate_cmd(job: Path = typer.Argument(..., help="job file (TOML)")):
+    """Check a job file and print what it expands to (defenses, attacks, units); writes nothing."""
+    from .data import load_split
+    from .runtime.plan import plan, run_id_for
+
+    spec = _job(job)
+    try:
+        x, _ = load_split(spec.spec.data.dataset, spec.spec.data.split, root=spec.spec.data.root)
+        units = plan(spec, x.shape[0])
+    except RobustsweepError as exc:
+        _fail(exc)
+    console.print(f"[green]ok[/] {job}: run id {run_id_for(spec)}, {len(spec.defenses)} defenses, "
+                  f"{len(spec.attacks)} attacks, {len(units)} units")
+    for d in spec.defenses:
+        console.print(f"  defense {d.name}")
+    for a in spec.attacks:
+        console.print(f"  attack  {a.name} eps={a.table.get('eps', 0):.6g} on {', '.join(a.defenses)}")
+
+
+@app.command("run")
+def run_cmd(
+    job: Path = typer.Argument(..., help="job file (TOML)"),
+    out: str = typer.Option("results", help="output folder or s3://bucket/prefix"),
+    workers: Optional[int] = typer.Option(None, help="worker actors (default: one per GPU, else per CPU)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster: none starts a local one; 'auto'; ray://host:port"),
+    run_id: Optional[str] = typer.Option(None, help="run id (default: job name and hash)"),
+    fresh: bool = typer.Option(False, help="start a new run instead of resuming"),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+    report: bool = typer.Option(True, help="print the report at the end"),
+):
+    """Run a job on a Ray cluster (resuming committed units) and print its report."""
+    from .runtime.run import run_job
+
+    spec = _job(job)
+    try:
+        result = run_job(spec, out, workers=workers, address=address, run_id=run_id, fresh=fresh,
+                         endpoint_url=endpoint_url, progress=True)
+    except RobustsweepError as exc:
+        _fail(exc)
+    console.print(f"run {result.run_id}: {result.done} units done, {result.skipped} already committed, "
+                  f"{len(result.failed)} failed; {result.rows} rows in {result.seconds:.1f} s -> {result.uri}")
+    if report:
+        _print_report([result.uri], endpoint_url, "table")
+    if result.failed:
+        console.print(f"[bold red]{len(result.failed)} units failed[/]; see {result.uri}/failures/")
+        raise typer.Exit(1)
+
+
+@app.command("status")
+def status_cmd(
+    uri: str = typer.Argument(..., help="a run folder: {out}/{run_id}, local or s3://"),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+):
+    """Units done / failed / left, rows and throughput of a run."""
+    from .runtime.status import run_status
+
+    try:
+        st = run_status(uri, endpoint_url=endpoint_url)
+    except RobustsweepError as exc:
+        _fail(exc)
+    print(json.dumps(st, indent=2))
+
+
+def _print_report(uris: list[str], endpoint_url: str | None, fmt: str) -> None:
+    from rich.console import Console as Out
+
+    from .analytics.report import load_records, render_table, summarize, to_markdown
+
+    rows = summarize(load_records(uris, endpoint_url=endpoint_url))
+    if fmt == "markdown":
+        print(to_markdown(rows))
+    elif fmt == "json":
+        print(json.dumps(rows, indent=2))
+    else:
+        Out(width=max(Out().width, 160)).print(render_table(rows))
+
+
+@app.command("report")
+def report_cmd(
+    uris: list[str] = typer.Argument(..., help="run folders: {out}/{run_id}, local or s3://"),
+    format: str = typer.Option("table", "--format", help="table, markdown or json"),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+):
+    """Defense x attack x norm x eps: n, clean and robust accuracy (95% Wilson), cost per example."""
+    if format not in ("table", "markdown", "json"):
+        _fail(ConfigError(f"--format must be table, markdown or json, got {format!r}"))
+    try:
+        _print_report(uris, endpoint_url, format)
+    except RobustsweepError as exc:
+        _fail(exc)
+
+
 def main() -> None:  # pragma: no cover - the console script
     app()
 

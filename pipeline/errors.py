@@ -34,7 +34,7 @@ def config_error(exc, where: str, tags: tuple[str, ...] = ()) -> ConfigError:
     by_field: dict[str, list[str]] = {}
     shown: dict[str, str] = {}
     for err in exc.errors():
-        parts = [where] + [str(p) for p in err.get("loc", ())
+        parts = ([where] if where else []) + [str(p) for p in err.get("loc", ())
                            if not (isinstance(p, str) and (p in tags or any(c in p for c in "[]-'")))]
         loc = ".".join(parts)
         by_field.setdefault(loc, [])
@@ -49,3 +49,8 @@ def config_error(exc, where: str, tags: tuple[str, ...] = ()) -> ConfigError:
 
 class AttackError(RobustsweepError):
     """An attack produced an invalid result (outside its eps ball or the [0, 1] box)."""
+
+
+class StoreError(RobustsweepError):
+    """A results store cannot be reached or written, or holds a file or record that does not fit
+    the record schema; the message names the path or field (never credentials)."""

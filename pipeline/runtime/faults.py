@@ -1,0 +1,43 @@
+"""Fault injection for tests of the queue: ROBUSTSWEEP_FAULTS names units that fail on purpose.
+
+The variable holds JSON: {"dir": folder for once-markers, "raise_once": [unit ids],
+"raise_always": [...], "crash_once": [...] (the worker process exits: a lost actor)}.
+Unset, this does nothing. It is read by the workers, so it travels with their environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+ENV = "ROBUSTSWEEP_FAULTS"
+
+
+class InjectedFault(RuntimeError):
+    """The error a unit raises when a test asked it to."""
+
+
+def _once(folder: str, kind: str, unit_id: str) -> bool:
+    """True the first time (kind, unit) is seen, across processes (an exclusive marker file)."""
+    marker = Path(folder) / f"{kind}-{unit_id}"
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+def inject(unit_id: str) -> None:
+    raw = os.environ.get(ENV)
+    if not raw:
+        return
+    plan = json.loads(raw)
+    folder = plan.get("dir", ".")
+    if unit_id in plan.get("raise_always", []):
+        raise InjectedFault(f"unit {unit_id} fails on purpose (raise_always)")
+    if unit_id in plan.get("raise_once", []) and _once(folder, "raise", unit_id):
+        raise InjectedFault(f"unit {unit_id} fails on purpose once (raise_once)")
+    if unit_id in plan.get("crash_once", []) and _once(folder, "crash", unit_id):
+        os._exit(17)

@@ -1,0 +1,86 @@
+"""The planner: a job -> units (defense, attack, eps, example shard), each with a stable id.
+
+A unit's id is the hash of everything that determines its rows (the defense and attack
+tables, the data, the example ids, the seed), so a rerun of the same job finds the units it
+committed before, and a changed job never mistakes old files for new ones.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+
+from ..data import make_shards
+from .spec import Job, content_hash
+
+FORMAT = 1  # bump when the meaning of a unit's rows changes
+
+
+@dataclass(frozen=True)
+class Unit:
+    unit_id: str
+    defense: str
+    attack: str
+    eps: float
+    defense_table: dict
+    attack_table: dict
+    example_ids: tuple[int, ...]
+
+    @property
+    def path(self) -> str:
+        """Where the unit's Parquet file goes, relative to the run folder."""
+        return f"records/defense={_safe(self.defense)}/attack={_safe(self.attack)}/unit-{self.unit_id}.parquet"
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["example_ids"] = list(self.example_ids)
+        d["path"] = self.path
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Unit":
+        return cls(d["unit_id"], d["defense"], d["attack"], d["eps"], d["defense_table"], d["attack_table"],
+                   tuple(d["example_ids"]))
+
+
+def _safe(name: str) -> str:
+    """A path segment from a name: letters, digits and ._+- kept, the rest as '_'."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
+
+
+def example_ids(job: Job, n_examples: int) -> list[int]:
+    """The example ids of the job's subset of its split, in order."""
+    data = job.spec.data
+    shards = make_shards(n_examples, n_examples or 1, ids=data.ids, limit=data.limit)
+    return [i for s in shards for i in s.example_ids]
+
+
+def plan(job: Job, n_examples: int) -> list[Unit]:
+    """Every unit of the job, in a stable order: defense, attack, eps, shard."""
+    data = job.spec.data
+    shards = make_shards(n_examples, data.shard_size, ids=data.ids, limit=data.limit)
+    units = []
+    for d in job.defenses:
+        for a in job.attacks:
+            if d.name not in a.defenses:
+                continue
+            for shard in shards:
+                key = {"defense": d.table, "attack": a.table, "dataset": data.dataset, "split": data.split,
+                       "root": data.root, "ids": list(shard.example_ids), "seed": job.spec.seed, "format": FORMAT}
+                units.append(Unit(content_hash(key), d.name, a.name, float(a.table.get("eps", 0.0)), d.table, a.table,
+                                  tuple(shard.example_ids)))
+    return units
+
+
+def run_id_for(job: Job, fresh: bool = False) -> str:
+    """The run id: the job's name and hash; `fresh` adds the time so nothing is reused."""
+    base = f"{job.spec.name}-{job.hash[:8]}"
+    return base + time.strftime("-%Y%m%d-%H%M%S") if fresh else base
+
+
+def plan_document(job: Job, units: list[Unit], run_id: str) -> dict:
+    """plan.json: the job as validated, its hash, and every unit."""
+    return {"run_id": run_id, "job_hash": job.hash, "source": job.source, "job": job.spec.model_dump(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "format": FORMAT,
+            "units": [u.as_dict() for u in units]}

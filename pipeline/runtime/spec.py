@@ -1,0 +1,200 @@
+"""Job specs: a TOML file that names a dataset, defenses, attacks and the sweep over them.
+
+    name = "demo"
+    seed = 0
+
+    [data]
+    dataset = "digits"
+    split = "test"
+    limit = 64            # or: ids = [0, 5, 9]
+    shard_size = 16
+
+    [[defenses]]
+    kind = "rdc"
+    model = "optimal"
+    timesteps = 10
+    [defenses.sweep]      # every combination of these values becomes its own defense
+    temperature = [0.5, 1.0]
+
+    [[attacks]]
+    kind = "autoattack"
+    version = "rand"
+    eps = [0.0157, 0.0314]    # an eps list sweeps eps
+    defenses = ["rdc-*"]       # which defenses (names, shell patterns); default: all
+
+Defense tables are those of `build_defense`, attack tables those of `attacks.evaluate`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import itertools
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..attacks.spec import attack_name, parse_attack
+from ..defenses.build import defense_name, parse_defense
+from ..errors import ConfigError, config_error
+
+
+class DataSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dataset: Literal["digits", "cifar10", "cifar100"]
+    split: Literal["train", "test"] = "test"
+    root: str | None = Field(None, description="folder or s3:// URI of a CIFAR dataset")
+    limit: int | None = Field(None, ge=1)
+    ids: list[int] | None = None
+    shard_size: int = Field(16, ge=1)
+
+    @field_validator("ids")
+    @classmethod
+    def _ids(cls, value):
+        if value is not None and (any(i < 0 for i in value) or len(set(value)) != len(value)):
+            raise ValueError("ids must be distinct non-negative integers")
+        return value
+
+
+class JobSpec(BaseModel):
+    """A validated job, before its sweeps are expanded."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("job", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(0, ge=0)
+    data: DataSpec
+    defenses: list[dict] = Field(min_length=1)
+    attacks: list[dict] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class Defense:
+    name: str
+    table: dict
+
+
+@dataclass(frozen=True)
+class Attack:
+    name: str
+    table: dict  # one eps, ready for attacks.evaluate
+    defenses: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job with its sweeps expanded: what the planner turns into units."""
+
+    spec: JobSpec
+    defenses: tuple[Defense, ...]
+    attacks: tuple[Attack, ...]
+    source: str
+
+    @property
+    def hash(self) -> str:
+        return content_hash(self.spec.model_dump())
+
+
+def canonical(obj: Any) -> str:
+    """Canonical JSON (sorted keys, no spaces): the input of every content hash."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def content_hash(obj: Any, n: int = 16) -> str:
+    return hashlib.sha256(canonical(obj).encode()).hexdigest()[:n]
+
+
+def _sweep(table: dict, where: str, extra_lists: tuple[str, ...] = ()) -> list[tuple[dict, str]]:
+    """Expand `sweep` (and the fields in extra_lists given as lists) into (table, suffix) pairs."""
+    table = dict(table)
+    sweep = table.pop("sweep", {})
+    if not isinstance(sweep, dict):
+        raise ConfigError(f"{where}.sweep: expected a table of lists, got {type(sweep).__name__}")
+    for key in extra_lists:
+        if isinstance(table.get(key), list):
+            sweep = {key: table.pop(key), **sweep}
+    for key, values in sweep.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}.sweep.{key}: expected a non-empty list of values, got {values!r}")
+    keys = list(sweep)
+    out = []
+    for combo in itertools.product(*(sweep[k] for k in keys)):
+        values = dict(zip(keys, combo))
+        suffix = ",".join(f"{k}={v}" for k, v in values.items() if k not in extra_lists)
+        out.append(({**table, **values}, f"[{suffix}]" if suffix else ""))
+    return out
+
+
+def _reprefix(exc: ConfigError, old: str, new: str) -> ConfigError:
+    return ConfigError("; ".join(p.replace(old, new, 1) if p.startswith(old) else p for p in str(exc).split("; ")))
+
+
+def expand(spec: JobSpec, source: str = "<job>") -> Job:
+    """Validate every defense and attack table and expand the sweeps."""
+    defenses: list[Defense] = []
+    for i, raw in enumerate(spec.defenses):
+        where = f"defenses[{i}]"
+        for table, suffix in _sweep(raw, where):
+            if table.setdefault("dataset", spec.data.dataset) != spec.data.dataset:
+                raise ConfigError(f"{where}.dataset: {table['dataset']!r} differs from data.dataset {spec.data.dataset!r}")
+            if spec.data.root and "data_root" not in table:
+                table["data_root"] = spec.data.root
+            table.setdefault("seed", spec.seed)
+            try:
+                parsed = parse_defense(table)
+            except ConfigError as exc:
+                raise _reprefix(exc, "defense.", f"{where}.") from None
+            name = defense_name(parsed) + ("" if parsed.name else suffix)
+            if any(d.name == name for d in defenses):
+                raise ConfigError(f"{where}.name: two defenses are named {name!r}; give them distinct names")
+            defenses.append(Defense(name, table))
+    names = [d.name for d in defenses]
+    attacks: list[Attack] = []
+    for i, raw in enumerate(spec.attacks):
+        where = f"attacks[{i}]"
+        raw = dict(raw)
+        patterns = raw.pop("defenses", ["*"])
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+            raise ConfigError(f"{where}.defenses: expected a list of defense names or patterns, got {patterns!r}")
+        targets = tuple(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+        if not targets:
+            raise ConfigError(f"{where}.defenses: {patterns} match no defense; defenses are {names}")
+        for table, suffix in _sweep(raw, where, extra_lists=("eps",)):
+            try:
+                parsed = parse_attack(table)
+            except ConfigError as exc:
+                raise _reprefix(exc, "attack.", f"{where}.") from None
+            name = attack_name(parsed) + ("" if parsed.name else suffix)
+            if any(a.name == name and a.table.get("eps") == table.get("eps") and set(a.defenses) & set(targets)
+                   for a in attacks):
+                raise ConfigError(f"{where}.name: two attacks are named {name!r} at the same eps; give them distinct names")
+            attacks.append(Attack(name, table, targets))
+    return Job(spec, tuple(defenses), tuple(attacks), source)
+
+
+def parse_job(doc: dict, source: str = "<job>") -> Job:
+    """A Job from a parsed TOML document; ConfigError names every bad field."""
+    try:
+        spec = JobSpec.model_validate(doc)
+    except ValidationError as exc:
+        raise config_error(exc, "") from None
+    return expand(spec, source)
+
+
+def load_job(path: str | Path) -> Job:
+    """Read and validate a TOML job file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read job file {path}: {exc.strerror or exc}") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"job file {path} is not valid TOML: {exc}") from None
+    return parse_job(doc, str(path))

@@ -1,0 +1,497 @@
+"""A results store on a local folder or an object store (s3://bucket/prefix), through fsspec.
+
+Every file is committed whole: on local disk by writing a temp file in the target folder,
+fsync, then `os.replace` (atomic within one filesystem); on an object store by serializing in
+memory and uploading with one PUT (`pipe_file`), since an S3 object only becomes visible once
+its upload completes. A reader therefore sees either no file or the whole file, and a unit's
+Parquet file existing with a valid footer and the row count it promises means the unit is done
+(`Store.committed`); resume relies on that.
+
+Credentials: for S3 they come from the usual AWS sources (env vars, profile, instance role)
+unless given in `storage_options`. They never appear in `repr(store)` nor in a StoreError: the
+options are redacted, and messages of underlying exceptions are scrubbed of secret values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import StoreError
+from pipeline.store.schema import RECORD_SCHEMA
+
+META_PREFIX = "robustsweep."
+"""Prefix of the Parquet footer keys the store writes (`robustsweep.rows`, ...)."""
+
+# Option names whose values are secrets, wherever they sit in storage_options (also nested in
+# client_kwargs). Matched case-insensitively as substrings, so e.g. aws_secret_access_key and
+# session_token are covered too.
+_SECRET_NAMES = ("key", "secret", "token", "password", "credential", "signature")
+_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+# Footer reads fetch this many trailing bytes first: the footer of a unit file (tens of columns,
+# a few row groups) fits, so `committed` costs one small range request on S3.
+_TAIL_BYTES = 64 * 1024
+# s3fs switches to a multipart upload at 2 * chunksize; 5 GiB is S3's single-PUT limit, so with
+# this chunksize every object S3 accepts in one request goes up as exactly one PUT.
+_S3_CHUNKSIZE = 5 * 2**30
+# Class names (anywhere in an exception's MRO) meaning the endpoint could not be reached; matched
+# by name so that botocore/aiohttp need not be importable for a local store.
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionError",
+                "ClientConnectorError", "ServerDisconnectedError", "ConnectionClosedError",
+                "TimeoutError", "FSTimeoutError", "gaierror"}
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+
+
+class Store:
+    """Files under one root: a local folder, or `s3://bucket/prefix` (any fsspec URL works).
+
+    uri: local path (relative paths are made absolute) or fsspec URL.
+    storage_options: fsspec options (for s3fs: key, secret, token, client_kwargs, config_kwargs,
+        ...); may hold secrets, so they are never shown.
+    endpoint_url: S3-compatible endpoint (MinIO, moto, Ceph); default: storage_options'
+        client_kwargs.endpoint_url, else env AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS.
+
+    All methods take paths relative to the root, "/"-separated, without "..".
+    Attributes `fs` (the fsspec filesystem) and `root` (its path of the root) are public, e.g. to
+    hand the filesystem to DuckDB (`con.register_filesystem(store.fs)`).
+    """
+
+    def __init__(self, uri: str, storage_options: Mapping[str, Any] | None = None,
+                 endpoint_url: str | None = None):
+        uri = str(uri)
+        protocol, _ = fsspec.core.split_protocol(uri)
+        options = _deep_copy(dict(storage_options or {}))
+        self._is_s3 = protocol in ("s3", "s3a")
+        if self._is_s3:
+            client = dict(options.get("client_kwargs") or {})
+            endpoint = (endpoint_url or client.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3")
+                        or os.environ.get("AWS_ENDPOINT_URL"))
+            if endpoint:
+                client["endpoint_url"] = endpoint
+            # botocore reads AWS_DEFAULT_REGION itself but not AWS_REGION (the name most other
+            # AWS SDKs and CI systems set).
+            region = os.environ.get("AWS_REGION")
+            if region and "region_name" not in client and not os.environ.get("AWS_DEFAULT_REGION"):
+                client["region_name"] = region
+            if client:
+                options["client_kwargs"] = client
+        elif endpoint_url:
+            raise StoreError(f"endpoint_url applies to s3:// stores only; {_redact_uri(uri)!r} is not one")
+        self._options = options
+        self._secrets = _collect_secrets(options)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(uri, **options)
+        except Exception as exc:  # unknown protocol, missing backend, bad option
+            raise StoreError(f"cannot open store {_redact_uri(uri)!r}: {type(exc).__name__}: "
+                             f"{self._scrub(str(exc))}") from None
+        self.root = root.rstrip("/") or root
+        self._local = "file" in _protocols(self.fs)
+
+    # -- naming -------------------------------------------------------------------------------
+
+    @property
+    def uri(self) -> str:
+        """The root as a URI: an absolute local path, or e.g. "s3://bucket/prefix"."""
+        return self.root if self._local else self.fs.unstrip_protocol(self.root)
+
+    def join(self, *parts: str) -> str:
+        """The full URI (or local path) of a relative path under the root, e.g.
+        join("records", "x.parquet") -> "s3://bucket/prefix/records/x.parquet"."""
+        rel = _rel(*parts)
+        return f"{self.uri}/{rel}" if rel else self.uri
+
+    def _path(self, *parts: str) -> str:
+        rel = _rel(*parts)
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def __repr__(self) -> str:
+        shown = _redact(self._options)
+        opts = f", storage_options={shown!r}" if shown else ""
+        return f"Store({_redact_uri(self.uri)!r}{opts})"
+
+    __str__ = __repr__
+
+    # -- Parquet --------------------------------------------------------------------------------
+
+    def write_table(self, rel: str, table: pa.Table, metadata: Mapping[str, Any] | None = None, *,
+                    schema: pa.Schema | None = RECORD_SCHEMA) -> None:
+        """Commit `table` as one Parquet file at `rel`, atomically (whole file or nothing).
+
+        metadata: footer key-values; keys get the prefix "robustsweep." unless they have it,
+            values are str()-ed. "robustsweep.rows" (the row count) is always written.
+        schema: the table must have these column names and types (RECORD_SCHEMA by default;
+            None writes any table). Checked before anything is written.
+        Raises StoreError (nothing is left behind) when the table does not fit or the write fails.
+        """
+        if schema is not None:
+            table = _conform(table, schema, f"table for {rel!r}")
+        kv = {k if k.startswith(META_PREFIX) else META_PREFIX + k: str(v) for k, v in (metadata or {}).items()}
+        kv[META_PREFIX + "rows"] = str(table.num_rows)
+        merged = dict(table.schema.metadata or {})
+        merged.update({k.encode(): v.encode() for k, v in kv.items()})
+        table = table.replace_schema_metadata(merged)
+        # zstd: logits and repeated strings compress several times better than with snappy, and
+        # DuckDB, Spark and pandas all read it.
+        self._commit(rel, lambda f: pq.write_table(table, f, compression="zstd"))
+
+    def committed(self, rel: str, expected_rows: int | None = None) -> bool:
+        """True iff `rel` is a whole Parquet file written by the store: its footer parses and its
+        row count equals the footer's "robustsweep.rows" (and `expected_rows` when given).
+
+        A missing, truncated or corrupt file gives False; an unreachable store raises StoreError
+        (so that an outage never reads as "nothing done yet").
+        """
+        path = self._path(rel)
+        try:
+            self.fs.invalidate_cache(path)  # s3fs caches listings; another worker may have written
+            size = self.fs.size(path)
+            if size is None or size < 12:  # 12: "PAR1" header + footer length + "PAR1" trailer
+                return False
+            start = max(0, size - _TAIL_BYTES)
+            tail = self.fs.cat_file(path, start=start, end=size)
+            if tail[-4:] != b"PAR1":
+                return False
+            need = int.from_bytes(tail[-8:-4], "little") + 8
+            if need + 4 > size:
+                return False
+            if need > len(tail):
+                tail = self.fs.cat_file(path, start=size - need, end=size)
+        except (FileNotFoundError, IsADirectoryError):
+            return False
+        except Exception as exc:
+            raise self._error(exc, "check", rel) from None
+        try:
+            # Only the footer is parsed; the leading magic makes the buffer look like a file.
+            md = pq.read_metadata(pa.BufferReader(b"PAR1" + tail[-need:]))
+            promised = int((md.metadata or {})[(META_PREFIX + "rows").encode()])
+        except Exception:  # ArrowInvalid, OSError, KeyError, ValueError: not a committed file
+            return False
+        return md.num_rows == promised and (expected_rows is None or md.num_rows == expected_rows)
+
+    def read_table(self, rel: str) -> pa.Table:
+        """One Parquet file as a table (footer metadata kept). StoreError if missing or unreadable."""
+        data = self._read_bytes(rel)
+        try:
+            return pq.read_table(pa.BufferReader(data))
+        except Exception as exc:
+            raise StoreError(f"{self.join(rel)} is not a readable Parquet file "
+                             f"({type(exc).__name__}: {exc}); delete it to have its unit rerun") from None
+
+    def read_records(self, rel_prefix: str = "records", columns: list[str] | None = None) -> pa.Table:
+        """All Parquet files below `rel_prefix`, concatenated into one table with RECORD_SCHEMA
+        (only `columns` when given, in that order); an empty table when there are none.
+
+        Raises StoreError naming the file when one does not read or does not fit the schema.
+        """
+        schema = RECORD_SCHEMA if columns is None else _subschema(columns)
+        rels = self.list(rel_prefix, ".parquet")
+        if not rels:
+            return schema.empty_table()
+        paths = [self._path(r) for r in rels]
+        try:
+            # One call for all files: s3fs fetches them concurrently.
+            blobs = self.fs.cat(paths, on_error="raise")
+        except Exception as exc:
+            raise self._error(exc, "read", rel_prefix) from None
+        tables, bad = [], []
+        for rel, path in zip(rels, paths):
+            try:
+                pf = pq.ParquetFile(pa.BufferReader(blobs[path]))
+                present = set(pf.schema_arrow.names)
+                # Missing columns are reported by _conform below; extra ones (a newer writer) are ignored.
+                t = pf.read(columns=[c for c in schema.names if c in present])
+            except Exception as exc:
+                bad.append(f"{self.join(rel)} ({type(exc).__name__}: {exc})")
+                continue
+            tables.append(_conform(t, schema, self.join(rel)).replace_schema_metadata(None))
+        if bad:
+            # All of them at once, so that one cleanup fixes the store.
+            shown = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+            raise StoreError(f"{len(bad)} unreadable Parquet file(s) under {self.join(rel_prefix)}: {shown}. "
+                             f"Delete them to have their units rerun")
+        return pa.concat_tables(tables)
+
+    # -- JSON and files ---------------------------------------------------------------------------
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        """Commit `obj` as JSON (UTF-8, indented) at `rel`, atomically. NaN/inf are refused
+        (strict JSON, so any reader takes it): StoreError."""
+        try:
+            data = json.dumps(obj, indent=2, allow_nan=False).encode() + b"\n"
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"cannot write {rel!r} as JSON: {exc}") from None
+        self._commit(rel, lambda f: f.write(data))
+
+    def read_json(self, rel: str) -> Any:
+        """The JSON value at `rel`. StoreError naming the path when missing or not valid JSON."""
+        data = self._read_bytes(rel)
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StoreError(f"{self.join(rel)} is not valid JSON: {exc}") from None
+
+    def exists(self, rel: str) -> bool:
+        """Whether a file (or folder) exists at `rel`."""
+        path = self._path(rel)
+        try:
+            self.fs.invalidate_cache(path)
+            return bool(self.fs.exists(path))
+        except Exception as exc:
+            raise self._error(exc, "check", rel) from None
+
+    def list(self, rel_prefix: str = "", suffix: str = "") -> list[str]:
+        """Relative paths of all files below `rel_prefix` (recursive) ending in `suffix`, sorted.
+        A missing prefix gives []. Temp files of writes in progress are never listed."""
+        base = self._path(rel_prefix)
+        try:
+            self.fs.invalidate_cache(base)
+            found = self.fs.find(base)
+        except FileNotFoundError as exc:
+            if self._is_s3 and "bucket" in str(exc).lower():
+                raise self._error(exc, "list", rel_prefix) from None
+            return []
+        except Exception as exc:
+            raise self._error(exc, "list", rel_prefix) from None
+        root = self.fs._strip_protocol(self.root).rstrip("/") + "/"
+        out = []
+        for p in found:
+            p = self.fs._strip_protocol(p)
+            rel = p[len(root):] if p.startswith(root) else p
+            name = posixpath.basename(rel)
+            if name.endswith(".tmp") and name.startswith("."):
+                continue
+            if rel.endswith(suffix):
+                out.append(rel)
+        return sorted(out)
+
+    def remove(self, rel: str) -> None:
+        """Delete the file at `rel` if it exists (used for stale failure notes, never for records)."""
+        path = self._path(rel)
+        try:
+            if self.fs.exists(path):
+                self.fs.rm_file(path)
+        except Exception as exc:
+            raise self._error(exc, "remove", rel) from None
+
+    def mtime(self, rel: str) -> float:
+        """Modification time of `rel`, seconds since the epoch (local stores: the file's mtime)."""
+        path = self._path(rel)
+        try:
+            if self._local:
+                return os.path.getmtime(path)
+            return self.fs.modified(path).timestamp()
+        except Exception as exc:
+            raise self._error(exc, "stat", rel) from None
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _read_bytes(self, rel: str) -> bytes:
+        path = self._path(rel)
+        try:
+            return self.fs.cat_file(path)
+        except Exception as exc:
+            raise self._error(exc, "read", rel) from None
+
+    def _commit(self, rel: str, write: Callable[[Any], Any]) -> None:
+        """Write a file whole: `write(fileobj)` fills it; readers see all of it or nothing."""
+        path = self._path(rel)
+        if not _rel(rel):
+            raise StoreError("cannot write to the store root itself; give a relative file path")
+        if self._local:
+            try:
+                _commit_local(path, write)
+            except StoreError:
+                raise
+            except Exception as exc:
+                raise self._error(exc, "write", rel) from None
+            return
+        buf = pa.BufferOutputStream()
+        try:
+            write(buf)
+            data = buf.getvalue().to_pybytes()
+        except Exception as exc:
+            raise StoreError(f"cannot serialize {self.join(rel)}: {type(exc).__name__}: "
+                             f"{self._scrub(str(exc))}") from None
+        try:
+            if self._is_s3:
+                self.fs.pipe_file(path, data, chunksize=_S3_CHUNKSIZE)
+            else:
+                self.fs.pipe_file(path, data)
+        except Exception as exc:
+            raise self._error(exc, "write", rel) from None
+
+    def _scrub(self, text: str) -> str:
+        for secret in sorted(self._secrets | _env_secrets(), key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
+
+    def _error(self, exc: BaseException, action: str, rel: str) -> StoreError:
+        """A StoreError that says what failed and what to do, without any credential."""
+        where = _redact_uri(self.join(rel))
+        detail = f"({type(exc).__name__}: {self._scrub(str(exc))})"
+        names = {c.__name__ for c in type(exc).__mro__}
+        endpoint = _redact_uri(str((self._options.get("client_kwargs") or {}).get("endpoint_url") or "AWS default"))
+        if self._is_s3 and isinstance(exc, FileNotFoundError) and "bucket" in str(exc).lower():
+            bucket = self.root.split("/", 1)[0]
+            msg = (f"cannot {action} {where}: bucket {bucket!r} does not exist at endpoint {endpoint}; "
+                   f"create it or fix the store URI")
+        elif isinstance(exc, FileNotFoundError):
+            msg = f"cannot {action} {where}: not found"
+        elif isinstance(exc, PermissionError) or names & {"AccessDenied", "InvalidAccessKeyId"}:
+            msg = (f"cannot {action} {where}: permission denied; check the credentials (AWS_ACCESS_KEY_ID "
+                   f"/ AWS_PROFILE or storage_options) and the bucket policy" if self._is_s3
+                   else f"cannot {action} {where}: permission denied; check the folder's permissions")
+        elif names & _NO_CREDENTIALS:
+            msg = (f"cannot {action} {where}: no usable AWS credentials; set AWS_ACCESS_KEY_ID and "
+                   f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass key/secret in storage_options")
+        elif self._is_s3 and names & _UNREACHABLE:
+            msg = (f"cannot {action} {where}: S3 endpoint {endpoint} is unreachable; check endpoint_url "
+                   f"/ AWS_ENDPOINT_URL and the network")
+        else:
+            msg = f"cannot {action} {where}"
+        return StoreError(f"{msg} {detail}")
+
+
+def _commit_local(path: str, write: Callable[[Any], Any]) -> None:
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    # Same folder as the target, so os.replace is a rename within one filesystem (atomic); the
+    # dot-name and .tmp suffix keep it out of listings; open(..., "xb") (not mkstemp) so the file
+    # gets the usual umask permissions rather than 0600.
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # data on disk before the rename makes it visible
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(parent)
+
+
+def _fsync_dir(folder: str) -> None:
+    # The rename itself is durable only once the directory entry is flushed (POSIX).
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (and platforms) refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def _rel(*parts: str) -> str:
+    """Normalized relative path; StoreError for absolute paths or ".."."""
+    pieces = []
+    for part in parts:
+        for piece in str(part).replace("\\", "/").split("/"):
+            if piece in ("", "."):
+                continue
+            if piece == "..":
+                raise StoreError(f"store path {'/'.join(map(str, parts))!r} must not contain '..'")
+            pieces.append(piece)
+    return "/".join(pieces)
+
+
+def _conform(table: pa.Table, schema: pa.Schema, what: str) -> pa.Table:
+    """`table` with exactly `schema` (names, order, types, nullability) or StoreError naming the
+    columns that differ."""
+    have = {f.name: f for f in table.schema}
+    missing = [n for n in schema.names if n not in have]
+    extra = [n for n in have if n not in schema.names]
+    wrong = [f"{f.name} ({have[f.name].type}, expected {f.type})" for f in schema
+             if f.name in have and not have[f.name].type.equals(f.type)]
+    if missing or extra or wrong:
+        parts = ([f"missing column(s) {missing}"] if missing else []) + \
+                ([f"unknown column(s) {extra}"] if extra else []) + \
+                ([f"wrong type(s): {', '.join(wrong)}"] if wrong else [])
+        raise StoreError(f"{what} does not fit the record schema: {'; '.join(parts)}")
+    table = table.select(schema.names)
+    for f in schema:
+        if not f.nullable and table.column(f.name).null_count:
+            raise StoreError(f"{what}: column {f.name!r} has nulls but is required")
+    return pa.Table.from_arrays(table.columns, schema=schema.with_metadata(table.schema.metadata or {}))
+
+
+def _subschema(columns: list[str]) -> pa.Schema:
+    unknown = [c for c in columns if c not in RECORD_SCHEMA.names]
+    if unknown:
+        raise StoreError(f"unknown record column(s) {unknown}; the record schema has {RECORD_SCHEMA.names}")
+    return pa.schema([RECORD_SCHEMA.field(c) for c in columns])
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def _deep_copy(obj):
+    # Options are plain dicts/lists/scalars (plus maybe a botocore Config): copy containers only,
+    # so that filling client_kwargs never mutates the caller's dict.
+    if isinstance(obj, dict):
+        return {k: _deep_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_deep_copy(v) for v in obj]
+    return obj
+
+
+def _is_secret_name(name: Any) -> bool:
+    n = str(name).lower()
+    return any(s in n for s in _SECRET_NAMES)
+
+
+def _collect_secrets(obj: Any, name: str = "") -> set[str]:
+    if isinstance(obj, dict):
+        return set().union(*(_collect_secrets(v, k) for k, v in obj.items())) if obj else set()
+    if isinstance(obj, str) and _is_secret_name(name) and len(obj) >= 4:
+        return {obj}
+    return set()
+
+
+def _env_secrets() -> set[str]:
+    return {v for k in _SECRET_ENV if len(v := os.environ.get(k, "")) >= 4}
+
+
+def _redact(obj: Any, name: str = "") -> Any:
+    """Options with secret values replaced by "***" (URLs lose any user:password part)."""
+    if isinstance(obj, dict):
+        return {k: _redact(v, k) for k, v in obj.items()}
+    if _is_secret_name(name):
+        return "***"
+    if isinstance(obj, str):
+        return _redact_uri(obj)
+    if isinstance(obj, (int, float, bool, type(None), list, tuple)):
+        return obj
+    return f"<{type(obj).__name__}>"  # e.g. a botocore Config: its repr is not ours to vet
+
+
+def _redact_uri(uri: str) -> str:
+    if "@" not in uri or "://" not in uri:
+        return uri
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return uri
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
