@@ -17,7 +17,7 @@ app = typer.Typer(help="Robustness sweeps of inference-time defenses (RDC, Mixup
                   pretty_exceptions_enable=False)
 train_app = typer.Typer(help="Train the models the defenses stand on.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 BAD_INPUT = (ConfigError, InputError, DatasetError, CheckpointError)
 

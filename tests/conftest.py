@@ -94,3 +94,17 @@ def s3_bucket(s3_server: S3Server) -> Iterator[str]:
     except FileNotFoundError:
         pass
     fs.invalidate_cache()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server, tmp_path_factory):
+    """One local Ray cluster for the whole session (2 CPUs), started after the S3 fixture so that
+    its workers inherit the fake credentials. Yields the cluster's address for subprocess drivers."""
+    import ray
+
+    os.environ.setdefault("ROBUSTSWEEP_CACHE", str(tmp_path_factory.mktemp("model-cache")))
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()

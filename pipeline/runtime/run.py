@@ -109,10 +109,17 @@ def run_job(job: Job, out: str, *, workers: int | None = None, address: str | No
 
 
 def _actor(index: int, use_gpu: bool, gpus_per_worker: float):
+    import os
+
+    from .faults import ENV
+
+    options = {"num_cpus": 1, "max_restarts": 0}
+    if os.environ.get(ENV):  # tests of the queue: the faults travel to the workers
+        options["runtime_env"] = {"env_vars": {ENV: os.environ[ENV]}}
     cls = ray.remote(Worker)
     if use_gpu:
-        return cls.options(num_gpus=gpus_per_worker, num_cpus=1, max_restarts=0).remote(f"worker-{index}", "cuda", 1)
-    return cls.options(num_cpus=1, max_restarts=0).remote(f"worker-{index}", "cpu", 1)
+        return cls.options(num_gpus=gpus_per_worker, **options).remote(f"worker-{index}", "cuda", 1)
+    return cls.options(**options).remote(f"worker-{index}", "cpu", 1)
 
 
 def _drain(todo: list[Unit], ctx: dict, store: Store, result: RunResult, n: int, use_gpu: bool,
