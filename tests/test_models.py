@@ -83,9 +83,9 @@ def test_checkpoint_wrong_tensor_shape_names_the_tensor(tmp_path):
     model = build_model(CNN)
     save_checkpoint(tmp_path, model, model.config)
     state = load_file(str(tmp_path / WEIGHTS_NAME))
-    state["head.2.weight"] = torch.zeros(10, 7)
+    state["head.3.weight"] = torch.zeros(10, 7)
     save_file(state, str(tmp_path / WEIGHTS_NAME))
-    with pytest.raises(CheckpointError, match=r"head\.2\.weight.*\(10, 7\).*\(10, 64\)"):
+    with pytest.raises(CheckpointError, match=r"head\.3\.weight.*\(10, 7\).*\(10, 64\)"):
         load_checkpoint(tmp_path, build_model)
 
 
@@ -95,9 +95,9 @@ def test_checkpoint_missing_and_unexpected_tensors(tmp_path):
     model = build_model(CNN)
     save_checkpoint(tmp_path, model, model.config)
     state = load_file(str(tmp_path / WEIGHTS_NAME))
-    state["extra.weight"] = state.pop("head.0.bias")
+    state["extra.weight"] = state.pop("head.1.bias")
     save_file(state, str(tmp_path / WEIGHTS_NAME))
-    with pytest.raises(CheckpointError, match=r"missing tensors head\.0\.bias.*unexpected tensors extra\.weight"):
+    with pytest.raises(CheckpointError, match=r"missing tensors head\.1\.bias.*unexpected tensors extra\.weight"):
         load_checkpoint(tmp_path, build_model)
 
 
