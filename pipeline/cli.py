@@ -179,7 +179,7 @@ def _print_report(uris: list[str], endpoint_url: str | None, fmt: str) -> None:
     elif fmt == "json":
         print(json.dumps(rows, indent=2))
     else:
-        Out(width=max(Out().width, 160)).print(render_table(rows))
+        Out(width=max(Out().width, 200)).print(render_table(rows))
 
 
 @app.command("report")
