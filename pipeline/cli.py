@@ -197,6 +197,33 @@ def report_cmd(
         _fail(exc)
 
 
+bench_app = typer.Typer(help="Benchmarks measured side by side in one run.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("elbo")
+def bench_elbo_cmd(
+    model: str = typer.Option("default", help="'default' (the digits UNet) or 'optimal'"),
+    examples: int = typer.Option(8, help="digits test examples"),
+    timesteps: int = typer.Option(100, help="RDC timesteps (systematic subsample)"),
+    threads: Optional[int] = typer.Option(None, help="torch threads"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """RDC logits and gradients: the reference strategy (class loop, 64-timestep chunks, one example at a time) vs the engine."""
+    from .bench import bench_elbo
+
+    try:
+        result = bench_elbo(model, examples, timesteps, threads=threads)
+    except RobustsweepError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    console.print(f"RDC logits ({result['model']}, {timesteps} timesteps x {result['classes']} classes): "
+                  f"reference {result['reference_examples_per_s']:.2f} ex/s, engine {result['engine_examples_per_s']:.2f} ex/s, "
+                  f"ratio {result['ratio']:.2f}x; gradients ratio {result['grad_ratio']:.2f}x")
+
+
 def main() -> None:  # pragma: no cover - the console script
     app()
 
