@@ -108,3 +108,21 @@ def ray_cluster(s3_server, tmp_path_factory):
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def linear_classifier():
+    """A linear softmax classifier on digits (about 95% test accuracy), trained in a second."""
+    import torch
+
+    from pipeline.data import load_split
+
+    x, y = load_split("digits", "train")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    for _ in range(150):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    return net.eval()

@@ -11,17 +11,10 @@ from pipeline.rng import Draw
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(linear_classifier):
     xtr, ytr = load_split("digits", "train")
     xte, yte = load_split("digits", "test")
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
-    opt = torch.optim.Adam(net.parameters(), lr=0.05)
-    for _ in range(150):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(xtr), ytr).backward()
-        opt.step()
-    return net.eval(), xtr, ytr, xte, yte
+    return linear_classifier, xtr, ytr, xte, yte
 
 
 def draw_for(ids, seed=0):

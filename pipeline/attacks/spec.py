@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
-from ..errors import ConfigError, config_error
+from ..tables import validate_table
 
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 KINDS = ("autoattack", "pgd", "transfer", "none")
@@ -97,14 +97,7 @@ _ADAPTER = TypeAdapter(AttackSpec)
 
 def parse_attack(config: dict):
     """Validate an attack table; ConfigError names every bad field."""
-    if not isinstance(config, dict):
-        raise ConfigError(f"attack: expected a table, got {type(config).__name__}")
-    if config.get("kind") not in KINDS:
-        raise ConfigError(f"attack.kind: unknown attack kind {config.get('kind')!r}; expected one of {KINDS}")
-    try:
-        return _ADAPTER.validate_python(config)
-    except ValidationError as exc:
-        raise config_error(exc, "attack", tags=KINDS) from None
+    return validate_table(_ADAPTER, config, "attack", KINDS)
 
 
 def attack_name(spec) -> str:

@@ -14,10 +14,10 @@ from __future__ import annotations
 from typing import Annotated, Literal, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from ..data import load_split, num_classes
-from ..errors import ConfigError, config_error
+from ..tables import validate_table
 from .base import Defense
 
 IMAGE = {"digits": (1, 8), "cifar10": (3, 32), "cifar100": (3, 32)}
@@ -77,14 +77,7 @@ KINDS = ("plain", "mi", "rdc")
 
 def parse_defense(config: dict) -> PlainSpec | MISpec | RDCSpec:
     """Validate a defense table; ConfigError names every bad field."""
-    if not isinstance(config, dict):
-        raise ConfigError(f"defense: expected a table, got {type(config).__name__}")
-    if config.get("kind") not in KINDS:
-        raise ConfigError(f"defense.kind: unknown defense kind {config.get('kind')!r}; expected one of {KINDS}")
-    try:
-        return _ADAPTER.validate_python(config)
-    except ValidationError as exc:
-        raise config_error(exc, "defense", tags=KINDS) from None
+    return validate_table(_ADAPTER, config, "defense", KINDS)
 
 
 def defense_name(spec) -> str:
