@@ -123,6 +123,10 @@ def test_failures_are_retried_then_recorded(ray_cluster, cnn, tmp_path, monkeypa
     note = store.read_json(f"failures/unit-{broken}.json")
     assert "fails on purpose" in note["error"] and "Traceback" in note["traceback"] and note["tries"] == 3
     assert store.read_records().num_rows == (len(units) - 1) * 4
+    monkeypatch.delenv(ENV)
+    again = run_job(job, str(tmp_path / "out"), workers=2, progress=False)
+    assert again.ok and again.done == 1 and again.skipped == len(units) - 1
+    assert not store.exists(f"failures/unit-{broken}.json")  # the stale note goes once the unit commits
 
 
 def _toml(doc) -> str:

@@ -25,7 +25,7 @@ from .. import rng
 from ..defenses.base import Defense
 from ..defenses.plain import Plain
 from ..errors import AttackError, ConfigError
-from ..rng import Draw
+from ..evaluation import predict
 from .autoattack import build_autoattack, eot_iterations, run_autoattack
 from .pgd import pgd_attack
 from .spec import attack_name, parse_attack
@@ -99,23 +99,22 @@ def lm_gradient(defense: nn.Module, mode: str | None):
 
 def _scores(defense: Defense, x: torch.Tensor, ids: torch.Tensor, seed: int, passes: int, batch_size: int):
     """Logits (R, B, K) of R scoring passes, batched (the draws do not depend on batching)."""
-    out = []
-    with torch.no_grad():
-        for r in range(passes):
-            s = pass_seed(seed, r)
-            parts = []
-            for start in range(0, x.shape[0], batch_size):
-                rows = ids[start:start + batch_size]
-                parts.append(defense.evaluate(x[start:start + batch_size], Draw(s, rows, torch.zeros_like(rows))).cpu())
-            out.append(torch.cat(parts))
-    return torch.stack(out)
+    return torch.stack([predict(defense, x, ids, seed=pass_seed(seed, r), batch_size=batch_size) for r in range(passes)])
 
 
-def _vote(preds: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Majority label over passes (R, B); ties go to the smallest label."""
-    counts = torch.zeros(preds.shape[1], num_classes, dtype=torch.int64)
-    counts.scatter_add_(1, preds.T, torch.ones_like(preds.T))
-    return counts.argmax(1)
+def _pass_columns(prefix: str, logits: torch.Tensor, label: int) -> dict:
+    """The columns of R scoring passes (R, K) of one input: first pass, majority vote, worst case."""
+    preds = logits.argmax(-1)
+    vote = int(torch.bincount(preds, minlength=logits.shape[-1]).argmax())  # ties: the smallest label
+    correct = preds == label
+    return {
+        f"{prefix}_pred": int(preds[0]),
+        f"{prefix}_correct": bool(correct[0]),
+        f"{prefix}_vote_pred": vote,
+        f"{prefix}_vote_correct": vote == label,
+        f"{prefix}_worst_correct": bool(correct.all()),
+        f"{prefix}_pass_accuracy": float(correct.double().mean()),
+    }
 
 
 def _attacked_model(defense: Defense, spec, surrogate: nn.Module | None) -> tuple[nn.Module, str]:
@@ -227,9 +226,6 @@ def _gradient_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[
 
 
 def _record(defense, spec, inner, path, seed, passes, ex_id, label, clean, adv, sizes, info, share, score_cost, device):
-    K = clean.shape[-1]
-    clean_preds, adv_preds = clean.argmax(-1), adv.argmax(-1)  # (R,)
-    clean_vote, adv_vote = _vote(clean_preds[:, None], K)[0], _vote(adv_preds[:, None], K)[0]
     return {
         "example_id": ex_id,
         "label": label,
@@ -240,18 +236,8 @@ def _record(defense, spec, inner, path, seed, passes, ex_id, label, clean, adv, 
         "eps": float(inner.eps) if spec.kind != "none" else 0.0,
         "seed": int(seed),
         "passes": int(passes),
-        "clean_pred": int(clean_preds[0]),
-        "clean_correct": bool(clean_preds[0] == label),
-        "clean_vote_pred": int(clean_vote),
-        "clean_vote_correct": bool(clean_vote == label),
-        "clean_worst_correct": bool((clean_preds == label).all()),
-        "clean_pass_accuracy": float((clean_preds == label).double().mean()),
-        "adv_pred": int(adv_preds[0]),
-        "adv_correct": bool(adv_preds[0] == label),
-        "adv_vote_pred": int(adv_vote),
-        "adv_vote_correct": bool(adv_vote == label),
-        "adv_worst_correct": bool((adv_preds == label).all()),
-        "adv_pass_accuracy": float((adv_preds == label).double().mean()),
+        **_pass_columns("clean", clean, label),
+        **_pass_columns("adv", adv, label),
         "clean_logits": [float(v) for v in clean[0]],
         "adv_logits": [float(v) for v in adv[0]],
         "linf": sizes["linf"],

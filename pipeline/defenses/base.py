@@ -76,6 +76,7 @@ class Defense(nn.Module):
     """
 
     stochastic = False
+    cell_columns = 1  # the width of a row of grid(); checked on every partial without building the grid
     def __init__(self, num_classes: int, in_channels: int, image_size: int | None, seed: int = 0):
         super().__init__()
         self.num_classes = num_classes
@@ -111,8 +112,8 @@ class Defense(nn.Module):
 
     # --- the grid protocol --------------------------------------------------------------
     def grid(self) -> torch.Tensor:
-        """The cells, int64 (n_cells, k)."""
-        return torch.zeros(1, 1, dtype=torch.int64)
+        """The cells, int64 (n_cells, cell_columns)."""
+        return torch.zeros(1, self.cell_columns, dtype=torch.int64)
 
     def partial(self, x: torch.Tensor, cells: torch.Tensor, draw: Draw) -> torch.Tensor:
         """The additive contribution of `cells` (rows of grid()) for inputs x (B, C, H, W)."""
@@ -131,9 +132,8 @@ class Defense(nn.Module):
         return torch.zeros_like(x) if g is None else g
 
     def check_cells(self, cells: torch.Tensor) -> None:
-        grid = self.grid()
-        if cells.dim() != 2 or cells.shape[1] != grid.shape[1]:
-            raise GridError(f"{type(self).__name__}: cells must be int64 (n, {grid.shape[1]}), got {tuple(cells.shape)}")
+        if cells.dim() != 2 or cells.shape[1] != self.cell_columns:
+            raise GridError(f"{type(self).__name__}: cells must be int64 (n, {self.cell_columns}), got {tuple(cells.shape)}")
 
     # --- evaluation ---------------------------------------------------------------------
     def evaluate(self, x: torch.Tensor, draw: Draw, cells: torch.Tensor | None = None) -> torch.Tensor:

@@ -34,6 +34,7 @@ class MixupInference(Defense):
     """
 
     stochastic = True
+    cell_columns = 2  # (kind, draw)
 
     def __init__(self, classifier: nn.Module, pool_x: torch.Tensor, pool_y: torch.Tensor, num_classes: int, *,
                  mode: str = "pl", lam: float = 0.5, n_pl: int | None = None, n_ol: int | None = None,

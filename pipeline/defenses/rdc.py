@@ -71,6 +71,7 @@ class RDC(Defense):
     """
 
     stochastic = True
+    cell_columns = 2  # (class, timestep)
 
     def __init__(self, eps_model: nn.Module, num_classes: int, in_channels: int, image_size: int, *,
                  schedule: VPSchedule | None = None, timesteps=None, prior=None, temperature: float = 1.0,

@@ -49,13 +49,6 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
 
 
-def example_ids(job: Job, n_examples: int) -> list[int]:
-    """The example ids of the job's subset of its split, in order."""
-    data = job.spec.data
-    shards = make_shards(n_examples, n_examples or 1, ids=data.ids, limit=data.limit)
-    return [i for s in shards for i in s.example_ids]
-
-
 def plan(job: Job, n_examples: int) -> list[Unit]:
     """Every unit of the job, in a stable order: defense, attack, eps, shard."""
     data = job.spec.data

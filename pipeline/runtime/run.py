@@ -128,6 +128,8 @@ def _drain(todo: list[Unit], ctx: dict, store: Store, result: RunResult, n: int,
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     queue = collections.deque(todo)
+    # Failure notes of earlier runs, listed once: a unit that now succeeds drops its stale note.
+    stale = set(store.list(f"{result.run_id}/failures", ".json"))
     tries: collections.Counter = collections.Counter()
     actors = {i: _actor(i, use_gpu, gpus_per_worker) for i in range(n)}
     inflight: dict = {}  # ObjectRef -> (unit, actor index, actor handle)
@@ -158,7 +160,7 @@ def _drain(todo: list[Unit], ctx: dict, store: Store, result: RunResult, n: int,
                 result.rows += summary["rows"]
                 examples += len(unit.example_ids)
                 failure = f"{result.run_id}/failures/unit-{unit.unit_id}.json"
-                if store.exists(failure):
+                if failure in stale:
                     store.remove(failure)
                 rate = examples / max(time.perf_counter() - t0, 1e-9)
                 bar.update(task, advance=1, rate=f"{rate:.2f} ex/s")

@@ -13,7 +13,7 @@ def run_status(uri: str, endpoint_url: str | None = None) -> dict:
     units = [Unit.from_dict(u) for u in doc["units"]]
     failed = {p.rsplit("unit-", 1)[1][:-5] for p in store.list("failures", ".json")}
     done = [u for u in units if store.committed(u.path, len(u.example_ids))]
-    table = store.read_records("records")
+    table = store.read_records("records", columns=["seconds"])
     rows = table.num_rows
     seconds = float(sum(v for v in table.column("seconds").to_pylist() if v is not None)) if rows else 0.0
     done_ids = {u.unit_id for u in done}

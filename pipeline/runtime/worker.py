@@ -7,8 +7,6 @@ Parquet commit), so results never travel through the driver.
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 
 import torch
@@ -31,10 +29,6 @@ class Worker:
         torch.set_num_threads(max(1, threads))
         self.defenses: dict[str, torch.nn.Module] = {}
         self.splits: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def describe(self) -> dict:
-        gpu = torch.cuda.get_device_name(0) if self.device == "cuda" else None
-        return {"name": self.name, "host": socket.gethostname(), "pid": os.getpid(), "device": self.device, "gpu": gpu}
 
     def _defense(self, table: dict):
         key = content_hash(table)
