@@ -33,6 +33,7 @@ FAST_AA = {"n_iter": 20, "square_queries": 100}
     {"kind": "autoattack", "version": "standard", "norm": "L1", "eps": 24.0, **FAST_AA},
     {"kind": "autoattack", "version": "custom", "attacks": ["apgd-dlr", "fab"], "eps": 0.5, "n_iter": 20},
     {"kind": "autoattack", "version": "rand", "eps": 0.5, "n_iter": 10, "eot_iter": 2},
+    {"kind": "autoattack", "version": "plus", "eps": 0.5, "restarts": 1, **FAST_AA},
     {"kind": "pgd", "eps": 0.5, "steps": 20, "loss": "ce"},
     {"kind": "pgd", "eps": 0.5, "steps": 20, "loss": "dlr"},
     {"kind": "pgd", "norm": "L2", "eps": 4.0, "steps": 20, "loss": "cw", "restarts": 2},
@@ -78,6 +79,12 @@ def test_gradient_masking_raises_the_zero_gradient_flag(data):
 
     records = evaluate(plain(Rounded(), "rounded"), {"kind": "pgd", "eps": 0.1, "steps": 5}, x[:3], y[:3], [0, 1, 2], seed=0)
     assert all("zero_gradient" in r["flags"] for r in records)
+    # With no gradient to follow, the black-box Square breaks what APGD could not: flagged.
+    records = evaluate(plain(Rounded(), "rounded"), {"kind": "autoattack", "version": "custom", "attacks": ["apgd-ce", "square"],
+                                                     "eps": 0.3, "n_iter": 10, "square_queries": 300}, x[:6], y[:6], range(6), seed=0)
+    by_square = [r for r in records if r["broken_by"] == "square"]
+    assert len(by_square) >= 2
+    assert all(("square_beat_whitebox" in r["flags"]) == (r["broken_by"] == "square") for r in records)
 
 
 def test_randomized_defense_without_eot_is_flagged_and_with_eot_is_not(data):

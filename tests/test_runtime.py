@@ -16,6 +16,7 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.models import build_model
 from pipeline.runtime import load_job, parse_job, plan, run_job
 from pipeline.runtime.faults import ENV
+from pipeline.runtime.status import run_status
 from pipeline.store import Store
 
 KEY = ["defense", "attack", "eps", "example_id"]
@@ -78,6 +79,9 @@ def test_resume_skips_committed_units(ray_cluster, cnn, tmp_path):
     again = run_job(job, str(tmp_path), workers=2, progress=False)
     assert again.skipped == 8 and again.done == 0
     assert {f: store.mtime(f) for f in files} == before
+    status = run_status(first.uri)
+    assert (status["units"], status["done"], status["left"], status["failed"], status["rows"]) == (8, 8, 0, 0, 32)
+    assert status["examples_per_worker_second"] > 0
     fresh = run_job(job, str(tmp_path), workers=2, progress=False, fresh=True)
     assert fresh.run_id != first.run_id and fresh.done == 8
 
@@ -192,3 +196,25 @@ def test_unreadable_job_file_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(tmp_path / "broken.toml")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "not valid TOML" in proc.stderr
+
+
+def test_cli_run_exits_1_when_a_unit_keeps_failing(ray_cluster, cnn, tmp_path):
+    doc = job_doc(cnn, limit=2, shard_size=2, name="failing")
+    doc["defenses"] = doc["defenses"][:1]
+    doc["attacks"][0]["eps"] = 0.03
+    job_file = tmp_path / "job.toml"
+    job_file.write_text(_toml(doc))
+    (unit,) = plan(load_job(job_file), 355)
+    env = {**os.environ, ENV: json.dumps({"dir": str(tmp_path), "raise_always": [unit.unit_id]})}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(job_file), "--out", str(tmp_path / "out"),
+                           "--workers", "1", "--address", ray_cluster, "--no-report"],
+                          capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert "1 units failed" in proc.stderr
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("jobs/*.toml")), ids=lambda p: p.name)
+def test_shipped_job_files_validate(path):
+    job = load_job(path)
+    assert job.defenses and job.attacks
+    assert all(job.spec.data.dataset == d.table["dataset"] for d in job.defenses)
