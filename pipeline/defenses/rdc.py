@@ -138,7 +138,10 @@ class RDC(Defense):
     def partial(self, x: torch.Tensor, cells: torch.Tensor, draw: Draw) -> torch.Tensor:
         """sum over cells (c, t) of -err(x, c, t) / (|S| tau) + log p(c) / |S|, shape (B, K)."""
         self.check_cells(cells)
-        x_lm = self.purify(x, draw)
+        return self.elbo_partial(self.purify(x, draw), cells, draw)
+
+    def elbo_partial(self, x_lm: torch.Tensor, cells: torch.Tensor, draw: Draw) -> torch.Tensor:
+        """The ELBO part of `partial` at an already purified input x_lm (B, C, H, W), shape (B, K)."""
         ts, j = torch.unique(cells[:, 1], return_inverse=True)
         B, n = x.shape[0], cells.shape[0]
         n_total = self.ts.numel()
