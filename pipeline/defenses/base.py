@@ -111,6 +111,10 @@ class Defense(nn.Module):
         return self.draws.next(ids)
 
     # --- the grid protocol --------------------------------------------------------------
+    # A sharded evaluation: None, or a callable (defense, x, draw) -> the sum of partials over
+    # the whole grid, computed elsewhere (runtime/grid.py sets it for the length of a unit).
+    reducer = None
+
     def grid(self) -> torch.Tensor:
         """The cells, int64 (n_cells, cell_columns)."""
         return torch.zeros(1, self.cell_columns, dtype=torch.int64)
@@ -118,6 +122,14 @@ class Defense(nn.Module):
     def partial(self, x: torch.Tensor, cells: torch.Tensor, draw: Draw) -> torch.Tensor:
         """The additive contribution of `cells` (rows of grid()) for inputs x (B, C, H, W)."""
         raise NotImplementedError
+
+    def purify(self, x: torch.Tensor, draw: Draw) -> torch.Tensor:
+        """The class-independent step in front of the grid (LM for RDC); the identity here."""
+        return x
+
+    def grid_partial(self, x_p: torch.Tensor, cells: torch.Tensor, draw: Draw) -> torch.Tensor:
+        """`partial` at an input already purified: partial(x) = grid_partial(purify(x))."""
+        return self.partial(x_p, cells, draw)
 
     def finish(self, x: torch.Tensor, total: torch.Tensor, draw: Draw) -> torch.Tensor:
         """Logits (B, K) from the sum of partials over the whole grid."""
@@ -138,6 +150,8 @@ class Defense(nn.Module):
     # --- evaluation ---------------------------------------------------------------------
     def evaluate(self, x: torch.Tensor, draw: Draw, cells: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for x under an explicit draw (no call counting): finish(sum of partials)."""
+        if cells is None and self.reducer is not None:
+            return self.finish(x, self.reducer(self, x, draw), draw)
         cells = self.grid() if cells is None else cells
         return self.finish(x, self.partial(x, cells, draw), draw)
 

@@ -87,26 +87,51 @@ class LikelihoodMaximization(nn.Module):
         null = torch.full((x.shape[0],), self.null_class, dtype=torch.int64)
         return diffusion_loss(self.eps_model, self.schedule, x, t, noise.to(x.device), null)
 
-    def run(self, x: torch.Tensor, draw: Draw, create_graph: bool = False) -> torch.Tensor:
-        """The N descent steps from x (B, C, H, W) in [0, 1]; differentiable in x iff create_graph."""
+    def step_gradient(self, x_prime: torch.Tensor, draw: Draw, step: int, samples: torch.Tensor | None = None,
+                      create_graph: bool = False) -> torch.Tensor:
+        """d/dx' of step `step`'s loss, restricted to `samples` (indices in [0, m)), shape of x'.
+
+        The loss is a mean over the m samples, so the gradients of disjoint sample sets sum to
+        the whole step's gradient: a gang splits one step this way.
+        """
+        t, noise = self.step_draws(draw, step, tuple(x_prime.shape[1:]), x_prime.dtype)
+        if samples is not None:
+            t, noise = t[:, samples], noise[:, samples]
+        with torch.enable_grad():
+            if not create_graph:
+                x_prime = x_prime.detach().requires_grad_(True)
+            loss = self.loss(x_prime, t, noise).sum() * (t.shape[1] / self.samples)
+            (grad,) = torch.autograd.grad(loss, x_prime, create_graph=create_graph)
+        return grad
+
+    def run(self, x: torch.Tensor, draw: Draw, create_graph: bool = False, gradient=None) -> torch.Tensor:
+        """The N descent steps from x (B, C, H, W) in [0, 1]; differentiable in x iff create_graph.
+
+        gradient(x_prime, step) -> the step's gradient, when it is computed elsewhere (a gang).
+        """
         x_prime = x if create_graph else x.detach()
         g = torch.zeros_like(x)
         lower, upper = (x - self.eta).clamp(0, 1), (x + self.eta).clamp(0, 1)
         for n in range(self.steps):
-            t, noise = self.step_draws(draw, n, tuple(x.shape[1:]), x.dtype)
-            with torch.enable_grad():
-                if not create_graph:
-                    x_prime = x_prime.detach().requires_grad_(True)
-                loss = self.loss(x_prime, t, noise).sum()
-                (grad,) = torch.autograd.grad(loss, x_prime, create_graph=create_graph)
+            if gradient is None:
+                grad = self.step_gradient(x_prime, draw, n, create_graph=create_graph)
+            else:
+                grad = gradient(x_prime.detach(), n)
             l1 = grad.abs().flatten(1).sum(1).clamp_min(1e-12).view(-1, 1, 1, 1)
             g = self.mu * g + grad / l1  # momentum on the L1-normalised gradient
             x_prime = torch.minimum(torch.maximum(x_prime - self.gamma * torch.sign(g), lower), upper)
         return x_prime if create_graph else x_prime.detach()
 
-    def forward(self, x: torch.Tensor, draw: Draw) -> torch.Tensor:
-        """x' = LM(x); its derivative is the identity (bpda) or exact, as configured."""
-        if self.gradient == "exact" and torch.is_grad_enabled() and x.requires_grad:
+    def needs_graph(self, x: torch.Tensor) -> bool:
+        """True when the exact derivative is asked for and a gradient will flow to x."""
+        return self.gradient == "exact" and torch.is_grad_enabled() and x.requires_grad
+
+    def forward(self, x: torch.Tensor, draw: Draw, gradient=None) -> torch.Tensor:
+        """x' = LM(x); its derivative is the identity (bpda) or exact, as configured.
+
+        gradient: as in `run`, used only when no graph is needed.
+        """
+        if self.needs_graph(x):
             return self.run(x, draw, create_graph=True)
-        x_prime = self.run(x, draw)
+        x_prime = self.run(x, draw, gradient=gradient)
         return x + (x_prime - x).detach()  # BPDA: identity backward; also exact when no graph is needed

@@ -126,24 +126,32 @@ class RDC(Defense):
         """Cells (K * |S|, 2): rows (class, timestep)."""
         return torch.cartesian_prod(torch.arange(self.num_classes), self.ts)
 
-    def purify(self, x: torch.Tensor, draw: Draw) -> torch.Tensor:
-        """LM(x), or x without LM; each LM step costs one forward and backward per sample."""
+    def purify(self, x: torch.Tensor, draw: Draw, gradient=None) -> torch.Tensor:
+        """LM(x), or x without LM; each LM step costs one forward and backward per sample.
+
+        gradient: LM's step gradients computed elsewhere (a gang, which counts their cost).
+        """
         if self.lm is None:
             return x
-        n = x.shape[0] * self.lm.steps * self.lm.samples
-        self.cost.forward += n
-        self.cost.backward += n
-        return self.lm(x, draw)
+        if gradient is None or self.lm.needs_graph(x):
+            n = x.shape[0] * self.lm.steps * self.lm.samples
+            self.cost.forward += n
+            self.cost.backward += n
+        return self.lm(x, draw, gradient)
 
     def partial(self, x: torch.Tensor, cells: torch.Tensor, draw: Draw) -> torch.Tensor:
         """sum over cells (c, t) of -err(x, c, t) / (|S| tau) + log p(c) / |S|, shape (B, K)."""
         self.check_cells(cells)
         return self.elbo_partial(self.purify(x, draw), cells, draw)
 
+    def grid_partial(self, x_p: torch.Tensor, cells: torch.Tensor, draw: Draw) -> torch.Tensor:
+        self.check_cells(cells)
+        return self.elbo_partial(x_p, cells, draw)
+
     def elbo_partial(self, x_lm: torch.Tensor, cells: torch.Tensor, draw: Draw) -> torch.Tensor:
         """The ELBO part of `partial` at an already purified input x_lm (B, C, H, W), shape (B, K)."""
         ts, j = torch.unique(cells[:, 1], return_inverse=True)
-        B, n = x.shape[0], cells.shape[0]
+        B, n = x_lm.shape[0], cells.shape[0]
         n_total = self.ts.numel()
         ev = Evaluations(ex=torch.arange(B).repeat_interleave(n), cls=cells[:, 0].repeat(B), j=j.repeat(B), ts=ts,
                          weight=torch.full((B * n,), -1.0 / (n_total * self.temperature), dtype=torch.float64))
@@ -226,6 +234,7 @@ class RDC(Defense):
     def evaluate(self, x: torch.Tensor, draw: Draw, cells: torch.Tensor | None = None) -> torch.Tensor:
         if self.pruning is None or cells is not None:
             return super().evaluate(x, draw, cells)
+        # Pruning decides each stage's cells from the last one, so it runs here, unsharded.
         return self._pruned(x, draw)
 
     def _pruned(self, x: torch.Tensor, draw: Draw) -> torch.Tensor:
