@@ -54,3 +54,8 @@ class AttackError(RobustsweepError):
 class StoreError(RobustsweepError):
     """A results store cannot be reached or written, or holds a file or record that does not fit
     the record schema; the message names the path or field (never credentials)."""
+
+
+class ClusterError(RobustsweepError):
+    """A Ray cluster cannot be reached, refuses a request, or does not know a submission id; the
+    message names the address and what to check (never credentials)."""
