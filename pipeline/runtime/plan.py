@@ -26,6 +26,7 @@ class Unit:
     defense_table: dict
     attack_table: dict
     example_ids: tuple[int, ...]
+    grid_workers: int | str = 1  # not part of the id: it changes how the rows are computed, not what they are
 
     @property
     def path(self) -> str:
@@ -41,7 +42,7 @@ class Unit:
     @classmethod
     def from_dict(cls, d: dict) -> "Unit":
         return cls(d["unit_id"], d["defense"], d["attack"], d["eps"], d["defense_table"], d["attack_table"],
-                   tuple(d["example_ids"]))
+                   tuple(d["example_ids"]), d.get("grid_workers", 1))
 
 
 def _safe(name: str) -> str:
@@ -62,7 +63,7 @@ def plan(job: Job, n_examples: int) -> list[Unit]:
                 key = {"defense": d.table, "attack": a.table, "dataset": data.dataset, "split": data.split,
                        "root": data.root, "ids": list(shard.example_ids), "seed": job.spec.seed, "format": FORMAT}
                 units.append(Unit(content_hash(key), d.name, a.name, float(a.table.get("eps", 0.0)), d.table, a.table,
-                                  tuple(shard.example_ids)))
+                                  tuple(shard.example_ids), d.grid_workers))
     return units
 
 

@@ -75,6 +75,7 @@ class JobSpec(BaseModel):
 class Defense:
     name: str
     table: dict
+    grid_workers: int | str = 1  # a gang of this many actors per unit, or "auto" (see run.gang_size)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,10 @@ class Job:
 
     @property
     def hash(self) -> str:
-        return content_hash(self.spec.model_dump())
+        """The job's hash, without grid_workers: how a unit is computed does not change its rows."""
+        doc = self.spec.model_dump()
+        doc["defenses"] = [{k: v for k, v in d.items() if k != "grid_workers"} for d in doc["defenses"]]
+        return content_hash(doc)
 
 
 def canonical(obj: Any) -> str:
@@ -132,11 +136,19 @@ def _reprefix(exc: ConfigError, old: str, new: str) -> ConfigError:
     return ConfigError("; ".join(p.replace(old, new, 1) if p.startswith(old) else p for p in str(exc).split("; ")))
 
 
+def _grid_workers(value, where: str) -> int | str:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ConfigError(f"{where}.grid_workers: expected a positive integer or \"auto\", got {value!r}")
+
+
 def expand(spec: JobSpec, source: str = "<job>") -> Job:
     """Validate every defense and attack table and expand the sweeps."""
     defenses: list[Defense] = []
     for i, raw in enumerate(spec.defenses):
         where = f"defenses[{i}]"
+        raw = dict(raw)
+        grid_workers = _grid_workers(raw.pop("grid_workers", 1), where)
         for table, suffix in _sweep(raw, where):
             if table.setdefault("dataset", spec.data.dataset) != spec.data.dataset:
                 raise ConfigError(f"{where}.dataset: {table['dataset']!r} differs from data.dataset {spec.data.dataset!r}")
@@ -150,7 +162,7 @@ def expand(spec: JobSpec, source: str = "<job>") -> Job:
             name = defense_name(parsed) + ("" if parsed.name else suffix)
             if any(d.name == name for d in defenses):
                 raise ConfigError(f"{where}.name: two defenses are named {name!r}; give them distinct names")
-            defenses.append(Defense(name, table))
+            defenses.append(Defense(name, table, grid_workers))
     names = [d.name for d in defenses]
     attacks: list[Attack] = []
     for i, raw in enumerate(spec.attacks):
