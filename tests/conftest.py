@@ -96,18 +96,39 @@ def s3_bucket(s3_server: S3Server) -> Iterator[str]:
     fs.invalidate_cache()
 
 
+GPU_NODES = 3  # worker nodes of the session cluster, each declaring one (fake) GPU
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(s3_server, tmp_path_factory):
-    """One local Ray cluster for the whole session (2 CPUs), started after the S3 fixture so that
-    its workers inherit the fake credentials. Yields the cluster's address for subprocess drivers."""
+def ray_nodes(s3_server, tmp_path_factory):
+    """One multi-node Ray cluster for the whole session: a head (2 CPUs, no GPU) and GPU_NODES
+    worker nodes of 1 CPU and 1 fake GPU each, so GPU pinning and gangs run on CPU. Started
+    after the S3 fixture so that its workers inherit the fake credentials. Yields the
+    `ray.cluster_utils.Cluster` (tests add and remove nodes through it)."""
     import ray
+    from ray.cluster_utils import Cluster
 
     os.environ.setdefault("ROBUSTSWEEP_CACHE", str(tmp_path_factory.mktemp("model-cache")))
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # Quick health checks, so a removed node is declared dead in seconds rather than a minute.
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": False,
+        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
+                           "health_check_failure_threshold": 4}})
+    for _ in range(GPU_NODES):
+        cluster.add_node(num_cpus=1, num_gpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     try:
-        yield ray.get_runtime_context().gcs_address
+        yield cluster
     finally:
         ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_nodes):
+    """The session cluster's GCS address, for subprocess drivers."""
+    return ray_nodes.address
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,7 @@ class RunResult:
     rows: int = 0
     seconds: float = 0.0
     workers: int = 0
+    lost: int = 0  # actors lost on the way (their units or gang calls were redone elsewhere)
 
     @property
     def ok(self) -> bool:
@@ -260,6 +261,7 @@ def _drain(todo: list[Unit], ctx: dict, store: Store, result: RunResult, n: int,
                     try:
                         summary = ray.get(ref)
                     except LOST:
+                        result.lost += 1
                         if pool.handles.get(i) is handle:  # replace a lost actor once, not per unit
                             pool.replace(i)
                         for j, h in peers:
@@ -274,6 +276,7 @@ def _drain(todo: list[Unit], ctx: dict, store: Store, result: RunResult, n: int,
                         _retry(unit, tries, queue, store, result, str(exc.cause if exc.cause else exc), traceback.format_exc())
                         continue
                     for lost in summary.get("lost_peers", []):
+                        result.lost += 1
                         j, h = peers[lost]
                         if pool.handles.get(j) is h:
                             pool.replace(j)

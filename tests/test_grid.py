@@ -1,0 +1,200 @@
+"""Grid sharding on a multi-node Ray cluster with fake GPUs: gangs equal one actor, and survive
+a member killed mid-attack and a node removed mid-run."""
+
+import threading
+import time
+
+import pytest
+import ray
+import torch
+
+from pipeline.attacks import evaluate
+from pipeline.data import load_split
+from pipeline.defenses import build_defense
+from pipeline.runtime import parse_job, run_job
+from pipeline.runtime.grid import Gang, shard
+from pipeline.runtime.run import default_workers, gang_size
+from pipeline.runtime.worker import Worker
+from pipeline.store import Store
+
+from conftest import GPU_NODES
+
+TABLES = {
+    "rdc": {"kind": "rdc", "dataset": "digits", "model": "optimal", "timesteps": 30},
+    "rdc+lm": {"kind": "rdc", "dataset": "digits", "model": "optimal", "timesteps": 30,
+               "lm": {"steps": 3, "timesteps": 5}},
+    "rdc+lm-exact": {"kind": "rdc", "dataset": "digits", "model": "optimal", "timesteps": 30,
+                     "lm": {"steps": 3, "timesteps": 5, "gradient": "exact"}},
+    "mi": {"kind": "mi", "dataset": "digits", "mode": "combined"},
+}
+
+
+def gpu_actors(n):
+    """n worker actors, each holding one (fake) GPU, so each sits on its own node."""
+    assert ray.cluster_resources().get("GPU", 0) >= n, "the session cluster declares too few GPUs"
+    return [ray.remote(Worker).options(num_gpus=1, num_cpus=1, max_restarts=0).remote(f"gang-{i}", "cuda", 1)
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_split("digits", "test")
+    return x[:3], y[:3]
+
+
+def logits_and_grad(defense, x):
+    """Logits (B, K) and d/dx of a fixed weighting of them, for rows bound to ids 10, 11, 12."""
+    defense.bind([10, 11, 12][: x.shape[0]], seed=5)
+    xg = x.clone().requires_grad_(True)
+    out = defense(xg)
+    w = torch.linspace(-1, 1, out.numel()).view_as(out)
+    (g,) = torch.autograd.grad((out * w).sum(), xg)
+    return out.detach(), g
+
+
+@pytest.mark.parametrize("name", list(TABLES))
+@pytest.mark.parametrize("with_leader", [False, True])
+def test_gang_equals_one_actor(ray_cluster, digits, name, with_leader):
+    x, _ = digits
+    table = TABLES[name]
+    defense = build_defense(table)
+    ref_out, ref_grad = logits_and_grad(defense, x)
+    actors = gpu_actors(2 if with_leader else 3)
+    gang = Gang(actors, table, local=defense if with_leader else None)
+    shard(defense, gang)
+    try:
+        out, grad = logits_and_grad(defense, x)
+    finally:
+        shard(defense, None)
+        for a in actors:
+            ray.kill(a)
+    assert gang.size == 3 and gang.calls >= 2
+    scale = ref_out.abs().max()
+    assert (out - ref_out).abs().max() <= 1e-5 * scale
+    assert (grad - ref_grad).abs().max() <= 1e-5 * ref_grad.abs().max()
+    assert torch.equal(out.argmax(1), ref_out.argmax(1))
+    # Unsharded again: the defense is back to computing alone, with the same answer.
+    again, _ = logits_and_grad(defense, x)
+    assert torch.allclose(again, ref_out, rtol=0, atol=0)
+
+
+def test_lm_steps_are_split_across_the_gang(ray_cluster, digits):
+    """RDC+LM with BPDA: every LM step's samples are spread, one gang call per step and member."""
+    x, _ = digits
+    table = TABLES["rdc+lm"]
+    defense = build_defense(table)
+    actors = gpu_actors(2)
+    gang = Gang(actors, table, local=defense)
+    shard(defense, gang)
+    try:
+        defense.bind([1, 2, 3], seed=0)
+        with torch.no_grad():
+            defense(x)
+    finally:
+        shard(defense, None)
+        for a in actors:
+            ray.kill(a)
+    assert gang.calls == 3 + 1  # 3 LM steps, then the ELBO grid
+
+
+ATTACK = {"kind": "pgd", "eps": 0.1, "steps": 6, "eot": 2, "passes": 2, "loss": "ce"}
+COLUMNS = ["clean_pred", "adv_pred", "adv_correct", "adv_vote_pred", "linf", "l2"]
+
+
+def attack_records(defense, x, y):
+    records = evaluate(defense, ATTACK, x, y, [7, 8], seed=3)
+    return [{k: r[k] for k in COLUMNS} | {"adv_logits": r["adv_logits"]} for r in records]
+
+
+def test_member_killed_mid_attack_gives_the_same_result(ray_cluster, digits):
+    x, y = digits[0][:2], digits[1][:2]
+    table = TABLES["rdc+lm"]
+    defense = build_defense(table)
+    undisturbed = attack_records(defense, x, y)
+    actors = gpu_actors(2)
+    gang = Gang(actors, table, local=defense)
+    shard(defense, gang)
+    killed = threading.Event()
+
+    def kill_after_some_calls():
+        deadline = time.time() + 60
+        while gang.calls < 6 and time.time() < deadline:
+            time.sleep(0.005)
+        ray.kill(actors[1])
+        killed.set()
+
+    killer = threading.Thread(target=kill_after_some_calls)
+    killer.start()
+    try:
+        disturbed = attack_records(defense, x, y)
+    finally:
+        killer.join()
+        shard(defense, None)
+        for a in actors:
+            ray.kill(a)
+    assert killed.is_set() and gang.lost() == [1] and gang.retried >= 1
+    assert gang.calls > 6  # the attack went on after the kill
+    for a, b in zip(undisturbed, disturbed):
+        for k in COLUMNS:
+            assert a[k] == b[k], k
+        assert a["adv_logits"] == pytest.approx(b["adv_logits"], rel=1e-5, abs=1e-5)
+
+
+def test_gang_size_rule():
+    assert gang_size(1, "rdc", 8, 2) == 1
+    assert gang_size(4, "rdc", 3, 10) == 3  # never more than the pool
+    assert gang_size("auto", "rdc", 8, 20) == 1  # units fill the pool: data parallelism
+    assert gang_size("auto", "rdc", 8, 2) == 4  # two units on eight workers: gangs of four
+    assert gang_size("auto", "mi", 3, 1) == 3
+    assert gang_size("auto", "plain", 8, 1) == 1  # one cell: nothing to shard
+
+
+def test_fractional_gpus_pack_several_workers_per_gpu(ray_cluster):
+    gpus = int(ray.cluster_resources()["GPU"])
+    assert gpus >= GPU_NODES
+    assert default_workers(1.0) == (gpus, True)
+    assert default_workers(0.5) == (2 * gpus, True)
+    assert default_workers(0.25) == (4 * gpus, True)
+
+
+def grid_job(grid_workers):
+    return parse_job({
+        "name": "grid", "seed": 2,
+        "data": {"dataset": "digits", "split": "test", "limit": 6, "shard_size": 1},
+        "defenses": [{"kind": "rdc", "model": "optimal", "timesteps": 40, "lm": {"steps": 2, "timesteps": 4},
+                      "grid_workers": grid_workers}],
+        "attacks": [{"kind": "pgd", "eps": 0.1, "steps": 8, "eot": 2, "passes": 2}],
+    })
+
+
+KEY = ["defense", "attack", "eps", "example_id"]
+SAME = ["clean_pred", "adv_pred", "clean_correct", "adv_correct", "adv_vote_pred", "adv_worst_correct"]
+
+
+def test_node_removed_mid_run(ray_nodes, tmp_path):
+    """Gangs of 2 over 4 GPU nodes; one node is removed after the first commit. The run ends with
+    one row per key and the predictions of an undisturbed run of the same job without gangs."""
+    plain = run_job(grid_job(1), str(tmp_path / "plain"), workers=2, progress=False)
+    assert plain.ok
+    doomed = ray_nodes.add_node(num_cpus=1, num_gpus=1)
+    ray_nodes.wait_for_nodes()
+    store_dir = tmp_path / "gangs"
+    job = grid_job(2)
+    assert job.hash == grid_job(1).hash  # grid_workers does not change what a run computes
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(r=run_job(job, str(store_dir), workers=4, progress=False)))
+    runner.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(store_dir.rglob("unit-*.parquet")):
+        time.sleep(0.05)
+    ray_nodes.remove_node(doomed, allow_graceful=False)
+    runner.join(timeout=300)
+    assert not runner.is_alive()
+    result = outcome["r"]
+    assert result.ok and result.done + result.skipped == result.units == 6
+    assert result.lost >= 1  # the removed node held a leader or a gang member
+    a, b = Store(plain.uri).read_records(), Store(result.uri).read_records()
+    keys = list(zip(*(b.column(c).to_pylist() for c in KEY)))
+    assert len(keys) == len(set(keys)) == 6
+    rows = lambda t: sorted(zip(*(t.column(c).to_pylist() for c in KEY + SAME)))
+    assert rows(a) == rows(b)
