@@ -168,33 +168,137 @@ def status_cmd(
     print(json.dumps(st, indent=2))
 
 
-def _print_report(uris: list[str], endpoint_url: str | None, fmt: str) -> None:
+REPORT_FORMATS = ("table", "markdown", "csv", "json")
+
+
+def _check_format(fmt: str, allowed: tuple[str, ...] = REPORT_FORMATS) -> None:
+    if fmt not in allowed:
+        _fail(ConfigError(f"--format must be one of {', '.join(allowed)}, got {fmt!r}"))
+
+
+def _emit_report(report: dict, fmt: str) -> None:
+    """Print report sections ({section: rows}) in one of REPORT_FORMATS (csv: one section)."""
     from rich.console import Console as Out
 
-    from .analytics.report import load_records, render_table, summarize, to_markdown
+    from .analytics.render import render_tables, report_markdown, to_csv, to_json
 
-    rows = summarize(load_records(uris, endpoint_url=endpoint_url))
     if fmt == "markdown":
-        print(to_markdown(rows))
+        print(report_markdown(report))
     elif fmt == "json":
-        print(json.dumps(rows, indent=2))
+        print(to_json(report))
+    elif fmt == "csv":
+        (rows,) = report.values()
+        print(to_csv(rows), end="")
     else:
-        Out(width=max(Out().width, 200)).print(render_table(rows))
+        out = Out(width=max(Out().width, 200))
+        for table in render_tables(report):
+            out.print(table)
+
+
+def _print_report(uris: list[str], endpoint_url: str | None, fmt: str) -> None:
+    """The accuracy summary of runs (what `run` prints at the end); an empty run prints an empty table."""
+    from .analytics import build_report, connect
+
+    con = connect(uris, endpoint_url=endpoint_url, require=False)
+    try:
+        report = build_report(con, ["summary"])
+    finally:
+        con.close()
+    _emit_report(report, fmt)
 
 
 @app.command("report")
 def report_cmd(
-    uris: list[str] = typer.Argument(..., help="run folders: {out}/{run_id}, local or s3://"),
-    format: str = typer.Option("table", "--format", help="table, markdown or json"),
+    uris: list[str] = typer.Argument(..., help="run folders: {out}/{run_id}, local or s3://; several are combined"),
+    format: str = typer.Option("table", "--format", help="table, markdown, csv (one section) or json"),
+    section: list[str] = typer.Option([], "--section", help="summary, classes, stages, cost or flags (repeatable; default all, csv: summary)"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write the figures (PNG) into this folder"),
+    html: Optional[Path] = typer.Option(None, "--html", help="write one self-contained HTML page (tables and figures inline)"),
+    robustbench: Optional[str] = typer.Option(None, "--robustbench", help="write RobustBench-style JSON per defense, threat model and eps into this folder or s3:// prefix"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
 ):
-    """Defense x attack x norm x eps: n, clean and robust accuracy (95% Wilson), cost per example."""
-    if format not in ("table", "markdown", "json"):
-        _fail(ConfigError(f"--format must be table, markdown or json, got {format!r}"))
+    """Accuracy (95% Wilson), per-class accuracy, the attack stage that broke each example, cost, sanity flags; figures and exports."""
+    from .analytics.outputs import analyze
+    from .analytics.report import SECTIONS
+
+    _check_format(format)
+    sections = section or (["summary"] if format == "csv" else list(SECTIONS))
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        _fail(ConfigError(f"--section: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}"))
+    if format == "csv" and len(sections) != 1:
+        _fail(ConfigError(f"--format csv writes one table; pick one --section (got {', '.join(sections)})"))
     try:
-        _print_report(uris, endpoint_url, format)
+        result = analyze(uris, endpoint_url=endpoint_url, sections=sections, plot_dir=plot, html_path=html,
+                         robustbench_dir=robustbench)
     except RobustsweepError as exc:
         _fail(exc)
+    _emit_report(result["report"], format)
+    for note in result["notes"]:
+        console.print(f"[yellow]note:[/] {note}")
+    if plot is not None:
+        console.print(f"{len(result['plots'])} figures in {plot}")
+    if robustbench is not None:
+        console.print(f"{len(result['robustbench'])} RobustBench entries in {robustbench}")
+    if html is not None:
+        console.print(f"HTML page: {result['html']}")
+
+
+@app.command("compare")
+def compare_cmd(
+    uris: list[str] = typer.Argument(..., help="run folders: {out}/{run_id}, local or s3://; several are combined"),
+    a: str = typer.Option(..., "--a", help="defense A (its name in the results)"),
+    b: str = typer.Option(..., "--b", help="defense B"),
+    attack: Optional[str] = typer.Option(None, help="only this attack (default: every attack both ran under)"),
+    metric: str = typer.Option("robust", help="robust (single pass), clean, vote or worst (over the R passes)"),
+    resamples: int = typer.Option(10_000, help="bootstrap resamples"),
+    seed: int = typer.Option(0, help="seed of the bootstrap"),
+    format: str = typer.Option("table", "--format", help="table, markdown, csv or json"),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+):
+    """Paired A vs B on the same (attack, eps, example): accuracy difference with a bootstrap interval, exact McNemar test."""
+    from .analytics import connect
+    from .analytics.compare import compare
+
+    _check_format(format)
+    if resamples < 1:
+        _fail(ConfigError(f"--resamples must be >= 1, got {resamples}"))
+    try:
+        con = connect(uris, endpoint_url=endpoint_url)
+        try:
+            rows = compare(con, a, b, metric=metric, attack=attack, resamples=resamples, seed=seed)
+        finally:
+            con.close()
+    except RobustsweepError as exc:
+        _fail(exc)
+    _emit_report({"compare": rows}, format)
+
+
+@app.command("sql")
+def sql_cmd(
+    args: list[str] = typer.Argument(..., metavar="RUN_URI... QUERY", help="one or more run folders, then the SQL query (last); the records are the view `results`"),
+    format: str = typer.Option("table", "--format", help="table, csv or json"),
+    max_rows: int = typer.Option(1000, help="rows shown by --format table"),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+):
+    """Run SQL (DuckDB) over the records of runs, local or S3: e.g. robustsweep sql results/demo-x "SELECT defense, avg(adv_correct::INT) FROM results GROUP BY ALL"."""
+    from rich.console import Console as Out
+
+    from .analytics.sql import arrow_csv, arrow_json, render_arrow, run_sql
+
+    _check_format(format, ("table", "csv", "json"))
+    if len(args) < 2:
+        _fail(ConfigError('give a run folder and a query: robustsweep sql RUN_URI "SELECT ... FROM results"'))
+    try:
+        table = run_sql(args[:-1], args[-1], endpoint_url=endpoint_url)
+    except RobustsweepError as exc:
+        _fail(exc)
+    if format == "csv":
+        print(arrow_csv(table), end="")
+    elif format == "json":
+        print(arrow_json(table))
+    else:
+        Out(width=max(Out().width, 200)).print(render_arrow(table, max_rows))
 
 
 bench_app = typer.Typer(help="Benchmarks measured side by side in one run.", no_args_is_help=True)
@@ -222,6 +326,28 @@ def bench_elbo_cmd(
     console.print(f"RDC logits ({result['model']}, {timesteps} timesteps x {result['classes']} classes): "
                   f"reference {result['reference_examples_per_s']:.2f} ex/s, engine {result['engine_examples_per_s']:.2f} ex/s, "
                   f"ratio {result['ratio']:.2f}x; gradients ratio {result['grad_ratio']:.2f}x")
+
+
+@bench_app.command("report")
+def bench_report_cmd(
+    rows: int = typer.Option(1_000_000, help="synthetic records (all columns of the record schema)"),
+    repeats: int = typer.Option(3, help="timed runs; the best is reported"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """The full report (every section, rendered) over ROWS synthetic records read from Parquet."""
+    from .analytics.bench import bench_report
+
+    if rows < 1 or repeats < 1:
+        _fail(ConfigError(f"--rows and --repeats must be >= 1, got {rows} and {repeats}"))
+    try:
+        result = bench_report(rows, repeats=repeats)
+    except RobustsweepError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    console.print(f"report over {result['rows']} rows in {result['files']} Parquet files: "
+                  f"{result['report_seconds']:.3f} s (best of {len(result['runs'])}: {result['runs']})")
 
 
 def main() -> None:  # pragma: no cover - the console script

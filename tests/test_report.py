@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pyarrow as pa
@@ -118,3 +119,121 @@ def test_markdown_and_rich_render():
     console.print(render_table(rows, title="sweep"))
     text = console.export_text()
     assert "80.0 [49.0, 94.3]" in text and "mi" in text and "sweep" in text
+
+
+# --- every section, read by DuckDB from Parquet files of a run folder -----------------------------------------
+
+from analytics_data import write_sweep  # noqa: E402
+
+from pipeline.analytics import (build_report, connect, cost, flags, per_class, report_markdown,  # noqa: E402
+                                section_markdown, stages, to_csv, to_json)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> str:
+    return write_sweep(str(tmp_path_factory.mktemp("runs") / "sweep-0001"), images=False)
+
+
+def by_group(rows, defense, eps):
+    return [r for r in rows if r["defense"] == defense and r["eps"] == pytest.approx(eps)]
+
+
+def test_summary_from_parquet(sweep):
+    con = connect([sweep])
+    rows = summarize(con)
+    con.close()
+    assert [(r["defense"], r["norm"], round(r["eps"] * 255, 1)) for r in rows] == [
+        ("mi-pl", "L2", 127.5), ("plain-erm", "Linf", 4.0), ("plain-erm", "Linf", 8.0),
+        ("rdc-optimal[timesteps=20]", "Linf", 8.0), ("rdc-optimal[timesteps=5]", "Linf", 8.0)]
+    expected = {  # (defense, eps): (clean right, robust right, vote right, worst right) of 20
+        ("plain-erm", 4 / 255): (19, 16, 18, 16), ("plain-erm", 8 / 255): (19, 10, 15, 10),
+        ("rdc-optimal[timesteps=5]", 8 / 255): (20, 12, 16, 10),
+        ("rdc-optimal[timesteps=20]", 8 / 255): (20, 14, 17, 12), ("mi-pl", 0.5): (20, 15, 18, 13),
+    }
+    for (defense, eps), (clean, robust, vote, worst) in expected.items():
+        (r,) = by_group(rows, defense, eps)
+        assert r["n"] == 20
+        assert (r["clean_acc"], r["robust_acc"], r["vote_acc"], r["worst_acc"]) == pytest.approx(
+            (clean / 20, robust / 20, vote / 20, worst / 20))
+        assert (r["robust_lo"], r["robust_hi"]) == pytest.approx(closed_form(robust, 20), abs=1e-12)
+        assert (r["clean_lo"], r["clean_hi"]) == pytest.approx(
+            closed_form(clean, 20) if clean < 20 else (closed_form(20, 20)[0], 1.0), abs=1e-12)
+        assert r["forward_per_example"] == pytest.approx(19.5) and r["backward_per_example"] == 4
+    assert by_group(rows, "plain-erm", 8 / 255)[0]["flags"] == {"square_beat_whitebox": 1}
+    assert by_group(rows, "mi-pl", 0.5)[0]["flags"] == {"zero_gradient": 2}
+    # 14/20: Wilson 95% is [48.1, 85.5]; the table shows it with one decimal.
+    assert "| 70.0 [48.1, 85.5] |" in to_markdown(rows)
+
+
+def test_classes_stages_cost_flags(sweep):
+    con = connect([sweep])
+    report = build_report(con)
+    con.close()
+    assert list(report) == ["summary", "classes", "stages", "cost", "flags"]
+
+    classes = by_group(report["classes"], "rdc-optimal[timesteps=20]", 8 / 255)
+    assert [c["label"] for c in classes] == list(range(10)) and all(c["n"] == 2 for c in classes)
+    # Broken ids 0, 1, 2, 3, 10, 11: labels 0 and 1 lose both examples, labels 2 and 3 one.
+    assert [c["robust_acc"] for c in classes] == [0.0, 0.0, 0.5, 0.5] + [1.0] * 6
+    assert (classes[2]["robust_lo"], classes[2]["robust_hi"]) == pytest.approx(closed_form(1, 2))
+    plain4 = by_group(report["classes"], "plain-erm", 4 / 255)
+    # Broken ids 0..3 (id 0 already wrong clean): labels 0..3 keep one of their two examples.
+    assert [c["robust_acc"] for c in plain4] == [0.5] * 4 + [1.0] * 6
+    assert plain4[0]["clean_acc"] == 0.5 and plain4[1]["clean_acc"] == 1.0
+
+    (st,) = by_group(report["stages"], "plain-erm", 8 / 255)
+    assert st["n"] == 20 and st["survived"] == 10
+    assert st["broken_by"] == {"clean": 1, "apgd-ce": 6, "apgd-t": 2, "square": 1}
+    assert list(st["broken_by"]) == ["clean", "apgd-ce", "apgd-t", "square"]  # attack order, not alphabetical
+    (st_mi,) = by_group(report["stages"], "mi-pl", 0.5)
+    assert st_mi["broken_by"] == {"pgd": 5} and st_mi["survived"] == 15
+
+    (c,) = by_group(report["cost"], "mi-pl", 0.5)
+    assert c["device_seconds"] == pytest.approx(10.0) and c["seconds_per_example"] == pytest.approx(0.5)
+    assert c["calls_per_example"] == pytest.approx(19.5 + 4) and c["queries_per_example"] == 100
+    assert c["gradients_per_example"] == 50 and c["devices"] == ["cpu"] and c["workers"] == 1
+
+    assert [(f["defense"], f["flag"], f["count"], f["fraction"]) for f in report["flags"]] == [
+        ("mi-pl", "zero_gradient", 2, 0.1), ("plain-erm", "square_beat_whitebox", 1, 0.05)]
+
+
+def test_report_formats(sweep):
+    con = connect([sweep])
+    report = build_report(con)
+    con.close()
+    md = report_markdown(report)
+    assert md.count("### ") == 5 and "| clean | apgd-ce | apgd-t | square |" in section_markdown(
+        "stages", by_group(report["stages"], "plain-erm", 8 / 255))
+    # Per-class, pivoted: one column per label; rdc t20 reads 0.0 0.0 50.0 50.0 100.0 ...
+    wide = section_markdown("classes", report["classes"]).splitlines()
+    assert wide[0].endswith("| n | 0 | 1 | 2 | 3 | 4 | 5 | 6 | 7 | 8 | 9 |")
+    assert any("rdc-optimal[timesteps=20]" in line and "| 20 | 0.0 | 0.0 | 50.0 | 50.0 | 100.0 |" in line
+               for line in wide)
+
+    csv_text = to_csv(report["stages"]).splitlines()
+    header = csv_text[0].split(",")
+    assert header[:6] == ["defense", "attack", "path", "norm", "eps", "n"] and "broken_by.square" in header
+    mi = next(line.split(",") for line in csv_text[1:] if line.startswith("mi-pl"))
+    assert mi[header.index("broken_by.pgd")] == "5" and mi[header.index("broken_by.square")] == "0"
+    assert float(mi[header.index("eps")]) == 0.5  # raw values, not "0.5" formatted text
+
+    data = json.loads(to_json(report))
+    assert set(data) == set(report) and data["summary"][0]["robust_acc"] == 0.75
+
+
+def test_combining_runs_and_missing_folders(sweep, tmp_path):
+    other = write_sweep(str(tmp_path / "other-run"), images=False, plan=False)
+    con = connect([sweep, other, sweep])  # the same run twice counts once
+    rows = summarize(con)
+    con.close()
+    assert all(r["n"] == 40 for r in rows)
+    from pipeline.errors import InputError
+
+    with pytest.raises(InputError, match="not a run folder"):
+        connect([str(tmp_path / "nothing-here")])
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    (empty / "plan.json").write_text("{}")
+    con = connect([str(empty)])  # a run with a plan but no records yet: an empty report
+    assert build_report(con)["summary"] == []
+    con.close()

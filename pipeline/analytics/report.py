@@ -1,5 +1,19 @@
-"""Accuracy tables of a sweep: one row per (defense, attack, path, norm, eps) with Wilson
-intervals, computed by DuckDB over the records table (see pipeline.store.schema)."""
+"""The report of a sweep, computed by DuckDB over the records (see pipeline.store.schema).
+
+Every section has one row per (defense, attack, path, norm, eps) group, sorted by defense,
+attack, norm, eps, then path (per class: one row per group and label):
+
+- summary: n, clean and robust accuracy with 95% Wilson intervals, vote and worst-case accuracy,
+  cost per example, sanity flags with counts;
+- classes: clean and robust accuracy per true label;
+- stages: which attack stage broke each example (`broken_by`: the AutoAttack stage, pgd, or
+  clean when the clean input was already wrong), and how many survived every stage;
+- cost: device-seconds and network calls (forward, backward), attack queries and gradients;
+- flags: every sanity flag with its count and the fraction of the group's rows.
+
+Accuracies are fractions in [0, 1]. The functions take a DuckDB connection with the view
+`results` (pipeline.analytics.source.connect) or a records table.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +22,31 @@ from collections.abc import Sequence
 
 import duckdb
 import pyarrow as pa
-from rich.table import Table
 
+from pipeline.analytics.source import Source, as_connection, columns_of
 from pipeline.errors import StoreError
 
 Z95 = 1.959963984540054
 """Two-sided 95% standard normal quantile."""
 
 GROUP = ("defense", "attack", "path", "norm", "eps")
-_NEEDED = GROUP + ("clean_correct", "adv_correct", "adv_vote_correct", "adv_worst_correct",
-                   "forward_passes", "backward_passes", "seconds", "flags")
+ORDER = "defense, attack, norm, eps, path"
+SECTIONS = ("summary", "classes", "stages", "cost", "flags")
+"""The sections of `build_report`, in the order they are shown."""
+
+STAGE_ORDER = ("clean", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square", "pgd")
+"""Known values of broken_by, in the order of AutoAttack standard (apgd-ce, apgd-t, fab-t,
+square) with the other versions' stages fitted in; unknown ones follow alphabetically."""
+SURVIVED = "survived"
+
+_NEEDED = {
+    "summary": GROUP + ("clean_correct", "adv_correct", "adv_vote_correct", "adv_worst_correct",
+                        "forward_passes", "backward_passes", "seconds", "flags"),
+    "classes": GROUP + ("label", "clean_correct", "adv_correct"),
+    "stages": GROUP + ("broken_by",),
+    "cost": GROUP + ("forward_passes", "backward_passes", "queries", "gradients", "seconds", "device", "worker"),
+    "flags": GROUP + ("flags",),
+}
 
 
 def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -39,114 +68,182 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def summarize(table: pa.Table) -> list[dict]:
-    """Accuracies per (defense, attack, path, norm, eps), sorted by defense, attack, norm, eps
-    (then path).
+def _check(con: duckdb.DuckDBPyConnection, section: str) -> None:
+    have = set(columns_of(con))
+    missing = [c for c in _NEEDED[section] if c not in have]
+    if missing:
+        raise StoreError(f"records table lacks column(s) {missing} needed for the {section} section of the report")
 
-    table: records (RECORD_SCHEMA; at least the columns in `_NEEDED`), e.g. Store.read_records().
+
+def _query(source: Source, section: str, sql: str) -> list[tuple]:
+    con, owned = as_connection(source)
+    try:
+        _check(con, section)
+        return con.execute(sql).fetchall()
+    finally:
+        if owned:
+            con.close()
+
+
+def _key(values: Sequence) -> dict:
+    return dict(zip(GROUP, values))
+
+
+def summarize(source: Source) -> list[dict]:
+    """Accuracies per (defense, attack, path, norm, eps).
+
     Each row: the group keys; n (examples); clean_acc, clean_lo, clean_hi; robust_acc (mean of
     adv_correct), robust_lo, robust_hi (Wilson 95%); vote_acc (adv_vote_correct: majority over
     the R passes); worst_acc (adv_worst_correct: all R passes right); forward_per_example,
-    backward_per_example (model passes), seconds_per_example (wall clock); flags {flag: number of
-    rows carrying it}. Accuracies are fractions in [0, 1].
+    backward_per_example (network passes), seconds_per_example (device-seconds); flags {flag:
+    number of rows carrying it}.
     """
-    missing = [c for c in _NEEDED if c not in table.column_names]
-    if missing:
-        raise StoreError(f"records table lacks column(s) {missing} needed for the report")
     keys = ", ".join(GROUP)
-    con = duckdb.connect()
+    con, owned = as_connection(source)
     try:
-        con.register("results", table.select(list(_NEEDED)))
+        _check(con, "summary")
         groups = con.execute(f"""
             SELECT {keys}, count(*) AS n,
                    count_if(clean_correct) AS clean_k, count_if(adv_correct) AS adv_k,
                    count_if(adv_vote_correct) AS vote_k, count_if(adv_worst_correct) AS worst_k,
                    avg(forward_passes) AS fwd, avg(backward_passes) AS bwd, avg(seconds) AS sec
-            FROM results GROUP BY {keys}
-            ORDER BY defense, attack, norm, eps, path
+            FROM results GROUP BY {keys} ORDER BY {ORDER}
         """).fetchall()
-        # list_distinct: a flag counts once per row even if a writer repeated it.
-        flag_rows = con.execute(f"""
-            SELECT {keys}, flag, count(*) AS c
-            FROM (SELECT {keys}, unnest(list_distinct(flags)) AS flag FROM results)
-            GROUP BY {keys}, flag ORDER BY flag
-        """).fetchall()
+        flags = _flag_counts(con)
     finally:
-        con.close()
-    flags: dict[tuple, dict[str, int]] = {}
-    for *key, flag, count in flag_rows:
-        flags.setdefault(tuple(key), {})[flag] = int(count)
+        if owned:
+            con.close()
     rows = []
-    for defense, attack, path, norm, eps, n, clean_k, adv_k, vote_k, worst_k, fwd, bwd, sec in groups:
+    for *key, n, clean_k, adv_k, vote_k, worst_k, fwd, bwd, sec in groups:
         clean_lo, clean_hi = wilson_interval(clean_k, n)
         robust_lo, robust_hi = wilson_interval(adv_k, n)
         rows.append({
-            "defense": defense, "attack": attack, "path": path, "norm": norm, "eps": eps, "n": int(n),
+            **_key(key), "n": int(n),
             "clean_acc": clean_k / n, "clean_lo": clean_lo, "clean_hi": clean_hi,
             "robust_acc": adv_k / n, "robust_lo": robust_lo, "robust_hi": robust_hi,
             "vote_acc": vote_k / n, "worst_acc": worst_k / n,
             "forward_per_example": float(fwd), "backward_per_example": float(bwd),
             "seconds_per_example": float(sec),
-            "flags": flags.get((defense, attack, path, norm, eps), {}),
+            "flags": flags.get(tuple(key), {}),
         })
     return rows
 
 
-_HEADERS = ("defense", "attack", "path", "norm", "eps", "n", "clean % [95% CI]", "robust % [95% CI]",
-            "vote %", "worst %", "fwd/ex", "bwd/ex", "s/ex", "flags")
+def _flag_counts(con: duckdb.DuckDBPyConnection) -> dict[tuple, dict[str, int]]:
+    keys = ", ".join(GROUP)
+    # list_distinct: a flag counts once per row even if a writer repeated it; the filter skips
+    # the (usual) rows without flags before the unnest.
+    found = con.execute(f"""
+        SELECT {keys}, flag, count(*) AS c
+        FROM (SELECT {keys}, unnest(list_distinct(flags)) AS flag FROM results WHERE len(flags) > 0)
+        GROUP BY ALL ORDER BY flag
+    """).fetchall()
+    out: dict[tuple, dict[str, int]] = {}
+    for *key, flag, count in found:
+        out.setdefault(tuple(key), {})[flag] = int(count)
+    return out
 
 
-def format_eps(eps: float | None, norm: str | None = None) -> str:
-    """eps as people write it: k/255 for Linf budgets on that grid (8/255), else 4 significant digits."""
-    if eps is None:
-        return ""
-    if norm == "Linf" and 0 < eps < 1 and abs(eps * 255 - round(eps * 255)) < 1e-6:
-        return f"{round(eps * 255)}/255"
-    return f"{eps:.4g}"
+def per_class(source: Source) -> list[dict]:
+    """Accuracy per true label: one row per group and label with n, clean_acc, robust_acc and
+    the robust Wilson 95% interval (robust_lo, robust_hi)."""
+    keys = ", ".join(GROUP)
+    found = _query(source, "classes", f"""
+        SELECT {keys}, label, count(*), count_if(clean_correct), count_if(adv_correct)
+        FROM results GROUP BY ALL ORDER BY {ORDER}, label
+    """)
+    rows = []
+    for *key, label, n, clean_k, adv_k in found:
+        lo, hi = wilson_interval(adv_k, n)
+        rows.append({**_key(key), "label": int(label), "n": int(n), "clean_acc": clean_k / n,
+                     "robust_acc": adv_k / n, "robust_lo": lo, "robust_hi": hi})
+    return rows
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
+def stage_order(names) -> list[str]:
+    """broken_by values in the order the attacks run (STAGE_ORDER), unknown ones after, sorted."""
+    known = [s for s in STAGE_ORDER if s in names]
+    return known + sorted(set(names) - set(STAGE_ORDER) - {SURVIVED})
 
 
-def _cells(row: dict) -> list[str]:
-    flags = ", ".join(f"{name}: {count}" for name, count in sorted(row["flags"].items()))
-    return [
-        str(row["defense"]), str(row["attack"]), str(row["path"]), str(row["norm"]),
-        format_eps(row["eps"], row["norm"]), str(row["n"]),
-        f"{_pct(row['clean_acc'])} [{_pct(row['clean_lo'])}, {_pct(row['clean_hi'])}]",
-        f"{_pct(row['robust_acc'])} [{_pct(row['robust_lo'])}, {_pct(row['robust_hi'])}]",
-        _pct(row["vote_acc"]), _pct(row["worst_acc"]),
-        f"{row['forward_per_example']:.1f}", f"{row['backward_per_example']:.1f}",
-        f"{row['seconds_per_example']:.3g}", flags,
-    ]
+def stages(source: Source) -> list[dict]:
+    """Which stage broke each example: one row per group with n, broken_by {stage: examples}
+    (only stages that broke at least one example, in attack order) and survived (examples no
+    stage broke: broken_by is null)."""
+    keys = ", ".join(GROUP)
+    found = _query(source, "stages", f"""
+        SELECT {keys}, coalesce(broken_by, '{SURVIVED}') AS stage, count(*)
+        FROM results GROUP BY ALL ORDER BY {ORDER}, stage
+    """)
+    by_group: dict[tuple, dict[str, int]] = {}
+    for *key, stage, count in found:
+        by_group.setdefault(tuple(key), {})[stage] = int(count)
+    rows = []
+    for key, counts in by_group.items():
+        broken = {s: counts[s] for s in stage_order(counts)}
+        rows.append({**_key(key), "n": sum(counts.values()), "broken_by": broken, "survived": counts.get(SURVIVED, 0)})
+    return rows
 
 
-def render_table(rows: Sequence[dict], title: str | None = None) -> Table:
-    """A rich table of `summarize` rows (percentages with one decimal, intervals as [lo, hi])."""
-    table = Table(title=title)
-    for h in _HEADERS:
-        numeric = h not in ("defense", "attack", "path", "norm", "flags")
-        table.add_column(h, justify="right" if numeric else "left", no_wrap=numeric)
-    for row in rows:
-        table.add_row(*_cells(row))
-    return table
+def cost(source: Source) -> list[dict]:
+    """Cost per group: n; device_seconds (sum of the rows' seconds: each worker holds one
+    device); seconds_per_example; forward_per_example, backward_per_example and
+    calls_per_example (their sum: network evaluations); queries_per_example and
+    gradients_per_example (what the attack asked of the model); devices (distinct, sorted);
+    workers (distinct count)."""
+    keys = ", ".join(GROUP)
+    found = _query(source, "cost", f"""
+        SELECT {keys}, count(*), sum(seconds), avg(seconds), avg(forward_passes), avg(backward_passes),
+               avg(forward_passes + backward_passes), avg(queries), avg(gradients),
+               list_sort(list_distinct(list(device))), count(DISTINCT worker)
+        FROM results GROUP BY ALL ORDER BY {ORDER}
+    """)
+    rows = []
+    for *key, n, total, sec, fwd, bwd, calls, queries, grads, devices, workers in found:
+        rows.append({**_key(key), "n": int(n), "device_seconds": float(total), "seconds_per_example": float(sec),
+                     "forward_per_example": float(fwd), "backward_per_example": float(bwd),
+                     "calls_per_example": float(calls), "queries_per_example": float(queries),
+                     "gradients_per_example": float(grads), "devices": list(devices), "workers": int(workers)})
+    return rows
 
 
-def to_markdown(rows: Sequence[dict]) -> str:
-    """A GitHub-flavoured Markdown table of `summarize` rows (same cells as `render_table`)."""
-    def line(cells):
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+def flags(source: Source) -> list[dict]:
+    """Sanity flags: one row per group and flag with count (rows carrying it, once per row)
+    and fraction (of the group's rows). Groups without flags have no row."""
+    keys = ", ".join(GROUP)
+    found = _query(source, "flags", f"""
+        WITH totals AS (SELECT {keys}, count(*) AS n FROM results GROUP BY ALL),
+             flagged AS (SELECT {keys}, flag, count(*) AS c
+                         FROM (SELECT {keys}, unnest(list_distinct(flags)) AS flag FROM results
+                               WHERE len(flags) > 0)
+                         GROUP BY ALL)
+        SELECT f.defense, f.attack, f.path, f.norm, f.eps, f.flag, f.c, t.n
+        FROM flagged f JOIN totals t USING ({keys})
+        ORDER BY {", ".join("f." + k for k in ORDER.split(", "))}, f.flag
+    """)
+    return [{**_key(key), "flag": flag, "count": int(c), "n": int(n), "fraction": c / n}
+            for *key, flag, c, n in found]
 
-    aligns = ["---" if h in ("defense", "attack", "path", "norm", "flags") else "---:" for h in _HEADERS]
-    out = [line(_HEADERS), "| " + " | ".join(aligns) + " |"]
-    out += [line(_cells(row)) for row in rows]
-    return "\n".join(out) + "\n"
+
+def build_report(source: Source, sections: Sequence[str] = SECTIONS) -> dict[str, list[dict]]:
+    """{section: rows} for the chosen sections (all by default), in SECTIONS order."""
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"unknown report section(s) {unknown}; choose from {list(SECTIONS)}")
+    makers = {"summary": summarize, "classes": per_class, "stages": stages, "cost": cost, "flags": flags}
+    con, owned = as_connection(source)
+    try:
+        return {name: makers[name](con) for name in SECTIONS if name in sections}
+    finally:
+        if owned:
+            con.close()
 
 
 def load_records(uris: Sequence[str], endpoint_url: str | None = None) -> pa.Table:
-    """The records of one or more run folders (local or s3://), concatenated."""
-    from ..store import Store
+    """The records of one or more run folders (local or s3://), concatenated into one table."""
+    from pipeline.analytics.source import run_stores
 
-    tables = [Store(uri, endpoint_url=endpoint_url).read_records("records") for uri in uris]
+    tables = [store.read_records("records") for store in run_stores(uris, endpoint_url)]
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]

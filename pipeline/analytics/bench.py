@@ -1,0 +1,139 @@
+"""`robustsweep bench report`: the full report over a million synthetic rows of the real schema.
+
+The rows are written first as a run folder (one Parquet file per defense x attack x eps group,
+like a run with large units), then the report is timed from Parquet: opening the view, every
+section's aggregation, and rendering the tables. Writing the rows is not timed.
+"""
+
+from __future__ import annotations
+
+import io
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.store import RECORD_SCHEMA, Store
+
+DEFENSES = ("plain-erm", "mi-pl", "mi-ol", "rdc-optimal-lm", "rdc-unet")
+ATTACKS = ("aa-standard", "aa-rand", "pgd-eot10", "transfer-pgd-ce")
+EPS = tuple(k / 255 for k in (1, 2, 4, 8, 16))
+STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+def synthetic_records(n: int, seed: int = 0, classes: int = 10) -> pa.Table:
+    """n records with RECORD_SCHEMA, values plausible rather than meaningful: every column
+    filled (logits of `classes` floats, flags on ~2% of rows, broken_by on broken rows), groups
+    cycling over DEFENSES x ATTACKS x EPS so that they are evenly sized. Deterministic in seed."""
+    rng = np.random.default_rng(seed)
+    groups = len(DEFENSES) * len(ATTACKS) * len(EPS)
+    g = np.arange(n) % groups
+    d_i, rest = np.divmod(g, len(ATTACKS) * len(EPS))
+    a_i, e_i = np.divmod(rest, len(EPS))
+    example = np.arange(n) // groups
+    label = example % classes
+    clean = rng.random(n) < 0.95
+    adv = clean & (rng.random(n) < 0.9 - 0.1 * e_i)
+    vote = adv | (clean & (rng.random(n) < 0.05))
+    worst = adv & (rng.random(n) < 0.9)
+    wrong = (label + 1 + rng.integers(0, classes - 1, n)) % classes
+    passes = np.where(d_i == 0, 1, 10)
+    logits = rng.normal(size=(n, classes)).astype(np.float32)
+    stage = np.array(STAGES, dtype=object)[rng.integers(0, len(STAGES), n)]
+    broken = np.where(~clean, "clean", np.where(~adv, stage, None))
+    flag_kind = rng.random(n)
+    flags = [["zero_gradient"] if f < 0.01 else ["stochastic_without_eot"] if f < 0.02 else [] for f in flag_kind]
+    eps = np.array(EPS)[e_i]
+    delta = eps * rng.random(n)
+
+    def names(values, idx):
+        return pa.DictionaryArray.from_arrays(pa.array(idx, pa.int32()), pa.array(values)).cast(pa.string())
+
+    def floats_list(matrix):
+        offsets = pa.array(np.arange(0, matrix.size + 1, matrix.shape[1], dtype=np.int32))
+        return pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1)))
+
+    columns = {
+        "run_id": pa.array(np.full(n, "bench", dtype=object), pa.string()),
+        "unit_id": names([f"u{i:03d}" for i in range(groups)], g),
+        "example_id": example, "label": label,
+        "defense": names(DEFENSES, d_i), "attack": names(ATTACKS, a_i),
+        "path": pa.array(np.full(n, "adaptive", dtype=object), pa.string()),
+        "norm": pa.array(np.full(n, "Linf", dtype=object), pa.string()),
+        "eps": eps, "seed": np.zeros(n, dtype=np.int64), "passes": passes,
+        "clean_pred": np.where(clean, label, wrong), "clean_correct": clean,
+        "clean_vote_pred": np.where(clean, label, wrong), "clean_vote_correct": clean,
+        "clean_worst_correct": clean, "clean_pass_accuracy": clean.astype(np.float64),
+        "adv_pred": np.where(adv, label, wrong), "adv_correct": adv,
+        "adv_vote_pred": np.where(vote, label, wrong), "adv_vote_correct": vote,
+        "adv_worst_correct": worst, "adv_pass_accuracy": np.where(adv, 0.95, 0.2),
+        "clean_logits": floats_list(logits), "adv_logits": floats_list(logits[:, ::-1].copy()),
+        "linf": delta, "l2": delta * 8, "l1": delta * 64,
+        "broken_by": pa.array(broken, pa.string()),
+        "attack_success": pa.array(~adv, pa.bool_()),
+        "queries": rng.integers(100, 5000, n), "gradients": rng.integers(50, 2000, n),
+        "forward_passes": rng.integers(100, 5000, n), "backward_passes": rng.integers(50, 2000, n),
+        "seconds": rng.gamma(2.0, 0.5, n), "worker": names(["w0", "w1"], np.arange(n) % 2),
+        "device": pa.array(np.full(n, "cuda", dtype=object), pa.string()),
+        "config_hash": names([f"h{i}" for i in range(len(DEFENSES))], d_i),
+        "flags": pa.array(flags, pa.list_(pa.string())),
+    }
+    arrays = [pa.array(columns[f.name], f.type) if not isinstance(columns[f.name], (pa.Array, pa.ChunkedArray))
+              else columns[f.name].cast(f.type) for f in RECORD_SCHEMA]
+    return pa.Table.from_arrays(arrays, schema=RECORD_SCHEMA)
+
+
+def write_synthetic_run(folder: str | Path, n: int, seed: int = 0) -> str:
+    """Write `synthetic_records(n, seed)` under `folder`/records/ as one Parquet file per
+    (defense, attack, eps) group, the layout of a run; returns the run folder."""
+    table = synthetic_records(n, seed)
+    store = Store(str(folder))
+    groups = len(DEFENSES) * len(ATTACKS) * len(EPS)
+    unit = np.arange(n) % groups
+    for u in range(groups):
+        part = table.filter(pa.array(unit == u))
+        d, a = part.column("defense")[0].as_py(), part.column("attack")[0].as_py()
+        store.write_table(f"records/defense={d}/attack={a}/unit-u{u:03d}.parquet", part)
+    return store.uri
+
+
+def bench_report(rows: int = 1_000_000, repeats: int = 3, seed: int = 0, folder: str | None = None) -> dict:
+    """Seconds of the full report (every section, rendered as text) over `rows` synthetic rows
+    read from Parquet; the best of `repeats` runs (the first one also warms the page cache).
+
+    Returns {"rows", "files", "report_seconds" (best run), "report_seconds_1m" (the same when
+    rows is a million, else None), "runs" (every timing), "sections" (rows per section), versions}.
+    """
+    import duckdb
+    from rich.console import Console
+
+    from pipeline.analytics.render import render_tables
+    from pipeline.analytics.report import build_report
+    from pipeline.analytics.source import connect
+
+    with tempfile.TemporaryDirectory(prefix="robustsweep-bench-") as tmp:
+        run = write_synthetic_run(Path(folder or tmp) / "bench-run", rows, seed)
+        files = len(Store(run).list("records", ".parquet"))
+        timings, report = [], None
+        for _ in range(max(1, repeats)):
+            start = time.perf_counter()
+            con = connect([run])
+            try:
+                report = build_report(con)
+            finally:
+                con.close()
+            console = Console(width=240, file=io.StringIO())
+            for table in render_tables(report):
+                console.print(table)
+            timings.append(time.perf_counter() - start)
+    return {
+        "rows": rows, "files": files, "report_seconds": round(min(timings), 4),
+        "report_seconds_1m": round(min(timings), 4) if rows == 1_000_000 else None,
+        "runs": [round(t, 4) for t in timings],
+        "sections": {name: len(rows_) for name, rows_ in report.items()},
+        "duckdb": duckdb.__version__, "pyarrow": pa.__version__, "python": platform.python_version(),
+        "machine": platform.machine(),
+    }

@@ -1,0 +1,51 @@
+"""Everything `robustsweep report` can produce from run folders, in one call for notebooks and
+the command line: the report sections, figures, RobustBench-style JSON and the HTML page."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.analytics.export import robustbench_entries, write_robustbench
+from pipeline.analytics.html import page
+from pipeline.analytics.plots import all_plots, write_plots
+from pipeline.analytics.report import SECTIONS, build_report
+from pipeline.analytics.source import connect, open_runs
+
+
+def analyze(uris: Sequence[str], *, endpoint_url: str | None = None, sections: Sequence[str] = SECTIONS,
+            plot_dir: str | Path | None = None, html_path: str | Path | None = None,
+            robustbench_dir: str | None = None, per_defense: int = 6, require: bool = True) -> dict:
+    """Read the run folders once and produce what is asked.
+
+    Always: "report" {section: rows}. plot_dir: PNGs written there ("plots": their paths).
+    html_path: the self-contained page written there, with every section and figure ("html").
+    robustbench_dir: one JSON per defense, threat model and eps, local or s3:// ("robustbench":
+    the URIs). "notes": what the figures had to leave out (e.g. runs without stored images).
+    """
+    con = connect(uris, endpoint_url=endpoint_url, require=require)
+    out: dict = {"plots": [], "notes": [], "robustbench": [], "html": None}
+    try:
+        wanted = SECTIONS if html_path is not None else sections
+        report = build_report(con, wanted)
+        out["report"] = {k: v for k, v in report.items() if k in sections}
+        runs = open_runs(uris, endpoint_url) if (plot_dir or html_path or robustbench_dir) else []
+        plans = [plan for _, plan in runs if plan is not None]
+        plots: list = []
+        if plot_dir is not None or html_path is not None:
+            plots, out["notes"] = all_plots(con, plans=plans, runs=runs, summary=report.get("summary"),
+                                            per_defense=per_defense)
+        entries = robustbench_entries(con, plans=plans, runs=runs) if (robustbench_dir or html_path) else []
+    finally:
+        con.close()
+    if plot_dir is not None:
+        out["plots"] = [str(p) for p in write_plots(plots, plot_dir)]
+    if robustbench_dir is not None:
+        out["robustbench"] = write_robustbench(entries, robustbench_dir, endpoint_url=endpoint_url)
+    if html_path is not None:
+        path = Path(html_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(page(report, plots, sources=[str(u) for u in uris], robustbench=entries,
+                             notes=out["notes"]), encoding="utf-8")
+        out["html"] = str(path)
+    return out
