@@ -134,14 +134,17 @@ def run_cmd(
     fresh: bool = typer.Option(False, help="start a new run instead of resuming"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
     report: bool = typer.Option(True, help="print the report at the end"),
+    gpus_per_worker: float = typer.Option(1.0, help="GPUs per worker actor; 0.5 or 0.25 pack small models several to a GPU"),
 ):
     """Run a job on a Ray cluster (resuming committed units) and print its report."""
     from .runtime.run import run_job
 
     spec = _job(job)
     try:
+        if not 0 < gpus_per_worker <= 1:
+            raise ConfigError(f"--gpus-per-worker must be in (0, 1], got {gpus_per_worker}")
         result = run_job(spec, out, workers=workers, address=address, run_id=run_id, fresh=fresh,
-                         endpoint_url=endpoint_url, progress=True)
+                         endpoint_url=endpoint_url, progress=True, gpus_per_worker=gpus_per_worker)
     except RobustsweepError as exc:
         _fail(exc)
     console.print(f"run {result.run_id}: {result.done} units done, {result.skipped} already committed, "
@@ -155,14 +158,127 @@ def run_cmd(
 
 @app.command("status")
 def status_cmd(
-    uri: str = typer.Argument(..., help="a run folder: {out}/{run_id}, local or s3://"),
+    uri: str = typer.Argument(..., metavar="RUN_URI|SUBMISSION_ID",
+                              help="a run folder ({out}/{run_id}, local or s3://), or with --address a submission id"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+    address: Optional[str] = typer.Option(None, help="a cluster's dashboard URL (http://HEAD:8265): the argument is then a submission id"),
 ):
-    """Units done / failed / left, rows and throughput of a run."""
+    """Units done / failed / left, rows and throughput of a run; with --address, the state of a submitted job."""
     from .runtime.status import run_status
+    from .runtime.submit import job_status
 
     try:
-        st = run_status(uri, endpoint_url=endpoint_url)
+        if address is not None:
+            st = job_status(address, uri)
+        elif uri.startswith("raysubmit_") and not Path(uri).exists():
+            raise ConfigError(f"{uri} looks like a submission id: pass --address http://HEAD:8265 to ask its cluster")
+        else:
+            st = run_status(uri, endpoint_url=endpoint_url)
+    except RobustsweepError as exc:
+        _fail(exc)
+    print(json.dumps(st, indent=2))
+
+
+def _env_pairs(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--env: expected KEY=VALUE, got {pair!r}")
+        env[key] = value
+    return env
+
+
+def _follow(address: str, submission_id: str) -> dict:
+    from .runtime.submit import follow_job
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    try:
+        return follow_job(address, submission_id, write)
+    except KeyboardInterrupt:
+        console.print(f"stopped following; {submission_id} goes on (robustsweep stop {submission_id} --address {address})")
+        raise typer.Exit(130)
+
+
+@app.command("submit")
+def submit_cmd(
+    job: Path = typer.Argument(..., help="job file (TOML) inside the working dir"),
+    address: str = typer.Option(..., help="the cluster's dashboard URL, http://HEAD:8265"),
+    out: Optional[str] = typer.Option(None, help="output URI as the cluster sees it, e.g. s3://bucket/prefix (default: results/ in the job's working dir on the head)"),
+    workers: Optional[int] = typer.Option(None, help="worker actors (default: one per GPU of the cluster, else per CPU)"),
+    run_id: Optional[str] = typer.Option(None, help="run id (default: job name and hash)"),
+    fresh: bool = typer.Option(False, help="start a new run instead of resuming"),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint as the cluster sees it"),
+    report: bool = typer.Option(True, help="print the report at the end of the job's log"),
+    wait: bool = typer.Option(True, help="follow the job's logs until it ends; exit 0 if it succeeded, else 1"),
+    python: str = typer.Option("python", help="the interpreter on the head node that has Ray and the dependencies"),
+    working_dir: Path = typer.Option(Path("."), help="the project folder that travels to the cluster"),
+    env: list[str] = typer.Option([], "--env", help="KEY=VALUE for the job's environment (repeatable)"),
+    exclude: list[str] = typer.Option([], "--exclude", help="a path pattern that stays here (repeatable; .venv, .git, results, caches and *.parquet always do)"),
+    forward_aws: bool = typer.Option(True, help="pass the AWS_* variables set here (credentials, region, endpoint) to the job"),
+):
+    """Submit a job to a running Ray cluster (Ray Jobs API); prints the submission id."""
+    from .runtime.submit import aws_variables, submit_job
+
+    try:
+        submission_id = submit_job(job, address, out=out, workers=workers, run_id=run_id, fresh=fresh,
+                                   endpoint_url=endpoint_url, report=report, working_dir=working_dir, python=python,
+                                   env=_env_pairs(env), forward_aws=forward_aws, excludes=exclude)
+    except RobustsweepError as exc:
+        _fail(exc)
+    print(submission_id, flush=True)
+    if forward_aws and (names := aws_variables()):
+        console.print(f"passed to the job: {', '.join(names)} (values not shown)")
+    if out is None or not ("://" in out or Path(out).is_absolute()):
+        console.print("[yellow]note:[/] results go to the job's working dir on the head node; "
+                      "give --out s3://bucket/prefix to keep them")
+    if not wait:
+        console.print(f"submitted {submission_id}: robustsweep status|logs|stop {submission_id} --address {address}")
+        return
+    try:
+        st = _follow(address, submission_id)
+    except RobustsweepError as exc:
+        _fail(exc)
+    console.print(f"job {submission_id}: {st['status']}" + (f" ({st['message']})" if st["status"] != "SUCCEEDED" else ""))
+    if st["status"] != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+@app.command("logs")
+def logs_cmd(
+    submission_id: str = typer.Argument(..., help="the id `submit` printed (raysubmit_...)"),
+    address: str = typer.Option(..., help="the cluster's dashboard URL, http://HEAD:8265"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends; exit 0 if it succeeded, else 1"),
+):
+    """The logs of a submitted job."""
+    from .runtime.submit import job_logs
+
+    try:
+        if not follow:
+            sys.stdout.write(job_logs(address, submission_id))
+            return
+        st = _follow(address, submission_id)
+    except RobustsweepError as exc:
+        _fail(exc)
+    if st["status"] != "SUCCEEDED":
+        console.print(f"job {submission_id}: {st['status']}")
+        raise typer.Exit(1)
+
+
+@app.command("stop")
+def stop_cmd(
+    submission_id: str = typer.Argument(..., help="the id `submit` printed (raysubmit_...)"),
+    address: str = typer.Option(..., help="the cluster's dashboard URL, http://HEAD:8265"),
+    wait: bool = typer.Option(True, help="wait (at most 60 s) until the job has stopped"),
+):
+    """Stop a submitted job; committed units stay, a later submit of the same job resumes."""
+    from .runtime.submit import stop_job
+
+    try:
+        st = stop_job(address, submission_id, wait=wait)
     except RobustsweepError as exc:
         _fail(exc)
     print(json.dumps(st, indent=2))
@@ -326,6 +442,43 @@ def bench_elbo_cmd(
     console.print(f"RDC logits ({result['model']}, {timesteps} timesteps x {result['classes']} classes): "
                   f"reference {result['reference_examples_per_s']:.2f} ex/s, engine {result['engine_examples_per_s']:.2f} ex/s, "
                   f"ratio {result['ratio']:.2f}x; gradients ratio {result['grad_ratio']:.2f}x")
+
+
+@bench_app.command("grid")
+def bench_grid_cmd(
+    model: str = typer.Option("default", help="'default' (the digits UNet) or 'optimal'"),
+    timesteps: int = typer.Option(1000, help="RDC timesteps (systematic subsample)"),
+    examples: int = typer.Option(2, help="digits test examples in the batch"),
+    gangs: Optional[str] = typer.Option(None, help="gang sizes, comma-separated (default 1,2 and 3 where cores allow)"),
+    repeat: int = typer.Option(2, help="timed runs per figure; the best is kept"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """Grid sharding: seconds of one batch's RDC logits and of one exact input gradient for G = 1, 2, 3 actors."""
+    from .runtime.bench import bench_grid
+
+    try:
+        sizes = tuple(int(g) for g in gangs.split(",")) if gangs else None
+        if sizes is not None and (not sizes or min(sizes) < 1 or sizes[0] != 1):
+            raise ValueError
+    except ValueError:
+        _fail(ConfigError(f"--gangs: expected positive integers starting with 1, e.g. 1,2,3; got {gangs!r}"))
+    if examples < 1 or repeat < 1:
+        _fail(ConfigError(f"--examples and --repeat must be >= 1, got {examples} and {repeat}"))
+
+    def show(g, t_logits, t_grad):
+        console.print(f"G={g}: logits {t_logits:.2f} s, input gradient {t_grad:.2f} s")
+
+    try:
+        result = bench_grid(model=model, timesteps=timesteps, examples=examples, gangs=sizes, repeat=repeat,
+                            progress=None if as_json else show)
+    except RobustsweepError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    for g in result["gangs"][1:]:
+        console.print(f"speedup at G={g}: logits {result[f'speedup_logits_g{g}']:.2f}x, "
+                      f"gradient {result[f'speedup_grad_g{g}']:.2f}x")
 
 
 @bench_app.command("report")

@@ -198,3 +198,13 @@ def test_node_removed_mid_run(ray_nodes, tmp_path):
     assert len(keys) == len(set(keys)) == 6
     rows = lambda t: sorted(zip(*(t.column(c).to_pylist() for c in KEY + SAME)))
     assert rows(a) == rows(b)
+
+
+def test_bench_grid_reports_each_gang(ray_cluster):
+    from pipeline.runtime.bench import bench_grid
+
+    result = bench_grid(model="optimal", timesteps=20, examples=2, gangs=(1, 2), repeat=1)
+    for g in (1, 2):
+        assert result[f"logits_seconds_g{g}"] > 0 and result[f"grad_seconds_g{g}"] > 0
+    assert result["speedup_logits_g1"] == result["speedup_grad_g1"] == 1.0
+    assert result["speedup_logits_g2"] == pytest.approx(result["logits_seconds_g1"] / result["logits_seconds_g2"])

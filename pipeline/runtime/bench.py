@@ -1,0 +1,90 @@
+"""`robustsweep bench grid`: the speedup of grid sharding, measured side by side in one run.
+
+For G = 1, 2 (3 where the machine has the cores) local Ray actors of one thread each, the
+seconds of one batch's RDC logits and of one exact input gradient through the whole RDC, with
+the grid split over the G actors (the driver only sums). Same model, inputs and draws for
+every G; the speedup is seconds(G = 1) / seconds(G).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import ray
+import torch
+
+from ..data import load_split
+from ..defenses import build_defense
+from .grid import Gang, shard
+from .worker import Worker
+
+
+def _best(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_grid(*, model: str = "default", timesteps: int = 1000, examples: int = 2, gangs: tuple[int, ...] | None = None,
+               repeat: int = 2, progress=None) -> dict:
+    """Seconds of RDC logits (B = `examples`) and of their input gradient for each gang size.
+
+    model: "default" (the trained digits UNet) or "optimal". Returns a dict with, per G,
+    `logits_seconds_g{G}`, `grad_seconds_g{G}`, `speedup_logits_g{G}`, `speedup_grad_g{G}`.
+    """
+    cores = os.cpu_count() or 1
+    gangs = gangs or tuple(g for g in (1, 2, 3) if g <= max(cores, 2))
+    table = {"kind": "rdc", "dataset": "digits", "model": model, "timesteps": timesteps}
+    x = load_split("digits", "test")[0][:examples]
+    ids = list(range(examples))
+    torch.set_num_threads(1)
+    defense = build_defense(table)  # trains or loads the model once, before any actor asks for it
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=max(gangs), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    out: dict = {"model": model, "timesteps": timesteps, "examples": examples, "gangs": list(gangs),
+                 "threads_per_actor": 1, "cores": cores, "device": "cpu", "torch": torch.__version__,
+                 "ray": ray.__version__, "python": platform.python_version(), "repeat": repeat}
+    reference = {}
+    try:
+        for g in gangs:
+            actors = [ray.remote(Worker).options(num_cpus=1).remote(f"bench-{i}", "cpu", 1) for i in range(g)]
+            ray.get([a.ping.remote() for a in actors])
+            gang = Gang(actors, table)
+            shard(defense, gang)
+
+            def logits():
+                defense.bind(ids, seed=0)
+                with torch.no_grad():
+                    return defense(x)
+
+            def grad():
+                defense.bind(ids, seed=0)
+                xg = x.clone().requires_grad_(True)
+                out_ = defense(xg)
+                torch.autograd.grad(out_.logsumexp(1).sum() - out_[:, 0].sum(), xg)
+
+            logits()  # warm-up: every actor builds the defense once
+            t_logits = _best(logits, repeat)
+            t_grad = _best(grad, repeat)
+            shard(defense, None)
+            for a in actors:
+                ray.kill(a)
+            if g == gangs[0]:
+                reference = {"logits": t_logits, "grad": t_grad}
+            out[f"logits_seconds_g{g}"] = t_logits
+            out[f"grad_seconds_g{g}"] = t_grad
+            out[f"speedup_logits_g{g}"] = reference["logits"] / t_logits
+            out[f"speedup_grad_g{g}"] = reference["grad"] / t_grad
+            if progress:
+                progress(g, t_logits, t_grad)
+    finally:
+        shard(defense, None)
+        if started:
+            ray.shutdown()
+    return out
