@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: setup run test bench clean
+.PHONY: setup setup-browser run test bench clean
 
 $(BIN)/robustsweep: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,12 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Headless Chromium (Debian's package) for the test that opens the HTML report; skipped when present.
+setup-browser:
+	@if command -v chromium >/dev/null 2>&1; then echo "chromium: $$(command -v chromium)"; else \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; fi
 
 bench: setup
 	$(BIN)/robustsweep bench elbo
