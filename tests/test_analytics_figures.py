@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -186,3 +187,37 @@ def test_html_page_in_headless_chromium(outputs, tmp_path):
     assert blue > 2000
     # The tables were laid out: dark text near the top of the page.
     assert (pixels[:600].mean(axis=2) < 80).sum() > 2000
+
+
+def test_worker_keeps_adversarial_images(tmp_path):
+    """A unit run by the worker (no Ray needed) leaves its adversarial images beside its records,
+    exactly as scored, and the analytics use them: the image grid and the forward passes."""
+    from pipeline.runtime.plan import plan, plan_document, run_id_for
+    from pipeline.runtime.spec import load_job
+    from pipeline.runtime.worker import Worker
+
+    spec = tmp_path / "tiny.toml"
+    spec.write_text('name = "tiny"\n[data]\ndataset = "digits"\nlimit = 2\nshard_size = 2\n'
+                    '[[defenses]]\nkind = "rdc"\nmodel = "optimal"\ntimesteps = 4\n'
+                    '[[attacks]]\nkind = "pgd"\nsteps = 2\neot = 2\neps = 0.1\npasses = 2\n')
+    job = load_job(spec)
+    (unit,) = plan(job, 355)
+    run_id, out = run_id_for(job), str(tmp_path / "out")
+    Store(out).write_json(f"{run_id}/plan.json", plan_document(job, [unit], run_id))
+    Worker("w0", "cpu").run_unit(unit.as_dict(), {"data": job.spec.data.model_dump(), "seed": 0, "run_id": run_id,
+                                                  "out": out})
+    run = Store(out).join(run_id)
+    store = Store(run)
+    ids, images, forward = read_adversarial(store, adversarial_path(unit.path))
+    records = store.read_records()
+    from pipeline.data import load_split
+
+    x = load_split("digits", "test")[0][:2].numpy()
+    linf = np.abs(images - x).reshape(2, -1).max(1)
+    assert ids.tolist() == [0, 1] and linf.tolist() == pytest.approx(records.column("linf").to_pylist(), abs=1e-6)
+    # One prediction of RDC on the optimal model: 4 timesteps, all classes from one call each.
+    assert forward == 4.0
+    result = analyze([run], plot_dir=tmp_path / "plots", robustbench_dir=str(tmp_path / "rb"))
+    assert "examples-rdc-optimal.png" in [Path(p).name for p in result["plots"]]
+    entry = json.loads(next((tmp_path / "rb").rglob("*.json")).read_text())
+    assert entry["number_forward_passes"] == 4.0 and entry["n_examples"] == 2

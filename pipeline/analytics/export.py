@@ -81,8 +81,8 @@ def _architecture(table: Mapping, dataset: str) -> str:
     if kind == "mi":
         return f"{base} (mixup) + MI-{table.get('mode', 'pl').upper()}"
     if kind == "rdc":
-        model = "optimal eps model" if table.get("model") == "optimal" else "class-conditional UNet"
-        return f"RDC on a {model}" + (" + LM" if table.get("lm") is not None else "")
+        model = "the optimal eps model" if table.get("model") == "optimal" else "a class-conditional UNet"
+        return f"RDC on {model}" + (" + LM" if table.get("lm") is not None else "")
     return ""
 
 

@@ -134,12 +134,15 @@ def _attacked_model(defense: Defense, spec, surrogate: nn.Module | None) -> tupl
 
 
 def evaluate(defense: Defense, attack_config: dict, x: torch.Tensor, y: torch.Tensor, example_ids, seed: int, *,
-             surrogate: nn.Module | None = None, batch_size: int = 64, progress=None) -> list[dict]:
+             surrogate: nn.Module | None = None, batch_size: int = 64, progress=None,
+             extras: dict | None = None) -> list[dict]:
     """Attack and score `defense` on x (B, C, H, W) in [0, 1] with labels y (B,); one dict per example.
 
     attack_config: an attack table (see pipeline.attacks.spec). example_ids: (B,) ints, the
     ids that seed each example's draws. surrogate: the crafting model of a transfer attack
     (default: built from the table's `surrogate`). progress: optional callable(n_done).
+    extras: optional dict, filled with "x_adv" (B, C, H, W), the adversarial inputs as scored,
+    and "forward_per_prediction", the network evaluations of one scoring pass on one input.
     """
     spec = parse_attack(attack_config)
     if spec.kind == "transfer" and surrogate is None:
@@ -208,6 +211,9 @@ def evaluate(defense: Defense, attack_config: dict, x: torch.Tensor, y: torch.Te
     adv = _scores(defense, x_adv, ids, seed, passes, batch_size)
     share = (time.perf_counter() - start) / max(x.shape[0], 1)
     score_cost = defense.cost.forward / max(x.shape[0], 1)
+    if extras is not None:
+        extras["x_adv"] = x_adv.detach()
+        extras["forward_per_prediction"] = score_cost / (2 * passes)  # R clean + R adversarial passes
     sizes = norms(x_adv - x)
     return [_record(defense, spec, inner, path, seed, passes, int(ids[i]), int(y[i]), clean[:, i], adv[:, i],
                     {k: float(v[i]) for k, v in sizes.items()}, per_example[i], share, score_cost, str(device))

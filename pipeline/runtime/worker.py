@@ -15,6 +15,7 @@ from ..attacks import evaluate
 from ..data import load_split, select
 from ..defenses import build_defense
 from ..store import Store, records_to_table
+from ..store.adversarial import adversarial_path, write_adversarial
 from . import faults
 from .grid import Gang, member_call, shard
 from .plan import Unit
@@ -75,14 +76,18 @@ class Worker:
         x, y = select(*self._split(ctx["data"]), list(u.example_ids))
         gang = Gang(peers, u.defense_table, local=defense) if peers else None
         shard(defense, gang)
+        extras: dict = {}
         try:
             records = evaluate(defense, u.attack_table, x.to(self.device), y.to(self.device), list(u.example_ids),
-                               ctx["seed"])
+                               ctx["seed"], extras=extras)
         finally:
             shard(defense, None)
         table = records_to_table(records, run_id=ctx["run_id"], unit_id=u.unit_id, worker=self.name,
                                  config_hash=config_hash)
         store = Store(ctx["out"], endpoint_url=ctx.get("endpoint_url"))
+        # The adversarial images first, so that every committed unit has them (analytics' image grid).
+        write_adversarial(store, adversarial_path(f"{ctx['run_id']}/{u.path}"), u.example_ids,
+                          extras["x_adv"].cpu().numpy(), extras["forward_per_prediction"])
         store.write_table(f"{ctx['run_id']}/{u.path}", table, {"unit_id": u.unit_id, "run_id": ctx["run_id"]})
         return {"unit_id": u.unit_id, "rows": table.num_rows, "seconds": time.perf_counter() - start,
                 "worker": self.name, "lost_peers": gang.lost() if gang else [], "gang": gang.size if gang else 1}
