@@ -132,7 +132,7 @@ def test_member_killed_mid_attack_gives_the_same_result(ray_cluster, digits):
         shard(defense, None)
         for a in actors:
             ray.kill(a)
-    assert killed.is_set() and gang.lost() == [1] and gang.retried >= 1
+    assert killed.is_set() and gang.lost() == [1] and 1 <= gang.retried <= 2  # later calls skip the lost member
     assert gang.calls > 6  # the attack went on after the kill
     for a, b in zip(undisturbed, disturbed):
         for k in COLUMNS:

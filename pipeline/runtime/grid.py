@@ -74,14 +74,22 @@ class Gang:
         self.retried = 0
 
     def _owner(self, shard: int):
-        """The member that owns a shard: the leader (None) or an actor index."""
-        if self.local is not None:
-            return None if shard == 0 else shard - 1
-        return shard
+        """The member that computes a shard: the leader (None) or an actor index.
 
-    def _live_actor(self, avoid: int | None) -> int | None:
-        for i, ok in enumerate(self.alive):
-            if ok and i != avoid:
+        Shard s belongs to member s; a lost member's shards go to the next live actor, and
+        to the leader when no actor is left.
+        """
+        if self.local is not None:
+            if shard == 0:
+                return None
+            shard -= 1
+        return self._live_actor(shard)
+
+    def _live_actor(self, start: int) -> int | None:
+        n = len(self.actors)
+        for k in range(n):
+            i = (start + k) % n
+            if self.alive[i]:
                 return i
         return None
 
@@ -92,15 +100,15 @@ class Gang:
             raise GridError(f"{len(shards)} shards for a gang of {self.size}")
         self.calls += 1
         x_cpu, extra_cpu = x.detach().cpu(), extra.detach().cpu() if isinstance(extra, torch.Tensor) else extra
-        refs = {}
-        for s, cells in enumerate(shards):
-            owner = self._owner(s)
-            if owner is not None:
-                refs[s] = (owner, self._submit(owner, kind, x_cpu, cells, draw, extra_cpu))
+        owners = [self._owner(s) for s in range(len(shards))]
+        if self.local is None and any(o is None for o in owners):
+            raise GridError(f"every member of the gang of {self.size} is lost")
+        refs = {s: (o, self._submit(o, kind, x_cpu, shards[s], draw, extra_cpu))
+                for s, o in enumerate(owners) if o is not None}
         results: dict[int, torch.Tensor] = {}
-        for s, cells in enumerate(shards):
-            if self._owner(s) is None:
-                results[s] = self._here(kind, x, cells, draw, extra, cost)
+        for s, o in enumerate(owners):
+            if o is None:
+                results[s] = self._here(kind, x, shards[s], draw, extra, cost)
         for s, (owner, ref) in refs.items():
             results[s] = self._collect(s, owner, ref, kind, x, x_cpu, shards[s], draw, extra, extra_cpu, cost)
         return [results[s].to(x.device) for s in range(len(shards))]
@@ -124,7 +132,7 @@ class Gang:
             except LOST:
                 self.alive[owner] = False
                 self.retried += 1
-                nxt = self._live_actor(avoid=owner)
+                nxt = self._live_actor(owner)
                 if nxt is None:
                     if self.local is None:
                         raise GridError(f"every member of the gang is lost (shard {s} of {self.size})") from None
