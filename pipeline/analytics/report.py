@@ -192,11 +192,17 @@ def cost(source: Source) -> list[dict]:
     gradients_per_example (what the attack asked of the model); devices (distinct, sorted);
     workers (distinct count)."""
     keys = ", ".join(GROUP)
+    # Devices and workers from a (group, device, worker) pre-aggregate: distinct aggregates over
+    # every row cost as much again as all the sums together.
     found = _query(source, "cost", f"""
-        SELECT {keys}, count(*), sum(seconds), avg(seconds), avg(forward_passes), avg(backward_passes),
-               avg(forward_passes + backward_passes), avg(queries), avg(gradients),
-               list_sort(list_distinct(list(device))), count(DISTINCT worker)
-        FROM results GROUP BY ALL ORDER BY {ORDER}
+        WITH sums AS (SELECT {keys}, count(*) AS n, sum(seconds) AS total, avg(seconds) AS sec,
+                             avg(forward_passes) AS fwd, avg(backward_passes) AS bwd,
+                             avg(forward_passes + backward_passes) AS calls, avg(queries) AS q, avg(gradients) AS g
+                      FROM results GROUP BY ALL),
+             who AS (SELECT {keys}, list_sort(list_distinct(list(device))) AS devices, count(DISTINCT worker) AS workers
+                     FROM (SELECT {keys}, device, worker FROM results GROUP BY ALL) GROUP BY ALL)
+        SELECT {keys}, n, total, sec, fwd, bwd, calls, q, g, devices, workers
+        FROM sums JOIN who USING ({keys}) ORDER BY {ORDER}
     """)
     rows = []
     for *key, n, total, sec, fwd, bwd, calls, queries, grads, devices, workers in found:
