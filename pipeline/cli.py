@@ -213,6 +213,7 @@ def submit_cmd(
     fresh: bool = typer.Option(False, help="start a new run instead of resuming"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint as the cluster sees it"),
     report: bool = typer.Option(True, help="print the report at the end of the job's log"),
+    gpus_per_worker: Optional[float] = typer.Option(None, help="GPUs per worker actor, in (0, 1] (default 1)"),
     wait: bool = typer.Option(True, help="follow the job's logs until it ends; exit 0 if it succeeded, else 1"),
     python: str = typer.Option("python", help="the interpreter on the head node that has Ray and the dependencies"),
     working_dir: Path = typer.Option(Path("."), help="the project folder that travels to the cluster"),
@@ -226,7 +227,8 @@ def submit_cmd(
     try:
         submission_id = submit_job(job, address, out=out, workers=workers, run_id=run_id, fresh=fresh,
                                    endpoint_url=endpoint_url, report=report, working_dir=working_dir, python=python,
-                                   env=_env_pairs(env), forward_aws=forward_aws, excludes=exclude)
+                                   env=_env_pairs(env), forward_aws=forward_aws, excludes=exclude,
+                                   gpus_per_worker=gpus_per_worker)
     except RobustsweepError as exc:
         _fail(exc)
     print(submission_id, flush=True)

@@ -46,7 +46,7 @@ _ADDRESS_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
 
 def entrypoint(job: str, *, python: str = "python", out: str | None = None, workers: int | None = None,
                run_id: str | None = None, fresh: bool = False, endpoint_url: str | None = None,
-               report: bool = True) -> str:
+               report: bool = True, gpus_per_worker: float | None = None) -> str:
     """The shell command the cluster runs: `PYTHON -m pipeline.cli run JOB --address auto ...`.
 
     `job` is the job file's path relative to the working dir (it travels with it).
@@ -64,7 +64,14 @@ def entrypoint(job: str, *, python: str = "python", out: str | None = None, work
         args += ["--endpoint-url", endpoint_url]
     if not report:
         args.append("--no-report")
+    if gpus_per_worker is not None:
+        args += ["--gpus-per-worker", f"{gpus_per_worker:g}"]
     return shlex.join(args)
+
+
+def aws_variables() -> list[str]:
+    """The names of the AWS variables set in this process, those `forward_aws` passes on."""
+    return [k for k in AWS_CREDENTIALS + AWS_SETTINGS if os.environ.get(k)]
 
 
 def runtime_env(working_dir: str | os.PathLike, *, env: dict[str, str] | None = None, forward_aws: bool = True,
@@ -73,7 +80,7 @@ def runtime_env(working_dir: str | os.PathLike, *, env: dict[str, str] | None = 
     env_vars the AWS variables set in this process (if `forward_aws`) plus `env`."""
     env_vars = {}
     if forward_aws:
-        env_vars.update({k: os.environ[k] for k in AWS_CREDENTIALS + AWS_SETTINGS if os.environ.get(k)})
+        env_vars.update({k: os.environ[k] for k in aws_variables()})
     for key, value in (env or {}).items():
         if not key or not isinstance(value, str):
             raise ConfigError(f"env: {key!r} must be a non-empty name with a string value")
@@ -87,7 +94,8 @@ def runtime_env(working_dir: str | os.PathLike, *, env: dict[str, str] | None = 
 def submit_job(job: str | os.PathLike, address: str, *, out: str | None = None, workers: int | None = None,
                run_id: str | None = None, fresh: bool = False, endpoint_url: str | None = None, report: bool = True,
                working_dir: str | os.PathLike = ".", python: str = "python", env: dict[str, str] | None = None,
-               forward_aws: bool = True, excludes: Iterable[str] = (), submission_id: str | None = None) -> str:
+               forward_aws: bool = True, excludes: Iterable[str] = (), submission_id: str | None = None,
+               gpus_per_worker: float | None = None) -> str:
     """Validate `job`, submit it to the cluster at `address` (http://HEAD:8265); return the submission id.
 
     The job file must lie inside `working_dir` (the folder that travels to the cluster). The run
@@ -96,11 +104,13 @@ def submit_job(job: str | os.PathLike, address: str, *, out: str | None = None, 
     (nothing is sent) and ClusterError when the cluster cannot be reached or refuses the job.
     """
     load_job(job)
+    if gpus_per_worker is not None and not 0 < gpus_per_worker <= 1:
+        raise ConfigError(f"gpus_per_worker must be in (0, 1], got {gpus_per_worker}")
     root = Path(working_dir).resolve()
     excludes = list(excludes)
     rel = _relative_job(Path(job), root, excludes)
     command = entrypoint(rel, python=python, out=out, workers=workers, run_id=run_id, fresh=fresh,
-                         endpoint_url=endpoint_url, report=report)
+                         endpoint_url=endpoint_url, report=report, gpus_per_worker=gpus_per_worker)
     renv = runtime_env(root, env=env, forward_aws=forward_aws, excludes=excludes)
     secrets = [v for k, v in renv.get("env_vars", {}).items() if k in AWS_CREDENTIALS]
     client = _client(address)
@@ -122,10 +132,7 @@ def job_logs(address: str, submission_id: str) -> str:
     """Everything the job's entrypoint has written so far (stdout and stderr)."""
     client = _client(address)
     _info(client, address, submission_id)
-    try:
-        return client.get_job_logs(submission_id)
-    except Exception as exc:
-        raise _cluster_error(exc, address, f"read the logs of {submission_id}") from None
+    return _call(client.get_job_logs, address, submission_id)
 
 
 def follow_job(address: str, submission_id: str, write: Callable[[str], object], poll: float = 1.0) -> dict:

@@ -1,0 +1,320 @@
+"""Submission to a real Ray head through the Jobs API, by the library and the CLI.
+
+The head is started here with `ray start --head` on 127.0.0.1, with its own temp dir and ports
+and in a process group of its own; it is stopped by killing that group and the processes it
+spawned (never `ray stop`, which would stop every Ray cluster on the machine). The jobs carry a
+copy of the package as their working dir, so what runs is the code that was submitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.errors import ClusterError, ConfigError
+from pipeline.runtime.submit import entrypoint, follow_job, job_status, runtime_env, stop_job, submit_job, wait_for_job
+
+# Ray's log-tail client passes ssl=None to aiohttp, which warns about it.
+pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the venv's `ray`, whatever PATH holds
+
+TINY = """
+name = "tiny"
+[data]
+dataset = "digits"
+limit = 4
+shard_size = 2
+[[defenses]]
+kind = "rdc"
+model = "optimal"
+timesteps = 4
+[[attacks]]
+kind = "pgd"
+steps = 2
+eps = 0.1
+"""
+
+# Minutes of work on 2 cores: only ever stopped.
+LONG = """
+name = "long"
+[data]
+dataset = "digits"
+limit = 256
+shard_size = 4
+[[defenses]]
+kind = "rdc"
+model = "optimal"
+[[attacks]]
+kind = "pgd"
+steps = 200
+eps = 0.1
+"""
+
+# Valid as a spec, fails on the cluster: the dataset folder is not there.
+MISSING_DATA = """
+name = "nodata"
+[data]
+dataset = "cifar10"
+root = "no-such-folder/cifar10"
+limit = 2
+[[defenses]]
+kind = "plain"
+[[attacks]]
+kind = "none"
+"""
+
+
+@dataclass(frozen=True)
+class Head:
+    address: str          # the dashboard URL, http://127.0.0.1:PORT
+    project: Path         # the working dir the jobs travel with
+    cache: Path           # ROBUSTSWEEP_CACHE of the jobs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, process group, state), read from /proc."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        table[int(entry.name)] = (int(fields[1]), int(fields[2]), fields[0])
+    return table
+
+
+def _head_processes(pgid: int) -> set[int]:
+    """The head's processes (its group) and everything they spawned: Ray workers and job
+    drivers move to process groups of their own."""
+    table = _processes()
+    found = {pid for pid, (_, group, _) in table.items() if group == pgid}
+    grew = True
+    while grew:
+        more = {pid for pid, (parent, _, _) in table.items() if parent in found} - found
+        found |= more
+        grew = bool(more)
+    found.discard(os.getpid())
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    table = _processes()
+    return {pid for pid in pids if pid in table and table[pid][2] != "Z"}
+
+
+def _kill_head(pgid: int) -> None:
+    pids = _head_processes(pgid)
+    for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):  # the GCS may ignore SIGTERM
+        for pid in _alive(pids):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while _alive(pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    # A short temp dir: Ray's unix socket paths live under it and must stay under 108 bytes.
+    temp = Path(tempfile.mkdtemp(prefix="rs-head-", dir="/tmp"))
+    project = tmp_path_factory.mktemp("project")
+    shutil.copytree(REPO / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "jobs").mkdir()
+    for name, text in (("tiny", TINY), ("long", LONG), ("nodata", MISSING_DATA)):
+        (project / "jobs" / f"{name}.toml").write_text(text)
+    cache = tmp_path_factory.mktemp("job-cache")
+    dashboard = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env["RAY_AUTH_MODE"] = "disabled"  # hermetic: no token from ~/.ray decides how clients must talk
+    start = subprocess.Popen(
+        RAY + ["start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+               f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+               "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    pgid = start.pid  # start_new_session: the `ray start` process leads a group its daemons stay in
+    try:
+        out, _ = start.communicate(timeout=90)
+        assert start.returncode == 0, out[-3000:]
+        yield Head(f"http://127.0.0.1:{dashboard}", project, cache)
+    finally:
+        _kill_head(pgid)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def _submit_args(head: Head, job: str, *extra: str) -> list[str]:
+    return ["submit", str(head.project / "jobs" / job), "--address", head.address,
+            "--working-dir", str(head.project), "--python", sys.executable,
+            "--env", f"ROBUSTSWEEP_CACHE={head.cache}", "--workers", "1", "--no-report", *extra]
+
+
+def _jobs(head: Head) -> list:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(head.address).list_jobs()
+
+
+def test_entrypoint_and_runtime_env(monkeypatch, tmp_path):
+    cmd = entrypoint("jobs/x y.toml", python="/opt/py/bin/python", out="s3://b/p", workers=4, fresh=True, report=False,
+                     gpus_per_worker=0.5)
+    assert cmd == ("/opt/py/bin/python -m pipeline.cli run 'jobs/x y.toml' --address auto --out s3://b/p --workers 4 "
+                   "--fresh --no-report --gpus-per-worker 0.5")
+    words = cmd.split()[3:]  # every option the entrypoint uses is one `run` takes
+    help_text = CliRunner().invoke(app, ["run", "--help"]).output
+    assert all(w in help_text for w in words if w.startswith("--"))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    renv = runtime_env(tmp_path, env={"ROBUSTSWEEP_CACHE": "/c"}, excludes=["data"])
+    assert renv["working_dir"] == str(tmp_path.resolve())
+    assert {".venv", ".git", "results", "*.parquet", "data"} <= set(renv["excludes"])
+    assert renv["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "s3cr3t" and renv["env_vars"]["ROBUSTSWEEP_CACHE"] == "/c"
+    assert "AWS_SESSION_TOKEN" not in renv["env_vars"]  # only what is set travels
+    assert "AWS_SECRET_ACCESS_KEY" not in runtime_env(tmp_path, forward_aws=False).get("env_vars", {})
+
+
+def test_bad_input_is_refused_before_anything_is_sent(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TINY.replace("shard_size = 2", "shard_size = 0"))
+    # A closed port: if anything tried to reach a cluster, the error would be a ClusterError.
+    res = _cli("submit", str(bad), "--address", "http://127.0.0.1:9", "--working-dir", str(tmp_path))
+    assert res.exit_code == 2 and "data.shard_size" in res.output
+    good = tmp_path / "good.toml"
+    good.write_text(TINY)
+    with pytest.raises(ConfigError, match="outside the working dir"):
+        submit_job(good, "http://127.0.0.1:9", working_dir=REPO)
+    with pytest.raises(ConfigError, match="dashboard URL"):
+        submit_job(good, "127.0.0.1:8265", working_dir=tmp_path)
+    res = _cli("submit", str(good), "--address", "http://127.0.0.1:9", "--working-dir", str(tmp_path), "--env", "NOVALUE")
+    assert res.exit_code == 2 and "KEY=VALUE" in res.output
+    res = _cli("submit", str(good), "--address", "http://127.0.0.1:9", "--working-dir", str(tmp_path), "--gpus-per-worker", "2")
+    assert res.exit_code == 2 and "gpus_per_worker" in res.output
+    res = _cli("status", "raysubmit_abc")
+    assert res.exit_code == 2 and "--address" in res.output
+
+
+def test_unreachable_cluster_is_a_cluster_error():
+    closed = f"http://127.0.0.1:{_free_port()}"
+    with pytest.raises(ClusterError, match="cannot reach the Ray dashboard"):
+        job_status(closed, "raysubmit_abc")
+    for args in (["status", "raysubmit_abc"], ["logs", "raysubmit_abc"], ["stop", "raysubmit_abc"]):
+        res = _cli(*args, "--address", closed)
+        assert res.exit_code == 1 and "cannot reach the Ray dashboard" in res.output, args
+
+
+def test_bad_spec_submits_nothing(head):
+    before = len(_jobs(head))
+    bad = head.project / "jobs" / "bad.toml"
+    bad.write_text(TINY.replace('kind = "pgd"', 'kind = "pgdx"'))
+    try:
+        res = _cli(*_submit_args(head, "bad.toml"))
+    finally:
+        bad.unlink()
+    assert res.exit_code == 2 and "attacks" in res.output and "kind" in res.output, res.output
+    assert len(_jobs(head)) == before
+
+
+def test_submit_follows_a_job_to_success_and_its_rows_exist(head, tmp_path):
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    res = _cli(*_submit_args(head, "tiny.toml", "--out", str(out), "--run-id", "tiny-run"))
+    assert res.exit_code == 0, res.output
+    submission_id = res.stdout.splitlines()[0]
+    assert submission_id.startswith("raysubmit_")
+    assert "2 units done" in res.stdout, res.stdout  # the job's log, streamed while it ran
+    assert "SUCCEEDED" in res.output
+    files = sorted((out / "tiny-run" / "records").rglob("unit-*.parquet"))
+    assert len(files) == 2  # 4 examples in shards of 2
+    ids = [i for f in files for i in pq.read_table(f).column("example_id").to_pylist()]
+    assert sorted(ids) == [0, 1, 2, 3]  # 4 examples x 1 defense x 1 attack x 1 eps: one row each
+    print(f"tiny job: {time.perf_counter() - t0:.1f} s")
+
+    res = _cli("status", submission_id, "--address", head.address)
+    assert res.exit_code == 0, res.output
+    st = json.loads(res.stdout)
+    assert st["status"] == "SUCCEEDED" and st["driver_exit_code"] == 0
+    assert "pipeline.cli run jobs/tiny.toml --address auto" in st["entrypoint"]
+    res = _cli("logs", submission_id, "--address", head.address)
+    assert res.exit_code == 0 and "2 units done" in res.stdout
+
+    async def inside_a_running_loop():  # a notebook: no websocket tail, follow_job polls instead
+        chunks: list[str] = []
+        return follow_job(head.address, submission_id, chunks.append), "".join(chunks)
+
+    st, text = asyncio.run(inside_a_running_loop())
+    assert st["status"] == "SUCCEEDED" and text == res.stdout
+    # The run folder's status still works without --address.
+    res = _cli("status", str(out / "tiny-run"))
+    assert res.exit_code == 0 and json.loads(res.stdout)["done"] == 2
+
+
+def test_stop_a_long_job(head, tmp_path):
+    res = _cli(*_submit_args(head, "long.toml", "--out", str(tmp_path / "out"), "--no-wait"))
+    assert res.exit_code == 0, res.output
+    submission_id = res.stdout.strip()
+    assert submission_id.startswith("raysubmit_")
+    st = wait_for_job(head.address, submission_id, timeout=60, poll=0.2, until=("RUNNING", "SUCCEEDED", "FAILED", "STOPPED"))
+    assert st["status"] == "RUNNING", st
+    res = _cli("stop", submission_id, "--address", head.address)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["status"] == "STOPPED"
+    assert job_status(head.address, submission_id)["status"] == "STOPPED"
+    assert stop_job(head.address, submission_id)["status"] == "STOPPED"  # stopping again changes nothing
+    res = _cli("logs", submission_id, "--address", head.address, "--follow")
+    assert res.exit_code == 1 and "STOPPED" in res.output
+
+
+def test_a_failing_job_exits_1_and_credentials_stay_secret(head, monkeypatch):
+    secret = "not-a-real-secret-7f3a9c"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTONLY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    res = _cli(*_submit_args(head, "nodata.toml"))
+    assert res.exit_code == 1, res.output
+    assert "no-such-folder/cifar10" in res.stdout  # the job's own error, from its streamed log
+    assert "FAILED" in res.output
+    submission_id = res.stdout.splitlines()[0]
+    st = job_status(head.address, submission_id)
+    assert st["status"] == "FAILED" and st["driver_exit_code"] == 2
+    assert secret not in res.output and secret not in json.dumps(st)
+    from ray.job_submission import JobSubmissionClient
+
+    # The credentials did travel, as env vars of the job only.
+    assert JobSubmissionClient(head.address).get_job_info(submission_id).runtime_env["env_vars"]["AWS_SECRET_ACCESS_KEY"] == secret
+
+
+def test_unknown_submission_id(head):
+    with pytest.raises(ClusterError, match="no job with submission id"):
+        job_status(head.address, "raysubmit_doesnotexist")
+    res = _cli("logs", "raysubmit_doesnotexist", "--address", head.address)
+    assert res.exit_code == 1 and "no job with submission id" in res.output
