@@ -180,10 +180,19 @@ def _submit_args(head: Head, job: str, *extra: str) -> list[str]:
             "--env", f"ROBUSTSWEEP_CACHE={head.cache}", "--workers", "1", "--no-report", *extra]
 
 
-def _jobs(head: Head) -> list:
+def _ray_client(head: Head):
+    """Ray's own client on the head (RAY_ADDRESS, if set, would override the address we give)."""
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(head.address).list_jobs()
+    saved = {k: os.environ.pop(k) for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") if k in os.environ}
+    try:
+        return JobSubmissionClient(head.address)
+    finally:
+        os.environ.update(saved)
+
+
+def _jobs(head: Head) -> list:
+    return _ray_client(head).list_jobs()
 
 
 def test_entrypoint_and_runtime_env(monkeypatch, tmp_path):
@@ -307,10 +316,8 @@ def test_a_failing_job_exits_1_and_credentials_stay_secret(head, monkeypatch):
     st = job_status(head.address, submission_id)
     assert st["status"] == "FAILED" and st["driver_exit_code"] == 2
     assert secret not in res.output and secret not in json.dumps(st)
-    from ray.job_submission import JobSubmissionClient
-
     # The credentials did travel, as env vars of the job only.
-    assert JobSubmissionClient(head.address).get_job_info(submission_id).runtime_env["env_vars"]["AWS_SECRET_ACCESS_KEY"] == secret
+    assert _ray_client(head).get_job_info(submission_id).runtime_env["env_vars"]["AWS_SECRET_ACCESS_KEY"] == secret
 
 
 def test_unknown_submission_id(head):
