@@ -123,6 +123,11 @@ class Defense(nn.Module):
         """The additive contribution of `cells` (rows of grid()) for inputs x (B, C, H, W)."""
         raise NotImplementedError
 
+    def shards(self, parts: int) -> list[torch.Tensor]:
+        """The grid cut into at most `parts` contiguous shards of near-equal size, for a gang."""
+        cells = self.grid()
+        return list(torch.tensor_split(cells, min(parts, cells.shape[0])))
+
     def purify(self, x: torch.Tensor, draw: Draw) -> torch.Tensor:
         """The class-independent step in front of the grid (LM for RDC); the identity here."""
         return x
@@ -130,6 +135,14 @@ class Defense(nn.Module):
     def grid_partial(self, x_p: torch.Tensor, cells: torch.Tensor, draw: Draw) -> torch.Tensor:
         """`partial` at an input already purified: partial(x) = grid_partial(purify(x))."""
         return self.partial(x_p, cells, draw)
+
+    def grid_partial_vjp(self, x_p: torch.Tensor, cells: torch.Tensor, draw: Draw, grad_total: torch.Tensor) -> torch.Tensor:
+        """grad_total^T d grid_partial(x_p, cells) / dx_p, shape of x_p."""
+        with torch.enable_grad():
+            xg = x_p.detach().requires_grad_(True)
+            part = self.grid_partial(xg, cells, draw)
+            (g,) = torch.autograd.grad(part, xg, grad_total.to(part), allow_unused=True)
+        return torch.zeros_like(x_p) if g is None else g
 
     def finish(self, x: torch.Tensor, total: torch.Tensor, draw: Draw) -> torch.Tensor:
         """Logits (B, K) from the sum of partials over the whole grid."""

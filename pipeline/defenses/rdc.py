@@ -126,6 +126,12 @@ class RDC(Defense):
         """Cells (K * |S|, 2): rows (class, timestep)."""
         return torch.cartesian_prod(torch.arange(self.num_classes), self.ts)
 
+    def shards(self, parts: int) -> list[torch.Tensor]:
+        """Shards by timestep, every class in each: x_t and its noise are formed by one member
+        only, and the optimal model's all-classes pass is not repeated across members."""
+        by_t = torch.tensor_split(self.ts, min(parts, self.ts.numel()))
+        return [torch.cartesian_prod(torch.arange(self.num_classes), ts) for ts in by_t]
+
     def purify(self, x: torch.Tensor, draw: Draw, gradient=None) -> torch.Tensor:
         """LM(x), or x without LM; each LM step costs one forward and backward per sample.
 
@@ -150,15 +156,26 @@ class RDC(Defense):
 
     def elbo_partial(self, x_lm: torch.Tensor, cells: torch.Tensor, draw: Draw) -> torch.Tensor:
         """The ELBO part of `partial` at an already purified input x_lm (B, C, H, W), shape (B, K)."""
-        ts, j = torch.unique(cells[:, 1], return_inverse=True)
-        B, n = x_lm.shape[0], cells.shape[0]
+        ev = self._cell_evaluations(x_lm.shape[0], cells)
         n_total = self.ts.numel()
-        ev = Evaluations(ex=torch.arange(B).repeat_interleave(n), cls=cells[:, 0].repeat(B), j=j.repeat(B), ts=ts,
-                         weight=torch.full((B * n,), -1.0 / (n_total * self.temperature), dtype=torch.float64))
         out = _ElboSum.apply(x_lm, self, ev, draw)
         prior = torch.zeros(self.num_classes, dtype=torch.float64).index_add_(
             0, cells[:, 0], self.log_prior[cells[:, 0]].cpu() / n_total)
         return out + prior.to(out)
+
+    def grid_partial_vjp(self, x_p: torch.Tensor, cells: torch.Tensor, draw: Draw, grad_total: torch.Tensor) -> torch.Tensor:
+        """grad_total^T d grid_partial / dx_p straight from the engine's backward (one recompute, not two)."""
+        self.check_cells(cells)
+        ev = self._cell_evaluations(x_p.shape[0], cells)
+        w = grad_total[ev.ex.to(grad_total.device), ev.cls.to(grad_total.device)] * ev.weight.to(grad_total)
+        return self.errors_vjp(x_p.detach(), ev, draw, w)
+
+    def _cell_evaluations(self, B: int, cells: torch.Tensor) -> Evaluations:
+        """Every (row, class, timestep) of `cells` for B rows, weighted -1 / (|S| tau)."""
+        ts, j = torch.unique(cells[:, 1], return_inverse=True)
+        n = cells.shape[0]
+        return Evaluations(ex=torch.arange(B).repeat_interleave(n), cls=cells[:, 0].repeat(B), j=j.repeat(B), ts=ts,
+                           weight=torch.full((B * n,), -1.0 / (self.ts.numel() * self.temperature), dtype=torch.float64))
 
     # --- the engine ------------------------------------------------------------------
     def noise(self, draw: Draw, ts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
