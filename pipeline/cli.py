@@ -486,16 +486,17 @@ def bench_grid_cmd(
 @bench_app.command("report")
 def bench_report_cmd(
     rows: int = typer.Option(1_000_000, help="synthetic records (all columns of the record schema)"),
+    files: int = typer.Option(100, help="Parquet files they are written to (like units of a run)"),
     repeats: int = typer.Option(3, help="timed runs; the best is reported"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ):
     """The full report (every section, rendered) over ROWS synthetic records read from Parquet."""
     from .analytics.bench import bench_report
 
-    if rows < 1 or repeats < 1:
-        _fail(ConfigError(f"--rows and --repeats must be >= 1, got {rows} and {repeats}"))
+    if rows < 1 or repeats < 1 or files < 1:
+        _fail(ConfigError(f"--rows, --files and --repeats must be >= 1, got {rows}, {files} and {repeats}"))
     try:
-        result = bench_report(rows, repeats=repeats)
+        result = bench_report(rows, repeats=repeats, files=files)
     except RobustsweepError as exc:
         _fail(exc)
     if as_json:

@@ -217,9 +217,10 @@ def test_compare_command(sweep):
 
 
 def test_bench_report_small():
-    result = invoke("bench", "report", "--rows", 20_000, "--repeats", 1, "--json")
+    result = invoke("bench", "report", "--rows", 20_000, "--files", 200, "--repeats", 1, "--json")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["rows"] == 20_000 and out["report_seconds_1m"] is None and out["report_seconds"] > 0
+    assert out["rows"] == 20_000 and out["files"] == 200
+    assert out["report_seconds_1m"] is None and out["report_seconds"] > 0
     sections = out["sections"]
     assert (sections["summary"], sections["classes"], sections["stages"], sections["cost"]) == (100, 1000, 100, 100)

@@ -227,6 +227,19 @@ def test_combining_runs_and_missing_folders(sweep, tmp_path):
     rows = summarize(con)
     con.close()
     assert all(r["n"] == 40 for r in rows)
+
+    # A file from a newer writer (an extra column) reads beside the others, in either order.
+    import pyarrow.parquet as pq
+
+    newer = tmp_path / "newer-run" / "records"
+    newer.mkdir(parents=True)
+    table = hand_built()
+    pq.write_table(table.append_column("extra", pa.array([1.5] * table.num_rows)), newer / "unit-0.parquet")
+    pq.write_table(table, newer / "unit-1.parquet")
+    newer = newer.parent
+    con = connect([str(newer)])
+    assert sum(r["n"] for r in summarize(con)) == 2 * table.num_rows
+    con.close()
     from pipeline.errors import InputError
 
     with pytest.raises(InputError, match="not a run folder"):

@@ -18,13 +18,14 @@ Accuracies are fractions in [0, 1]. The functions take a DuckDB connection with 
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Sequence
 
 import duckdb
 import pyarrow as pa
 
 from pipeline.analytics.source import Source, as_connection, columns_of
-from pipeline.errors import StoreError
+from pipeline.errors import ConfigError, StoreError
 
 Z95 = 1.959963984540054
 """Two-sided 95% standard normal quantile."""
@@ -39,14 +40,10 @@ STAGE_ORDER = ("clean", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square
 square) with the other versions' stages fitted in; unknown ones follow alphabetically."""
 SURVIVED = "survived"
 
-_NEEDED = {
-    "summary": GROUP + ("clean_correct", "adv_correct", "adv_vote_correct", "adv_worst_correct",
-                        "forward_passes", "backward_passes", "seconds", "flags"),
-    "classes": GROUP + ("label", "clean_correct", "adv_correct"),
-    "stages": GROUP + ("broken_by",),
-    "cost": GROUP + ("forward_passes", "backward_passes", "queries", "gradients", "seconds", "device", "worker"),
-    "flags": GROUP + ("flags",),
-}
+CELL_KEYS = GROUP + ("label", "broken_by", "flagset", "device", "worker")
+_NEEDED = GROUP + ("label", "broken_by", "flags", "device", "worker", "clean_correct", "adv_correct",
+                   "adv_vote_correct", "adv_worst_correct", "forward_passes", "backward_passes", "queries",
+                   "gradients", "seconds")
 
 
 def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -68,18 +65,41 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def _check(con: duckdb.DuckDBPyConnection, section: str) -> None:
+def _cells(con: duckdb.DuckDBPyConnection) -> str:
+    """Aggregate the records once into a small temp table; returns its name.
+
+    One row per (group, label, broken_by, set of flags, device, worker) with counts and sums:
+    every section is computed from it, so the Parquet files are scanned once whatever the number
+    of sections (a scan costs the opening of every file, which dominates for runs of many units).
+    """
     have = set(columns_of(con))
-    missing = [c for c in _NEEDED[section] if c not in have]
+    missing = [c for c in _NEEDED if c not in have]
     if missing:
-        raise StoreError(f"records table lacks column(s) {missing} needed for the {section} section of the report")
+        raise StoreError(f"records table lacks column(s) {missing} needed for the report")
+    name = f"_report_cells_{uuid.uuid4().hex[:12]}"
+    keys = ", ".join(GROUP)
+    # list_distinct: a flag counts once per row even if a writer repeated it.
+    con.execute(f"""
+        CREATE TEMP TABLE {name} AS
+        SELECT {keys}, label, broken_by, list_sort(list_distinct(flags)) AS flagset, device, worker,
+               count(*) AS n, count_if(clean_correct) AS clean_k, count_if(adv_correct) AS adv_k,
+               count_if(adv_vote_correct) AS vote_k, count_if(adv_worst_correct) AS worst_k,
+               sum(forward_passes) AS fwd, sum(backward_passes) AS bwd, sum(queries) AS q, sum(gradients) AS g,
+               sum(seconds) AS sec
+        FROM results GROUP BY ALL
+    """)
+    return name
 
 
-def _query(source: Source, section: str, sql: str) -> list[tuple]:
+def _with_cells(source: Source, make):
+    """make(con, cells table name) on a connection for `source`; the temp table is dropped after."""
     con, owned = as_connection(source)
     try:
-        _check(con, section)
-        return con.execute(sql).fetchall()
+        name = _cells(con)
+        try:
+            return make(con, name)
+        finally:
+            con.execute(f"DROP TABLE IF EXISTS {name}")
     finally:
         if owned:
             con.close()
@@ -87,6 +107,42 @@ def _query(source: Source, section: str, sql: str) -> list[tuple]:
 
 def _key(values: Sequence) -> dict:
     return dict(zip(GROUP, values))
+
+
+def _flag_counts(con: duckdb.DuckDBPyConnection, cells: str) -> dict[tuple, dict[str, int]]:
+    keys = ", ".join(GROUP)
+    found = con.execute(f"""
+        SELECT {keys}, flag, sum(n) FROM (SELECT {keys}, n, unnest(flagset) AS flag FROM {cells})
+        GROUP BY ALL ORDER BY flag
+    """).fetchall()
+    out: dict[tuple, dict[str, int]] = {}
+    for *key, flag, count in found:
+        out.setdefault(tuple(key), {})[flag] = int(count)
+    return out
+
+
+def _summary(con: duckdb.DuckDBPyConnection, cells: str) -> list[dict]:
+    keys = ", ".join(GROUP)
+    groups = con.execute(f"""
+        SELECT {keys}, sum(n), sum(clean_k), sum(adv_k), sum(vote_k), sum(worst_k), sum(fwd), sum(bwd), sum(sec)
+        FROM {cells} GROUP BY ALL ORDER BY {ORDER}
+    """).fetchall()
+    flags = _flag_counts(con, cells)
+    rows = []
+    for *key, n, clean_k, adv_k, vote_k, worst_k, fwd, bwd, sec in groups:
+        n, clean_k, adv_k = int(n), int(clean_k), int(adv_k)
+        clean_lo, clean_hi = wilson_interval(clean_k, n)
+        robust_lo, robust_hi = wilson_interval(adv_k, n)
+        rows.append({
+            **_key(key), "n": n,
+            "clean_acc": clean_k / n, "clean_lo": clean_lo, "clean_hi": clean_hi,
+            "robust_acc": adv_k / n, "robust_lo": robust_lo, "robust_hi": robust_hi,
+            "vote_acc": int(vote_k) / n, "worst_acc": int(worst_k) / n,
+            "forward_per_example": float(fwd) / n, "backward_per_example": float(bwd) / n,
+            "seconds_per_example": float(sec) / n,
+            "flags": flags.get(tuple(key), {}),
+        })
+    return rows
 
 
 def summarize(source: Source) -> list[dict]:
@@ -98,66 +154,27 @@ def summarize(source: Source) -> list[dict]:
     backward_per_example (network passes), seconds_per_example (device-seconds); flags {flag:
     number of rows carrying it}.
     """
-    keys = ", ".join(GROUP)
-    con, owned = as_connection(source)
-    try:
-        _check(con, "summary")
-        groups = con.execute(f"""
-            SELECT {keys}, count(*) AS n,
-                   count_if(clean_correct) AS clean_k, count_if(adv_correct) AS adv_k,
-                   count_if(adv_vote_correct) AS vote_k, count_if(adv_worst_correct) AS worst_k,
-                   avg(forward_passes) AS fwd, avg(backward_passes) AS bwd, avg(seconds) AS sec
-            FROM results GROUP BY {keys} ORDER BY {ORDER}
-        """).fetchall()
-        flags = _flag_counts(con)
-    finally:
-        if owned:
-            con.close()
-    rows = []
-    for *key, n, clean_k, adv_k, vote_k, worst_k, fwd, bwd, sec in groups:
-        clean_lo, clean_hi = wilson_interval(clean_k, n)
-        robust_lo, robust_hi = wilson_interval(adv_k, n)
-        rows.append({
-            **_key(key), "n": int(n),
-            "clean_acc": clean_k / n, "clean_lo": clean_lo, "clean_hi": clean_hi,
-            "robust_acc": adv_k / n, "robust_lo": robust_lo, "robust_hi": robust_hi,
-            "vote_acc": vote_k / n, "worst_acc": worst_k / n,
-            "forward_per_example": float(fwd), "backward_per_example": float(bwd),
-            "seconds_per_example": float(sec),
-            "flags": flags.get(tuple(key), {}),
-        })
-    return rows
+    return _with_cells(source, _summary)
 
 
-def _flag_counts(con: duckdb.DuckDBPyConnection) -> dict[tuple, dict[str, int]]:
+def _classes(con: duckdb.DuckDBPyConnection, cells: str) -> list[dict]:
     keys = ", ".join(GROUP)
-    # list_distinct: a flag counts once per row even if a writer repeated it; the filter skips
-    # the (usual) rows without flags before the unnest.
     found = con.execute(f"""
-        SELECT {keys}, flag, count(*) AS c
-        FROM (SELECT {keys}, unnest(list_distinct(flags)) AS flag FROM results WHERE len(flags) > 0)
-        GROUP BY ALL ORDER BY flag
+        SELECT {keys}, label, sum(n), sum(clean_k), sum(adv_k) FROM {cells} GROUP BY ALL ORDER BY {ORDER}, label
     """).fetchall()
-    out: dict[tuple, dict[str, int]] = {}
-    for *key, flag, count in found:
-        out.setdefault(tuple(key), {})[flag] = int(count)
-    return out
+    rows = []
+    for *key, label, n, clean_k, adv_k in found:
+        n, adv_k = int(n), int(adv_k)
+        lo, hi = wilson_interval(adv_k, n)
+        rows.append({**_key(key), "label": int(label), "n": n, "clean_acc": int(clean_k) / n,
+                     "robust_acc": adv_k / n, "robust_lo": lo, "robust_hi": hi})
+    return rows
 
 
 def per_class(source: Source) -> list[dict]:
     """Accuracy per true label: one row per group and label with n, clean_acc, robust_acc and
     the robust Wilson 95% interval (robust_lo, robust_hi)."""
-    keys = ", ".join(GROUP)
-    found = _query(source, "classes", f"""
-        SELECT {keys}, label, count(*), count_if(clean_correct), count_if(adv_correct)
-        FROM results GROUP BY ALL ORDER BY {ORDER}, label
-    """)
-    rows = []
-    for *key, label, n, clean_k, adv_k in found:
-        lo, hi = wilson_interval(adv_k, n)
-        rows.append({**_key(key), "label": int(label), "n": int(n), "clean_acc": clean_k / n,
-                     "robust_acc": adv_k / n, "robust_lo": lo, "robust_hi": hi})
-    return rows
+    return _with_cells(source, _classes)
 
 
 def stage_order(names) -> list[str]:
@@ -166,15 +183,12 @@ def stage_order(names) -> list[str]:
     return known + sorted(set(names) - set(STAGE_ORDER) - {SURVIVED})
 
 
-def stages(source: Source) -> list[dict]:
-    """Which stage broke each example: one row per group with n, broken_by {stage: examples}
-    (only stages that broke at least one example, in attack order) and survived (examples no
-    stage broke: broken_by is null)."""
+def _stages(con: duckdb.DuckDBPyConnection, cells: str) -> list[dict]:
     keys = ", ".join(GROUP)
-    found = _query(source, "stages", f"""
-        SELECT {keys}, coalesce(broken_by, '{SURVIVED}') AS stage, count(*)
-        FROM results GROUP BY ALL ORDER BY {ORDER}, stage
-    """)
+    found = con.execute(f"""
+        SELECT {keys}, coalesce(broken_by, '{SURVIVED}') AS stage, sum(n)
+        FROM {cells} GROUP BY ALL ORDER BY {ORDER}, stage
+    """).fetchall()
     by_group: dict[tuple, dict[str, int]] = {}
     for *key, stage, count in found:
         by_group.setdefault(tuple(key), {})[stage] = int(count)
@@ -185,66 +199,69 @@ def stages(source: Source) -> list[dict]:
     return rows
 
 
+def stages(source: Source) -> list[dict]:
+    """Which stage broke each example: one row per group with n, broken_by {stage: examples}
+    (only stages that broke at least one example, in attack order) and survived (examples no
+    stage broke: broken_by is null)."""
+    return _with_cells(source, _stages)
+
+
+def _cost(con: duckdb.DuckDBPyConnection, cells: str) -> list[dict]:
+    keys = ", ".join(GROUP)
+    found = con.execute(f"""
+        SELECT {keys}, sum(n), sum(sec), sum(fwd), sum(bwd), sum(q), sum(g),
+               list_sort(list_distinct(list(device))), count(DISTINCT worker)
+        FROM {cells} GROUP BY ALL ORDER BY {ORDER}
+    """).fetchall()
+    rows = []
+    for *key, n, sec, fwd, bwd, q, g, devices, workers in found:
+        n = int(n)
+        rows.append({**_key(key), "n": n, "device_seconds": float(sec), "seconds_per_example": float(sec) / n,
+                     "forward_per_example": float(fwd) / n, "backward_per_example": float(bwd) / n,
+                     "calls_per_example": (float(fwd) + float(bwd)) / n, "queries_per_example": float(q) / n,
+                     "gradients_per_example": float(g) / n, "devices": list(devices), "workers": int(workers)})
+    return rows
+
+
 def cost(source: Source) -> list[dict]:
     """Cost per group: n; device_seconds (sum of the rows' seconds: each worker holds one
     device); seconds_per_example; forward_per_example, backward_per_example and
     calls_per_example (their sum: network evaluations); queries_per_example and
     gradients_per_example (what the attack asked of the model); devices (distinct, sorted);
     workers (distinct count)."""
+    return _with_cells(source, _cost)
+
+
+def _flags(con: duckdb.DuckDBPyConnection, cells: str) -> list[dict]:
     keys = ", ".join(GROUP)
-    # Devices and workers from a (group, device, worker) pre-aggregate: distinct aggregates over
-    # every row cost as much again as all the sums together.
-    found = _query(source, "cost", f"""
-        WITH sums AS (SELECT {keys}, count(*) AS n, sum(seconds) AS total, avg(seconds) AS sec,
-                             avg(forward_passes) AS fwd, avg(backward_passes) AS bwd,
-                             avg(forward_passes + backward_passes) AS calls, avg(queries) AS q, avg(gradients) AS g
-                      FROM results GROUP BY ALL),
-             who AS (SELECT {keys}, list_sort(list_distinct(list(device))) AS devices, count(DISTINCT worker) AS workers
-                     FROM (SELECT {keys}, device, worker FROM results GROUP BY ALL) GROUP BY ALL)
-        SELECT {keys}, n, total, sec, fwd, bwd, calls, q, g, devices, workers
-        FROM sums JOIN who USING ({keys}) ORDER BY {ORDER}
-    """)
-    rows = []
-    for *key, n, total, sec, fwd, bwd, calls, queries, grads, devices, workers in found:
-        rows.append({**_key(key), "n": int(n), "device_seconds": float(total), "seconds_per_example": float(sec),
-                     "forward_per_example": float(fwd), "backward_per_example": float(bwd),
-                     "calls_per_example": float(calls), "queries_per_example": float(queries),
-                     "gradients_per_example": float(grads), "devices": list(devices), "workers": int(workers)})
-    return rows
+    found = con.execute(f"""
+        WITH totals AS (SELECT {keys}, sum(n) AS total FROM {cells} GROUP BY ALL),
+             flagged AS (SELECT {keys}, flag, sum(n) AS c
+                         FROM (SELECT {keys}, n, unnest(flagset) AS flag FROM {cells}) GROUP BY ALL)
+        SELECT {keys}, flag, c, total FROM flagged JOIN totals USING ({keys})
+        ORDER BY {ORDER}, flag
+    """).fetchall()
+    return [{**_key(key), "flag": flag, "count": int(c), "n": int(n), "fraction": int(c) / int(n)}
+            for *key, flag, c, n in found]
 
 
 def flags(source: Source) -> list[dict]:
     """Sanity flags: one row per group and flag with count (rows carrying it, once per row)
     and fraction (of the group's rows). Groups without flags have no row."""
-    keys = ", ".join(GROUP)
-    found = _query(source, "flags", f"""
-        WITH totals AS (SELECT {keys}, count(*) AS n FROM results GROUP BY ALL),
-             flagged AS (SELECT {keys}, flag, count(*) AS c
-                         FROM (SELECT {keys}, unnest(list_distinct(flags)) AS flag FROM results
-                               WHERE len(flags) > 0)
-                         GROUP BY ALL)
-        SELECT f.defense, f.attack, f.path, f.norm, f.eps, f.flag, f.c, t.n
-        FROM flagged f JOIN totals t USING ({keys})
-        ORDER BY {", ".join("f." + k for k in ORDER.split(", "))}, f.flag
-    """)
-    return [{**_key(key), "flag": flag, "count": int(c), "n": int(n), "fraction": c / n}
-            for *key, flag, c, n in found]
+    return _with_cells(source, _flags)
+
+
+_MAKERS = {"summary": _summary, "classes": _classes, "stages": _stages, "cost": _cost, "flags": _flags}
 
 
 def build_report(source: Source, sections: Sequence[str] = SECTIONS) -> dict[str, list[dict]]:
-    """{section: rows} for the chosen sections (all by default), in SECTIONS order."""
+    """{section: rows} for the chosen sections (all by default), in SECTIONS order; the records
+    are scanned once."""
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
-        from pipeline.errors import ConfigError
-
         raise ConfigError(f"unknown report section(s) {unknown}; choose from {list(SECTIONS)}")
-    makers = {"summary": summarize, "classes": per_class, "stages": stages, "cost": cost, "flags": flags}
-    con, owned = as_connection(source)
-    try:
-        return {name: makers[name](con) for name in SECTIONS if name in sections}
-    finally:
-        if owned:
-            con.close()
+    return _with_cells(source, lambda con, cells: {name: _MAKERS[name](con, cells)
+                                                   for name in SECTIONS if name in sections})
 
 
 def load_records(uris: Sequence[str], endpoint_url: str | None = None) -> pa.Table:

@@ -89,8 +89,12 @@ def connect(uris: Sequence[str], *, endpoint_url: str | None = None,
             files += [f"{protocol}://{p}" for p in paths]
         if files:
             listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-            con.execute(f"CREATE VIEW {VIEW} AS SELECT * FROM read_parquet([{listed}], "
-                        f"hive_partitioning=false, union_by_name=true)")
+            # The record columns by name: a file with extra columns (a newer writer) still reads, in
+            # any order, without union_by_name, which reads every footer before the first row and
+            # makes a report over 10,000 unit files about twice as slow.
+            names = ", ".join(f'"{n}"' for n in RECORD_SCHEMA.names)
+            con.execute(f"CREATE VIEW {VIEW} AS SELECT {names} FROM read_parquet([{listed}], "
+                        f"hive_partitioning=false)")
         else:
             # No records yet: an empty view with the record columns, so every query still runs.
             con.register("_empty", RECORD_SCHEMA.empty_table())
