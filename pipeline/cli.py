@@ -135,6 +135,7 @@ def run_cmd(
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
     report: bool = typer.Option(True, help="print the report at the end"),
     gpus_per_worker: float = typer.Option(1.0, help="GPUs per worker actor; 0.5 or 0.25 pack small models several to a GPU"),
+    min_gpus: int = typer.Option(0, help="wait (up to 10 min) until the cluster has this many GPUs before starting workers"),
 ):
     """Run a job on a Ray cluster (resuming committed units) and print its report."""
     from .runtime.run import run_job
@@ -144,7 +145,8 @@ def run_cmd(
         if not 0 < gpus_per_worker <= 1:
             raise ConfigError(f"--gpus-per-worker must be in (0, 1], got {gpus_per_worker}")
         result = run_job(spec, out, workers=workers, address=address, run_id=run_id, fresh=fresh,
-                         endpoint_url=endpoint_url, progress=True, gpus_per_worker=gpus_per_worker)
+                         endpoint_url=endpoint_url, progress=True, gpus_per_worker=gpus_per_worker,
+                         min_gpus=min_gpus)
     except RobustsweepError as exc:
         _fail(exc)
     console.print(f"run {result.run_id}: {result.done} units done, {result.skipped} already committed, "
@@ -214,6 +216,7 @@ def submit_cmd(
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint as the cluster sees it"),
     report: bool = typer.Option(True, help="print the report at the end of the job's log"),
     gpus_per_worker: Optional[float] = typer.Option(None, help="GPUs per worker actor, in (0, 1] (default 1)"),
+    min_gpus: int = typer.Option(0, help="the run waits until the cluster has this many GPUs (workers joining late)"),
     wait: bool = typer.Option(True, help="follow the job's logs until it ends; exit 0 if it succeeded, else 1"),
     python: str = typer.Option("python", help="the interpreter on the head node that has Ray and the dependencies"),
     working_dir: Path = typer.Option(Path("."), help="the project folder that travels to the cluster"),
@@ -228,7 +231,7 @@ def submit_cmd(
         submission_id = submit_job(job, address, out=out, workers=workers, run_id=run_id, fresh=fresh,
                                    endpoint_url=endpoint_url, report=report, working_dir=working_dir, python=python,
                                    env=_env_pairs(env), forward_aws=forward_aws, excludes=exclude,
-                                   gpus_per_worker=gpus_per_worker)
+                                   gpus_per_worker=gpus_per_worker, min_gpus=min_gpus)
     except RobustsweepError as exc:
         _fail(exc)
     print(submission_id, flush=True)
@@ -426,24 +429,39 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("elbo")
 def bench_elbo_cmd(
     model: str = typer.Option("default", help="'default' (the digits UNet) or 'optimal'"),
-    examples: int = typer.Option(8, help="digits test examples"),
-    timesteps: int = typer.Option(100, help="RDC timesteps (systematic subsample)"),
-    threads: Optional[int] = typer.Option(None, help="torch threads"),
+    examples: int = typer.Option(2, help="digits test examples"),
+    timesteps: int = typer.Option(1000, help="RDC timesteps (systematic subsample; 1000 = all)"),
+    repeat: int = typer.Option(2, help="timed rounds after a warm-up; the best round counts"),
+    threads: Optional[int] = typer.Option(1, help="torch threads (0: torch's default)"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    chunk: Optional[int] = typer.Option(None, help="engine: network inputs per call (default: the device's)"),
+    channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="engine: channels_last layout"),
+    compile: bool = typer.Option(False, "--compile", help="engine: torch.compile the network calls"),
+    grad: bool = typer.Option(True, "--grad/--no-grad", help="also time input gradients"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ):
-    """RDC logits and gradients: the reference strategy (class loop, 64-timestep chunks, one example at a time) vs the engine."""
+    """RDC logits and gradients: the reference strategy (class loop, 64-timestep chunks, one example at a time) vs the engine,
+    with FLOPs against a matmul peak measured in the same run."""
     from .bench import bench_elbo
 
     try:
-        result = bench_elbo(model, examples, timesteps, threads=threads)
+        result = bench_elbo(model, examples, timesteps, repeat=repeat, threads=threads or None, device=device, chunk=chunk,
+                            channels_last=channels_last, compile=compile, grad=grad)
     except RobustsweepError as exc:
         _fail(exc)
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    console.print(f"RDC logits ({result['model']}, {timesteps} timesteps x {result['classes']} classes): "
-                  f"reference {result['reference_examples_per_s']:.2f} ex/s, engine {result['engine_examples_per_s']:.2f} ex/s, "
-                  f"ratio {result['ratio']:.2f}x; gradients ratio {result['grad_ratio']:.2f}x")
+    console.print(f"RDC logits ({result['model']}, {result['timesteps']} timesteps x {result['classes']} classes, "
+                  f"{result['threads']} thread(s), {result['device']}): reference {result['reference_examples_per_s']:.3g} ex/s, "
+                  f"engine {result['engine_examples_per_s']:.3g} ex/s, ratio {result['ratio']:.2f}x; engine "
+                  f"{result['engine_flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * result['fraction_of_peak']:.0f}% of the "
+                  f"{result['peak_flops'] / 1e9:.1f} GFLOP/s matmul peak")
+    if grad:
+        console.print(f"input gradients: reference {result['reference_grad_examples_per_s']:.3g} ex/s, engine "
+                      f"{result['engine_grad_examples_per_s']:.3g} ex/s, ratio {result['grad_ratio']:.2f}x; engine "
+                      f"{100 * result['grad_fraction_of_peak']:.0f}% of peak")
+    console.print(f"load average {result['load_before']} before, {result['load_after']} after")
 
 
 @bench_app.command("grid")

@@ -208,3 +208,14 @@ def test_bench_grid_reports_each_gang(ray_cluster):
         assert result[f"logits_seconds_g{g}"] > 0 and result[f"grad_seconds_g{g}"] > 0
     assert result["speedup_logits_g1"] == result["speedup_grad_g1"] == 1.0
     assert result["speedup_logits_g2"] == pytest.approx(result["logits_seconds_g1"] / result["logits_seconds_g2"])
+
+
+def test_run_waits_for_gpus_then_gives_up_naming_them(ray_cluster):
+    from pipeline.errors import ClusterError
+    from pipeline.runtime.run import wait_for_gpus
+    from pipeline.runtime.submit import entrypoint
+
+    wait_for_gpus(GPU_NODES, 1.0)  # there already: returns at once
+    with pytest.raises(ClusterError, match=f"--min-gpus asked for {GPU_NODES + 5}"):
+        wait_for_gpus(GPU_NODES + 5, 1.5)
+    assert "--min-gpus 4" in entrypoint("jobs/demo.toml", min_gpus=4)

@@ -17,7 +17,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayActorError, RayTaskError, WorkerCrashedError
 
 from ..data import load_split
-from ..errors import RobustsweepError
+from ..errors import ClusterError, RobustsweepError
 from ..store import Store
 from ..zoo import default_checkpoint
 from .plan import Unit, plan, plan_document, run_id_for
@@ -69,6 +69,16 @@ def default_workers(gpus_per_worker: float = 1.0) -> tuple[int, bool]:
     return max(1, int(res.get("CPU", 1))), False
 
 
+def wait_for_gpus(min_gpus: int, wait_s: float) -> None:
+    """Block until the cluster declares `min_gpus` GPUs; ClusterError after `wait_s` seconds."""
+    deadline = time.monotonic() + wait_s
+    while float(ray.cluster_resources().get("GPU", 0)) < min_gpus:
+        if time.monotonic() > deadline:
+            have = float(ray.cluster_resources().get("GPU", 0))
+            raise ClusterError(f"the cluster has {have:g} GPUs after {wait_s:.0f} s; --min-gpus asked for {min_gpus}")
+        time.sleep(1.0)
+
+
 def gang_size(grid_workers: int | str, kind: str, workers: int, units: int) -> int:
     """The gang a unit runs on (DESIGN.md, "The grid"; README, "Grid sharding").
 
@@ -98,8 +108,13 @@ def prepare_models(job: Job, progress: bool = True) -> None:
 
 def run_job(job: Job, out: str, *, workers: int | None = None, address: str | None = None, run_id: str | None = None,
             fresh: bool = False, endpoint_url: str | None = None, progress: bool = True,
-            gpus_per_worker: float = 1.0) -> RunResult:
-    """Run (or resume) `job`, writing under `{out}/{run_id}/`. See the module docstring."""
+            gpus_per_worker: float = 1.0, min_gpus: int = 0, wait_s: float = 600.0) -> RunResult:
+    """Run (or resume) `job`, writing under `{out}/{run_id}/`. See the module docstring.
+
+    min_gpus: wait up to `wait_s` seconds for the cluster to hold that many GPUs before sizing
+    the pool (GPU nodes of a fresh cluster join after the head; without it the pool is sized
+    by what is there at the start, CPUs if no GPU has joined yet).
+    """
     start = time.perf_counter()
     run_id = run_id or run_id_for(job, fresh)
     store = Store(out, endpoint_url=endpoint_url)
@@ -117,6 +132,7 @@ def run_job(job: Job, out: str, *, workers: int | None = None, address: str | No
     prepare_models(job, progress)
     started = connect(address)
     try:
+        wait_for_gpus(min_gpus, wait_s)
         n, use_gpu = default_workers(gpus_per_worker)
         n = workers or n
         result.workers = n

@@ -46,7 +46,7 @@ _ADDRESS_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
 
 def entrypoint(job: str, *, python: str = "python", out: str | None = None, workers: int | None = None,
                run_id: str | None = None, fresh: bool = False, endpoint_url: str | None = None,
-               report: bool = True, gpus_per_worker: float | None = None) -> str:
+               report: bool = True, gpus_per_worker: float | None = None, min_gpus: int = 0) -> str:
     """The shell command the cluster runs: `PYTHON -m pipeline.cli run JOB --address auto ...`.
 
     `job` is the job file's path relative to the working dir (it travels with it).
@@ -66,6 +66,8 @@ def entrypoint(job: str, *, python: str = "python", out: str | None = None, work
         args.append("--no-report")
     if gpus_per_worker is not None:
         args += ["--gpus-per-worker", f"{gpus_per_worker:g}"]
+    if min_gpus:
+        args += ["--min-gpus", str(int(min_gpus))]
     return shlex.join(args)
 
 
@@ -95,7 +97,7 @@ def submit_job(job: str | os.PathLike, address: str, *, out: str | None = None, 
                run_id: str | None = None, fresh: bool = False, endpoint_url: str | None = None, report: bool = True,
                working_dir: str | os.PathLike = ".", python: str = "python", env: dict[str, str] | None = None,
                forward_aws: bool = True, excludes: Iterable[str] = (), submission_id: str | None = None,
-               gpus_per_worker: float | None = None) -> str:
+               gpus_per_worker: float | None = None, min_gpus: int = 0) -> str:
     """Validate `job`, submit it to the cluster at `address` (http://HEAD:8265); return the submission id.
 
     The job file must lie inside `working_dir` (the folder that travels to the cluster). The run
@@ -110,7 +112,8 @@ def submit_job(job: str | os.PathLike, address: str, *, out: str | None = None, 
     excludes = list(excludes)
     rel = _relative_job(Path(job), root, excludes)
     command = entrypoint(rel, python=python, out=out, workers=workers, run_id=run_id, fresh=fresh,
-                         endpoint_url=endpoint_url, report=report, gpus_per_worker=gpus_per_worker)
+                         endpoint_url=endpoint_url, report=report, gpus_per_worker=gpus_per_worker,
+                         min_gpus=min_gpus)
     renv = runtime_env(root, env=env, forward_aws=forward_aws, excludes=excludes)
     secrets = [v for k, v in renv.get("env_vars", {}).items() if k in AWS_CREDENTIALS]
     client = _client(address)
