@@ -1,26 +1,39 @@
-"""Benchmarks, measured side by side in one process: `robustsweep bench ...`.
+"""Benchmarks, measured side by side in one process: `robustsweep bench elbo`.
 
 `bench_elbo` times RDC logits (and their input gradients) two ways on the same model, inputs
 and noise: the reference strategy of the published code (a Python loop over classes,
-timesteps in chunks of 64, one example at a time) and robustsweep's engine (all
-(example, class, timestep) cells in memory-budgeted batches). Both must give the same logits.
+timesteps in chunks of 64, one example at a time, the model as loaded) and robustsweep's
+engine (defenses/engine.py). Both must give the same logits and gradients. The two are run
+alternately, each timing the best of `repeat`, so that other load on the machine hits both
+alike. FLOPs are counted with torch.utils.flop_counter (convolutions, matmuls, attention)
+and set against a dense matmul peak measured in the same run, on the same device, dtype
+and threads.
 """
 
 from __future__ import annotations
 
+import copy
+import os
 import platform
 import time
 
 import torch
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
 
-from . import rng
 from .data import load_split
 from .defenses import build_defense
+from .defenses.engine import EngineOptions, chunk_size
 from .rng import Draw
 
 
-def _reference_logits(rdc, x: torch.Tensor, draw: Draw, chunk: int = 64) -> torch.Tensor:
-    """The published strategy: per example, per class, timesteps in chunks of `chunk`."""
+def _reference_logits(rdc, x: torch.Tensor, draw: Draw, eps_model=None, chunk: int = 64) -> torch.Tensor:
+    """The published strategy: per example, per class, timesteps in chunks of `chunk`.
+
+    eps_model: the network to call (default rdc.eps_model); the bench passes an untouched
+    copy, so that the engine's layout changes do not reach the reference.
+    """
+    eps_model = eps_model or rdc.eps_model
     out = []
     for i in range(x.shape[0]):
         d = draw.subset(torch.tensor([i]))
@@ -29,55 +42,190 @@ def _reference_logits(rdc, x: torch.Tensor, draw: Draw, chunk: int = 64) -> torc
         for c in range(rdc.num_classes):
             total = 0.0
             for start in range(0, rdc.ts.numel(), chunk):
-                t = rdc.ts[start:start + chunk]
+                t = rdc.ts[start:start + chunk].to(x.device)
                 e = noise[start:start + chunk]
                 sqrt_a, s = rdc.schedule.coefficients(t, x.dtype)
                 x_t = sqrt_a.view(-1, 1, 1, 1) * (2 * x[i:i + 1] - 1) + s.view(-1, 1, 1, 1) * e
-                eps = rdc.eps_model(x_t, t, torch.full_like(t, c))
+                eps = eps_model(x_t, t, torch.full_like(t, c))
                 total = total + (eps - e).pow(2).flatten(1).sum(1).sum()
             row.append(-total / rdc.ts.numel())
         out.append(torch.stack(row))
     return torch.stack(out)
 
 
-def _timed(fn, repeat: int) -> tuple[float, object]:
-    fn()  # warm-up
-    start = time.perf_counter()
+def _reference_grads(rdc, x: torch.Tensor, draw: Draw, w: torch.Tensor, eps_model) -> torch.Tensor:
+    """d/dx sum(w * logits) the published way: autograd through the class loop, one example at a time."""
+    grads = []
+    for i in range(x.shape[0]):
+        xi = x[i:i + 1].detach().requires_grad_(True)
+        logits = _reference_logits(rdc, xi, draw.subset(torch.tensor([i])), eps_model)
+        grads.append(torch.autograd.grad((logits * w[i:i + 1]).sum(), xi)[0])
+    return torch.cat(grads)
+
+
+def _engine_grads(rdc, x: torch.Tensor, draw: Draw, w: torch.Tensor) -> torch.Tensor:
+    xg = x.detach().requires_grad_(True)
+    return torch.autograd.grad((rdc.evaluate(xg, draw) * w).sum(), xg)[0]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_of(fns: dict, repeat: int, device: torch.device) -> dict:
+    """{name: (best seconds, last result)}: each fn once to warm up, then `repeat` rounds in turn."""
+    results = {k: fn() for k, fn in fns.items()}
+    best = {k: float("inf") for k in fns}
     for _ in range(repeat):
-        result = fn()
-    return (time.perf_counter() - start) / repeat, result
+        for k, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            results[k] = fn()
+            _sync(device)
+            best[k] = min(best[k], time.perf_counter() - start)
+    return {k: (best[k], results[k]) for k in fns}
 
 
-def bench_elbo(model: str = "default", examples: int = 8, timesteps: int = 100, repeat: int = 2,
-               threads: int | None = None) -> dict:
-    """Examples/s of the reference strategy and of the engine, for logits and input gradients."""
+# The CPU kernels of scaled_dot_product_attention (taken for channels_last inputs) are missing
+# from flop_counter's table; they do the work of the attention kernels that are in it.
+def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _sdpa_cpu_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+_SDPA_CPU = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
+             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward}
+
+
+def count_flops(fn) -> int:
+    """FLOPs of fn() as torch.utils.flop_counter counts them (matmuls, convolutions, attention)."""
+    with FlopCounterMode(display=False, custom_mapping=_SDPA_CPU) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048,
+                repeat: int = 10) -> float:
+    """Dense matmul FLOP/s of (n, n) @ (n, n) in `dtype` on `device` at the current threads, best of `repeat`."""
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
+    (seconds, _), = best_of({"mm": lambda: a @ b}, repeat, device).values()
+    return 2.0 * n**3 / seconds
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float) -> float:
+    """Max |a - b| relative to max |b|; raises AssertionError when above rtol."""
+    rel = float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+    if not rel <= rtol:
+        raise AssertionError(f"engine and reference {what} disagree: max relative difference {rel:.3g}")
+    return rel
+
+
+def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000, repeat: int = 2,
+               threads: int | None = 1, device: str = "cpu", chunk: int | None = None,
+               channels_last: bool | None = None, compile: bool = False, grad: bool = True) -> dict:
+    """Examples/s of the reference strategy and of the engine, for logits and input gradients.
+
+    model: "default" (the digits UNet) or "optimal"; examples: digits test images; timesteps:
+    RDC's systematic subsample (1000 = all); threads: torch threads (None: leave as is);
+    chunk / channels_last / compile: the engine's options (defenses/engine.py). Returns a
+    dict: examples/s of both strategies and their ratio (`ratio`, `grad_ratio`), FLOPs per
+    example counted for each, the matmul peak (`peak_flops`, FLOP/s), the engine's achieved
+    FLOP/s and `fraction_of_peak` (logits) / `grad_fraction_of_peak`, the relative
+    differences between the strategies, and the machine (device, threads, versions, load).
+    """
     if threads:
         torch.set_num_threads(threads)
-    rdc = build_defense({"kind": "rdc", "model": model, "dataset": "digits", "timesteps": timesteps})
+    dev = torch.device(device)
+    load_before = os.getloadavg()
+    options = EngineOptions(chunk=chunk, channels_last=channels_last, compile=compile)
+    rdc = build_defense({"kind": "rdc", "model": model, "dataset": "digits", "timesteps": timesteps}, device=dev)
+    rdc.engine = options
+    reference_model = copy.deepcopy(rdc.eps_model)  # the model as loaded, whatever the engine does to its copy
     x, _ = load_split("digits", "test")
-    x = x[:examples]
+    x = x[:examples].to(dev)
     draw = Draw(0, torch.arange(examples), torch.zeros(examples, dtype=torch.int64))
+    w = torch.randn(examples, rdc.num_classes, generator=torch.Generator().manual_seed(0)).to(dev)
+
+    compile_s = None
+    if compile:  # compilation happens on the first call; time it apart from the runs
+        start = time.perf_counter()
+        with torch.no_grad():
+            rdc.evaluate(x[:1], draw.subset(torch.tensor([0])))
+        if grad:
+            _engine_grads(rdc, x[:1], draw.subset(torch.tensor([0])), w[:1])
+        compile_s = time.perf_counter() - start
+
+    peak = matmul_peak(dev)
     with torch.no_grad():
-        t_ref, ref = _timed(lambda: _reference_logits(rdc, x, draw), repeat)
-        t_eng, eng = _timed(lambda: rdc.evaluate(x, draw), repeat)
-    if not torch.allclose(ref, eng, atol=1e-3, rtol=1e-4):
-        raise AssertionError(f"engine and reference disagree by {float((ref - eng).abs().max()):.3g}")
-    w = torch.randn(examples, rdc.num_classes, generator=torch.Generator().manual_seed(0))
-
-    def grad(f):
-        xg = x.clone().requires_grad_(True)
-        return torch.autograd.grad((f(xg) * w).sum(), xg)[0]
-
-    g_ref_t, g_ref = _timed(lambda: grad(lambda xg: _reference_logits(rdc, xg, draw)), 1)
-    g_eng_t, g_eng = _timed(lambda: grad(lambda xg: rdc.evaluate(xg, draw)), 1)
-    if not torch.allclose(g_ref, g_eng, atol=1e-3, rtol=1e-3):
-        raise AssertionError(f"engine and reference gradients disagree by {float((g_ref - g_eng).abs().max()):.3g}")
-    return {
-        "model": model, "examples": examples, "timesteps": timesteps, "classes": rdc.num_classes,
+        timed = best_of({"reference": lambda: _reference_logits(rdc, x, draw, reference_model),
+                         "engine": lambda: rdc.evaluate(x, draw)}, repeat, dev)
+    (t_ref, ref), (t_eng, eng) = timed["reference"], timed["engine"]
+    logit_rel = _close(eng, ref, "logits", 1e-4)
+    one = (x[:1], draw.subset(torch.tensor([0])))
+    with torch.no_grad():
+        ref_flops = count_flops(lambda: _reference_logits(rdc, *one, reference_model))
+        eng_flops = count_flops(lambda: rdc.evaluate(*one))
+    result = {
+        "model": model, "examples": examples, "timesteps": int(rdc.ts.numel()), "classes": rdc.num_classes,
         "reference_examples_per_s": examples / t_ref, "engine_examples_per_s": examples / t_eng,
         "ratio": t_ref / t_eng,
-        "reference_grad_examples_per_s": examples / g_ref_t, "engine_grad_examples_per_s": examples / g_eng_t,
-        "grad_ratio": g_ref_t / g_eng_t,
-        "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
+        "reference_flops_per_example": ref_flops, "flops_per_example": eng_flops,
+        "peak_flops": peak, "peak": "(2048, 2048) @ (2048, 2048) float32 matmul, best of 10",
+        "reference_flops_per_s": ref_flops * examples / t_ref, "engine_flops_per_s": eng_flops * examples / t_eng,
+        "fraction_of_peak": eng_flops * examples / t_eng / peak,
+        "reference_fraction_of_peak": ref_flops * examples / t_ref / peak,
+        "logits_max_rel_diff": logit_rel,
     }
+    if grad:
+        timed = best_of({"reference": lambda: _reference_grads(rdc, x, draw, w, reference_model),
+                         "engine": lambda: _engine_grads(rdc, x, draw, w)}, max(1, repeat - 1), dev)
+        (g_ref_t, g_ref), (g_eng_t, g_eng) = timed["reference"], timed["engine"]
+        grad_rel = _close(g_eng, g_ref, "input gradients", 1e-3)
+        g_eng_flops = count_flops(lambda: _engine_grads(rdc, *one, w[:1]))
+        result.update({
+            "reference_grad_examples_per_s": examples / g_ref_t, "engine_grad_examples_per_s": examples / g_eng_t,
+            "grad_ratio": g_ref_t / g_eng_t,
+            "grad_flops_per_example": g_eng_flops,
+            "engine_grad_flops_per_s": g_eng_flops * examples / g_eng_t,
+            "grad_fraction_of_peak": g_eng_flops * examples / g_eng_t / peak,
+            "grads_max_rel_diff": grad_rel,
+        })
+    result.update({
+        "engine": {"chunk": chunk_size(options, rdc.batch_size, x),
+                   "channels_last": channels_last is not False, "compile": compile, "compile_seconds": compile_s},
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "dtype": "float32", "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(), "load_before": [round(v, 2) for v in load_before],
+        "load_after": [round(v, 2) for v in os.getloadavg()],
+    })
+    return result
+
+
+def autocast_agreement(model: str = "default", timesteps: int = 10, dtype: str = "bf16", device: str = "cpu",
+                       examples: int | None = None) -> dict:
+    """Predictions of RDC on the digits test split with autocast against float32, same noise.
+
+    Returns n, the fraction of predictions that agree (`agreement`), and the largest logit
+    difference relative to the logits' scale (`max_rel_diff`).
+    """
+    dev = torch.device(device)
+    rdc = build_defense({"kind": "rdc", "model": model, "dataset": "digits", "timesteps": timesteps}, device=dev)
+    x, _ = load_split("digits", "test")
+    x = x[:examples].to(dev) if examples else x.to(dev)
+    draw = Draw(0, torch.arange(x.shape[0]), torch.zeros(x.shape[0], dtype=torch.int64))
+    with torch.no_grad():
+        rdc.engine = EngineOptions(autocast="off")
+        full = rdc.evaluate(x, draw)
+        rdc.engine = EngineOptions(autocast=dtype)
+        low = rdc.evaluate(x, draw)
+    agree = (full.argmax(1) == low.argmax(1)).double().mean()
+    return {"n": x.shape[0], "dtype": dtype, "device": str(dev), "agreement": float(agree),
+            "max_rel_diff": float((full - low).abs().max() / full.abs().max())}

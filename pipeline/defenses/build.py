@@ -42,6 +42,17 @@ class LMSpec(BaseModel):
     gradient: Literal["bpda", "exact"] = "bpda"
 
 
+class EngineSpec(BaseModel):
+    """How RDC's network runs (defenses/engine.py); none of it changes what is computed."""
+
+    model_config = ConfigDict(extra="forbid")
+    chunk: int | None = Field(None, ge=1)
+    channels_last: bool | None = None
+    autocast: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    compile: bool = False
+    cuda_graphs: bool = False
+
+
 class PlainSpec(_Spec):
     kind: Literal["plain"]
     model: str = "default"
@@ -68,6 +79,7 @@ class RDCSpec(_Spec):
     pruning: list[tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]] | None = None
     lm: LMSpec | None = None
     batch_size: int = Field(4096, ge=1)
+    engine: EngineSpec | None = None
 
 
 DefenseSpec = Annotated[Union[PlainSpec, MISpec, RDCSpec], Field(discriminator="kind")]
@@ -119,6 +131,7 @@ def build_defense(config: dict, device: str | torch.device | None = None) -> Def
 
 
 def _build_rdc(spec: RDCSpec, channels: int, size: int, K: int) -> Defense:
+    from .engine import EngineOptions
     from .lm import LikelihoodMaximization
     from .rdc import RDC
 
@@ -137,5 +150,6 @@ def _build_rdc(spec: RDCSpec, channels: int, size: int, K: int) -> Defense:
                                     gamma=spec.lm.gamma, timesteps=spec.lm.timesteps, samples=spec.lm.samples,
                                     gradient=spec.lm.gradient)
     timesteps = None if spec.timesteps == "all" else spec.timesteps
+    engine = EngineOptions(**spec.engine.model_dump()) if spec.engine else None
     return RDC(eps_model, K, channels, size, timesteps=timesteps, prior=spec.prior, temperature=spec.temperature,
-               pruning=spec.pruning, lm=lm, batch_size=spec.batch_size, seed=spec.seed)
+               pruning=spec.pruning, lm=lm, batch_size=spec.batch_size, seed=spec.seed, engine=engine)

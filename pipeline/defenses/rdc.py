@@ -9,10 +9,15 @@ shared by all classes, tau a temperature (1 in the paper). Likelihood maximizati
 may run first. Adaptive class pruning (Li et al. 2023) spends few timesteps on every class,
 keeps the best, and spends the rest on those.
 
-The engine: every (example, class, timestep) evaluation goes into chunks of `batch_size`
-network inputs; x_t is formed once per (example, t) and shared by all classes; a model with
-`all_classes` (the optimal model) computes every class from one distance matmul. Gradients
-are exact and memory-bounded: forward keeps no graph and backward recomputes chunk by chunk.
+The engine (engine.py): evaluations are ordered by (example, t) and cut into chunks of whole
+(example, t) pairs, at most `batch_size` network inputs each (fewer on CPU, where a
+cache-sized chunk is faster); per chunk, x_t and everything of the network that does not
+depend on the class (the UNet's `shared`) are computed once per pair, and the rest once per
+(pair, class). A model with `all_classes` (the optimal model) computes every class from one
+distance matmul. Input gradients are exact and memory-bounded: with a network, the forward
+pass also takes each evaluation's gradient at the stem output (one backward, chunk by
+chunk) and keeps their sums per (example, class), so backward is a contraction with the
+upstream gradient; with `all_classes`, backward recomputes chunk by chunk.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from .. import rng
 from ..diffusion.schedule import VPSchedule
 from ..errors import ConfigError
 from ..rng import Draw
+from . import engine
 from .base import Defense
+from .engine import EngineOptions
 from .lm import LikelihoodMaximization
 
 
@@ -42,23 +49,35 @@ class Evaluations:
 
 
 class _ElboSum(torch.autograd.Function):
-    """out (B, K) = sum_e weight_e * err_e at (ex_e, cls_e); backward recomputes per chunk."""
+    """out (B, K) = sum_e weight_e * err_e at (ex_e, cls_e).
+
+    When x needs a gradient and the model is a network, forward also returns
+    jac[b, k] = d out[b, k] / dx_b (one backward pass per chunk, see `errors_with_grads`) and
+    backward contracts it with grad_out; otherwise backward recomputes chunk by chunk.
+    """
 
     @staticmethod
     def forward(ctx, x, rdc, ev, draw):
         ctx.rdc, ctx.ev, ctx.draw = rdc, ev, draw
-        ctx.save_for_backward(x)
-        with torch.no_grad():
-            err = rdc.errors(x, ev, draw)
+        ctx.jacobian = ctx.needs_input_grad[0] and rdc.grads_in_forward(x)
+        if ctx.jacobian:
+            err, jac = rdc.errors_with_grads(x.detach(), ev, draw)
+            ctx.save_for_backward(jac)
+        else:
+            ctx.save_for_backward(x)
+            with torch.no_grad():
+                err = rdc.errors(x, ev, draw)
         out = x.new_zeros(x.shape[0], rdc.num_classes)
         return out.index_put((ev.ex.to(x.device), ev.cls.to(x.device)), ev.weight.to(x) * err, accumulate=True)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
+        (saved,) = ctx.saved_tensors
+        if ctx.jacobian:
+            return torch.einsum("bk,bk...->b...", grad_out.to(saved), saved), None, None, None
         ev = ctx.ev
         w = grad_out[ev.ex.to(grad_out.device), ev.cls.to(grad_out.device)] * ev.weight.to(grad_out)
-        return ctx.rdc.errors_vjp(x, ev, ctx.draw, w), None, None, None
+        return ctx.rdc.errors_vjp(saved, ev, ctx.draw, w), None, None, None
 
 
 class RDC(Defense):
@@ -67,7 +86,8 @@ class RDC(Defense):
     eps_model(x_t, t, y) -> eps, with class `num_classes` the null class; timesteps: None
     (all T), an int (systematic subsample) or an explicit list; prior: K probabilities or
     None (uniform); pruning: stages [(n_timesteps, keep), ...]; lm: a LikelihoodMaximization
-    or None; batch_size: network inputs per call (the memory budget).
+    or None; batch_size: network inputs per call (the memory budget); engine: how the
+    network runs (EngineOptions: chunk, channels_last, autocast, compile, CUDA graphs).
     """
 
     stochastic = True
@@ -76,7 +96,7 @@ class RDC(Defense):
     def __init__(self, eps_model: nn.Module, num_classes: int, in_channels: int, image_size: int, *,
                  schedule: VPSchedule | None = None, timesteps=None, prior=None, temperature: float = 1.0,
                  pruning=None, prune_margin: float = 1.0, lm: LikelihoodMaximization | None = None,
-                 batch_size: int = 4096, seed: int = 0):
+                 batch_size: int = 4096, seed: int = 0, engine: EngineOptions | None = None):
         super().__init__(num_classes, in_channels, image_size, seed)
         self.eps_model = eps_model
         self.schedule = schedule or VPSchedule()
@@ -98,6 +118,7 @@ class RDC(Defense):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
+        self.engine = engine or EngineOptions()
 
     def _timesteps(self, timesteps) -> torch.Tensor:
         T = self.schedule.T
@@ -182,70 +203,124 @@ class RDC(Defense):
         """e_t for every row and timestep in ts: (B, len(ts), C, H, W), shared by all classes."""
         return draw.normal(rng.ELBO_NOISE, ts, tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
 
-    def _chunks(self, ev: Evaluations):
-        """Chunks of evaluations (UNet) or of (example, t) pairs with all classes (optimal model)."""
-        if hasattr(self.eps_model, "all_classes"):
-            pair = ev.ex * ev.ts.numel() + ev.j
-            pairs, where = torch.unique(pair, return_inverse=True)
-            step = max(1, self.batch_size // self.num_classes)
-            return "pairs", pairs, where, step
-        return "evals", None, None, self.batch_size
+    def _network(self) -> bool:
+        """Whether eps_model is a network evaluated per class (not the optimal model's all_classes)."""
+        return not hasattr(self.eps_model, "all_classes")
 
-    def _chunk_errors(self, x: torch.Tensor, noise: torch.Tensor, ev: Evaluations, mode: str, rows: torch.Tensor,
-                      n_ts: int) -> torch.Tensor:
-        """Squared errors of one chunk: (len(rows),) for evals, (len(rows), K) for pairs."""
-        sqrt_a, s = self.schedule.coefficients(ev.ts, x.dtype)
-        if mode == "pairs":
-            ex, j = rows // n_ts, rows % n_ts
-        else:
-            ex, j = ev.ex[rows], ev.j[rows]
-        ex_d, j_d = ex.to(x.device), j.to(x.device)
+    def _chunks(self, ev: Evaluations, x: torch.Tensor) -> engine.Plan:
+        """The evaluations in (example, t) order, cut into chunks of whole pairs."""
+        if self._network():
+            return engine.plan(ev.ex, ev.j, ev.ts.numel(), engine.chunk_size(self.engine, self.batch_size, x))
+        # One all_classes call computes every class of a pair: a pair costs K network inputs.
+        return engine.plan(ev.ex, ev.j, ev.ts.numel(), min(self.engine.chunk or self.batch_size, self.batch_size),
+                           per_pair=self.num_classes)
+
+    def _noisy(self, x: torch.Tensor, noise: torch.Tensor, ts: torch.Tensor, pairs: torch.Tensor):
+        """x_t = sqrt(a_t) (2x - 1) + s_t e_t, e_t and t for pairs ex * len(ts) + j: (M, C, H, W), (M, C, H, W), (M,)."""
+        ex, j = (pairs // ts.numel()).to(x.device), (pairs % ts.numel()).to(x.device)
+        sqrt_a, s = self.schedule.coefficients(ts.to(x.device), x.dtype)
         shape = (-1,) + (1,) * (x.dim() - 1)
-        e = noise[ex_d, j_d]
-        x_t = sqrt_a.to(x.device)[j_d].view(shape) * (2.0 * x[ex_d] - 1.0) + s.to(x.device)[j_d].view(shape) * e
-        t = ev.ts.to(x.device)[j_d]
-        if mode == "pairs":
-            eps = self.eps_model.all_classes(x_t, t)  # (m, K, C, H, W)
-            return (eps - e.unsqueeze(1)).pow(2).flatten(2).sum(2)
-        eps = self.eps_model(x_t, t, ev.cls[rows].to(x.device))
-        return (eps - e).pow(2).flatten(1).sum(1)
+        e = noise[ex, j]
+        x_t = sqrt_a[j].view(shape) * (2.0 * x[ex] - 1.0) + s[j].view(shape) * e
+        return x_t, e, ts.to(x.device)[j]
+
+    def _chunk_errors(self, x: torch.Tensor, noise: torch.Tensor, ev: Evaluations, plan: engine.Plan,
+                      chunk: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared errors (E_c,) of the evaluations of one chunk, and their indices (E_c,) into ev."""
+        p0, p1 = chunk
+        idx = plan.order[plan.first[p0]:plan.first[p1]]
+        # rows[e]: the pair of evaluation e within the chunk.
+        rows = torch.repeat_interleave(torch.arange(p1 - p0), plan.first[p0 + 1:p1 + 1] - plan.first[p0:p1]).to(x.device)
+        x_t, e, t = self._noisy(x, noise, ev.ts, plan.pair[p0:p1])
+        y = ev.cls[idx].to(x.device)
+        if not self._network():
+            eps = self.eps_model.all_classes(x_t, t)  # (M, K, C, H, W)
+            return (eps - e.unsqueeze(1)).pow(2).flatten(2).sum(2)[rows, y], idx
+        calls = engine.prepare(self.eps_model, self.engine, x.device)
+        with engine.autocast(self.engine, x.device):
+            eps = calls["conditional"](calls["shared"](engine.memory_format(self.engine, x_t), t), rows, y)
+        return (eps.to(x.dtype) - e.index_select(0, rows)).pow(2).flatten(1).sum(1), idx
 
     def errors(self, x: torch.Tensor, ev: Evaluations, draw: Draw) -> torch.Tensor:
         """||eps_theta(x_t, t, y) - e_t||^2 for every evaluation, (E,); no graph is kept."""
         noise = self.noise(draw, ev.ts, x)
-        mode, pairs, where, step = self._chunks(ev)
-        n_rows = pairs.numel() if mode == "pairs" else ev.ex.numel()
-        parts = []
-        for start in range(0, n_rows, step):
-            rows = pairs[start:start + step] if mode == "pairs" else torch.arange(start, min(start + step, n_rows))
-            parts.append(self._chunk_errors(x, noise, ev, mode, rows, ev.ts.numel()))
-        self.cost.forward += n_rows
-        if not parts:
-            return x.new_zeros(0)
-        err = torch.cat(parts)
-        if mode == "pairs":
-            return err[where.to(err.device), ev.cls.to(err.device)]
+        plan = self._chunks(ev, x)
+        err = x.new_zeros(ev.ex.numel())
+        for chunk in plan.bounds:
+            e, idx = self._chunk_errors(x, noise, ev, plan, chunk)
+            err[idx.to(x.device)] = e
+        self.cost.forward += ev.ex.numel() if self._network() else plan.pair.numel()
         return err
 
     def errors_vjp(self, x: torch.Tensor, ev: Evaluations, draw: Draw, w: torch.Tensor) -> torch.Tensor:
-        """d/dx sum_e w_e err_e, recomputing chunk by chunk so memory stays bounded."""
+        """d/dx sum_e w_e err_e for known weights w (E,), chunk by chunk so memory stays bounded.
+
+        The class-independent part of the network runs once per (example, t) and receives
+        the sum of its classes' gradients.
+        """
         noise = self.noise(draw, ev.ts, x)
-        mode, pairs, where, step = self._chunks(ev)
-        if mode == "pairs":
-            w = w.new_zeros(pairs.numel(), self.num_classes).index_put(
-                (where.to(w.device), ev.cls.to(w.device)), w, accumulate=True)
-        n_rows = pairs.numel() if mode == "pairs" else ev.ex.numel()
+        plan = self._chunks(ev, x)
         grad = torch.zeros_like(x)
-        for start in range(0, n_rows, step):
-            rows = pairs[start:start + step] if mode == "pairs" else torch.arange(start, min(start + step, n_rows))
+        for chunk in plan.bounds:
             with torch.enable_grad():
                 xg = x.detach().requires_grad_(True)
-                err = self._chunk_errors(xg, noise, ev, mode, rows, ev.ts.numel())
-                (g,) = torch.autograd.grad(err, xg, w[start:start + step].to(err))
+                err, idx = self._chunk_errors(xg, noise, ev, plan, chunk)
+                (g,) = torch.autograd.grad(err, xg, w[idx.to(w.device)].to(err))
             grad += g
-        self.cost.forward += n_rows
-        self.cost.backward += n_rows
+        n = ev.ex.numel() if self._network() else plan.pair.numel()
+        self.cost.forward += n
+        self.cost.backward += n
         return grad
+
+    # Per-(example, class) input gradients cost B * K images of memory; above this many
+    # values, backward recomputes instead.
+    JACOBIAN_VALUES = 1 << 27
+
+    def grads_in_forward(self, x: torch.Tensor) -> bool:
+        """Whether forward takes the input gradients (a network, and B * K images fit the budget)."""
+        return self._network() and x.numel() * self.num_classes <= self.JACOBIAN_VALUES
+
+    def errors_with_grads(self, x: torch.Tensor, ev: Evaluations, draw: Draw) -> tuple[torch.Tensor, torch.Tensor]:
+        """err (E,) as `errors`, and jac (B, K, C, H, W) = sum over e at (b, k) of weight_e d err_e / dx_b.
+
+        One forward and one backward per chunk. Each evaluation gets its own copy of its
+        pair's stem output h, so one backward gives every d err_e / dh_e; the stem is linear
+        and x_t = sqrt(a_t)(2x - 1) + s_t e_t, so d err_e / dx = 2 sqrt(a_t) stem^T(d err_e / dh_e),
+        and the weighted sums are taken before the (linear) stem^T.
+        """
+        noise = self.noise(draw, ev.ts, x)
+        plan = self._chunks(ev, x)
+        B, K = x.shape[0], self.num_classes
+        model = self.eps_model
+        calls = engine.prepare(model, self.engine, x.device)
+        sqrt_a, _ = self.schedule.coefficients(ev.ts.to(x.device), x.dtype)
+        coef = ev.weight.to(x) * 2.0 * sqrt_a[ev.j.to(x.device)]
+        err = x.new_zeros(ev.ex.numel())
+        g_sum = None
+        for p0, p1 in plan.bounds:
+            idx = plan.order[plan.first[p0]:plan.first[p1]].to(x.device)
+            rows = torch.repeat_interleave(torch.arange(p1 - p0), plan.first[p0 + 1:p1 + 1] - plan.first[p0:p1]).to(x.device)
+            x_t, e, t = self._noisy(x, noise, ev.ts, plan.pair[p0:p1])
+            y = ev.cls.to(x.device)[idx]
+            with torch.no_grad():
+                h = engine.stem(model, engine.memory_format(self.engine, x_t))
+            with torch.enable_grad(), engine.autocast(self.engine, x.device):
+                # A copy per evaluation (a non-leaf: the gradient stops at it, never reaching h).
+                h_e = h.requires_grad_(True).index_select(0, rows)
+                eps = calls["trunk"](h_e, t.index_select(0, rows), y)
+                err_c = (eps.to(x.dtype) - e.index_select(0, rows)).pow(2).flatten(1).sum(1)
+                (g,) = torch.autograd.grad(err_c.sum(), h_e)
+            err[idx] = err_c.detach()
+            g = g.to(x.dtype) * coef[idx].view((-1,) + (1,) * (g.dim() - 1))
+            if g_sum is None:
+                g_sum = g.new_zeros((B * K,) + tuple(g.shape[1:]))
+            g_sum.index_add_(0, ev.ex.to(x.device)[idx] * K + y, g)
+        n = ev.ex.numel()
+        self.cost.forward += n
+        self.cost.backward += n
+        if g_sum is None:
+            return err, x.new_zeros(B, K, *x.shape[1:])
+        return err, engine.stem_adjoint(model, g_sum).reshape(B, K, *x.shape[1:])
 
     # --- pruning ---------------------------------------------------------------------
     def evaluate(self, x: torch.Tensor, draw: Draw, cells: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,6 +5,13 @@
 The forward pass is split into a class-independent `stem` (the input convolution) and the
 class-dependent `trunk`, so a diffusion classifier can compute the stem once per noisy image
 and reuse it for every class: forward(x, t, y) == trunk(stem(x), t, y).
+
+The class enters only through the embedding, as a per-channel bias after each ResBlock's
+first conv. So more than the stem is class-independent: the time embedding, the first
+ResBlock's conv1 (and its skip), and, in the last ResBlock, the half of conv1 and of the skip
+conv that reads the stem's skip connection. `shared(x, t)` computes all of it once per noisy
+image and `conditional(shared, rows, y)` the rest per (image, class):
+conditional(shared(x, t), rows, y) == forward(x[rows], t[rows], y).
 """
 
 from __future__ import annotations
@@ -67,11 +74,41 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        return self.skip(x) + self.outer(self.inner(x), emb)
+
+    def inner(self, x: torch.Tensor) -> torch.Tensor:
+        """conv1(silu(norm1(x))): the part before the embedding enters, free of the class."""
+        return self.conv1(F.silu(self.norm1(x)))
+
+    def outer(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The residual branch from the first conv's output h on."""
         # The embedding enters after the first conv, as a per-channel bias (DDPM).
         h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.skip(x) + h
+        return self.conv2(self.dropout(F.silu(self.norm2(h))))
+
+    def splits_at(self, start: int) -> bool:
+        """Whether input channel `start` is a GroupNorm group boundary, so that inner() of a
+        channel concatenation is the sum of the inner_part()s of its pieces."""
+        group = self.norm1.num_channels // self.norm1.num_groups
+        return start % group == 0
+
+    def inner_part(self, x: torch.Tensor, start: int, bias: bool) -> torch.Tensor:
+        """The term of inner() that reads input channels [start, start + x.shape[1]).
+
+        GroupNorm normalises each group on its own, so when the piece covers whole groups
+        (splits_at) its normalisation needs no other channel and conv1 is linear in its input
+        channels: inner(cat(a, b)) == inner_part(a, 0, True) + inner_part(b, len(a), False).
+        """
+        c = x.shape[1]
+        group = self.norm1.num_channels // self.norm1.num_groups
+        u = F.group_norm(x, c // group, self.norm1.weight[start:start + c], self.norm1.bias[start:start + c], self.norm1.eps)
+        return F.conv2d(F.silu(u), self.conv1.weight[:, start:start + c], self.conv1.bias if bias else None,
+                        padding=self.conv1.padding)
+
+    def skip_part(self, x: torch.Tensor, start: int, bias: bool) -> torch.Tensor:
+        """The term of the 1x1 skip conv that reads input channels [start, start + x.shape[1])."""
+        c = x.shape[1]
+        return F.conv2d(x, self.skip.weight[:, start:start + c], self.skip.bias if bias else None)
 
 
 class AttentionBlock(nn.Module):
@@ -222,24 +259,85 @@ class UNet(nn.Module):
         """
         if t.shape != (h.shape[0],) or y.shape != (h.shape[0],):
             raise InputError(f"unet expects t and y of shape ({h.shape[0]},), got {tuple(t.shape)} and {tuple(y.shape)}")
-        emb = self.embed(t, y)
+        return self._body(h, self.embed(t, y))
+
+    def _body(self, h: torch.Tensor, emb: torch.Tensor, pre: dict | None = None) -> torch.Tensor:
+        """The network after the stem. pre: class-independent terms from `shared`, gathered
+        per row, that replace their computation here (see `shared` for the keys)."""
+        pre = pre or {}
         skips = [h]
-        for layers in self.down:
-            for layer in layers:
-                h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        for i, layers in enumerate(self.down):
+            for k, layer in enumerate(layers):
+                if i == k == 0 and "first" in pre:
+                    h = pre.get("first_skip", h) + layer.outer(pre["first"], emb)
+                else:
+                    h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
             skips.append(h)
         for layer in self.mid:
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
-        for layers in self.up:
+        for i, layers in enumerate(self.up):
+            rest = layers
             if isinstance(layers[0], ResBlock):
-                h = torch.cat([h, skips.pop()], dim=1)
-            for layer in layers:
+                skip = skips.pop()
+                if i == len(self.up) - 1 and "last" in pre:
+                    # cat(h, stem skip) split at the group boundary: only h's terms are computed here.
+                    block, rest = layers[0], layers[1:]
+                    inner = block.inner_part(h, 0, bias=False) + pre["last"]
+                    h = block.skip_part(h, 0, bias=False) + pre["last_skip"] + block.outer(inner, emb)
+                else:
+                    h = torch.cat([h, skip], dim=1)
+            for layer in rest:
                 h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """eps_theta(x, t, y); see the class docstring for shapes and ranges."""
         return self.trunk(self.stem(x), t, y)
+
+    # --- class-independent work, computed once per noisy image ------------------------
+    def shared(self, x: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every term of forward(x, t, y) that does not depend on y, for M noisy images.
+
+        x (M, C, H, W) in model space, t (M,) int64. Returns tensors with M rows: h0 (the
+        stem), temb (the time embedding); first, first_skip (the first ResBlock's conv1
+        output before the class enters, and its skip unless that is the identity); last, last_skip (in the last
+        ResBlock, the conv1 and skip-conv terms of its stem-skip input channels, biases
+        included), where the GroupNorm groups allow the split.
+        """
+        h0 = self.stem(x)
+        if t.shape != (x.shape[0],):
+            raise InputError(f"unet expects t of shape ({x.shape[0]},), got {tuple(t.shape)}")
+        out = {"h0": h0, "temb": self.time_mlp(self.time_embed(t))}
+        first = self.down[0][0]
+        if isinstance(first, ResBlock):
+            out["first"] = first.inner(h0)
+            if not isinstance(first.skip, nn.Identity):
+                out["first_skip"] = first.skip(h0)
+        last = self.up[-1][0]
+        start = last.norm1.num_channels - h0.shape[1]
+        if isinstance(last.skip, nn.Conv2d) and last.splits_at(start):
+            out["last"] = last.inner_part(h0, start, bias=True)
+            out["last_skip"] = last.skip_part(h0, start, bias=True)
+        return out
+
+    def conditional(self, shared: dict[str, torch.Tensor], rows: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """eps_theta for E (image, class) pairs from `shared` of M images.
+
+        rows int64 (E,) in [0, M): the image of each pair; y int64 (E,) in [0, num_classes].
+        Equals forward(x[rows], t[rows], y) up to float rounding.
+        """
+        if rows.dim() != 1 or y.shape != rows.shape:
+            raise InputError(f"unet.conditional expects rows and y of one shape (E,), got {tuple(rows.shape)} and {tuple(y.shape)}")
+        pre = {k: v.index_select(0, rows) for k, v in shared.items() if k not in ("h0", "temb")}
+        emb = shared["temb"].index_select(0, rows) + self.class_embed(y)
+        return self._body(shared["h0"].index_select(0, rows), emb, pre)
+
+    def stem_adjoint(self, g: torch.Tensor) -> torch.Tensor:
+        """The transpose of the stem's linear map: g (E, base_channels, H, W) -> (E, C, H, W).
+
+        The stem is a conv, linear in x up to its bias, so d<g, stem(x)>/dx = stem_adjoint(g).
+        """
+        return F.conv_transpose2d(g, self.conv_in.weight, padding=self.conv_in.padding)
 
 
 def unet_config(dataset: str) -> dict:

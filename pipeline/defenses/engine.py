@@ -1,0 +1,175 @@
+"""How RDC's ELBO evaluations run on the network: batching, class sharing, device options.
+
+RDC needs ||eps_theta(x_t, t, y) - e_t||^2 for every (example, class, timestep). x_t and e_t
+depend on (example, t) only, and so does every layer of the UNet before the class embedding
+enters (diffusion/unet.py: `shared`). The engine therefore orders evaluations by
+(example, t) "pair", cuts them into chunks of whole pairs, and per chunk forms x_t and the
+class-independent features once per pair and runs the class-dependent rest once per
+evaluation. Models without `shared` / `conditional` (any eps_theta(x_t, t, y)) run per
+evaluation on the shared x_t.
+
+Device options (EngineOptions): chunk size (network inputs per call), channels_last,
+autocast (bf16 / fp16), torch.compile, CUDA graphs. None of them changes what is computed;
+autocast changes the rounding (bench.autocast_agreement checks predictions against fp32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+# Network inputs (evaluations x pixels x channels) per call on CPU. Measured on the digits
+# UNet (BENCHMARKS.md, "ELBO engine"): throughput peaks at 512-1024 evaluations of 64 values
+# and falls past that, when a chunk's activations no longer fit in cache.
+CPU_CHUNK_ELEMENTS = 1024 * 64
+
+AUTOCAST = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs the network; none of these changes the computed quantity.
+
+    chunk: network inputs per call (None: on CPU the cache-sized CPU_CHUNK_ELEMENTS, on GPU
+    the defense's batch_size; never above batch_size). channels_last: None means on (it
+    helps oneDNN convolutions on CPU and tensor cores on GPU). autocast: "auto" (bf16 on
+    CUDA, off on CPU), "off", "bf16" or "fp16". compile: torch.compile the network calls
+    (the first call pays the compilation). cuda_graphs: on CUDA, compile with CUDA graphs
+    (torch.compile mode "reduce-overhead"); ignored on CPU.
+    """
+
+    chunk: int | None = None
+    channels_last: bool | None = None
+    autocast: str = "auto"
+    compile: bool = False
+    cuda_graphs: bool = False
+
+    def __post_init__(self):
+        if self.chunk is not None and self.chunk < 1:
+            raise ConfigError(f"engine.chunk must be >= 1, got {self.chunk}")
+        if self.autocast not in ("auto", *AUTOCAST):
+            raise ConfigError(f"engine.autocast must be one of auto, off, bf16, fp16; got {self.autocast!r}")
+
+
+def chunk_size(options: EngineOptions, batch_size: int, x: torch.Tensor) -> int:
+    """Network inputs per call for images like x (B, C, H, W): the options' chunk, else the device's."""
+    if options.chunk is not None:
+        return min(options.chunk, batch_size)
+    if x.device.type == "cpu":
+        return max(1, min(batch_size, CPU_CHUNK_ELEMENTS // max(1, x[0].numel())))
+    return batch_size
+
+
+def autocast(options: EngineOptions, device: torch.device):
+    """The autocast context of the options on this device (a null context when off)."""
+    name = options.autocast
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "off"
+    dtype = AUTOCAST[name]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def memory_format(options: EngineOptions, x: torch.Tensor) -> torch.Tensor:
+    """x in the options' memory format (channels_last for 4-d tensors unless turned off)."""
+    if options.channels_last is False or x.dim() != 4:
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+_CHANNELS_LAST: weakref.WeakSet = weakref.WeakSet()
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def prepare(model: nn.Module, options: EngineOptions, device: torch.device) -> dict:
+    """The network calls of the engine for `model`: {"shared", "conditional", "trunk"}.
+
+    Converts the model's weights to channels_last once (same values, another layout) and,
+    with `compile`, wraps the calls in torch.compile (cached per model, built on first use).
+    """
+    if options.channels_last is not False and model not in _CHANNELS_LAST:
+        model.to(memory_format=torch.channels_last)
+        _CHANNELS_LAST.add(model)
+    calls = {"shared": shared_fn(model), "conditional": conditional_fn(model), "trunk": trunk_fn(model)}
+    if not options.compile:
+        return calls
+    mode = "reduce-overhead" if options.cuda_graphs and device.type == "cuda" else None
+    cache = _COMPILED.setdefault(model, {})
+    if mode not in cache:
+        # dynamic=True: chunk sizes vary (the last chunk, pruned stages) and must not recompile.
+        cache[mode] = {k: torch.compile(fn, dynamic=True, mode=mode) for k, fn in calls.items()}
+    return cache[mode]
+
+
+# --- the network split into class-independent and class-dependent calls ----------------
+def shared_fn(model: nn.Module):
+    """features(x_t (M, C, H, W), t (M,)) -> dict of M-row tensors free of the class."""
+    if hasattr(model, "shared") and hasattr(model, "conditional"):
+        return model.shared
+    return lambda x_t, t: {"x_t": x_t, "t": t}
+
+
+def conditional_fn(model: nn.Module):
+    """eps(features, rows (E,), y (E,)) -> (E, C, H, W): evaluation e on pair rows[e] with class y[e]."""
+    if hasattr(model, "shared") and hasattr(model, "conditional"):
+        return model.conditional
+    return lambda f, rows, y: model(f["x_t"].index_select(0, rows), f["t"].index_select(0, rows), y)
+
+
+def trunk_fn(model: nn.Module):
+    """eps(h (E, ...), t (E,), y (E,)) after the stem: h is stem(x_t) for the UNet, x_t itself otherwise."""
+    if hasattr(model, "stem") and hasattr(model, "trunk") and hasattr(model, "stem_adjoint"):
+        return model.trunk
+    return model
+
+
+def stem(model: nn.Module, x_t: torch.Tensor) -> torch.Tensor:
+    """The linear map the engine differentiates per evaluation through: the UNet's stem, else the identity."""
+    return model.stem(x_t) if hasattr(model, "stem_adjoint") else x_t
+
+
+def stem_adjoint(model: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    """The transpose of `stem` applied to g."""
+    return model.stem_adjoint(g) if hasattr(model, "stem_adjoint") else g
+
+
+# --- the order of evaluations ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """Evaluations in (example, t) pair order, cut into chunks of whole pairs.
+
+    order (E,): evaluation indices sorted by pair; pair (P,): the distinct pair ids
+    ex * n_ts + j, ascending; first (P + 1,): where each pair's evaluations start in
+    `order`; bounds: chunks as (first pair, end pair).
+    """
+
+    order: torch.Tensor
+    pair: torch.Tensor
+    first: torch.Tensor
+    bounds: list[tuple[int, int]]
+
+
+def plan(ex: torch.Tensor, j: torch.Tensor, n_ts: int, step: int, per_pair: int | None = None) -> Plan:
+    """Chunks of whole pairs of the evaluations (ex (E,), j (E,)), each of at most `step`
+    network inputs and at least one pair. A pair costs its number of evaluations, or
+    `per_pair` inputs for a model that computes all classes of a pair in one call."""
+    key = ex * n_ts + j
+    order = torch.argsort(key, stable=True)
+    pair, counts = torch.unique_consecutive(key[order], return_counts=True)
+    first = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
+    cost = first if per_pair is None else torch.arange(pair.numel() + 1) * per_pair
+    bounds, p, n = [], 0, pair.numel()
+    while p < n:
+        # The last pair boundary within `step` inputs of this chunk's start.
+        end = int(torch.searchsorted(cost, cost[p] + step, right=True)) - 1
+        end = min(max(end, p + 1), n)
+        bounds.append((p, end))
+        p = end
+    return Plan(order, pair, first, bounds)

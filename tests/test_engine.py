@@ -1,0 +1,220 @@
+"""The ELBO engine against the plain computation: class sharing, chunking, input gradients, options."""
+
+import math
+
+import pytest
+import torch
+
+from pipeline import rng
+from pipeline.bench import count_flops
+from pipeline.defenses.engine import EngineOptions, plan
+from pipeline.defenses.rdc import RDC
+from pipeline.diffusion.schedule import VPSchedule
+from pipeline.diffusion.unet import UNet, unet_config
+from pipeline.errors import ConfigError
+from pipeline.rng import Draw
+
+# Two levels, two ResBlocks a level, attention at 8x8: the shared terms sit in other places
+# than in the digits UNet (the first level has two blocks, the last block reads 32 + 16 channels).
+WIDE = {"in_channels": 3, "image_size": 16, "num_classes": 4, "base_channels": 16, "channel_mult": [1, 2],
+        "num_res_blocks": 2, "attn_resolutions": [8], "dropout": 0.0}
+
+
+def _unet(cfg, seed=0):
+    """A float64 UNet with every weight random (the zero-initialised output layers too)."""
+    cfg = {k: v for k, v in cfg.items() if k != "arch"}
+    torch.manual_seed(seed)
+    model = UNet(**cfg).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn_like(p))
+    return model
+
+
+def _draw(ids, calls=0):
+    ids = torch.as_tensor(ids)
+    return Draw(0, ids, torch.full_like(ids, calls))
+
+
+def plain_logits(model, x, ts, draw, K):
+    """logit_y = -(1/|S|) sum_t ||eps(sqrt(a_t)(2x-1) + s_t e_t, t, y) - e_t||^2: one class and timestep per call."""
+    sch = VPSchedule()
+    e = draw.normal(rng.ELBO_NOISE, ts, tuple(x.shape[1:]), dtype=x.dtype)
+    out = []
+    for c in range(K):
+        total = 0
+        for j, t in enumerate(ts.tolist()):
+            a = sch.alpha[t].item()
+            x_t = math.sqrt(a) * (2 * x - 1) + math.sqrt(1 - a) * e[:, j]
+            eps = model(x_t, torch.full((x.shape[0],), t), torch.full((x.shape[0],), c))
+            total = total + ((eps - e[:, j]) ** 2).flatten(1).sum(1)
+        out.append(-total / len(ts))
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("cfg", [unet_config("digits"), WIDE], ids=["digits", "wide"])
+def test_shared_and_conditional_equal_the_forward_pass(cfg):
+    model = _unet(cfg)
+    M, K = 5, cfg["num_classes"]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(M, cfg["in_channels"], cfg["image_size"], cfg["image_size"], generator=g, dtype=torch.float64)
+    t = torch.randint(0, 1000, (M,), generator=g)
+    shared = model.shared(x, t)
+    # The split is taken where the network allows it: first block, last block, time embedding.
+    assert {"h0", "temb", "first", "last", "last_skip"} <= set(shared)
+    # Irregular rows: images repeated a different number of times, classes in any order, the null class too.
+    rows = torch.tensor([0, 0, 0, 1, 2, 2, 3, 4, 4, 4, 4])
+    y = torch.tensor([2, 0, K, 1, 3, 3, 0, K, 1, 2, 0]) % (K + 1)
+    with torch.no_grad():
+        got = model.conditional(shared, rows, y)
+        want = model(x[rows], t[rows], y)
+    assert torch.allclose(got, want, atol=1e-12, rtol=1e-10)
+    # The stem's adjoint is the transpose of its linear part: <g, stem(x) - stem(0)> = <stem_adjoint(g), x>.
+    gh = torch.randn(shared["h0"].shape, generator=g, dtype=torch.float64)
+    linear = shared["h0"] - model.stem(torch.zeros_like(x))
+    assert torch.allclose((gh * linear).sum(), (model.stem_adjoint(gh) * x).sum(), rtol=1e-10)
+
+
+def test_shared_work_is_counted_once_per_image():
+    model = _unet(unet_config("digits"))
+    M, K = 6, 10
+    x, t = torch.randn(M, 1, 8, 8, dtype=torch.float64), torch.randint(0, 1000, (M,))
+    rows, y = torch.arange(M).repeat_interleave(K), torch.arange(K).repeat(M)
+    with torch.no_grad():
+        shared = count_flops(lambda: model.conditional(model.shared(x, t), rows, y))
+        plain = count_flops(lambda: model(x[rows], t[rows], y))
+    # Per image rather than per (image, class): the stem conv (1 -> 24, 3x3), the first conv1
+    # (24 -> 24, 3x3), the last block's conv1 and 1x1 skip on its 24 stem-skip channels, over
+    # 8x8 pixels; and the time MLP (24 -> 96 -> 96). 1.45 of the 17.2 MFLOP of a forward pass.
+    per_image = 2 * 64 * (24 * 1 * 9 + 24 * 24 * 9 + 24 * 24 * 9 + 24 * 24) + 2 * (24 * 96 + 96 * 96)
+    assert plain - shared == (M * K - M) * per_image
+
+
+@pytest.mark.parametrize("cfg", [unet_config("digits"), WIDE], ids=["digits", "wide"])
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_engine_equals_the_plain_computation_values_and_gradients(cfg, chunk):
+    """Logits and input gradients of the engine (shared terms, chunks cutting pairs anywhere)
+    against one network call per (class, timestep), in float64."""
+    model = _unet(cfg)
+    K = cfg["num_classes"]
+    x = torch.rand(2, cfg["in_channels"], cfg["image_size"], cfg["image_size"], dtype=torch.float64,
+                   generator=torch.Generator().manual_seed(1))
+    draw = _draw([3, 11])
+    rdc = RDC(model, K, cfg["in_channels"], cfg["image_size"], timesteps=3, batch_size=4096,
+              engine=EngineOptions(chunk=chunk))
+    xg = x.clone().requires_grad_(True)
+    got = rdc.evaluate(xg, draw)
+    xr = x.clone().requires_grad_(True)
+    want = plain_logits(model, xr, rdc.ts, draw, K)
+    assert torch.allclose(got, want, atol=1e-10, rtol=1e-10)
+    w = torch.randn(2, K, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    (g_engine,) = torch.autograd.grad((got * w).sum(), xg)
+    (g_plain,) = torch.autograd.grad((want * w).sum(), xr)
+    assert g_engine.abs().max() > 0
+    assert torch.allclose(g_engine, g_plain, atol=1e-10, rtol=1e-8)
+    # The recomputing backward (the gang's VJP path) gives the same gradient.
+    rdc_vjp = rdc.errors_vjp
+    ev = rdc._cell_evaluations(2, rdc.grid())
+    wv = w[ev.ex, ev.cls] * ev.weight
+    assert torch.allclose(rdc_vjp(x, ev, draw, wv), g_plain, atol=1e-10, rtol=1e-8)
+
+
+def test_gradients_in_forward_equal_recomputed_gradients_under_pruning():
+    """Pruning evaluates a different number of classes per (example, t): both backward paths agree,
+    and a finite difference confirms them."""
+    model = _unet(unet_config("digits"))
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    rdc = RDC(model, 10, 1, 8, pruning=[[4, 3], [8, 1]], engine=EngineOptions(chunk=13))
+    draw = _draw([0, 1, 2])
+    w = torch.randn(3, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def grad(budget):
+        rdc.JACOBIAN_VALUES = budget
+        xg = x.clone().requires_grad_(True)
+        out = rdc.evaluate(xg, draw)
+        return out.detach(), torch.autograd.grad((out * w).sum(), xg)[0]
+
+    out_fwd, g_fwd = grad(1 << 27)
+    out_re, g_re = grad(0)  # no budget for per-(example, class) gradients: backward recomputes
+    assert torch.allclose(out_fwd, out_re, atol=1e-12, rtol=1e-12)
+    assert torch.allclose(g_fwd, g_re, atol=1e-10, rtol=1e-8)
+    direction = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    h = 1e-6
+    with torch.no_grad():
+        plus = (rdc.evaluate(x + h * direction, draw) * w).sum()
+        minus = (rdc.evaluate(x - h * direction, draw) * w).sum()
+    assert abs(float((plus - minus) / (2 * h)) - float((g_fwd * direction).sum())) < 1e-6 * max(1.0, float(g_fwd.abs().sum()))
+
+
+def test_logits_do_not_depend_on_chunking_or_layout():
+    model = _unet(unet_config("digits"))
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    draw = _draw([5, 6, 7])
+    outs = []
+    for options in (EngineOptions(chunk=1), EngineOptions(chunk=29), EngineOptions(), EngineOptions(channels_last=False)):
+        rdc = RDC(model, 10, 1, 8, timesteps=5, engine=options)
+        outs.append(rdc.evaluate(x, draw))
+    for out in outs[1:]:
+        assert torch.allclose(out, outs[0], atol=1e-12, rtol=1e-12)
+
+
+def test_plan_covers_every_evaluation_once_in_whole_pairs():
+    g = torch.Generator().manual_seed(8)
+    ex = torch.randint(0, 4, (200,), generator=g)
+    j = torch.randint(0, 9, (200,), generator=g)
+    p = plan(ex, j, 9, step=17)
+    seen = torch.cat([p.order[p.first[a]:p.first[b]] for a, b in p.bounds])
+    assert torch.equal(seen.sort().values, torch.arange(200))
+    for a, b in p.bounds:
+        # Each chunk is whole pairs, within the step unless a single pair is larger.
+        assert b > a and (p.first[b] - p.first[a] <= 17 or b == a + 1)
+        keys = (ex * 9 + j)[p.order[p.first[a]:p.first[b]]]
+        assert set(keys.tolist()) == set(p.pair[a:b].tolist())
+
+
+def test_engine_options_are_checked():
+    with pytest.raises(ConfigError, match="engine.chunk"):
+        EngineOptions(chunk=0)
+    with pytest.raises(ConfigError, match="engine.autocast"):
+        EngineOptions(autocast="int8")
+
+
+def test_flop_counter_counts_a_known_layer():
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+    lin = torch.nn.Linear(7, 11)
+    # A convolution is a matmul per output pixel: 2 * B * C_out * H * W * C_in * k * k.
+    assert count_flops(lambda: conv(torch.randn(2, 3, 6, 6))) == 2 * 2 * 5 * 36 * 3 * 9
+    assert count_flops(lambda: lin(torch.randn(4, 7))) == 2 * 4 * 7 * 11
+
+
+def test_autocast_bf16_predictions_match_float32_on_the_digits_test_split():
+    """The check that autocast must pass before a GPU sweep uses it; on a CPU-only machine it
+    runs in bf16 on the CPU (a GPU, where present, is checked in bf16 and fp16)."""
+    from pipeline.bench import autocast_agreement
+
+    devices = [("cpu", "bf16")] + ([("cuda", "bf16"), ("cuda", "fp16")] if torch.cuda.is_available() else [])
+    for device, dtype in devices:
+        result = autocast_agreement(timesteps=4, dtype=dtype, device=device)
+        assert result["n"] == 355
+        assert result["agreement"] >= 0.99, result
+
+
+def test_torch_compile_gives_the_same_logits():
+    """torch.compile of the engine's network calls (a small UNet keeps compilation short)."""
+    import shutil
+
+    if shutil.which("gcc") is None and shutil.which("cc") is None:
+        pytest.skip("torch.compile on CPU needs a C compiler")
+    cfg = {"in_channels": 1, "image_size": 8, "num_classes": 3, "base_channels": 8, "channel_mult": [1],
+           "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    model = _unet(cfg).float()
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(9))
+    draw = _draw([0, 1])
+    results = []
+    for options in (EngineOptions(), EngineOptions(compile=True)):
+        xg = x.clone().requires_grad_(True)
+        out = RDC(model, 3, 1, 8, timesteps=4, engine=options).evaluate(xg, draw)
+        results.append((out.detach(), torch.autograd.grad(out.logsumexp(1).sum(), xg)[0]))
+    (eager, g_eager), (compiled, g_compiled) = results
+    assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(g_compiled, g_eager, rtol=1e-3, atol=1e-5)
