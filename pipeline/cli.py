@@ -464,6 +464,43 @@ def bench_elbo_cmd(
     console.print(f"load average {result['load_before']} before, {result['load_after']} after")
 
 
+@bench_app.command("scaling")
+def bench_scaling_cmd(
+    examples: int = typer.Option(48, help="digits test examples in the job"),
+    shard_size: int = typer.Option(4, help="examples per unit"),
+    timesteps: int = typer.Option(10, help="RDC timesteps of the job's defense (the digits UNet)"),
+    steps: int = typer.Option(5, help="PGD steps of the job's attack"),
+    passes: int = typer.Option(2, help="scoring passes"),
+    workers: str = typer.Option("1,2", help="worker counts, comma-separated"),
+    repeat: int = typer.Option(1, help="rounds per figure; the best is kept"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """The same job through Ray (run_job, 1 and 2 actors, one thread each) and split by hand into independent processes."""
+    from .bench_scaling import bench_scaling
+
+    try:
+        counts = tuple(int(w) for w in workers.split(","))
+        if not counts or min(counts) < 1:
+            raise ValueError
+    except ValueError:
+        _fail(ConfigError(f"--workers: expected positive integers, e.g. 1,2; got {workers!r}"))
+    if min(examples, shard_size, timesteps, steps, passes, repeat) < 1:
+        _fail(ConfigError("--examples, --shard-size, --timesteps, --steps, --passes and --repeat must be >= 1"))
+    try:
+        result = bench_scaling(examples, shard_size, timesteps, steps, passes, workers=counts, repeat=repeat)
+    except RobustsweepError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    for r in result["runs"]:
+        console.print(f"{r['workers']} worker(s), {result['units']} units: Ray {r['ray_seconds']:.1f} s "
+                      f"({r['ray_examples_per_s']:.2f} ex/s), independent processes {r['processes_seconds']:.1f} s "
+                      f"({r['processes_examples_per_s']:.2f} ex/s); Ray at {100 * r['ratio']:.0f}% of their throughput, "
+                      f"overhead {r['overhead_per_unit_s']:+.3f} s per unit; same predictions: {r['same_predictions']}")
+    console.print(f"load average {result['load_before']} before, {result['load_after']} after")
+
+
 @bench_app.command("grid")
 def bench_grid_cmd(
     model: str = typer.Option("default", help="'default' (the digits UNet) or 'optimal'"),

@@ -34,3 +34,27 @@ def test_bench_elbo_json_on_the_optimal_model():
     for key in ("reference_examples_per_s", "engine_examples_per_s", "ratio", "fraction_of_peak", "device"):
         assert key in result
     assert result["ratio"] > 0 and result["timesteps"] == 5 and "grad_ratio" not in result
+
+
+def test_hand_split_covers_every_unit_once():
+    from pipeline.bench_scaling import split_by_hand
+
+    for n, parts in [(12, 1), (12, 2), (13, 2), (5, 3), (2, 4)]:
+        ranges = split_by_hand(n, parts)
+        covered = [u for b, e in ranges for u in range(b, e)]
+        assert covered == list(range(n)) and all(e > b for b, e in ranges) and len(ranges) == min(n, parts)
+
+
+def test_bench_scaling_json_ray_and_processes_agree():
+    """The whole bench on a tiny job: a local Ray cluster of its own, 1 and 2 workers against the
+    hand split; it raises unless both give the same predictions and logits for every example."""
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "scaling", "--examples", "4", "--shard-size", "2",
+                           "--timesteps", "2", "--steps", "1", "--passes", "1", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["units"] == 2 and [r["workers"] for r in result["runs"]] == [1, 2]
+    for r in result["runs"]:
+        assert r["same_predictions"] is True
+        for key in ("ray_seconds", "processes_seconds", "ratio", "overhead_per_unit_s", "ray_examples_per_s"):
+            assert key in r
