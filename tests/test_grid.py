@@ -185,7 +185,7 @@ def test_node_removed_mid_run(ray_nodes, tmp_path):
     runner = threading.Thread(target=lambda: outcome.update(r=run_job(job, str(store_dir), workers=4, progress=False)))
     runner.start()
     deadline = time.time() + 120
-    while time.time() < deadline and not list(store_dir.rglob("unit-*.parquet")):
+    while time.time() < deadline and not list(store_dir.glob("*/records/*/*/unit-*.parquet")):
         time.sleep(0.05)
     ray_nodes.remove_node(doomed, allow_graceful=False)
     runner.join(timeout=300)
