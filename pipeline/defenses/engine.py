@@ -24,10 +24,11 @@ from torch import nn
 
 from ..errors import ConfigError
 
-# Network inputs (evaluations x pixels x channels) per call on CPU. Measured on the digits
-# UNet (BENCHMARKS.md, "ELBO engine"): throughput peaks at 512-1024 evaluations of 64 values
-# and falls past that, when a chunk's activations no longer fit in cache.
-CPU_CHUNK_ELEMENTS = 1024 * 64
+# Input values (evaluations x channels x pixels) per network call on CPU. Measured on the
+# digits UNet (BENCHMARKS.md, "ELBO engine"): with 1 and 2 threads throughput peaks at about
+# 512 evaluations of 64 values and falls past that, once a chunk's activations (up to 72
+# channels x 64 pixels a row) no longer fit in cache.
+CPU_CHUNK_ELEMENTS = 512 * 64
 
 AUTOCAST = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -88,23 +89,26 @@ _CHANNELS_LAST: weakref.WeakSet = weakref.WeakSet()
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def prepare(model: nn.Module, options: EngineOptions, device: torch.device) -> dict:
+def prepare(model: nn.Module, options: EngineOptions, device: torch.device, grad: bool = False) -> dict:
     """The network calls of the engine for `model`: {"shared", "conditional", "trunk"}.
 
     Converts the model's weights to channels_last once (same values, another layout) and,
     with `compile`, wraps the calls in torch.compile (cached per model, built on first use).
+    Calls that take gradients (grad=True) stay eager: compiled forward-and-backward graphs
+    measured slower than eager ones on CPU (BENCHMARKS.md, "ELBO engine").
     """
     if options.channels_last is not False and model not in _CHANNELS_LAST:
         model.to(memory_format=torch.channels_last)
         _CHANNELS_LAST.add(model)
     calls = {"shared": shared_fn(model), "conditional": conditional_fn(model), "trunk": trunk_fn(model)}
-    if not options.compile:
+    if not options.compile or grad:
         return calls
     mode = "reduce-overhead" if options.cuda_graphs and device.type == "cuda" else None
     cache = _COMPILED.setdefault(model, {})
     if mode not in cache:
-        # dynamic=True: chunk sizes vary (the last chunk, pruned stages) and must not recompile.
-        cache[mode] = {k: torch.compile(fn, dynamic=True, mode=mode) for k, fn in calls.items()}
+        # Automatic dynamic shapes: the first chunk size compiles static, and the first other
+        # size (a last chunk, a pruned stage) recompiles once with only the batch size symbolic.
+        cache[mode] = {k: torch.compile(fn, mode=mode) for k, fn in calls.items()}
     return cache[mode]
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from .. import rng
 from ..diffusion.schedule import VPSchedule
+from ..diffusion.unet import gather_rows
 from ..errors import ConfigError
 from ..rng import Draw
 from . import engine
@@ -236,7 +237,7 @@ class RDC(Defense):
         if not self._network():
             eps = self.eps_model.all_classes(x_t, t)  # (M, K, C, H, W)
             return (eps - e.unsqueeze(1)).pow(2).flatten(2).sum(2)[rows, y], idx
-        calls = engine.prepare(self.eps_model, self.engine, x.device)
+        calls = engine.prepare(self.eps_model, self.engine, x.device, grad=torch.is_grad_enabled())
         with engine.autocast(self.engine, x.device):
             eps = calls["conditional"](calls["shared"](engine.memory_format(self.engine, x_t), t), rows, y)
         return (eps.to(x.dtype) - e.index_select(0, rows)).pow(2).flatten(1).sum(1), idx
@@ -292,7 +293,7 @@ class RDC(Defense):
         plan = self._chunks(ev, x)
         B, K = x.shape[0], self.num_classes
         model = self.eps_model
-        calls = engine.prepare(model, self.engine, x.device)
+        calls = engine.prepare(model, self.engine, x.device, grad=True)
         sqrt_a, _ = self.schedule.coefficients(ev.ts.to(x.device), x.dtype)
         coef = ev.weight.to(x) * 2.0 * sqrt_a[ev.j.to(x.device)]
         err = x.new_zeros(ev.ex.numel())
@@ -306,7 +307,7 @@ class RDC(Defense):
                 h = engine.stem(model, engine.memory_format(self.engine, x_t))
             with torch.enable_grad(), engine.autocast(self.engine, x.device):
                 # A copy per evaluation (a non-leaf: the gradient stops at it, never reaching h).
-                h_e = h.requires_grad_(True).index_select(0, rows)
+                h_e = gather_rows(h.requires_grad_(True), rows)
                 eps = calls["trunk"](h_e, t.index_select(0, rows), y)
                 err_c = (eps.to(x.dtype) - e.index_select(0, rows)).pow(2).flatten(1).sum(1)
                 (g,) = torch.autograd.grad(err_c.sum(), h_e)

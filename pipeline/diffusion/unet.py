@@ -33,6 +33,14 @@ def _num_groups(channels: int) -> int:
     return 1
 
 
+def gather_rows(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """v[rows] in v's memory format (index_select alone would return a channels_last tensor
+    as NCHW, and the next op with a channels_last operand would copy it back)."""
+    if v.dim() == 4 and not v.is_contiguous() and v.is_contiguous(memory_format=torch.channels_last):
+        return v.permute(0, 2, 3, 1).index_select(0, rows).permute(0, 3, 1, 2)
+    return v.index_select(0, rows)
+
+
 def _zero(module: nn.Module) -> nn.Module:
     """Zero-initialise a layer so that each residual branch starts as the identity (ADM)."""
     for p in module.parameters():
@@ -328,9 +336,9 @@ class UNet(nn.Module):
         """
         if rows.dim() != 1 or y.shape != rows.shape:
             raise InputError(f"unet.conditional expects rows and y of one shape (E,), got {tuple(rows.shape)} and {tuple(y.shape)}")
-        pre = {k: v.index_select(0, rows) for k, v in shared.items() if k not in ("h0", "temb")}
+        pre = {k: gather_rows(v, rows) for k, v in shared.items() if k not in ("h0", "temb")}
         emb = shared["temb"].index_select(0, rows) + self.class_embed(y)
-        return self._body(shared["h0"].index_select(0, rows), emb, pre)
+        return self._body(gather_rows(shared["h0"], rows), emb, pre)
 
     def stem_adjoint(self, g: torch.Tensor) -> torch.Tensor:
         """The transpose of the stem's linear map: g (E, base_channels, H, W) -> (E, C, H, W).
@@ -377,4 +385,4 @@ def unet_config(dataset: str) -> dict:
     raise ConfigError(f"no default unet config for dataset {dataset!r}; expected 'digits', 'cifar10' or 'cifar100'")
 
 
-__all__ = ["UNet", "unet_config", "TimestepEmbedding", "ResBlock", "AttentionBlock"]
+__all__ = ["UNet", "unet_config", "gather_rows", "TimestepEmbedding", "ResBlock", "AttentionBlock"]
