@@ -67,12 +67,17 @@ def chunk_size(options: EngineOptions, batch_size: int, x: torch.Tensor) -> int:
     return batch_size
 
 
-def autocast(options: EngineOptions, device: torch.device):
-    """The autocast context of the options on this device (a null context when off)."""
+def autocast_dtype(options: EngineOptions, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the options on this device: "auto" is bf16 on CUDA, none on CPU."""
     name = options.autocast
     if name == "auto":
         name = "bf16" if device.type == "cuda" else "off"
-    dtype = AUTOCAST[name]
+    return AUTOCAST[name]
+
+
+def autocast(options: EngineOptions, device: torch.device):
+    """The autocast context of the options on this device (a null context when off)."""
+    dtype = autocast_dtype(options, device)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
