@@ -119,6 +119,57 @@ def matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.f
     return 2.0 * n**3 / seconds
 
 
+# Where the time of a run goes, by kind of operator (self time of each aten op, torch.profiler).
+_KINDS = {
+    "convolution": ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution",
+                    "aten::convolution", "aten::conv2d", "aten::conv_transpose2d"),
+    "matmul_attention": ("aten::addmm", "aten::mm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                         "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::linear"),
+    "group_norm": ("aten::native_group_norm", "aten::native_group_norm_backward", "aten::group_norm"),
+    "silu": ("aten::silu", "aten::silu_backward", "aten::silu_"),
+    "copy_cat_gather": ("aten::copy_", "aten::cat", "aten::index_select", "aten::index", "aten::contiguous",
+                        "aten::clone", "aten::upsample_nearest2d", "aten::upsample_nearest2d_backward"),
+}
+
+
+def profile_kinds(fn, device: torch.device) -> dict:
+    """Seconds of one run of fn() by kind of operator (self time), plus its FLOPs by kind.
+
+    Keys: wall (seconds of the run under the profiler), one entry per kind in _KINDS,
+    elementwise_other (every other aten op: adds, multiplies, reductions, allocation),
+    outside_ops (wall minus all op time: Python and dispatch), convolution_flops and
+    convolution_flops_per_s (the convolutions' own rate).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with FlopCounterMode(display=False, custom_mapping=_SDPA_CPU) as counter:
+        fn()
+    conv_flops = sum(v for k, v in counter.get_flop_counts()["Global"].items() if "convolution" in str(k))
+    _sync(device)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+        _sync(device)
+    wall = time.perf_counter() - start
+    out = {k: 0.0 for k in _KINDS}
+    other = 0.0
+    for e in prof.key_averages():
+        if not e.key.startswith("aten::"):
+            continue
+        seconds = e.self_cpu_time_total / 1e6
+        kind = next((k for k, names in _KINDS.items() if e.key in names), None)
+        if kind is None:
+            other += seconds
+        else:
+            out[kind] += seconds
+    out["elementwise_other"] = other
+    out["outside_ops"] = max(0.0, wall - sum(out.values()))
+    out["wall"] = wall
+    out["convolution_flops"] = conv_flops
+    out["convolution_flops_per_s"] = conv_flops / out["convolution"] if out["convolution"] else None
+    return out
+
+
 def _close(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float) -> float:
     """Max |a - b| relative to max |b|; raises AssertionError when above rtol."""
     rel = float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
@@ -129,7 +180,8 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float) -> float:
 
 def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000, repeat: int = 2,
                threads: int | None = 1, device: str = "cpu", chunk: int | None = None,
-               channels_last: bool | None = None, compile: bool = False, grad: bool = True) -> dict:
+               channels_last: bool | None = None, compile: bool = False, grad: bool = True,
+               profile: bool = False) -> dict:
     """Examples/s of the reference strategy and of the engine, for logits and input gradients.
 
     model: "default" (the digits UNet) or "optimal"; examples: digits test images; timesteps:
@@ -139,6 +191,7 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
     example counted for each, the matmul peak (`peak_flops`, FLOP/s), the engine's achieved
     FLOP/s and `fraction_of_peak` (logits) / `grad_fraction_of_peak`, the relative
     differences between the strategies, and the machine (device, threads, versions, load).
+    profile: also `profile`, where one example's time goes in each strategy (profile_kinds).
     """
     if threads:
         torch.set_num_threads(threads)
@@ -202,6 +255,13 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
             "grad_fraction_of_peak": g_eng_flops * examples / g_eng_t / peak,
             "grads_max_rel_diff": grad_rel,
         })
+    if profile:
+        with torch.no_grad():
+            result["profile"] = {"reference": profile_kinds(lambda: _reference_logits(rdc, *one, reference_model), dev),
+                                 "engine": profile_kinds(lambda: rdc.evaluate(*one), dev)}
+        if grad:
+            result["profile"]["reference_grad"] = profile_kinds(lambda: _reference_grads(rdc, *one, w[:1], reference_model), dev)
+            result["profile"]["engine_grad"] = profile_kinds(lambda: _engine_grads(rdc, *one, w[:1]), dev)
     if dev.type == "cuda":  # the check a GPU sweep relies on: autocast predictions against float32
         names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
         if dtype in names:

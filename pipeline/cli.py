@@ -438,6 +438,7 @@ def bench_elbo_cmd(
     channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="engine: channels_last layout"),
     compile: bool = typer.Option(False, "--compile", help="engine: torch.compile the network calls"),
     grad: bool = typer.Option(True, "--grad/--no-grad", help="also time input gradients"),
+    profile: bool = typer.Option(False, "--profile", help="also profile one example: seconds by kind of operator"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ):
     """RDC logits and gradients: the reference strategy (class loop, 64-timestep chunks, one example at a time) vs the engine,
@@ -446,7 +447,7 @@ def bench_elbo_cmd(
 
     try:
         result = bench_elbo(model, examples, timesteps, repeat=repeat, threads=threads or None, device=device, chunk=chunk,
-                            channels_last=channels_last, compile=compile, grad=grad)
+                            channels_last=channels_last, compile=compile, grad=grad, profile=profile)
     except RobustsweepError as exc:
         _fail(exc)
     if as_json:
@@ -461,6 +462,11 @@ def bench_elbo_cmd(
         console.print(f"input gradients: reference {result['reference_grad_examples_per_s']:.3g} ex/s, engine "
                       f"{result['engine_grad_examples_per_s']:.3g} ex/s, ratio {result['grad_ratio']:.2f}x; engine "
                       f"{100 * result['grad_fraction_of_peak']:.0f}% of peak")
+    for name, p in result.get("profile", {}).items():
+        kinds = ", ".join(f"{k} {v:.2f}" for k, v in p.items() if k not in ("wall", "convolution_flops", "convolution_flops_per_s"))
+        rate = p["convolution_flops_per_s"]
+        console.print(f"profile {name} (one example, {p['wall']:.2f} s): {kinds}; convolutions at "
+                      f"{(rate or 0) / 1e9:.1f} GFLOP/s")
     console.print(f"load average {result['load_before']} before, {result['load_after']} after")
 
 
