@@ -149,6 +149,19 @@ def stem_adjoint(model: nn.Module, g: torch.Tensor) -> torch.Tensor:
     return model.stem_adjoint(g) if hasattr(model, "stem_adjoint") else g
 
 
+def flat_rows(g: torch.Tensor):
+    """g (E, ...) as a (E, n) view in its own memory order, and the map back to g's shape and layout.
+
+    Row sums (index_add_) over the flat rows run several times faster than over a
+    channels_last 4-d tensor, whose rows are not contiguous in the logical order.
+    """
+    if g.dim() == 4 and not g.is_contiguous() and g.is_contiguous(memory_format=torch.channels_last):
+        _, C, H, W = g.shape
+        return g.permute(0, 2, 3, 1).reshape(g.shape[0], -1), lambda f: f.view(-1, H, W, C).permute(0, 3, 1, 2)
+    shape = tuple(g.shape[1:])
+    return g.reshape(g.shape[0], -1), lambda f: f.view(-1, *shape)
+
+
 # --- the order of evaluations ---------------------------------------------------------------
 @dataclass(frozen=True)
 class Plan:

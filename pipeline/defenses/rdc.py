@@ -313,15 +313,16 @@ class RDC(Defense):
                 (g,) = torch.autograd.grad(err_c.sum(), h_e)
             err[idx] = err_c.detach()
             g = g.to(x.dtype) * coef[idx].view((-1,) + (1,) * (g.dim() - 1))
+            flat, unflatten = engine.flat_rows(g)
             if g_sum is None:
-                g_sum = g.new_zeros((B * K,) + tuple(g.shape[1:]))
-            g_sum.index_add_(0, ev.ex.to(x.device)[idx] * K + y, g)
+                g_sum = flat.new_zeros(B * K, flat.shape[1])
+            g_sum.index_add_(0, ev.ex.to(x.device)[idx] * K + y, flat)
         n = ev.ex.numel()
         self.cost.forward += n
         self.cost.backward += n
         if g_sum is None:
             return err, x.new_zeros(B, K, *x.shape[1:])
-        return err, engine.stem_adjoint(model, g_sum).reshape(B, K, *x.shape[1:])
+        return err, engine.stem_adjoint(model, unflatten(g_sum)).reshape(B, K, *x.shape[1:])
 
     # --- pruning ---------------------------------------------------------------------
     def evaluate(self, x: torch.Tensor, draw: Draw, cells: torch.Tensor | None = None) -> torch.Tensor:
