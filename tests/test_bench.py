@@ -58,3 +58,19 @@ def test_bench_scaling_json_ray_and_processes_agree():
         assert r["same_predictions"] is True
         for key in ("ray_seconds", "processes_seconds", "ratio", "overhead_per_unit_s", "ray_examples_per_s"):
             assert key in r
+
+
+def test_profile_kinds_puts_a_convolution_under_convolutions():
+    import torch
+
+    from pipeline.bench import profile_kinds
+
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+    x = torch.randn(32, 8, 16, 16)
+    with torch.no_grad():
+        p = profile_kinds(lambda: conv(x), torch.device("cpu"))
+    assert p["convolution_flops"] == 2 * 32 * 16 * 16 * 16 * 8 * 9
+    assert p["convolution"] > 0 and p["convolution_flops_per_s"] > 0
+    # The op names of the kinds are right: a lone convolution's time is counted as convolution.
+    ops = ("convolution", "matmul_attention", "group_norm", "silu", "copy_cat_gather", "elementwise_other")
+    assert p["convolution"] >= 0.8 * sum(p[k] for k in ops)

@@ -25,9 +25,9 @@ from torch import nn
 from ..errors import ConfigError
 
 # Input values (evaluations x channels x pixels) per network call on CPU. Measured on the
-# digits UNet (BENCHMARKS.md, "ELBO engine"): with 1 and 2 threads throughput peaks at about
-# 512 evaluations of 64 values and falls past that, once a chunk's activations (up to 72
-# channels x 64 pixels a row) no longer fit in cache.
+# digits UNet (BENCHMARKS.md, "ELBO engine"): throughput peaks at 256-512 evaluations of 64
+# values a call, with 1 thread and with 2, and falls for larger calls (about -10% at 1024,
+# -20% at 2048, -25% at 4096), as the activations of a call outgrow the caches.
 CPU_CHUNK_ELEMENTS = 512 * 64
 
 AUTOCAST = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
