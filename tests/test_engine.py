@@ -1,18 +1,17 @@
 """The ELBO engine against the plain computation: class sharing, chunking, input gradients, options."""
 
-import math
 
 import pytest
 import torch
 
-from pipeline import rng
 from pipeline.bench import count_flops
 from pipeline.defenses.engine import EngineOptions, plan
 from pipeline.defenses.rdc import RDC
-from pipeline.diffusion.schedule import VPSchedule
 from pipeline.diffusion.unet import UNet, unet_config
 from pipeline.errors import ConfigError
 from pipeline.rng import Draw
+
+from test_rdc import naive_rdc_logits  # the ELBO written as a loop, one class and timestep per call
 
 # Two levels, two ResBlocks a level, attention at 8x8: the shared terms sit in other places
 # than in the digits UNet (the first level has two blocks, the last block reads 32 + 16 channels).
@@ -34,22 +33,6 @@ def _unet(cfg, seed=0):
 def _draw(ids, calls=0):
     ids = torch.as_tensor(ids)
     return Draw(0, ids, torch.full_like(ids, calls))
-
-
-def plain_logits(model, x, ts, draw, K):
-    """logit_y = -(1/|S|) sum_t ||eps(sqrt(a_t)(2x-1) + s_t e_t, t, y) - e_t||^2: one class and timestep per call."""
-    sch = VPSchedule()
-    e = draw.normal(rng.ELBO_NOISE, ts, tuple(x.shape[1:]), dtype=x.dtype)
-    out = []
-    for c in range(K):
-        total = 0
-        for j, t in enumerate(ts.tolist()):
-            a = sch.alpha[t].item()
-            x_t = math.sqrt(a) * (2 * x - 1) + math.sqrt(1 - a) * e[:, j]
-            eps = model(x_t, torch.full((x.shape[0],), t), torch.full((x.shape[0],), c))
-            total = total + ((eps - e[:, j]) ** 2).flatten(1).sum(1)
-        out.append(-total / len(ts))
-    return torch.stack(out, 1)
 
 
 @pytest.mark.parametrize("cfg", [unet_config("digits"), WIDE], ids=["digits", "wide"])
@@ -105,7 +88,7 @@ def test_engine_equals_the_plain_computation_values_and_gradients(cfg, chunk):
     xg = x.clone().requires_grad_(True)
     got = rdc.evaluate(xg, draw)
     xr = x.clone().requires_grad_(True)
-    want = plain_logits(model, xr, rdc.ts, draw, K)
+    want = naive_rdc_logits(model, xr, rdc.ts, draw, K)
     assert torch.allclose(got, want, atol=1e-10, rtol=1e-10)
     w = torch.randn(2, K, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     (g_engine,) = torch.autograd.grad((got * w).sum(), xg)

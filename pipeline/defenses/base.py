@@ -44,6 +44,15 @@ def check_input(x: torch.Tensor, channels: int, size: int | None, who: str) -> N
         raise InputError(f"{who}: input values must lie in [0, 1], found range [{lo:.4g}, {hi:.4g}]")
 
 
+def _vjp(fn, x: torch.Tensor, cells: torch.Tensor, draw: Draw, grad_total: torch.Tensor) -> torch.Tensor:
+    """grad_total^T d fn(x, cells, draw) / dx by autograd, zeros where fn does not depend on x."""
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        out = fn(xg, cells, draw)
+        (g,) = torch.autograd.grad(out, xg, grad_total.to(out), allow_unused=True)
+    return torch.zeros_like(x) if g is None else g
+
+
 class Cost:
     """Network evaluations spent by a defense: images through a network, forward and backward."""
 
@@ -138,11 +147,7 @@ class Defense(nn.Module):
 
     def grid_partial_vjp(self, x_p: torch.Tensor, cells: torch.Tensor, draw: Draw, grad_total: torch.Tensor) -> torch.Tensor:
         """grad_total^T d grid_partial(x_p, cells) / dx_p, shape of x_p."""
-        with torch.enable_grad():
-            xg = x_p.detach().requires_grad_(True)
-            part = self.grid_partial(xg, cells, draw)
-            (g,) = torch.autograd.grad(part, xg, grad_total.to(part), allow_unused=True)
-        return torch.zeros_like(x_p) if g is None else g
+        return _vjp(self.grid_partial, x_p, cells, draw, grad_total)
 
     def finish(self, x: torch.Tensor, total: torch.Tensor, draw: Draw) -> torch.Tensor:
         """Logits (B, K) from the sum of partials over the whole grid."""
@@ -150,11 +155,7 @@ class Defense(nn.Module):
 
     def partial_vjp(self, x: torch.Tensor, cells: torch.Tensor, draw: Draw, grad_total: torch.Tensor) -> torch.Tensor:
         """grad_total^T d partial(x, cells) / dx, shape of x."""
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            out = self.partial(xg, cells, draw)
-            (g,) = torch.autograd.grad(out, xg, grad_total, allow_unused=True)
-        return torch.zeros_like(x) if g is None else g
+        return _vjp(self.partial, x, cells, draw, grad_total)
 
     def check_cells(self, cells: torch.Tensor) -> None:
         if cells.dim() != 2 or cells.shape[1] != self.cell_columns:

@@ -155,6 +155,14 @@ def split(cells: torch.Tensor, parts: int) -> list[torch.Tensor]:
     return list(torch.tensor_split(cells, parts))
 
 
+def _sum(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The members' results added in shard order, so a redone call leaves the same bits."""
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total
+
+
 class _GangSum(torch.autograd.Function):
     """total = sum over shards of grid_partial(x_p, shard); backward sums the members' VJPs."""
 
@@ -162,20 +170,13 @@ class _GangSum(torch.autograd.Function):
     def forward(ctx, x_p, gang, shards, draw, cost):
         ctx.gang, ctx.shards, ctx.draw, ctx.cost = gang, shards, draw, cost
         ctx.save_for_backward(x_p)
-        parts = gang.map("partial", x_p, shards, draw, cost=cost)
-        total = parts[0]
-        for p in parts[1:]:
-            total = total + p
-        return total
+        return _sum(gang.map("partial", x_p, shards, draw, cost=cost))
 
     @staticmethod
     def backward(ctx, grad_total):
         (x_p,) = ctx.saved_tensors
         grads = ctx.gang.map("vjp", x_p, ctx.shards, ctx.draw, extra=grad_total.detach(), cost=ctx.cost)
-        g = grads[0]
-        for h in grads[1:]:
-            g = g + h
-        return g, None, None, None, None
+        return _sum(grads), None, None, None, None
 
 
 class GridReducer:
@@ -191,11 +192,7 @@ class GridReducer:
             samples = split(torch.arange(lm.samples), min(gang.size, lm.samples))
 
             def step_gradient(x_prime: torch.Tensor, step: int) -> torch.Tensor:
-                parts = gang.map("lm", x_prime, samples, draw, extra=step, cost=defense.cost)
-                g = parts[0]
-                for p in parts[1:]:
-                    g = g + p
-                return g
+                return _sum(gang.map("lm", x_prime, samples, draw, extra=step, cost=defense.cost))
 
             x_p = defense.purify(x, draw, gradient=step_gradient)
         else:

@@ -276,20 +276,18 @@ def _drain(todo: list[Unit], ctx: dict, store: Store, result: RunResult, n: int,
                         reserved.discard(i)
                     try:
                         summary = ray.get(ref)
-                    except LOST:
-                        result.lost += 1
-                        if pool.handles.get(i) is handle:  # replace a lost actor once, not per unit
-                            pool.replace(i)
-                        for j, h in peers:
+                    except (*LOST, RayTaskError) as exc:
+                        if isinstance(exc, LOST):
+                            error = "worker lost"
+                            result.lost += 1
+                            if pool.handles.get(i) is handle:  # replace a lost actor once, not per unit
+                                pool.replace(i)
+                        else:
+                            error = str(exc.cause if exc.cause else exc)
+                        for j, h in peers:  # a gang's peers may be gone too: ping before more work
                             if pool.handles.get(j) is h:
                                 pool.recheck(j)
-                        _retry(unit, tries, queue, store, result, "worker lost", traceback.format_exc())
-                        continue
-                    except RayTaskError as exc:
-                        for j, h in peers:
-                            if pool.handles.get(j) is h:
-                                pool.recheck(j)
-                        _retry(unit, tries, queue, store, result, str(exc.cause if exc.cause else exc), traceback.format_exc())
+                        _retry(unit, tries, queue, store, result, error, traceback.format_exc())
                         continue
                     for lost in summary.get("lost_peers", []):
                         result.lost += 1

@@ -59,9 +59,8 @@ class Worker:
     def grid_call(self, table: dict, kind: str, x: torch.Tensor, cells: torch.Tensor, draw, extra):
         """One gang call (runtime/grid.py `member_call`) on this actor's copy of the defense."""
         defense, _ = self._defense(table)
-        out, spent = member_call(defense, kind, x.to(self.device), cells, draw,
-                                 extra.to(self.device) if isinstance(extra, torch.Tensor) else extra)
-        return out, spent
+        return member_call(defense, kind, x.to(self.device), cells, draw,
+                           extra.to(self.device) if isinstance(extra, torch.Tensor) else extra)
 
     def run_unit(self, unit: dict, ctx: dict, peers: list | None = None) -> dict:
         """Evaluate one unit and commit its Parquet file; returns a summary (rows, seconds, lost peers).
