@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import replace
 import platform
 import time
 
@@ -136,6 +137,7 @@ def profile_kinds(fn, device: torch.device) -> dict:
     """Seconds of one run of fn() by kind of operator (self time), plus its FLOPs by kind.
 
     Keys: wall (seconds of the run under the profiler), one entry per kind in _KINDS,
+    compiled_fused (torch.compile's generated kernels: fused norms, activations, adds),
     elementwise_other (every other aten op: adds, multiplies, reductions, allocation),
     outside_ops (wall minus all op time: Python and dispatch), convolution_flops and
     convolution_flops_per_s (the convolutions' own rate).
@@ -152,8 +154,11 @@ def profile_kinds(fn, device: torch.device) -> dict:
         _sync(device)
     wall = time.perf_counter() - start
     out = {k: 0.0 for k in _KINDS}
+    out["compiled_fused"] = 0.0
     other = 0.0
     for e in prof.key_averages():
+        if "CompiledFxGraph" in e.key:
+            out["compiled_fused"] += e.self_cpu_time_total / 1e6
         if not e.key.startswith("aten::"):
             continue
         seconds = e.self_cpu_time_total / 1e6
@@ -180,13 +185,16 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float) -> float:
 
 def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000, repeat: int = 2,
                threads: int | None = 1, device: str = "cpu", chunk: int | None = None,
-               channels_last: bool | None = None, compile: bool = False, grad: bool = True,
-               profile: bool = False) -> dict:
+               channels_last: bool | None = None, compile: bool | str = False, autocast: str = "auto",
+               grad: bool = True, profile: bool = False, agreement_timesteps: int = 100) -> dict:
     """Examples/s of the reference strategy and of the engine, for logits and input gradients.
 
     model: "default" (the digits UNet) or "optimal"; examples: digits test images; timesteps:
     RDC's systematic subsample (1000 = all); threads: torch threads (None: leave as is);
-    chunk / channels_last / compile: the engine's options (defenses/engine.py). Returns a
+    chunk / channels_last / compile / autocast: the engine's options (defenses/engine.py); with
+    autocast in bf16 or fp16 the reference stays float32 (the published code's dtype), the
+    peak is measured in the autocast dtype, and `autocast_agreement` compares the engine's
+    predictions with float32 on the whole digits test split at `agreement_timesteps`. Returns a
     dict: examples/s of both strategies and their ratio (`ratio`, `grad_ratio`), FLOPs per
     example counted for each, the matmul peak (`peak_flops`, FLOP/s), the engine's achieved
     FLOP/s and `fraction_of_peak` (logits) / `grad_fraction_of_peak`, the relative
@@ -197,7 +205,7 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
         torch.set_num_threads(threads)
     dev = torch.device(device)
     load_before = os.getloadavg()
-    options = EngineOptions(chunk=chunk, channels_last=channels_last, compile=compile)
+    options = EngineOptions(chunk=chunk, channels_last=channels_last, compile=compile, autocast=autocast)
     rdc = build_defense({"kind": "rdc", "model": model, "dataset": "digits", "timesteps": timesteps}, device=dev)
     rdc.engine = options
     reference_model = copy.deepcopy(rdc.eps_model)  # the model as loaded, whatever the engine does to its copy
@@ -216,7 +224,7 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
         compile_s = time.perf_counter() - start
 
     # The peak in the dtype the engine's matmuls and convolutions run in: its autocast dtype
-    # on a GPU (bf16 by default), float32 on the CPU. Measured before and after the timed runs
+    # (bf16 by default on a GPU), else float32. Measured before and after the timed runs
     # and the higher kept, so that a moment of other load on the machine does not lower it.
     dtype = autocast_dtype(options, dev) or torch.float32
     peak_before = matmul_peak(dev, dtype)
@@ -267,14 +275,18 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
         if grad:
             result["profile"]["reference_grad"] = profile_kinds(lambda: _reference_grads(rdc, *one, w[:1], reference_model), dev)
             result["profile"]["engine_grad"] = profile_kinds(lambda: _engine_grads(rdc, *one, w[:1]), dev)
-    if dev.type == "cuda":  # the check a GPU sweep relies on: autocast predictions against float32
+    if low:
+        # The engine's own float32 speed is the other side of the same coin: the peak it is held to.
+        result["float32_peak_flops"] = matmul_peak(dev, torch.float32)
+        # The check a sweep in low precision relies on: its predictions against float32.
         names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-        if dtype in names:
-            result["autocast_agreement"] = autocast_agreement(model, timesteps=min(timesteps, 100), dtype=names[dtype],
-                                                              device=device)
+        result["autocast_agreement"] = autocast_agreement(model, timesteps=min(timesteps, agreement_timesteps),
+                                                          dtype=names[dtype], device=device,
+                                                          options=EngineOptions(chunk=chunk, channels_last=channels_last,
+                                                                                compile=compile))
     result.update({
-        "engine": {"chunk": chunk_size(options, rdc.batch_size, x),
-                   "channels_last": channels_last is not False, "compile": compile, "compile_seconds": compile_s},
+        "engine": {"chunk": chunk_size(options, rdc.batch_size, x), "channels_last": channels_last is not False,
+                   "autocast": autocast, "compile": compile, "compile_seconds": compile_s},
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "dtype": str(dtype)[6:], "threads": torch.get_num_threads(), "torch": torch.__version__,
         "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
@@ -285,10 +297,10 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
 
 
 def autocast_agreement(model: str = "default", timesteps: int = 10, dtype: str = "bf16", device: str = "cpu",
-                       examples: int | None = None) -> dict:
+                       examples: int | None = None, options: EngineOptions | None = None) -> dict:
     """Predictions of RDC on the digits test split with autocast against float32, same noise.
 
-    Returns n, the fraction of predictions that agree (`agreement`), and the largest logit
+    options: the engine's other options (chunk, layout, compile) for both runs. Returns n, the fraction of predictions that agree (`agreement`), and the largest logit
     difference relative to the logits' scale (`max_rel_diff`).
     """
     dev = torch.device(device)
@@ -297,10 +309,12 @@ def autocast_agreement(model: str = "default", timesteps: int = 10, dtype: str =
     x = x[:examples].to(dev) if examples else x.to(dev)
     draw = Draw(0, torch.arange(x.shape[0]), torch.zeros(x.shape[0], dtype=torch.int64))
     with torch.no_grad():
-        rdc.engine = EngineOptions(autocast="off")
+        options = options or EngineOptions()
+        rdc.engine = replace(options, autocast="off")
         full = rdc.evaluate(x, draw)
-        rdc.engine = EngineOptions(autocast=dtype)
+        rdc.engine = replace(options, autocast=dtype)
         low = rdc.evaluate(x, draw)
     agree = (full.argmax(1) == low.argmax(1)).double().mean()
-    return {"n": x.shape[0], "dtype": dtype, "device": str(dev), "agreement": float(agree),
+    return {"n": x.shape[0], "dtype": dtype, "device": str(dev), "timesteps": int(rdc.ts.numel()),
+            "agreement": float(agree), "disagreements": int((full.argmax(1) != low.argmax(1)).sum()),
             "max_rel_diff": float((full - low).abs().max() / full.abs().max())}

@@ -436,7 +436,9 @@ def bench_elbo_cmd(
     device: str = typer.Option("cpu", help="cpu or cuda"),
     chunk: Optional[int] = typer.Option(None, help="engine: network inputs per call (default: the device's)"),
     channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="engine: channels_last layout"),
-    compile: bool = typer.Option(False, "--compile", help="engine: torch.compile the network calls"),
+    compile: str = typer.Option("off", help="engine: torch.compile 'off', 'forward' (logits only) or 'on' (also gradients)"),
+    autocast: str = typer.Option("auto", help="engine: autocast 'auto' (bf16 on CUDA, off on CPU), 'off', 'bf16' or 'fp16'"),
+    agreement_timesteps: int = typer.Option(100, help="with bf16/fp16: timesteps of the fp32 agreement check on the digits test split"),
     grad: bool = typer.Option(True, "--grad/--no-grad", help="also time input gradients"),
     profile: bool = typer.Option(False, "--profile", help="also profile one example: seconds by kind of operator"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
@@ -446,8 +448,12 @@ def bench_elbo_cmd(
     from .bench import bench_elbo
 
     try:
+        compiled = {"off": False, "forward": "forward", "on": True}.get(compile)
+        if compiled is None:
+            raise ConfigError(f"--compile must be off, forward or on; got {compile!r}")
         result = bench_elbo(model, examples, timesteps, repeat=repeat, threads=threads or None, device=device, chunk=chunk,
-                            channels_last=channels_last, compile=compile, grad=grad, profile=profile)
+                            channels_last=channels_last, compile=compiled, autocast=autocast, grad=grad, profile=profile,
+                            agreement_timesteps=agreement_timesteps)
     except RobustsweepError as exc:
         _fail(exc)
     if as_json:
@@ -462,6 +468,11 @@ def bench_elbo_cmd(
         console.print(f"input gradients: reference {result['reference_grad_examples_per_s']:.3g} ex/s, engine "
                       f"{result['engine_grad_examples_per_s']:.3g} ex/s, ratio {result['grad_ratio']:.2f}x; engine "
                       f"{100 * result['grad_fraction_of_peak']:.0f}% of peak")
+    if "autocast_agreement" in result:
+        a = result["autocast_agreement"]
+        console.print(f"{a['dtype']} against float32 on {a['n']} digits test images ({a['timesteps']} timesteps): "
+                      f"{100 * a['agreement']:.2f}% of predictions agree; float32 peak "
+                      f"{result['float32_peak_flops'] / 1e9:.1f} GFLOP/s")
     for name, p in result.get("profile", {}).items():
         kinds = ", ".join(f"{k} {v:.2f}" for k, v in p.items() if k not in ("wall", "convolution_flops", "convolution_flops_per_s"))
         rate = p["convolution_flops_per_s"]

@@ -29,6 +29,25 @@ def test_bench_elbo_json_on_the_digits_unet():
     assert result["logits_max_rel_diff"] < 1e-4 and result["grads_max_rel_diff"] < 1e-3
 
 
+def test_bench_elbo_in_bf16_checks_predictions_against_float32():
+    result = _bench("--examples", "1", "--timesteps", "2", "--repeat", "1", "--no-grad", "--autocast", "bf16",
+                    "--agreement-timesteps", "2")
+    assert result["dtype"] == "bfloat16" and result["engine"]["autocast"] == "bf16"
+    # Held to the bf16 peak, with the float32 one beside it; the reference stays float32.
+    assert result["peak"].endswith("bfloat16 matmul, best of 10, before and after the runs")
+    assert result["float32_peak_flops"] > 0
+    a = result["autocast_agreement"]
+    assert a["n"] == 355 and a["timesteps"] == 2 and a["dtype"] == "bf16"
+    assert a["agreement"] == 1 - a["disagreements"] / 355 and a["agreement"] >= 0.95
+    assert 0 < result["logits_max_rel_diff"] < 2e-2
+
+
+def test_bench_elbo_rejects_an_unknown_compile_mode():
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "elbo", "--compile", "yes"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--compile must be off, forward or on" in proc.stderr + proc.stdout
+
+
 def test_bench_elbo_json_on_the_optimal_model():
     result = _bench("--model", "optimal", "--examples", "2", "--timesteps", "5", "--repeat", "1", "--no-grad")
     for key in ("reference_examples_per_s", "engine_examples_per_s", "ratio", "fraction_of_peak", "device"):

@@ -160,6 +160,45 @@ def test_engine_options_are_checked():
         EngineOptions(chunk=0)
     with pytest.raises(ConfigError, match="engine.autocast"):
         EngineOptions(autocast="int8")
+    with pytest.raises(ConfigError, match="engine.compile"):
+        EngineOptions(compile="backward")
+
+
+def test_engine_spec_takes_forward_only_compilation_and_defenses_come_frozen():
+    from pipeline.defenses import build_defense
+
+    spec = {"kind": "rdc", "model": "default", "dataset": "digits", "timesteps": 2,
+            "engine": {"compile": "forward", "autocast": "bf16"}}
+    rdc = build_defense(spec)
+    assert rdc.engine.compile == "forward" and rdc.engine.autocast == "bf16"
+    # No weight takes a gradient (compiled backward graphs would otherwise compute them all),
+    # while the input gradient still flows.
+    assert not any(p.requires_grad for p in rdc.parameters())
+    x = torch.rand(1, 1, 8, 8, requires_grad=True)
+    rdc.engine = EngineOptions()
+    rdc.evaluate(x, _draw([0])).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="compile"):
+        build_defense({**spec, "engine": {"compile": "backward"}})
+
+
+@pytest.mark.parametrize("size", [4, 8, 16])
+def test_attention_as_two_matmuls_equals_the_fused_kernel(size):
+    """Short maps on CPU take the matmul path, long ones the fused kernel: both are eq. 1 of Vaswani et al."""
+    import torch.nn.functional as F
+
+    from pipeline.diffusion.unet import AttentionBlock
+
+    torch.manual_seed(0)
+    block = AttentionBlock(128).double()
+    torch.nn.init.normal_(block.proj.weight)
+    x = torch.randn(3, 128, size, size, dtype=torch.float64)
+    B, C, H, W = x.shape
+    q, k, v = block.qkv(block.norm(x)).reshape(B, 3, block.heads, C // block.heads, H * W).unbind(1)
+    fused = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+    expected = x + block.proj(fused.transpose(-1, -2).reshape(B, C, H, W))
+    assert block.heads == 2
+    assert torch.allclose(block(x), expected, rtol=0, atol=1e-12)
 
 
 def test_flop_counter_counts_a_known_layer():
@@ -194,10 +233,40 @@ def test_torch_compile_gives_the_same_logits():
     x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(9))
     draw = _draw([0, 1])
     results = []
-    for options in (EngineOptions(), EngineOptions(compile=True)):
+    for options in (EngineOptions(), EngineOptions(compile="forward"), EngineOptions(compile=True)):
         xg = x.clone().requires_grad_(True)
-        out = RDC(model, 3, 1, 8, timesteps=4, engine=options).evaluate(xg, draw)
+        out = RDC(model.requires_grad_(False), 3, 1, 8, timesteps=4, engine=options).evaluate(xg, draw)
         results.append((out.detach(), torch.autograd.grad(out.logsumexp(1).sum(), xg)[0]))
-    (eager, g_eager), (compiled, g_compiled) = results
-    assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-4)
-    assert torch.allclose(g_compiled, g_eager, rtol=1e-3, atol=1e-5)
+    (eager, g_eager), *compiled = results
+    for logits, grads in compiled:  # forward-only and forward-and-backward compilation
+        assert torch.allclose(logits, eager, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(grads, g_eager, rtol=1e-3, atol=1e-5)
+
+
+def test_group_norm_in_bf16_channels_last_equals_the_plain_kernel_and_keeps_the_layout():
+    from pipeline.diffusion.unet import GroupNorm
+
+    torch.manual_seed(0)
+    norm = GroupNorm(8, 72)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(16, 72, 8, 8).bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    out = norm(x)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    plain = torch.nn.functional.group_norm(x, 8, norm.weight, norm.bias, norm.eps)
+    # Two kernels, two summation orders: equal to bf16 rounding.
+    assert torch.allclose(out.float(), plain.float(), rtol=1e-2, atol=1e-2)
+    (g,) = torch.autograd.grad(out.float().pow(3).sum(), x)
+    (g_plain,) = torch.autograd.grad(plain.float().pow(3).sum(), x)
+    assert torch.allclose(g.float(), g_plain.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_compiled_gradients_in_bf16_on_cpu_are_refused():
+    """Inductor's bf16 backward of the UNet is wrong on CPU with this torch: the engine says so instead."""
+    cfg = {"in_channels": 1, "image_size": 8, "num_classes": 3, "base_channels": 8, "channel_mult": [1],
+           "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    model = _unet(cfg).float().requires_grad_(False)
+    x = torch.rand(1, 1, 8, 8, requires_grad=True)
+    rdc = RDC(model, 3, 1, 8, timesteps=2, engine=EngineOptions(autocast="bf16", compile=True))
+    with pytest.raises(ConfigError, match='compile = "forward"'):
+        rdc.evaluate(x, _draw([0])).sum().backward()

@@ -49,7 +49,7 @@ class EngineSpec(BaseModel):
     chunk: int | None = Field(None, ge=1)
     channels_last: bool | None = None
     autocast: Literal["auto", "off", "bf16", "fp16"] = "auto"
-    compile: bool = False
+    compile: bool | Literal["forward"] = False
     cuda_graphs: bool = False
 
 
@@ -127,7 +127,8 @@ def build_defense(config: dict, device: str | torch.device | None = None) -> Def
         defense = _build_rdc(spec, channels, size, K)
     defense.spec = spec.model_dump()
     defense.name = defense_name(spec)
-    return defense.to(device or "cpu").eval()
+    # Defenses never train: frozen weights keep compiled backward graphs from computing their gradients.
+    return defense.to(device or "cpu").eval().requires_grad_(False)
 
 
 def _build_rdc(spec: RDCSpec, channels: int, size: int, K: int) -> Defense:

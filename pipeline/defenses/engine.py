@@ -11,6 +11,8 @@ evaluation on the shared x_t.
 Device options (EngineOptions): chunk size (network inputs per call), channels_last,
 autocast (bf16 / fp16), torch.compile, CUDA graphs. None of them changes what is computed;
 autocast changes the rounding (bench.autocast_agreement checks predictions against fp32).
+On a CPU with bf16 matrix units (AMX), bf16 autocast with torch.compile is the fast setting:
+eager bf16 GroupNorm is slow there, and compilation fuses it with its neighbours.
 """
 
 from __future__ import annotations
@@ -40,18 +42,21 @@ class EngineOptions:
     chunk: network inputs per call (None: on CPU the cache-sized CPU_CHUNK_ELEMENTS, on GPU
     the defense's batch_size; never above batch_size). channels_last: None means on (it
     helps oneDNN convolutions on CPU and tensor cores on GPU). autocast: "auto" (bf16 on
-    CUDA, off on CPU), "off", "bf16" or "fp16". compile: torch.compile the network calls
-    (the first call pays the compilation). cuda_graphs: on CUDA, compile with CUDA graphs
+    CUDA, off on CPU), "off", "bf16" or "fp16". compile: True compiles every network call
+    with torch.compile, "forward" only the calls without gradients (the logits); the first
+    call of each pays the compilation. cuda_graphs: on CUDA, compile with CUDA graphs
     (torch.compile mode "reduce-overhead"); ignored on CPU.
     """
 
     chunk: int | None = None
     channels_last: bool | None = None
     autocast: str = "auto"
-    compile: bool = False
+    compile: bool | str = False
     cuda_graphs: bool = False
 
     def __post_init__(self):
+        if self.compile not in (False, True, "forward"):
+            raise ConfigError(f"engine.compile must be true, false or \"forward\"; got {self.compile!r}")
         if self.chunk is not None and self.chunk < 1:
             raise ConfigError(f"engine.chunk must be >= 1, got {self.chunk}")
         if self.autocast not in ("auto", *AUTOCAST):
@@ -98,23 +103,30 @@ def prepare(model: nn.Module, options: EngineOptions, device: torch.device, grad
     """The network calls of the engine for `model`: {"shared", "conditional", "trunk"}.
 
     Converts the model's weights to channels_last once (same values, another layout) and,
-    with `compile`, wraps the calls in torch.compile (cached per model, built on first use).
-    Calls that take gradients (grad=True) stay eager: compiled forward-and-backward graphs
-    measured slower than eager ones on CPU (BENCHMARKS.md, "ELBO engine").
+    with `compile`, wraps the calls in torch.compile (cached per model and per kind of call,
+    built on first use). Calls that take gradients (grad=True) are compiled only with
+    compile=True: in float32 on CPU, compiled forward-and-backward graphs measured slower than
+    eager ones, in bf16 faster (BENCHMARKS.md, "ELBO engine").
     """
     if options.channels_last is not False and model not in _CHANNELS_LAST:
         model.to(memory_format=torch.channels_last)
         _CHANNELS_LAST.add(model)
     calls = {"shared": shared_fn(model), "conditional": conditional_fn(model), "trunk": trunk_fn(model)}
-    if not options.compile or grad:
+    if not options.compile or (grad and options.compile == "forward"):
         return calls
+    if grad and device.type == "cpu" and autocast_dtype(options, device) is not None:
+        raise ConfigError(
+            f"engine: compile = true with {options.autocast} autocast on CPU gives wrong input gradients with this "
+            "torch (inductor's bf16 backward of the UNet was 16-49% off float32, eager bf16 0.8%; BENCHMARKS.md, "
+            "\"ELBO engine\"); use compile = \"forward\" (compiled logits, eager gradients)")
     mode = "reduce-overhead" if options.cuda_graphs and device.type == "cuda" else None
     cache = _COMPILED.setdefault(model, {})
-    if mode not in cache:
+    key = (mode, grad)
+    if key not in cache:
         # Automatic dynamic shapes: the first chunk size compiles static, and the first other
         # size (a last chunk, a pruned stage) recompiles once with only the batch size symbolic.
-        cache[mode] = {k: torch.compile(fn, mode=mode) for k, fn in calls.items()}
-    return cache[mode]
+        cache[key] = {k: torch.compile(fn, mode=mode) for k, fn in calls.items()}
+    return cache[key]
 
 
 # --- the network split into class-independent and class-dependent calls ----------------

@@ -33,6 +33,23 @@ def _num_groups(channels: int) -> int:
     return 1
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters and values) that avoids one slow CPU kernel.
+
+    ATen's bf16/fp16 GroupNorm on a channels_last tensor ran 6-11x slower than on the same
+    tensor in NCHW on CPU (BENCHMARKS.md, "ELBO engine"), so there the input is normalised in
+    NCHW and handed back in channels_last. Compiled graphs generate their own kernel instead.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 4
+                and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+                and not torch.compiler.is_compiling()):
+            out = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
+            return out.contiguous(memory_format=torch.channels_last)
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
 def gather_rows(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """v[rows] in v's memory format (index_select alone would return a channels_last tensor
     as NCHW, and the next op with a channels_last operand would copy it back)."""
@@ -73,10 +90,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float):
         super().__init__()
-        self.norm1 = nn.GroupNorm(_num_groups(in_ch), in_ch)
+        self.norm1 = GroupNorm(_num_groups(in_ch), in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_ch, out_ch)
-        self.norm2 = nn.GroupNorm(_num_groups(out_ch), out_ch)
+        self.norm2 = GroupNorm(_num_groups(out_ch), out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -125,16 +142,25 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.heads = max(1, channels // 64)
-        self.norm = nn.GroupNorm(_num_groups(channels), channels)
+        self.norm = GroupNorm(_num_groups(channels), channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = _zero(nn.Conv2d(channels, channels, 1))
+
+    # Up to this many positions, CPU attention runs as two matmuls: the fused CPU kernel's
+    # backward measured 3-4x slower at 4x4 and 8x8 maps in bf16 (about even in float32) and
+    # faster at 16x16 (BENCHMARKS.md, "ELBO engine").
+    SHORT = 64
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
-        # (B, heads, HW, d): softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, eq. 1).
-        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        return x + self.proj(out.transpose(-1, -2).reshape(B, C, H, W))
+        if x.is_cuda or H * W > self.SHORT:
+            # (B, heads, HW, d): softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, eq. 1).
+            out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+            return x + self.proj(out.transpose(-1, -2).reshape(B, C, H, W))
+        # The same equation as two matmuls.
+        a = torch.softmax(q.transpose(-1, -2) @ k / math.sqrt(C // self.heads), dim=-1)  # (B, heads, HW, HW)
+        return x + self.proj((v @ a.transpose(-1, -2)).reshape(B, C, H, W))
 
 
 class Downsample(nn.Module):
@@ -238,7 +264,7 @@ class UNet(nn.Module):
                 self.up.append(nn.ModuleList([Upsample(ch)]))
                 res *= 2
 
-        self.norm_out = nn.GroupNorm(_num_groups(ch), ch)
+        self.norm_out = GroupNorm(_num_groups(ch), ch)
         self.conv_out = _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
 
     @staticmethod
