@@ -27,6 +27,7 @@ setup-browser:
 
 bench: setup
 	$(BIN)/robustsweep bench elbo
+	$(BIN)/robustsweep bench elbo --autocast bf16 --compile forward
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

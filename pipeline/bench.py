@@ -12,6 +12,7 @@ and threads.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import replace
@@ -133,19 +134,20 @@ _KINDS = {
 }
 
 
-def profile_kinds(fn, device: torch.device) -> dict:
+def profile_kinds(fn, device: torch.device, flops_fn=None) -> dict:
     """Seconds of one run of fn() by kind of operator (self time), plus its FLOPs by kind.
 
     Keys: wall (seconds of the run under the profiler), one entry per kind in _KINDS,
     compiled_fused (torch.compile's generated kernels: fused norms, activations, adds),
     elementwise_other (every other aten op: adds, multiplies, reductions, allocation),
     outside_ops (wall minus all op time: Python and dispatch), convolution_flops and
-    convolution_flops_per_s (the convolutions' own rate).
+    convolution_flops_per_s (the convolutions' own rate). flops_fn: what to count FLOPs on
+    (default fn), for a compiled fn that must not be traced under the counter.
     """
     from torch.profiler import ProfilerActivity, profile
 
     with FlopCounterMode(display=False, custom_mapping=_SDPA_CPU) as counter:
-        fn()
+        (flops_fn or fn)()
     conv_flops = sum(v for k, v in counter.get_flop_counts()["Global"].items() if "convolution" in str(k))
     _sync(device)
     start = time.perf_counter()
@@ -173,6 +175,26 @@ def profile_kinds(fn, device: torch.device) -> dict:
     out["convolution_flops"] = conv_flops
     out["convolution_flops_per_s"] = conv_flops / out["convolution"] if out["convolution"] else None
     return out
+
+
+@contextlib.contextmanager
+def _uncompiled(rdc):
+    """The engine without torch.compile for a while: the FLOP counter is a dispatch mode, and a
+    compiled call traced under it is cached as a graph of plain aten calls, slow ever after."""
+    saved = rdc.engine
+    rdc.engine = replace(saved, compile=False)
+    try:
+        yield
+    finally:
+        rdc.engine = saved
+
+
+def _uncompiled_call(rdc, fn):
+    """fn as a thunk that runs with the engine uncompiled (see _uncompiled)."""
+    def run():
+        with _uncompiled(rdc):
+            return fn()
+    return run
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float) -> float:
@@ -238,7 +260,8 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
     one = (x[:1], draw.subset(torch.tensor([0])))
     with torch.no_grad():
         ref_flops = count_flops(lambda: _reference_logits(rdc, *one, reference_model))
-        eng_flops = count_flops(lambda: rdc.evaluate(*one))
+        with _uncompiled(rdc):
+            eng_flops = count_flops(lambda: rdc.evaluate(*one))
     result = {
         "model": model, "examples": examples, "timesteps": int(rdc.ts.numel()), "classes": rdc.num_classes,
         "reference_examples_per_s": examples / t_ref, "engine_examples_per_s": examples / t_eng,
@@ -253,7 +276,8 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
                          "engine": lambda: _engine_grads(rdc, x, draw, w)}, max(1, repeat - 1), dev)
         (g_ref_t, g_ref), (g_eng_t, g_eng) = timed["reference"], timed["engine"]
         grad_rel = _close(g_eng, g_ref, "input gradients", 5e-2 if low else 1e-3)
-        g_eng_flops = count_flops(lambda: _engine_grads(rdc, *one, w[:1]))
+        with _uncompiled(rdc):
+            g_eng_flops = count_flops(lambda: _engine_grads(rdc, *one, w[:1]))
         result.update({
             "reference_grad_examples_per_s": examples / g_ref_t, "engine_grad_examples_per_s": examples / g_eng_t,
             "grad_ratio": g_ref_t / g_eng_t,
@@ -271,10 +295,12 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
     if profile:
         with torch.no_grad():
             result["profile"] = {"reference": profile_kinds(lambda: _reference_logits(rdc, *one, reference_model), dev),
-                                 "engine": profile_kinds(lambda: rdc.evaluate(*one), dev)}
+                                 "engine": profile_kinds(lambda: rdc.evaluate(*one), dev,
+                                                         flops_fn=_uncompiled_call(rdc, lambda: rdc.evaluate(*one)))}
         if grad:
             result["profile"]["reference_grad"] = profile_kinds(lambda: _reference_grads(rdc, *one, w[:1], reference_model), dev)
-            result["profile"]["engine_grad"] = profile_kinds(lambda: _engine_grads(rdc, *one, w[:1]), dev)
+            grads_one = lambda: _engine_grads(rdc, *one, w[:1])  # noqa: E731
+            result["profile"]["engine_grad"] = profile_kinds(grads_one, dev, flops_fn=_uncompiled_call(rdc, grads_one))
     if low:
         # The engine's own float32 speed is the other side of the same coin: the peak it is held to.
         result["float32_peak_flops"] = matmul_peak(dev, torch.float32)
