@@ -15,9 +15,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from dataclasses import replace
 import platform
 import time
+from dataclasses import replace
 
 import torch
 from torch.utils import flop_counter
