@@ -142,8 +142,6 @@ def run_cmd(
 
     spec = _job(job)
     try:
-        if not 0 < gpus_per_worker <= 1:
-            raise ConfigError(f"--gpus-per-worker must be in (0, 1], got {gpus_per_worker}")
         result = run_job(spec, out, workers=workers, address=address, run_id=run_id, fresh=fresh,
                          endpoint_url=endpoint_url, progress=True, gpus_per_worker=gpus_per_worker,
                          min_gpus=min_gpus)

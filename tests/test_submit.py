@@ -229,6 +229,10 @@ def test_bad_input_is_refused_before_anything_is_sent(tmp_path):
     assert res.exit_code == 2 and "KEY=VALUE" in res.output
     res = _cli("submit", str(good), "--address", "http://127.0.0.1:9", "--working-dir", str(tmp_path), "--gpus-per-worker", "2")
     assert res.exit_code == 2 and "gpus_per_worker" in res.output
+    # The same check guards `run` (in run_job, so notebooks get it too), before anything is written.
+    out = tmp_path / "never"
+    res = _cli("run", str(good), "--out", str(out), "--gpus-per-worker", "0")
+    assert res.exit_code == 2 and "--gpus-per-worker" in res.output and not out.exists()
     res = _cli("status", "raysubmit_abc")
     assert res.exit_code == 2 and "--address" in res.output
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..diffusion.unet import channels_last
 from ..errors import ConfigError
 
 # Input values (evaluations x channels x pixels) per network call on CPU. Measured on the
@@ -95,7 +96,6 @@ def memory_format(options: EngineOptions, x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-_CHANNELS_LAST: weakref.WeakSet = weakref.WeakSet()
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -108,9 +108,9 @@ def prepare(model: nn.Module, options: EngineOptions, device: torch.device, grad
     compile=True: in float32 on CPU, compiled forward-and-backward graphs measured slower than
     eager ones, in bf16 faster (BENCHMARKS.md, "ELBO engine").
     """
-    if options.channels_last is not False and model not in _CHANNELS_LAST:
+    if options.channels_last is not False and not all(
+            p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4):
         model.to(memory_format=torch.channels_last)
-        _CHANNELS_LAST.add(model)
     calls = {"shared": shared_fn(model), "conditional": conditional_fn(model), "trunk": trunk_fn(model)}
     if not options.compile or (grad and options.compile == "forward"):
         return calls
@@ -167,7 +167,7 @@ def flat_rows(g: torch.Tensor):
     Row sums (index_add_) over the flat rows run several times faster than over a
     channels_last 4-d tensor, whose rows are not contiguous in the logical order.
     """
-    if g.dim() == 4 and not g.is_contiguous() and g.is_contiguous(memory_format=torch.channels_last):
+    if channels_last(g):
         _, C, H, W = g.shape
         return g.permute(0, 2, 3, 1).reshape(g.shape[0], -1), lambda f: f.view(-1, H, W, C).permute(0, 3, 1, 2)
     shape = tuple(g.shape[1:])
@@ -188,6 +188,13 @@ class Plan:
     pair: torch.Tensor
     first: torch.Tensor
     bounds: list[tuple[int, int]]
+
+    def members(self, p0: int, p1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The evaluations of pairs [p0, p1): idx (E_c,) into the evaluations, and rows (E_c,),
+        the pair of each counted from p0."""
+        idx = self.order[self.first[p0]:self.first[p1]]
+        rows = torch.repeat_interleave(torch.arange(p1 - p0), self.first[p0 + 1:p1 + 1] - self.first[p0:p1])
+        return idx, rows
 
 
 def plan(ex: torch.Tensor, j: torch.Tensor, n_ts: int, step: int, per_pair: int | None = None) -> Plan:

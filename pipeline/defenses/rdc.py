@@ -229,9 +229,8 @@ class RDC(Defense):
                       chunk: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared errors (E_c,) of the evaluations of one chunk, and their indices (E_c,) into ev."""
         p0, p1 = chunk
-        idx = plan.order[plan.first[p0]:plan.first[p1]]
-        # rows[e]: the pair of evaluation e within the chunk.
-        rows = torch.repeat_interleave(torch.arange(p1 - p0), plan.first[p0 + 1:p1 + 1] - plan.first[p0:p1]).to(x.device)
+        idx, rows = plan.members(p0, p1)
+        rows = rows.to(x.device)
         x_t, e, t = self._noisy(x, noise, ev.ts, plan.pair[p0:p1])
         y = ev.cls[idx].to(x.device)
         if not self._network():
@@ -296,13 +295,13 @@ class RDC(Defense):
         calls = engine.prepare(model, self.engine, x.device, grad=True)
         sqrt_a, _ = self.schedule.coefficients(ev.ts.to(x.device), x.dtype)
         coef = ev.weight.to(x) * 2.0 * sqrt_a[ev.j.to(x.device)]
+        ex, cls = ev.ex.to(x.device), ev.cls.to(x.device)
         err = x.new_zeros(ev.ex.numel())
         g_sum = None
         for p0, p1 in plan.bounds:
-            idx = plan.order[plan.first[p0]:plan.first[p1]].to(x.device)
-            rows = torch.repeat_interleave(torch.arange(p1 - p0), plan.first[p0 + 1:p1 + 1] - plan.first[p0:p1]).to(x.device)
+            idx, rows = (v.to(x.device) for v in plan.members(p0, p1))
             x_t, e, t = self._noisy(x, noise, ev.ts, plan.pair[p0:p1])
-            y = ev.cls.to(x.device)[idx]
+            y = cls[idx]
             with torch.no_grad():
                 h = engine.stem(model, engine.memory_format(self.engine, x_t))
             with torch.enable_grad(), engine.autocast(self.engine, x.device):
@@ -316,7 +315,7 @@ class RDC(Defense):
             flat, unflatten = engine.flat_rows(g)
             if g_sum is None:
                 g_sum = flat.new_zeros(B * K, flat.shape[1])
-            g_sum.index_add_(0, ev.ex.to(x.device)[idx] * K + y, flat)
+            g_sum.index_add_(0, ex[idx] * K + y, flat)
         n = ev.ex.numel()
         self.cost.forward += n
         self.cost.backward += n

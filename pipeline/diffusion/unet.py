@@ -33,27 +33,36 @@ def _num_groups(channels: int) -> int:
     return 1
 
 
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm (same parameters and values) that avoids one slow CPU kernel.
+def channels_last(v: torch.Tensor) -> bool:
+    """Whether v is a 4-d tensor laid out channels_last (and not also plain NCHW-contiguous)."""
+    return v.dim() == 4 and not v.is_contiguous() and v.is_contiguous(memory_format=torch.channels_last)
+
+
+def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.group_norm, avoiding one slow CPU kernel.
 
     ATen's bf16/fp16 GroupNorm on a channels_last tensor ran 6-11x slower than on the same
     tensor in NCHW on CPU (BENCHMARKS.md, "ELBO engine"), so there the input is normalised in
     NCHW and handed back in channels_last. Compiled graphs generate their own kernel instead.
     """
+    if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and channels_last(x)
+            and not torch.compiler.is_compiling()):
+        out = F.group_norm(x.contiguous(), groups, weight, bias, eps)
+        return out.contiguous(memory_format=torch.channels_last)
+    return F.group_norm(x, groups, weight, bias, eps)
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters and values) through `group_norm`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 4
-                and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-                and not torch.compiler.is_compiling()):
-            out = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
-            return out.contiguous(memory_format=torch.channels_last)
-        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
 def gather_rows(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """v[rows] in v's memory format (index_select alone would return a channels_last tensor
     as NCHW, and the next op with a channels_last operand would copy it back)."""
-    if v.dim() == 4 and not v.is_contiguous() and v.is_contiguous(memory_format=torch.channels_last):
+    if channels_last(v):
         return v.permute(0, 2, 3, 1).index_select(0, rows).permute(0, 3, 1, 2)
     return v.index_select(0, rows)
 
@@ -126,7 +135,7 @@ class ResBlock(nn.Module):
         """
         c = x.shape[1]
         group = self.norm1.num_channels // self.norm1.num_groups
-        u = F.group_norm(x, c // group, self.norm1.weight[start:start + c], self.norm1.bias[start:start + c], self.norm1.eps)
+        u = group_norm(x, c // group, self.norm1.weight[start:start + c], self.norm1.bias[start:start + c], self.norm1.eps)
         return F.conv2d(F.silu(u), self.conv1.weight[:, start:start + c], self.conv1.bias if bias else None,
                         padding=self.conv1.padding)
 
@@ -411,4 +420,4 @@ def unet_config(dataset: str) -> dict:
     raise ConfigError(f"no default unet config for dataset {dataset!r}; expected 'digits', 'cifar10' or 'cifar100'")
 
 
-__all__ = ["UNet", "unet_config", "gather_rows", "TimestepEmbedding", "ResBlock", "AttentionBlock"]
+__all__ = ["UNet", "unet_config", "gather_rows", "channels_last", "group_norm", "GroupNorm", "TimestepEmbedding", "ResBlock", "AttentionBlock"]

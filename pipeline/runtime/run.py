@@ -17,7 +17,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayActorError, RayTaskError, WorkerCrashedError
 
 from ..data import load_split
-from ..errors import ClusterError, RobustsweepError
+from ..errors import ClusterError, ConfigError, RobustsweepError
 from ..store import Store
 from ..zoo import default_checkpoint
 from .plan import Unit, plan, plan_document, run_id_for
@@ -69,6 +69,12 @@ def default_workers(gpus_per_worker: float = 1.0) -> tuple[int, bool]:
     return max(1, int(res.get("CPU", 1))), False
 
 
+def check_gpus_per_worker(gpus_per_worker: float) -> None:
+    """ConfigError unless 0 < gpus_per_worker <= 1 (a fraction of a GPU packs several actors on one)."""
+    if not 0 < gpus_per_worker <= 1:
+        raise ConfigError(f"gpus_per_worker (--gpus-per-worker) must be in (0, 1], got {gpus_per_worker:g}")
+
+
 def wait_for_gpus(min_gpus: int, wait_s: float) -> None:
     """Block until the cluster declares `min_gpus` GPUs; ClusterError after `wait_s` seconds."""
     deadline = time.monotonic() + wait_s
@@ -115,6 +121,7 @@ def run_job(job: Job, out: str, *, workers: int | None = None, address: str | No
     the pool (GPU nodes of a fresh cluster join after the head; without it the pool is sized
     by what is there at the start, CPUs if no GPU has joined yet).
     """
+    check_gpus_per_worker(gpus_per_worker)
     start = time.perf_counter()
     run_id = run_id or run_id_for(job, fresh)
     store = Store(out, endpoint_url=endpoint_url)

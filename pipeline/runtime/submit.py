@@ -105,9 +105,11 @@ def submit_job(job: str | os.PathLike, address: str, *, out: str | None = None, 
     node, so give the cluster an s3:// URI. Raises ConfigError for a bad job, address or env
     (nothing is sent) and ClusterError when the cluster cannot be reached or refuses the job.
     """
+    from .run import check_gpus_per_worker
+
     load_job(job)
-    if gpus_per_worker is not None and not 0 < gpus_per_worker <= 1:
-        raise ConfigError(f"gpus_per_worker must be in (0, 1], got {gpus_per_worker}")
+    if gpus_per_worker is not None:
+        check_gpus_per_worker(gpus_per_worker)
     root = Path(working_dir).resolve()
     excludes = list(excludes)
     rel = _relative_job(Path(job), root, excludes)
