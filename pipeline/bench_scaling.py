@@ -60,7 +60,7 @@ def run_slice(doc: dict, begin: int, end: int, out: str) -> int:
     from .attacks import evaluate
     from .defenses import build_defense
     from .store import Store, records_to_table
-    from .store.adversarial import adversarial_path, write_adversarial
+    from .store.unit import commit_unit
 
     torch.set_num_threads(1)
     job = parse_job(doc)
@@ -78,9 +78,7 @@ def run_slice(doc: dict, begin: int, end: int, out: str) -> int:
         records = evaluate(defenses[u.defense], u.attack_table, x, y, list(u.example_ids), job.spec.seed, extras=extras)
         table = records_to_table(records, run_id="by-hand", unit_id=u.unit_id, worker=f"process-{begin}",
                                  config_hash="by-hand")
-        write_adversarial(store, adversarial_path(u.path), u.example_ids, extras["x_adv"].cpu().numpy(),
-                          extras["forward_per_prediction"])
-        store.write_table(u.path, table, {"unit_id": u.unit_id, "run_id": "by-hand"})
+        commit_unit(store, u.path, table, u.example_ids, extras, unit_id=u.unit_id, run_id="by-hand")
         rows += table.num_rows
     return rows
 

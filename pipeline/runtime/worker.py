@@ -15,7 +15,7 @@ from ..attacks import evaluate
 from ..data import load_split, select
 from ..defenses import build_defense
 from ..store import Store, records_to_table
-from ..store.adversarial import adversarial_path, write_adversarial
+from ..store.unit import commit_unit
 from . import faults
 from .grid import Gang, member_call, shard
 from .plan import Unit
@@ -84,9 +84,7 @@ class Worker:
         table = records_to_table(records, run_id=ctx["run_id"], unit_id=u.unit_id, worker=self.name,
                                  config_hash=config_hash)
         store = Store(ctx["out"], endpoint_url=ctx.get("endpoint_url"))
-        # The adversarial images first, so that every committed unit has them (analytics' image grid).
-        write_adversarial(store, adversarial_path(f"{ctx['run_id']}/{u.path}"), u.example_ids,
-                          extras["x_adv"].cpu().numpy(), extras["forward_per_prediction"])
-        store.write_table(f"{ctx['run_id']}/{u.path}", table, {"unit_id": u.unit_id, "run_id": ctx["run_id"]})
+        commit_unit(store, f"{ctx['run_id']}/{u.path}", table, u.example_ids, extras, unit_id=u.unit_id,
+                    run_id=ctx["run_id"])
         return {"unit_id": u.unit_id, "rows": table.num_rows, "seconds": time.perf_counter() - start,
                 "worker": self.name, "lost_peers": gang.lost() if gang else [], "gang": gang.size if gang else 1}
