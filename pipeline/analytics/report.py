@@ -32,6 +32,7 @@ Z95 = 1.959963984540054
 
 GROUP = ("defense", "attack", "path", "norm", "eps")
 ORDER = "defense, attack, norm, eps, path"
+KEYS = ", ".join(GROUP)
 SECTIONS = ("summary", "classes", "stages", "cost", "flags")
 """The sections of `build_report`, in the order they are shown."""
 
@@ -40,7 +41,6 @@ STAGE_ORDER = ("clean", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square
 square) with the other versions' stages fitted in; unknown ones follow alphabetically."""
 SURVIVED = "survived"
 
-CELL_KEYS = GROUP + ("label", "broken_by", "flagset", "device", "worker")
 _NEEDED = GROUP + ("label", "broken_by", "flags", "device", "worker", "clean_correct", "adv_correct",
                    "adv_vote_correct", "adv_worst_correct", "forward_passes", "backward_passes", "queries",
                    "gradients", "seconds")
@@ -77,11 +77,10 @@ def _cells(con: duckdb.DuckDBPyConnection) -> str:
     if missing:
         raise StoreError(f"records table lacks column(s) {missing} needed for the report")
     name = f"_report_cells_{uuid.uuid4().hex[:12]}"
-    keys = ", ".join(GROUP)
     # list_distinct: a flag counts once per row even if a writer repeated it.
     con.execute(f"""
         CREATE TEMP TABLE {name} AS
-        SELECT {keys}, label, broken_by, list_sort(list_distinct(flags)) AS flagset, device, worker,
+        SELECT {KEYS}, label, broken_by, list_sort(list_distinct(flags)) AS flagset, device, worker,
                count(*) AS n, count_if(clean_correct) AS clean_k, count_if(adv_correct) AS adv_k,
                count_if(adv_vote_correct) AS vote_k, count_if(adv_worst_correct) AS worst_k,
                sum(forward_passes) AS fwd, sum(backward_passes) AS bwd, sum(queries) AS q, sum(gradients) AS g,
@@ -110,9 +109,8 @@ def _key(values: Sequence) -> dict:
 
 
 def _flag_counts(con: duckdb.DuckDBPyConnection, cells: str) -> dict[tuple, dict[str, int]]:
-    keys = ", ".join(GROUP)
     found = con.execute(f"""
-        SELECT {keys}, flag, sum(n) FROM (SELECT {keys}, n, unnest(flagset) AS flag FROM {cells})
+        SELECT {KEYS}, flag, sum(n) FROM (SELECT {KEYS}, n, unnest(flagset) AS flag FROM {cells})
         GROUP BY ALL ORDER BY flag
     """).fetchall()
     out: dict[tuple, dict[str, int]] = {}
@@ -122,9 +120,8 @@ def _flag_counts(con: duckdb.DuckDBPyConnection, cells: str) -> dict[tuple, dict
 
 
 def _summary(con: duckdb.DuckDBPyConnection, cells: str) -> list[dict]:
-    keys = ", ".join(GROUP)
     groups = con.execute(f"""
-        SELECT {keys}, sum(n), sum(clean_k), sum(adv_k), sum(vote_k), sum(worst_k), sum(fwd), sum(bwd), sum(sec)
+        SELECT {KEYS}, sum(n), sum(clean_k), sum(adv_k), sum(vote_k), sum(worst_k), sum(fwd), sum(bwd), sum(sec)
         FROM {cells} GROUP BY ALL ORDER BY {ORDER}
     """).fetchall()
     flags = _flag_counts(con, cells)
@@ -158,9 +155,8 @@ def summarize(source: Source) -> list[dict]:
 
 
 def _classes(con: duckdb.DuckDBPyConnection, cells: str) -> list[dict]:
-    keys = ", ".join(GROUP)
     found = con.execute(f"""
-        SELECT {keys}, label, sum(n), sum(clean_k), sum(adv_k) FROM {cells} GROUP BY ALL ORDER BY {ORDER}, label
+        SELECT {KEYS}, label, sum(n), sum(clean_k), sum(adv_k) FROM {cells} GROUP BY ALL ORDER BY {ORDER}, label
     """).fetchall()
     rows = []
     for *key, label, n, clean_k, adv_k in found:
@@ -184,9 +180,8 @@ def stage_order(names) -> list[str]:
 
 
 def _stages(con: duckdb.DuckDBPyConnection, cells: str) -> list[dict]:
-    keys = ", ".join(GROUP)
     found = con.execute(f"""
-        SELECT {keys}, coalesce(broken_by, '{SURVIVED}') AS stage, sum(n)
+        SELECT {KEYS}, coalesce(broken_by, '{SURVIVED}') AS stage, sum(n)
         FROM {cells} GROUP BY ALL ORDER BY {ORDER}, stage
     """).fetchall()
     by_group: dict[tuple, dict[str, int]] = {}
@@ -207,9 +202,8 @@ def stages(source: Source) -> list[dict]:
 
 
 def _cost(con: duckdb.DuckDBPyConnection, cells: str) -> list[dict]:
-    keys = ", ".join(GROUP)
     found = con.execute(f"""
-        SELECT {keys}, sum(n), sum(sec), sum(fwd), sum(bwd), sum(q), sum(g),
+        SELECT {KEYS}, sum(n), sum(sec), sum(fwd), sum(bwd), sum(q), sum(g),
                list_sort(list_distinct(list(device))), count(DISTINCT worker)
         FROM {cells} GROUP BY ALL ORDER BY {ORDER}
     """).fetchall()
@@ -233,12 +227,11 @@ def cost(source: Source) -> list[dict]:
 
 
 def _flags(con: duckdb.DuckDBPyConnection, cells: str) -> list[dict]:
-    keys = ", ".join(GROUP)
     found = con.execute(f"""
-        WITH totals AS (SELECT {keys}, sum(n) AS total FROM {cells} GROUP BY ALL),
-             flagged AS (SELECT {keys}, flag, sum(n) AS c
-                         FROM (SELECT {keys}, n, unnest(flagset) AS flag FROM {cells}) GROUP BY ALL)
-        SELECT {keys}, flag, c, total FROM flagged JOIN totals USING ({keys})
+        WITH totals AS (SELECT {KEYS}, sum(n) AS total FROM {cells} GROUP BY ALL),
+             flagged AS (SELECT {KEYS}, flag, sum(n) AS c
+                         FROM (SELECT {KEYS}, n, unnest(flagset) AS flag FROM {cells}) GROUP BY ALL)
+        SELECT {KEYS}, flag, c, total FROM flagged JOIN totals USING ({KEYS})
         ORDER BY {ORDER}, flag
     """).fetchall()
     return [{**_key(key), "flag": flag, "count": int(c), "n": int(n), "fraction": int(c) / int(n)}
