@@ -193,7 +193,7 @@ def test_worker_keeps_adversarial_images(tmp_path):
     """A unit run by the worker (no Ray needed) leaves its adversarial images beside its records,
     exactly as scored, and the analytics use them: the image grid and the forward passes."""
     from pipeline.runtime.plan import plan, plan_document, run_id_for
-    from pipeline.runtime.spec import load_job
+    from pipeline.config.job import load_job
     from pipeline.runtime.worker import Worker
 
     spec = tmp_path / "tiny.toml"

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from pipeline.attacks import check_perturbation, evaluate, parse_attack, sweep_flags
+from pipeline.config.attack import parse_attack
+from pipeline.protocol import check_perturbation, evaluate, sweep_flags
 from pipeline.data import load_split
 from pipeline.defenses import MixupInference, Plain, RDC
 from pipeline.defenses.lm import LikelihoodMaximization

@@ -56,7 +56,7 @@ def test_bench_elbo_json_on_the_optimal_model():
 
 
 def test_hand_split_covers_every_unit_once():
-    from pipeline.bench_scaling import split_by_hand
+    from pipeline.bench.scaling import split_by_hand
 
     for n, parts in [(12, 1), (12, 2), (13, 2), (5, 3), (2, 4)]:
         ranges = split_by_hand(n, parts)
@@ -82,7 +82,7 @@ def test_bench_scaling_json_ray_and_processes_agree():
 def test_profile_kinds_puts_a_convolution_under_convolutions():
     import torch
 
-    from pipeline.bench import profile_kinds
+    from pipeline.bench.elbo import profile_kinds
 
     conv = torch.nn.Conv2d(8, 16, 3, padding=1)
     x = torch.randn(32, 8, 16, 16)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from pipeline.checkpoint import save_checkpoint
+from pipeline.models.checkpoint import save_checkpoint
 from pipeline.data import load_split
 from pipeline.defenses import MixupInference, Plain, RDC, build_defense
 from pipeline.errors import CheckpointError, ConfigError
@@ -31,7 +31,7 @@ def test_build_rdc_on_the_optimal_model():
 
 @pytest.fixture(scope="module")
 def cnn_checkpoint(tmp_path_factory):
-    from pipeline.models import build_model
+    from pipeline.models.registry import build_model
 
     folder = tmp_path_factory.mktemp("ckpt") / "cnn"
     model = build_model({"arch": "cnn", "in_channels": 1, "num_classes": 10, "image_size": 8})

@@ -15,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.runtime.spec import load_job
+from pipeline.config.job import load_job
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

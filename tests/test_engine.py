@@ -4,10 +4,10 @@
 import pytest
 import torch
 
-from pipeline.bench import count_flops
+from pipeline.bench.elbo import count_flops
 from pipeline.defenses.engine import EngineOptions, plan
 from pipeline.defenses.rdc import RDC
-from pipeline.diffusion.unet import UNet, unet_config
+from pipeline.models.unet import UNet, unet_config
 from pipeline.errors import ConfigError
 from pipeline.rng import Draw
 
@@ -187,7 +187,7 @@ def test_attention_as_two_matmuls_equals_the_fused_kernel(size):
     """Short maps on CPU take the matmul path, long ones the fused kernel: both are eq. 1 of Vaswani et al."""
     import torch.nn.functional as F
 
-    from pipeline.diffusion.unet import AttentionBlock
+    from pipeline.models.unet import AttentionBlock
 
     torch.manual_seed(0)
     block = AttentionBlock(128).double()
@@ -212,7 +212,7 @@ def test_flop_counter_counts_a_known_layer():
 def test_autocast_bf16_predictions_match_float32_on_the_digits_test_split():
     """The check that autocast must pass before a GPU sweep uses it; on a CPU-only machine it
     runs in bf16 on the CPU (a GPU, where present, is checked in bf16 and fp16)."""
-    from pipeline.bench import autocast_agreement
+    from pipeline.bench.elbo import autocast_agreement
 
     devices = [("cpu", "bf16")] + ([("cuda", "bf16"), ("cuda", "fp16")] if torch.cuda.is_available() else [])
     for device, dtype in devices:
@@ -244,7 +244,7 @@ def test_torch_compile_gives_the_same_logits():
 
 
 def test_group_norm_in_bf16_channels_last_equals_the_plain_kernel_and_keeps_the_layout():
-    from pipeline.diffusion.unet import GroupNorm
+    from pipeline.models.unet import GroupNorm
 
     torch.manual_seed(0)
     norm = GroupNorm(8, 72)

@@ -8,10 +8,11 @@ import pytest
 import ray
 import torch
 
-from pipeline.attacks import evaluate
+from pipeline.protocol import evaluate
 from pipeline.data import load_split
 from pipeline.defenses import build_defense
-from pipeline.runtime import parse_job, run_job
+from pipeline.config.job import parse_job
+from pipeline.runtime import run_job
 from pipeline.runtime.grid import Gang, shard
 from pipeline.runtime.run import default_workers, gang_size
 from pipeline.runtime.worker import Worker
@@ -201,7 +202,7 @@ def test_node_removed_mid_run(ray_nodes, tmp_path):
 
 
 def test_bench_grid_reports_each_gang(ray_cluster):
-    from pipeline.runtime.bench import bench_grid
+    from pipeline.bench.grid import bench_grid
 
     result = bench_grid(model="optimal", timesteps=20, examples=2, gangs=(1, 2), repeat=1)
     for g in (1, 2):

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from pipeline.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint, read_config, save_checkpoint
-from pipeline.classifiers.train import evaluate_accuracy, train_classifier
+from pipeline.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint, read_config, save_checkpoint
+from pipeline.training.classifier import evaluate_accuracy, train_classifier
 from pipeline.data import load_split
-from pipeline.diffusion.train import train_diffusion
-from pipeline.diffusion.unet import UNet, unet_config
+from pipeline.training.diffusion import train_diffusion
+from pipeline.models.unet import UNet, unet_config
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.models import build_model
+from pipeline.models.registry import build_model
 
 CNN = {"arch": "cnn", "in_channels": 1, "num_classes": 10, "image_size": 8, "width": 16}
 # A CIFAR-shaped UNet, shrunk so that a forward pass is fast: same code paths (3 levels, attention).
@@ -198,7 +198,7 @@ def test_adversarial_training_runs(digits, method):
 
 
 def test_pgd_stays_in_the_ball_and_raises_the_loss(digits):
-    from pipeline.classifiers.train import PGD
+    from pipeline.training.classifier import PGD
 
     x, y = digits[2][:64], digits[3][:64]
     model = _perturbed(build_model(CNN))

@@ -12,9 +12,10 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.checkpoint import save_checkpoint
-from pipeline.models import build_model
-from pipeline.runtime import load_job, parse_job, plan, run_job
+from pipeline.models.checkpoint import save_checkpoint
+from pipeline.models.registry import build_model
+from pipeline.config.job import load_job, parse_job
+from pipeline.runtime import plan, run_job
 from pipeline.runtime.faults import ENV
 from pipeline.runtime.status import run_status
 from pipeline.store import Store

@@ -6,9 +6,9 @@ import os
 
 import torch
 
-from ..errors import DatasetError
-from . import cifar, digits
-from .shard import Shard, make_shards, select
+from pipeline.errors import DatasetError
+from pipeline.data import cifar, digits
+from pipeline.data.shard import Shard, make_shards, select
 
 SPLITS = ("train", "test")
 DATA_ENV = "ROBUSTSWEEP_DATA"

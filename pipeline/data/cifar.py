@@ -27,7 +27,7 @@ import fsspec
 import numpy as np
 import torch
 
-from ..errors import DatasetError
+from pipeline.errors import DatasetError
 
 SHAPE = (3, 32, 32)
 PIXELS = 3 * 32 * 32

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError, DatasetError
+from pipeline.errors import ConfigError, DatasetError
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import GridError, InputError
-from ..rng import Draw, DrawCounter
+from pipeline.errors import GridError, InputError
+from pipeline.rng import Draw, DrawCounter
 
 
 def check_input(x: torch.Tensor, channels: int, size: int | None, who: str) -> None:

@@ -5,7 +5,7 @@
     {"kind": "rdc", "model": "optimal" | "default" | "path/to/checkpoint", "dataset": "digits",
      "timesteps": 100, "lm": {"steps": 10, "gradient": "bpda"}, "pruning": [[50, 5], [500, 1]]}
 
-"default" models are trained on first use and cached (pipeline.zoo); a path names a
+"default" models are trained on first use and cached (pipeline.models.zoo); a path names a
 checkpoint folder (model.safetensors + config.json).
 """
 
@@ -16,9 +16,9 @@ from typing import Annotated, Literal, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from ..data import load_split, num_classes
-from ..tables import validate_table
-from .base import Defense
+from pipeline.data import load_split, num_classes
+from pipeline.config.tables import validate_table
+from pipeline.defenses.base import Defense
 
 IMAGE = {"digits": (1, 8), "cifar10": (3, 32), "cifar100": (3, 32)}
 
@@ -110,14 +110,14 @@ def build_defense(config: dict, device: str | torch.device | None = None) -> Def
     channels, size = IMAGE[spec.dataset]
     K = num_classes(spec.dataset)
     if spec.kind == "plain":
-        from ..zoo import load_model
-        from .plain import Plain
+        from pipeline.models.zoo import load_model
+        from pipeline.defenses.plain import Plain
 
         model, _, _ = load_model(spec.model, spec.dataset, spec.method, channels)
         defense = Plain(model, K, channels, size)
     elif spec.kind == "mi":
-        from ..zoo import load_model
-        from .mi import MixupInference
+        from pipeline.models.zoo import load_model
+        from pipeline.defenses.mi import MixupInference
 
         model, _, _ = load_model(spec.model, spec.dataset, spec.method, channels)
         pool_x, pool_y = load_split(spec.dataset, "train", root=spec.data_root)
@@ -132,17 +132,17 @@ def build_defense(config: dict, device: str | torch.device | None = None) -> Def
 
 
 def _build_rdc(spec: RDCSpec, channels: int, size: int, K: int) -> Defense:
-    from .engine import EngineOptions
-    from .lm import LikelihoodMaximization
-    from .rdc import RDC
+    from pipeline.defenses.engine import EngineOptions
+    from pipeline.defenses.lm import LikelihoodMaximization
+    from pipeline.defenses.rdc import RDC
 
     if spec.model == "optimal":
-        from ..diffusion.optimal import OptimalEps
+        from pipeline.diffusion.optimal import OptimalEps
 
         x, y = load_split(spec.dataset, "train", root=spec.data_root)
         eps_model = OptimalEps(x, y, K)
     else:
-        from ..zoo import load_model
+        from pipeline.models.zoo import load_model
 
         eps_model, _, _ = load_model(spec.model, spec.dataset, "diffusion", channels)
     lm = None

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..diffusion.unet import channels_last
-from ..errors import ConfigError
+from pipeline.models.unet import channels_last
+from pipeline.errors import ConfigError
 
 # Input values (evaluations x channels x pixels) per network call on CPU. Measured on the
 # digits UNet (BENCHMARKS.md, "ELBO engine"): throughput peaks at 256-512 evaluations of 64

@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import rng
-from ..diffusion.schedule import VPSchedule
-from ..errors import ConfigError
-from ..rng import Draw
+from pipeline import rng
+from pipeline.diffusion.schedule import VPSchedule
+from pipeline.errors import ConfigError
+from pipeline.rng import Draw
 
 
 def diffusion_loss(eps_model: nn.Module, schedule: VPSchedule, x: torch.Tensor, t: torch.Tensor,

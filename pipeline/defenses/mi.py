@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import rng
-from ..errors import ConfigError
-from ..rng import Draw
-from .base import Defense
+from pipeline import rng
+from pipeline.errors import ConfigError
+from pipeline.rng import Draw
+from pipeline.defenses.base import Defense
 
 PL, OL = 0, 1
 MODES = ("pl", "ol", "combined")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..rng import Draw
-from .base import Defense
+from pipeline.rng import Draw
+from pipeline.defenses.base import Defense
 
 
 class Plain(Defense):

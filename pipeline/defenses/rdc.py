@@ -27,15 +27,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import rng
-from ..diffusion.schedule import VPSchedule
-from ..diffusion.unet import gather_rows
-from ..errors import ConfigError
-from ..rng import Draw
-from . import engine
-from .base import Defense
-from .engine import EngineOptions
-from .lm import LikelihoodMaximization
+from pipeline import rng
+from pipeline.diffusion.schedule import VPSchedule
+from pipeline.models.unet import gather_rows
+from pipeline.errors import ConfigError
+from pipeline.rng import Draw
+from pipeline.defenses import engine
+from pipeline.defenses.base import Defense
+from pipeline.defenses.engine import EngineOptions
+from pipeline.defenses.lm import LikelihoodMaximization
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Diffusion models: the VP schedule, epsilon models, training."""
 
-from .schedule import VPSchedule
+from pipeline.diffusion.schedule import VPSchedule
 
 __all__ = ["VPSchedule"]

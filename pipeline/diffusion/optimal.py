@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import InputError
-from .schedule import VPSchedule
+from pipeline.errors import InputError
+from pipeline.diffusion.schedule import VPSchedule
 
 
 class OptimalEps(nn.Module):

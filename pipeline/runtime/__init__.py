@@ -1,7 +1,6 @@
-"""The pipeline: job specs, the planner, Ray workers and the task queue."""
+"""Running a job: the planner (units), Ray workers, the scheduler, grid gangs, submission to a cluster."""
 
-from .plan import Unit, plan, run_id_for
-from .run import RunResult, run_job
-from .spec import Job, load_job, parse_job
+from pipeline.runtime.plan import Unit, plan, run_id_for
+from pipeline.runtime.run import RunResult, run_job
 
-__all__ = ["Job", "load_job", "parse_job", "plan", "Unit", "run_id_for", "run_job", "RunResult"]
+__all__ = ["plan", "Unit", "run_id_for", "run_job", "RunResult"]

@@ -23,9 +23,9 @@ import torch
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, NodeDiedError, RayActorError, WorkerCrashedError
 
-from ..defenses.base import Defense
-from ..errors import GridError
-from ..rng import Draw
+from pipeline.defenses.base import Defense
+from pipeline.errors import GridError
+from pipeline.rng import Draw
 
 LOST = (RayActorError, ActorDiedError, ActorUnavailableError, NodeDiedError, WorkerCrashedError, GetTimeoutError)
 

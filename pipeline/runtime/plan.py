@@ -11,8 +11,8 @@ import re
 import time
 from dataclasses import asdict, dataclass
 
-from ..data import make_shards
-from .spec import Job, content_hash
+from pipeline.data import make_shards
+from pipeline.config.job import Job, content_hash
 
 FORMAT = 1  # bump when the meaning of a unit's rows changes
 

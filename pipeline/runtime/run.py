@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayActorError, RayTaskError, WorkerCrashedError
 
-from ..data import load_split
-from ..errors import ClusterError, ConfigError, RobustsweepError
-from ..store import Store
-from ..zoo import default_checkpoint
-from .plan import Unit, plan, plan_document, run_id_for
-from .spec import Job
-from .worker import Worker
+from pipeline.data import load_split
+from pipeline.errors import ClusterError, ConfigError, RobustsweepError
+from pipeline.store import Store
+from pipeline.models.zoo import default_checkpoint
+from pipeline.runtime.plan import Unit, plan, plan_document, run_id_for
+from pipeline.config.job import Job
+from pipeline.runtime.worker import Worker
 
 INFLIGHT = 2
 TRIES = 3
@@ -156,7 +156,7 @@ def run_job(job: Job, out: str, *, workers: int | None = None, address: str | No
 def _actor(index: int, use_gpu: bool, gpus_per_worker: float):
     import os
 
-    from .faults import ENV
+    from pipeline.runtime.faults import ENV
 
     options = {"num_cpus": 1, "max_restarts": 0}
     if os.environ.get(ENV):  # tests of the queue: the faults travel to the workers

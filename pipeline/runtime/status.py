@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..store import Store
-from .plan import Unit
+from pipeline.store import Store
+from pipeline.runtime.plan import Unit
 
 
 def run_status(uri: str, endpoint_url: str | None = None) -> dict:

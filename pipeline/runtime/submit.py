@@ -31,8 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
-from ..errors import ClusterError, ConfigError
-from .spec import load_job
+from pipeline.errors import ClusterError, ConfigError
+from pipeline.config.job import load_job
 
 # What never travels with the working dir: environments, history, results, caches. Ray's
 # gitwildmatch patterns, matched against every path under the working dir.
@@ -105,7 +105,7 @@ def submit_job(job: str | os.PathLike, address: str, *, out: str | None = None, 
     node, so give the cluster an s3:// URI. Raises ConfigError for a bad job, address or env
     (nothing is sent) and ClusterError when the cluster cannot be reached or refuses the job.
     """
-    from .run import check_gpus_per_worker
+    from pipeline.runtime.run import check_gpus_per_worker
 
     load_job(job)
     if gpus_per_worker is not None:

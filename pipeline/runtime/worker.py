@@ -11,15 +11,15 @@ import time
 
 import torch
 
-from ..attacks import evaluate
-from ..data import load_split, select
-from ..defenses import build_defense
-from ..store import Store, records_to_table
-from ..store.unit import commit_unit
-from . import faults
-from .grid import Gang, member_call, shard
-from .plan import Unit
-from .spec import content_hash
+from pipeline.protocol import evaluate
+from pipeline.data import load_split, select
+from pipeline.defenses import build_defense
+from pipeline.store import Store, records_to_table
+from pipeline.store.unit import commit_unit
+from pipeline.runtime import faults
+from pipeline.runtime.grid import Gang, member_call, shard
+from pipeline.runtime.plan import Unit
+from pipeline.config.job import content_hash
 
 
 def visible_device(want_gpu: bool) -> str:

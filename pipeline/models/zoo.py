@@ -13,10 +13,10 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import load_checkpoint
-from .data import num_classes
-from .errors import CheckpointError, ConfigError
-from .models import build_model
+from pipeline.models.checkpoint import load_checkpoint
+from pipeline.data import num_classes
+from pipeline.errors import CheckpointError, ConfigError
+from pipeline.models.registry import build_model
 
 ROLES = ("diffusion", "erm", "mixup", "iat", "pgd_at")
 
@@ -38,11 +38,11 @@ def default_checkpoint(dataset: str, role: str, progress: bool = True) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one trainer; the others wait, then load
         if not (path / "config.json").exists():
             if role == "diffusion":
-                from .diffusion.train import train_default_diffusion
+                from pipeline.training.diffusion import train_default_diffusion
 
                 train_default_diffusion(dataset, path, progress=progress)
             else:
-                from .classifiers.train import train_default_classifier
+                from pipeline.training.classifier import train_default_classifier
 
                 train_default_classifier(dataset, role, path, progress=progress)
     return path

@@ -21,14 +21,14 @@ import time
 import torch
 from torch import nn
 
-from .. import rng
-from ..defenses.base import Defense
-from ..defenses.plain import Plain
-from ..errors import AttackError, ConfigError
-from ..evaluation import predict
-from .autoattack import build_autoattack, eot_iterations, run_autoattack
-from .pgd import pgd_attack
-from .spec import attack_name, parse_attack
+from pipeline import rng
+from pipeline.defenses.base import Defense
+from pipeline.defenses.plain import Plain
+from pipeline.errors import AttackError, ConfigError
+from pipeline.protocol.predict import predict
+from pipeline.attacks.autoattack import build_autoattack, eot_iterations, run_autoattack
+from pipeline.attacks.pgd import pgd_attack
+from pipeline.config.attack import attack_name, parse_attack
 
 TOLERANCE = 1e-6  # slack for float rounding when checking the eps ball and the box
 
@@ -138,7 +138,7 @@ def evaluate(defense: Defense, attack_config: dict, x: torch.Tensor, y: torch.Te
              extras: dict | None = None) -> list[dict]:
     """Attack and score `defense` on x (B, C, H, W) in [0, 1] with labels y (B,); one dict per example.
 
-    attack_config: an attack table (see pipeline.attacks.spec). example_ids: (B,) ints, the
+    attack_config: an attack table (see pipeline.config.attack). example_ids: (B,) ints, the
     ids that seed each example's draws. surrogate: the crafting model of a transfer attack
     (default: built from the table's `surrogate`). progress: optional callable(n_done).
     extras: optional dict, filled with "x_adv" (B, C, H, W), the adversarial inputs as scored,
@@ -146,7 +146,7 @@ def evaluate(defense: Defense, attack_config: dict, x: torch.Tensor, y: torch.Te
     """
     spec = parse_attack(attack_config)
     if spec.kind == "transfer" and surrogate is None:
-        from ..defenses.build import build_defense  # the surrogate is a defense table too
+        from pipeline.defenses.build import build_defense  # the surrogate is a defense table too
 
         surrogate = build_defense(spec.surrogate)
     inner = parse_attack(spec.attack) if spec.kind == "transfer" else spec

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from pipeline.errors import CheckpointError
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"

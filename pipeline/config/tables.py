@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import TypeAdapter, ValidationError
 
-from .errors import ConfigError, config_error
+from pipeline.errors import ConfigError, config_error
 
 
 def validate_table(adapter: TypeAdapter, config: dict, what: str, kinds: tuple[str, ...]):

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import save_checkpoint
-from ..errors import ConfigError, InputError
-from .schedule import VPSchedule
+from pipeline.models.checkpoint import save_checkpoint
+from pipeline.errors import ConfigError, InputError
+from pipeline.diffusion.schedule import VPSchedule
 
 # Default training recipe per dataset: what `train_default_diffusion` runs. Digits: ~60 s on
 # 2 CPU cores (1000 steps of 128 = 89 epochs of the 1442 training images); the loss plateaus
@@ -113,12 +113,12 @@ def train_diffusion(
     """Train a class-conditional epsilon model on (x, y) with the DDPM loss; return (EMA model, stats).
 
     x float32 (N, C, H, W) in [0, 1] (mapped to 2x - 1 here), y int64 (N,) in [0, num_classes).
-    config: a model config for `pipeline.models.build_model` (e.g. `unet_config("digits")`).
+    config: a model config for `pipeline.models.registry.build_model` (e.g. `unet_config("digits")`).
     Adam with a linear warmup over `warmup` steps, then constant lr (DDPM). Batches are drawn
     with replacement. stats: {"seconds", "loss" (mean of the last 100 steps), "steps", "losses"
     (per-step float list)}. The EMA model is returned in eval mode on CPU.
     """
-    from ..models import build_model
+    from pipeline.models.registry import build_model
 
     _check_data(x, y)
     if steps < 1 or batch_size < 1:
@@ -169,8 +169,8 @@ def train_default_diffusion(dataset: str, out_dir: str | Path, progress: bool = 
     Only "digits" has a CPU-sized default recipe; CIFAR models are trained elsewhere (DDPM's
     800k steps) and loaded as checkpoints. meta: dataset, seconds, steps, loss, recipe, seed.
     """
-    from ..data import load_split
-    from .unet import unet_config
+    from pipeline.data import load_split
+    from pipeline.models.unet import unet_config
 
     if dataset not in DEFAULT_TRAINING:
         raise ConfigError(f"no default diffusion training recipe for dataset {dataset!r}; expected one of {sorted(DEFAULT_TRAINING)}")

@@ -38,9 +38,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..attacks.spec import attack_name, parse_attack
-from ..defenses.build import defense_name, parse_defense
-from ..errors import ConfigError, config_error
+from pipeline.config.attack import attack_name, parse_attack
+from pipeline.defenses.build import defense_name, parse_defense
+from pipeline.errors import ConfigError, config_error
 
 
 class DataSpec(BaseModel):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, InputError
+from pipeline.errors import ConfigError, InputError
 
 
 def _num_groups(channels: int) -> int:
@@ -200,7 +200,7 @@ class UNet(nn.Module):
     x (B, C, H, W) in model space (data 2x-1 in [-1, 1] plus noise), t int64 (B,) in [0, T),
     y int64 (B,) in [0, num_classes]; y == num_classes is the NULL (unconditional) class.
     Returns eps prediction (B, C, H, W). All constructor arguments are JSON-able and kept in
-    `self.config`, from which `pipeline.models.build_model` rebuilds the model.
+    `self.config`, from which `pipeline.models.registry.build_model` rebuilds the model.
     """
 
     def __init__(

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import save_checkpoint
-from ..errors import ConfigError, InputError
+from pipeline.models.checkpoint import save_checkpoint
+from pipeline.errors import ConfigError, InputError
 
 METHODS = ("erm", "mixup", "iat", "pgd_at")
 
@@ -153,7 +153,7 @@ def train_classifier(
     it is smaller than 2 (mixup needs a partner). Returns (model in eval mode on CPU, stats)
     with stats {"seconds", "loss" (mean of the last epoch), "epochs", "method"}.
     """
-    from ..models import build_model
+    from pipeline.models.registry import build_model
 
     if method not in METHODS:
         raise ConfigError(f"unknown training method {method!r}; expected one of {METHODS}")
@@ -187,7 +187,7 @@ def train_classifier(
         raise ConfigError(f"unknown optimizer {optimizer!r}; expected 'adam' or 'sgd'")
     pgd = PGD(eps, pgd_steps) if method in ("iat", "pgd_at") else None
 
-    from ..diffusion.train import _progress
+    from pipeline.training.diffusion import _progress
 
     bar, task = _progress(progress, f"train {config.get('arch')} ({method})", total_steps)
     start = time.perf_counter()
@@ -242,7 +242,7 @@ def train_default_classifier(
 
     Returns (model, meta); meta: dataset, method, seconds, test_accuracy, recipe, seed.
     """
-    from ..data import load_split
+    from pipeline.data import load_split
 
     if dataset not in DEFAULT_TRAINING:
         raise ConfigError(f"no default classifier training recipe for dataset {dataset!r}; expected one of {sorted(DEFAULT_TRAINING)}")

@@ -15,10 +15,10 @@ import time
 import ray
 import torch
 
-from ..data import load_split
-from ..defenses import build_defense
-from .grid import Gang, shard
-from .worker import Worker
+from pipeline.data import load_split
+from pipeline.defenses import build_defense
+from pipeline.runtime.grid import Gang, shard
+from pipeline.runtime.worker import Worker
 
 
 def _best(fn, repeat: int) -> float:

@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .errors import CheckpointError, ConfigError, DatasetError, InputError, RobustsweepError
+from pipeline.errors import CheckpointError, ConfigError, DatasetError, InputError, RobustsweepError
 
 app = typer.Typer(help="Robustness sweeps of inference-time defenses (RDC, Mixup Inference).", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -34,7 +34,7 @@ def train_diffusion_cmd(
     seed: int = typer.Option(0, help="seed of all training draws"),
 ):
     """Train the default class-conditional UNet of DATASET (DDPM loss, label dropout 0.1, EMA)."""
-    from .diffusion.train import train_default_diffusion
+    from pipeline.training.diffusion import train_default_diffusion
 
     try:
         _, meta = train_default_diffusion(dataset, out, progress=True, seed=seed)
@@ -51,7 +51,7 @@ def train_classifier_cmd(
     seed: int = typer.Option(0, help="seed of all training draws"),
 ):
     """Train the default classifier of DATASET with METHOD."""
-    from .classifiers.train import train_default_classifier
+    from pipeline.training.classifier import train_default_classifier
 
     try:
         _, meta = train_default_classifier(dataset, method, out, progress=True, seed=seed)
@@ -71,9 +71,9 @@ def accuracy_cmd(
     """Clean accuracy of one defense on a split (no attack)."""
     from rich.progress import Progress
 
-    from .data import load_split
-    from .defenses import build_defense
-    from .evaluation import predict
+    from pipeline.data import load_split
+    from pipeline.defenses import build_defense
+    from pipeline.protocol.predict import predict
 
     try:
         table = json.loads(defense)
@@ -96,7 +96,7 @@ def accuracy_cmd(
 
 
 def _job(path: Path):
-    from .runtime.spec import load_job
+    from pipeline.config.job import load_job
 
     try:
         return load_job(path)
@@ -107,8 +107,8 @@ def _job(path: Path):
 @app.command("validate")
 def validate_cmd(job: Path = typer.Argument(..., help="job file (TOML)")):
     """Check a job file and print what it expands to (defenses, attacks, units); writes nothing."""
-    from .data import load_split
-    from .runtime.plan import plan, run_id_for
+    from pipeline.data import load_split
+    from pipeline.runtime.plan import plan, run_id_for
 
     spec = _job(job)
     try:
@@ -138,7 +138,7 @@ def run_cmd(
     min_gpus: int = typer.Option(0, help="wait (up to 10 min) until the cluster has this many GPUs before starting workers"),
 ):
     """Run a job on a Ray cluster (resuming committed units) and print its report."""
-    from .runtime.run import run_job
+    from pipeline.runtime.run import run_job
 
     spec = _job(job)
     try:
@@ -164,8 +164,8 @@ def status_cmd(
     address: Optional[str] = typer.Option(None, help="a cluster's dashboard URL (http://HEAD:8265): the argument is then a submission id"),
 ):
     """Units done / failed / left, rows and throughput of a run; with --address, the state of a submitted job."""
-    from .runtime.status import run_status
-    from .runtime.submit import job_status
+    from pipeline.runtime.status import run_status
+    from pipeline.runtime.submit import job_status
 
     try:
         if address is not None:
@@ -190,7 +190,7 @@ def _env_pairs(pairs: list[str]) -> dict[str, str]:
 
 
 def _follow(address: str, submission_id: str) -> dict:
-    from .runtime.submit import follow_job
+    from pipeline.runtime.submit import follow_job
 
     def write(text: str) -> None:
         sys.stdout.write(text)
@@ -223,7 +223,7 @@ def submit_cmd(
     forward_aws: bool = typer.Option(True, help="pass the AWS_* variables set here (credentials, region, endpoint) to the job"),
 ):
     """Submit a job to a running Ray cluster (Ray Jobs API); prints the submission id."""
-    from .runtime.submit import aws_variables, submit_job
+    from pipeline.runtime.submit import aws_variables, submit_job
 
     try:
         submission_id = submit_job(job, address, out=out, workers=workers, run_id=run_id, fresh=fresh,
@@ -257,7 +257,7 @@ def logs_cmd(
     follow: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends; exit 0 if it succeeded, else 1"),
 ):
     """The logs of a submitted job."""
-    from .runtime.submit import job_logs
+    from pipeline.runtime.submit import job_logs
 
     try:
         if not follow:
@@ -278,7 +278,7 @@ def stop_cmd(
     wait: bool = typer.Option(True, help="wait (at most 60 s) until the job has stopped"),
 ):
     """Stop a submitted job; committed units stay, a later submit of the same job resumes."""
-    from .runtime.submit import stop_job
+    from pipeline.runtime.submit import stop_job
 
     try:
         st = stop_job(address, submission_id, wait=wait)
@@ -299,7 +299,7 @@ def _emit_report(report: dict, fmt: str) -> None:
     """Print report sections ({section: rows}) in one of REPORT_FORMATS (csv: one section)."""
     from rich.console import Console as Out
 
-    from .analytics.render import render_tables, report_markdown, to_csv, to_json
+    from pipeline.analytics.render import render_tables, report_markdown, to_csv, to_json
 
     if fmt == "markdown":
         print(report_markdown(report))
@@ -316,7 +316,7 @@ def _emit_report(report: dict, fmt: str) -> None:
 
 def _print_report(uris: list[str], endpoint_url: str | None, fmt: str) -> None:
     """The accuracy summary of runs (what `run` prints at the end); an empty run prints an empty table."""
-    from .analytics import build_report, connect
+    from pipeline.analytics import build_report, connect
 
     con = connect(uris, endpoint_url=endpoint_url, require=False)
     try:
@@ -337,8 +337,8 @@ def report_cmd(
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
 ):
     """Accuracy (95% Wilson), per-class accuracy, the attack stage that broke each example, cost, sanity flags; figures and exports."""
-    from .analytics.outputs import analyze
-    from .analytics.report import SECTIONS
+    from pipeline.analytics.outputs import analyze
+    from pipeline.analytics.report import SECTIONS
 
     _check_format(format)
     sections = section or (["summary"] if format == "csv" else list(SECTIONS))
@@ -376,8 +376,8 @@ def compare_cmd(
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
 ):
     """Paired A vs B on the same (attack, eps, example): accuracy difference with a bootstrap interval, exact McNemar test."""
-    from .analytics import connect
-    from .analytics.compare import compare
+    from pipeline.analytics import connect
+    from pipeline.analytics.compare import compare
 
     _check_format(format)
     if resamples < 1:
@@ -403,7 +403,7 @@ def sql_cmd(
     """Run SQL (DuckDB) over the records of runs, local or S3: e.g. robustsweep sql results/demo-x "SELECT defense, avg(adv_correct::INT) FROM results GROUP BY ALL"."""
     from rich.console import Console as Out
 
-    from .analytics.sql import arrow_csv, arrow_json, render_arrow, run_sql
+    from pipeline.analytics.sql import arrow_csv, arrow_json, render_arrow, run_sql
 
     _check_format(format, ("table", "csv", "json"))
     if len(args) < 2:
@@ -443,7 +443,7 @@ def bench_elbo_cmd(
 ):
     """RDC logits and gradients: the reference strategy (class loop, 64-timestep chunks, one example at a time) vs the engine,
     with FLOPs against a matmul peak measured in the same run."""
-    from .bench import bench_elbo
+    from pipeline.bench.elbo import bench_elbo
 
     try:
         compiled = {"off": False, "forward": "forward", "on": True}.get(compile)
@@ -491,7 +491,7 @@ def bench_scaling_cmd(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ):
     """The same job through Ray (run_job, 1 and 2 actors, one thread each) and split by hand into independent processes."""
-    from .bench_scaling import bench_scaling
+    from pipeline.bench.scaling import bench_scaling
 
     try:
         counts = tuple(int(w) for w in workers.split(","))
@@ -526,7 +526,7 @@ def bench_grid_cmd(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ):
     """Grid sharding: seconds of one batch's RDC logits and of one exact input gradient for G = 1, 2, 3 actors."""
-    from .runtime.bench import bench_grid
+    from pipeline.bench.grid import bench_grid
 
     try:
         sizes = tuple(int(g) for g in gangs.split(",")) if gangs else None
@@ -561,7 +561,7 @@ def bench_report_cmd(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ):
     """The full report (every section, rendered) over ROWS synthetic records read from Parquet."""
-    from .analytics.bench import bench_report
+    from pipeline.bench.report import bench_report
 
     if rows < 1 or repeats < 1 or files < 1:
         _fail(ConfigError(f"--rows, --files and --repeats must be >= 1, got {rows}, {files} and {repeats}"))
@@ -574,11 +574,3 @@ def bench_report_cmd(
         return
     console.print(f"report over {result['rows']} rows in {result['files']} Parquet files: "
                   f"{result['report_seconds']:.3f} s (best of {len(result['runs'])}: {result['runs']})")
-
-
-def main() -> None:  # pragma: no cover - the console script
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())

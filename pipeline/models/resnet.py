@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InputError
+from pipeline.errors import InputError
 
 # Per-channel CIFAR-10 training-set statistics; the model standardises [0, 1] inputs itself.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)

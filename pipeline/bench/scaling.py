@@ -10,7 +10,7 @@ models. The ratio of their throughputs is what the queue, the actors and the dri
 spread over the units it is the Ray overhead per unit.
 
 A process slice is also a module entry point:
-`python -m pipeline.bench_scaling --job job.json --begin 0 --end 6 --out DIR`.
+`python -m pipeline.bench.scaling --job job.json --begin 0 --end 6 --out DIR`.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from .data import load_split, select
-from .runtime.plan import Unit, plan
-from .runtime.spec import parse_job
+from pipeline.data import load_split, select
+from pipeline.runtime.plan import Unit, plan
+from pipeline.config.job import parse_job
 
 
 def scaling_job(examples: int = 48, shard_size: int = 4, timesteps: int = 10, steps: int = 5, passes: int = 2) -> dict:
@@ -57,10 +57,10 @@ def run_slice(doc: dict, begin: int, end: int, out: str) -> int:
     """
     import torch
 
-    from .attacks import evaluate
-    from .defenses import build_defense
-    from .store import Store, records_to_table
-    from .store.unit import commit_unit
+    from pipeline.protocol import evaluate
+    from pipeline.defenses import build_defense
+    from pipeline.store import Store, records_to_table
+    from pipeline.store.unit import commit_unit
 
     torch.set_num_threads(1)
     job = parse_job(doc)
@@ -89,7 +89,7 @@ def _by_hand(doc: dict, n_units: int, processes: int, out: Path) -> float:
     job_file.write_text(json.dumps(doc))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     start = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.bench_scaling", "--job", str(job_file), "--begin",
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.bench.scaling", "--job", str(job_file), "--begin",
                                str(b), "--end", str(e), "--out", str(out / "records")], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for b, e in split_by_hand(n_units, processes)]
@@ -103,7 +103,7 @@ def _by_hand(doc: dict, n_units: int, processes: int, out: Path) -> float:
 
 def _with_ray(job, workers: int, out: Path) -> tuple[float, str]:
     """Seconds of run_job with `workers` actors (one thread each) on the running cluster, and the run folder."""
-    from .runtime.run import run_job
+    from pipeline.runtime.run import run_job
 
     start = time.perf_counter()
     result = run_job(job, str(out), workers=workers, progress=False, fresh=True)
@@ -140,7 +140,7 @@ def bench_scaling(examples: int = 48, shard_size: int = 4, timesteps: int = 10, 
     job = parse_job(doc)
     x, _ = load_split("digits", "test")
     n_units = len(plan(job, x.shape[0]))
-    from .runtime.run import prepare_models
+    from pipeline.runtime.run import prepare_models
 
     prepare_models(job, progress=False)  # trained once here, not inside either timing
     load_before = os.getloadavg()
@@ -181,7 +181,7 @@ def bench_scaling(examples: int = 48, shard_size: int = 4, timesteps: int = 10, 
 
 def main(argv: list[str] | None = None) -> int:
     """One process of the hand split: --job FILE --begin B --end E --out DIR."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench_scaling", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.scaling", description=main.__doc__)
     parser.add_argument("--job", required=True, help="the job as JSON")
     parser.add_argument("--begin", type=int, required=True, help="first unit (in plan order)")
     parser.add_argument("--end", type=int, required=True, help="one past the last unit")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .rng import Draw
+from pipeline.rng import Draw
 
 
 def predict(defense, x: torch.Tensor, example_ids: torch.Tensor | None = None, *, seed: int = 0,

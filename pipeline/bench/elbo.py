@@ -23,10 +23,10 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from .data import load_split
-from .defenses import build_defense
-from .defenses.engine import EngineOptions, autocast_dtype, chunk_size
-from .rng import Draw
+from pipeline.data import load_split
+from pipeline.defenses import build_defense
+from pipeline.defenses.engine import EngineOptions, autocast_dtype, chunk_size
+from pipeline.rng import Draw
 
 
 def _reference_logits(rdc, x: torch.Tensor, draw: Draw, eps_model=None, chunk: int = 64) -> torch.Tensor:

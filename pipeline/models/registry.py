@@ -1,6 +1,6 @@
 """Build a model from its JSON config: the one place that maps config["arch"] to a class.
 
-Checkpoints store only a config and tensors (see pipeline.checkpoint); this function is the
+Checkpoints store only a config and tensors (see pipeline.models.checkpoint); this function is the
 `build` that `load_checkpoint` calls.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 ARCHS = ("unet", "cnn", "resnet18")
 
@@ -20,11 +20,11 @@ def build_model(config: dict) -> nn.Module:
     arch = config["arch"]
     kwargs = {k: v for k, v in config.items() if k != "arch"}
     if arch == "unet":
-        from .diffusion.unet import UNet as cls
+        from pipeline.models.unet import UNet as cls
     elif arch == "cnn":
-        from .classifiers.cnn import SmallCNN as cls
+        from pipeline.models.cnn import SmallCNN as cls
     elif arch == "resnet18":
-        from .classifiers.resnet import ResNet18 as cls
+        from pipeline.models.resnet import ResNet18 as cls
     else:
         raise ConfigError(f"model config: unknown arch {arch!r}; expected one of {ARCHS}")
     try:

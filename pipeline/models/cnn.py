@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ConfigError, InputError
+from pipeline.errors import ConfigError, InputError
 
 
 class SmallCNN(nn.Module):

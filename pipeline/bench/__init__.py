@@ -1,0 +1,1 @@
+"""Benchmarks (`robustsweep bench ...`): speed is measured here, never in tests."""

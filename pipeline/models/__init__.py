@@ -1,0 +1,5 @@
+"""Architectures, their registry, checkpoints (safetensors + JSON) and the default-model cache."""
+
+from pipeline.models.registry import build_model
+
+__all__ = ["build_model"]

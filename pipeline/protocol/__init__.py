@@ -1,0 +1,6 @@
+"""The evaluation protocol: how a unit's examples are attacked and judged, one record per example."""
+
+from pipeline.protocol.evaluate import check_perturbation, evaluate, sweep_flags
+from pipeline.protocol.predict import predict
+
+__all__ = ["evaluate", "sweep_flags", "check_perturbation", "predict"]
