@@ -70,6 +70,7 @@ def test_bad_tables_name_the_field(table, field):
     assert str(info.value).startswith(field)
 
 
+@pytest.mark.slow
 def test_cli_accuracy_and_exit_codes():
     ok = subprocess.run([sys.executable, "-m", "pipeline.cli", "accuracy",
                          json.dumps({"kind": "rdc", "model": "optimal", "timesteps": 10}), "--limit", "20"],
@@ -80,3 +81,4 @@ def test_cli_accuracy_and_exit_codes():
     bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "accuracy", json.dumps({"kind": "rdc", "timesteps": 0})],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "defense.timesteps" in bad.stderr
+

@@ -13,6 +13,7 @@ from pipeline.rng import Draw
 
 from test_rdc import naive_rdc_logits  # the ELBO written as a loop, one class and timestep per call
 
+
 # Two levels, two ResBlocks a level, attention at 8x8: the shared terms sit in other places
 # than in the digits UNet (the first level has two blocks, the last block reads 32 + 16 channels).
 WIDE = {"in_channels": 3, "image_size": 16, "num_classes": 4, "base_channels": 16, "channel_mult": [1, 2],
@@ -164,10 +165,13 @@ def test_engine_options_are_checked():
         EngineOptions(compile="backward")
 
 
-def test_engine_spec_takes_forward_only_compilation_and_defenses_come_frozen():
+def test_engine_spec_takes_forward_only_compilation_and_defenses_come_frozen(tmp_path):
     from pipeline.defenses import build_defense
+    from pipeline.models.checkpoint import save_checkpoint
 
-    spec = {"kind": "rdc", "model": "default", "dataset": "digits", "timesteps": 2,
+    unet = _unet(unet_config("digits")).float()  # untrained: what is checked is the spec and the frozen weights
+    save_checkpoint(tmp_path / "unet", unet, unet_config("digits"))
+    spec = {"kind": "rdc", "model": str(tmp_path / "unet"), "dataset": "digits", "timesteps": 2,
             "engine": {"compile": "forward", "autocast": "bf16"}}
     rdc = build_defense(spec)
     assert rdc.engine.compile == "forward" and rdc.engine.autocast == "bf16"
@@ -209,10 +213,13 @@ def test_flop_counter_counts_a_known_layer():
     assert count_flops(lambda: lin(torch.randn(4, 7))) == 2 * 4 * 7 * 11
 
 
-def test_autocast_bf16_predictions_match_float32_on_the_digits_test_split():
+@pytest.mark.slow  # on the trained default UNet, which a fresh session trains first
+def test_autocast_bf16_predictions_match_float32_on_the_digits_test_split(default_models):
     """The check that autocast must pass before a GPU sweep uses it; on a CPU-only machine it
     runs in bf16 on the CPU (a GPU, where present, is checked in bf16 and fp16)."""
     from pipeline.bench.elbo import autocast_agreement
+
+    default_models("diffusion")
 
     devices = [("cpu", "bf16")] + ([("cuda", "bf16"), ("cuda", "fp16")] if torch.cuda.is_available() else [])
     for device, dtype in devices:

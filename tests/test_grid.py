@@ -9,7 +9,6 @@ import ray
 import torch
 
 from pipeline.protocol import evaluate
-from pipeline.data import load_split
 from pipeline.defenses import build_defense
 from pipeline.config.job import parse_job
 from pipeline.runtime import run_job
@@ -37,10 +36,9 @@ def gpu_actors(n):
             for i in range(n)]
 
 
-@pytest.fixture(scope="module")
-def digits():
-    x, y = load_split("digits", "test")
-    return x[:3], y[:3]
+@pytest.fixture(scope="module", autouse=True)
+def _mixup_model(default_models):
+    default_models("mixup")  # the "mi" table's default classifier, prepared as a run's driver does
 
 
 def logits_and_grad(defense, x):
@@ -56,7 +54,7 @@ def logits_and_grad(defense, x):
 @pytest.mark.parametrize("name", list(TABLES))
 @pytest.mark.parametrize("with_leader", [False, True])
 def test_gang_equals_one_actor(ray_cluster, digits, name, with_leader):
-    x, _ = digits
+    x = digits.x_test[:3]
     table = TABLES[name]
     defense = build_defense(table)
     ref_out, ref_grad = logits_and_grad(defense, x)
@@ -81,7 +79,7 @@ def test_gang_equals_one_actor(ray_cluster, digits, name, with_leader):
 
 def test_lm_steps_are_split_across_the_gang(ray_cluster, digits):
     """RDC+LM with BPDA: every LM step's samples are spread, one gang call per step and member."""
-    x, _ = digits
+    x = digits.x_test[:3]
     table = TABLES["rdc+lm"]
     defense = build_defense(table)
     actors = gpu_actors(2)
@@ -108,7 +106,7 @@ def attack_records(defense, x, y):
 
 
 def test_member_killed_mid_attack_gives_the_same_result(ray_cluster, digits):
-    x, y = digits[0][:2], digits[1][:2]
+    x, y = digits.x_test[:2], digits.y_test[:2]
     table = TABLES["rdc+lm"]
     defense = build_defense(table)
     undisturbed = attack_records(defense, x, y)

@@ -9,7 +9,6 @@ import torch
 
 from pipeline.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint, read_config, save_checkpoint
 from pipeline.training.classifier import evaluate_accuracy, train_classifier
-from pipeline.data import load_split
 from pipeline.training.diffusion import train_diffusion
 from pipeline.models.unet import UNet, unet_config
 from pipeline.errors import CheckpointError, ConfigError
@@ -24,11 +23,6 @@ SMALL_CIFAR_UNET = {"arch": "unet", "in_channels": 3, "image_size": 32, "num_cla
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_split("digits", "train") + load_split("digits", "test")
 
 
 def _unet_inputs(cfg, B=4, seed=0):

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from pipeline import rng
-from pipeline.data import load_split
 from pipeline.defenses.lm import LikelihoodMaximization
 from pipeline.defenses.rdc import RDC
 from pipeline.diffusion.optimal import OptimalEps
@@ -21,13 +20,8 @@ def draw_for(ids, seed=0, calls=None):
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_split("digits", "train"), load_split("digits", "test")
-
-
-@pytest.fixture(scope="module")
 def optimal(digits):
-    (xtr, ytr), _ = digits
+    xtr, ytr = digits.x_train, digits.y_train
     return OptimalEps(xtr, ytr, 10)
 
 
@@ -92,7 +86,7 @@ def naive_rdc_logits(model, x, ts, draw, num_classes, temperature=1.0, log_prior
 
 
 def test_rdc_engine_matches_the_formula_values_and_gradients(digits, optimal):
-    _, (xte, _) = digits
+    xte = digits.x_test
     model = optimal
     x = xte[:3].double().requires_grad_(True)
     draw = draw_for([7, 8, 9])
@@ -135,7 +129,7 @@ def test_rdc_unet_path_matches_the_formula():
 
 
 def test_rdc_optimal_classifies_digits(digits, optimal):
-    _, (xte, yte) = digits
+    xte, yte = digits.x_test, digits.y_test
     rdc = RDC(optimal, 10, 1, 8, timesteps=50)
     with torch.no_grad():
         acc = (rdc(xte).argmax(1) == yte).float().mean().item()
@@ -143,7 +137,7 @@ def test_rdc_optimal_classifies_digits(digits, optimal):
 
 
 def test_partials_sum_to_the_output_for_any_split(digits, optimal):
-    _, (xte, _) = digits
+    xte = digits.x_test
     x, draw = xte[:5], draw_for([3, 1, 4, 1, 5])
     rdc = RDC(optimal, 10, 1, 8, timesteps=20, prior=torch.linspace(1, 2, 10).tolist(), temperature=0.5)
     full = rdc.evaluate(x, draw)
@@ -159,7 +153,7 @@ def test_partials_sum_to_the_output_for_any_split(digits, optimal):
 
 
 def test_logits_do_not_depend_on_batch_size_or_order(digits, optimal):
-    _, (xte, _) = digits
+    xte = digits.x_test
     x, ids = xte[:32], torch.arange(100, 132)
     rdc = RDC(optimal, 10, 1, 8, timesteps=10)
     together = rdc.evaluate(x, draw_for(ids))
@@ -173,7 +167,7 @@ def test_logits_do_not_depend_on_batch_size_or_order(digits, optimal):
 
 
 def test_noise_is_shared_across_classes_and_fresh_across_calls(digits, optimal):
-    _, (xte, _) = digits
+    xte = digits.x_test
     rdc = RDC(optimal, 10, 1, 8, timesteps=10).bind([0, 1])
     first, second = rdc(xte[:2]), rdc(xte[:2])
     assert not torch.allclose(first, second)  # EOT sees fresh noise per call
@@ -187,7 +181,7 @@ def test_noise_is_shared_across_classes_and_fresh_across_calls(digits, optimal):
 
 
 def test_pruning_keeps_the_finalists_on_top(digits, optimal):
-    _, (xte, yte) = digits
+    xte, yte = digits.x_test, digits.y_test
     rdc = RDC(optimal, 10, 1, 8, pruning=[(10, 3), (50, 1)])
     with torch.no_grad():
         logits = rdc(xte[:60])
@@ -201,7 +195,7 @@ def test_pruning_keeps_the_finalists_on_top(digits, optimal):
 
 
 def test_lm_stays_in_the_ball_and_lowers_the_loss(digits, optimal):
-    _, (xte, _) = digits
+    xte = digits.x_test
     x = xte[:16]
     draw = draw_for(torch.arange(16))
     lm = LikelihoodMaximization(optimal, 10)
@@ -218,7 +212,7 @@ def test_lm_stays_in_the_ball_and_lowers_the_loss(digits, optimal):
 
 
 def test_lm_gradient_paths(digits, optimal):
-    _, (xte, _) = digits
+    xte = digits.x_test
     model = optimal
     # Pixels off the box edges so that no gradient is exactly zero (sign(0) would jump under
     # finite differences); the dark pixels still hit the box at 0 within the steps.
