@@ -7,11 +7,10 @@ import torch
 from pipeline.bench.elbo import count_flops
 from pipeline.defenses.engine import EngineOptions, plan
 from pipeline.defenses.rdc import RDC
+from pipeline.defenses.reference import reference_logits
 from pipeline.models.unet import UNet, unet_config
 from pipeline.errors import ConfigError
 from pipeline.rng import Draw
-
-from test_rdc import naive_rdc_logits  # the ELBO written as a loop, one class and timestep per call
 
 
 # Two levels, two ResBlocks a level, attention at 8x8: the shared terms sit in other places
@@ -89,7 +88,7 @@ def test_engine_equals_the_plain_computation_values_and_gradients(cfg, chunk):
     xg = x.clone().requires_grad_(True)
     got = rdc.evaluate(xg, draw)
     xr = x.clone().requires_grad_(True)
-    want = naive_rdc_logits(model, xr, rdc.ts, draw, K)
+    want = reference_logits(model, xr, rdc.ts, draw, K)
     assert torch.allclose(got, want, atol=1e-10, rtol=1e-10)
     w = torch.randn(2, K, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     (g_engine,) = torch.autograd.grad((got * w).sum(), xg)

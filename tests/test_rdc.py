@@ -8,6 +8,7 @@ import torch
 from pipeline import rng
 from pipeline.defenses.lm import LikelihoodMaximization
 from pipeline.defenses.rdc import RDC
+from pipeline.defenses.reference import reference_logits
 from pipeline.diffusion.optimal import OptimalEps
 from pipeline.diffusion.schedule import VPSchedule
 from pipeline.errors import ConfigError, InputError
@@ -66,25 +67,6 @@ def test_optimal_model_equals_brute_force():
         assert torch.allclose(every[:, c], brute_force_eps(x, y, x_t, t, torch.full((6,), c), 3), atol=1e-10)
 
 
-def naive_rdc_logits(model, x, ts, draw, num_classes, temperature=1.0, log_prior=None):
-    """logit_y = -(1/|S|) sum_t ||eps(sqrt(a_t)(2x-1) + s_t e_t, t, y) - e_t||^2 / tau + log p(y), a loop."""
-    sch = VPSchedule()
-    e = draw.normal(rng.ELBO_NOISE, ts, tuple(x.shape[1:]), dtype=x.dtype)
-    out = []
-    for c in range(num_classes):
-        total = 0
-        for j, t in enumerate(ts.tolist()):
-            a = sch.alpha[t].item()
-            x_t = math.sqrt(a) * (2 * x - 1) + math.sqrt(1 - a) * e[:, j]
-            eps = model(x_t, torch.full((x.shape[0],), t), torch.full((x.shape[0],), c))
-            total = total + ((eps - e[:, j]) ** 2).flatten(1).sum(1)
-        logit = -total / len(ts) / temperature
-        if log_prior is not None:
-            logit = logit + log_prior[c]
-        out.append(logit)
-    return torch.stack(out, 1)
-
-
 def test_rdc_engine_matches_the_formula_values_and_gradients(digits, optimal):
     xte = digits.x_test
     model = optimal
@@ -93,7 +75,7 @@ def test_rdc_engine_matches_the_formula_values_and_gradients(digits, optimal):
     prior = torch.tensor([0.05] * 5 + [0.15] * 5, dtype=torch.float64)
     rdc = RDC(model, 10, 1, 8, timesteps=7, batch_size=5, temperature=2.0, prior=prior)
     got = rdc.evaluate(x, draw)
-    ref = naive_rdc_logits(model, x, rdc.ts, draw, 10, temperature=2.0, log_prior=torch.log(prior / prior.sum()))
+    ref = reference_logits(model, x, rdc.ts, draw, 10, temperature=2.0, log_prior=torch.log(prior / prior.sum()))
     assert torch.allclose(got, ref, atol=1e-9)
     w = torch.randn(3, 10, dtype=torch.float64)
     (g_engine,) = torch.autograd.grad((got * w).sum(), x)
@@ -121,7 +103,7 @@ def test_rdc_unet_path_matches_the_formula():
     draw = draw_for([0, 1, 2, 3])
     rdc = RDC(net, 3, 1, 2, timesteps=11, batch_size=7)
     got = rdc.evaluate(x, draw)
-    ref = naive_rdc_logits(net, x, rdc.ts, draw, 3)
+    ref = reference_logits(net, x, rdc.ts, draw, 3)
     assert torch.allclose(got, ref, atol=1e-10)
     (g1,) = torch.autograd.grad(got.logsumexp(1).sum(), x)
     (g2,) = torch.autograd.grad(ref.logsumexp(1).sum(), x)

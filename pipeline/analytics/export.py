@@ -26,10 +26,10 @@ from the default attack name prefix "aa-".
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 from pipeline.analytics.render import format_eps
+from pipeline.names import safe_name
 from pipeline.analytics.source import Source, as_connection
 
 
@@ -143,10 +143,8 @@ def robustbench_entries(source: Source, *, plans: Sequence[Mapping] = (), runs: 
 
 def entry_path(entry: Mapping) -> str:
     """Where an entry goes under the export folder: {dataset}/{threat_model}/{name}_eps{eps}.json."""
-    def safe(text: str) -> str:
-        return re.sub(r"[^A-Za-z0-9._+-]", "_", str(text))
-
-    return f"{safe(entry['dataset'])}/{safe(entry['threat_model'])}/{safe(entry['name'])}_eps{safe(entry['eps'])}.json"
+    return (f"{safe_name(entry['dataset'])}/{safe_name(entry['threat_model'])}/"
+            f"{safe_name(entry['name'])}_eps{safe_name(entry['eps'])}.json")
 
 
 def write_robustbench(entries: Sequence[Mapping], out: str, endpoint_url: str | None = None) -> list[str]:

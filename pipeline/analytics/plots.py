@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 
 from pipeline.analytics.render import format_eps
 from pipeline.analytics.source import Source, as_connection
+from pipeline.names import safe_name
 
 FIGSIZE = (8.0, 5.0)
 DPI = 100
@@ -33,11 +34,6 @@ T = 1000  # diffusion timesteps of the VP schedule (DESIGN.md): what RDC's "all"
 NORM_COLUMN = {"Linf": "linf", "L2": "l2", "L1": "l1"}
 
 Plot = tuple[str, bytes]
-
-
-def safe_name(text: str) -> str:
-    """A file-name fragment from a defense/attack name: letters, digits and ._+- kept."""
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", str(text))
 
 
 def _eps_name(eps: float, norm: str) -> str:

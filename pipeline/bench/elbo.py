@@ -26,33 +26,18 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.data import load_split
 from pipeline.defenses import build_defense
 from pipeline.defenses.engine import EngineOptions, autocast_dtype, chunk_size
+from pipeline.defenses.reference import reference_logits
 from pipeline.rng import Draw
 
 
 def _reference_logits(rdc, x: torch.Tensor, draw: Draw, eps_model=None, chunk: int = 64) -> torch.Tensor:
-    """The published strategy: per example, per class, timesteps in chunks of `chunk`.
+    """The published strategy (defenses/reference.py) on rdc's timesteps, schedule and prior.
 
     eps_model: the network to call (default rdc.eps_model); the bench passes an untouched
     copy, so that the engine's layout changes do not reach the reference.
     """
-    eps_model = eps_model or rdc.eps_model
-    out = []
-    for i in range(x.shape[0]):
-        d = draw.subset(torch.tensor([i]))
-        noise = rdc.noise(d, rdc.ts, x[i:i + 1])[0]  # (|S|, C, H, W): the engine's noise
-        row = []
-        for c in range(rdc.num_classes):
-            total = 0.0
-            for start in range(0, rdc.ts.numel(), chunk):
-                t = rdc.ts[start:start + chunk].to(x.device)
-                e = noise[start:start + chunk]
-                sqrt_a, s = rdc.schedule.coefficients(t, x.dtype)
-                x_t = sqrt_a.view(-1, 1, 1, 1) * (2 * x[i:i + 1] - 1) + s.view(-1, 1, 1, 1) * e
-                eps = eps_model(x_t, t, torch.full_like(t, c))
-                total = total + (eps - e).pow(2).flatten(1).sum(1).sum()
-            row.append(-total / rdc.ts.numel())
-        out.append(torch.stack(row))
-    return torch.stack(out)
+    return reference_logits(eps_model or rdc.eps_model, x, rdc.ts, draw, rdc.num_classes, schedule=rdc.schedule,
+                            temperature=rdc.temperature, log_prior=rdc.log_prior, chunk=chunk)
 
 
 def _reference_grads(rdc, x: torch.Tensor, draw: Draw, w: torch.Tensor, eps_model) -> torch.Tensor:

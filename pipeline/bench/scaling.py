@@ -3,9 +3,9 @@
 The same job runs three ways on this machine: through `run_job` on a local Ray cluster with
 1 and 2 worker actors (one torch thread each), and split by hand into 1 and 2 independent
 OS processes, the published code's `--begin/--end` way: each process takes a contiguous
-slice of the job's units, builds the defense itself and, per unit, calls the library
-(`attacks.evaluate`) and writes the unit's records and adversarial images as Parquet, as a
-worker does; one torch thread each. Both include starting their processes and loading the
+slice of the job's units and runs each through `Worker.run_unit` in its own process (the
+evaluation protocol, then the unit's records and adversarial images committed as Parquet),
+without Ray's scheduling; one torch thread each. Both include starting their processes and loading the
 models. The ratio of their throughputs is what the queue, the actors and the driver cost;
 spread over the units it is the Ray overhead per unit.
 
@@ -26,8 +26,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.data import load_split, select
-from pipeline.runtime.plan import Unit, plan
+from pipeline.data import load_split
+from pipeline.runtime.plan import plan
+from pipeline.runtime.worker import Worker
 from pipeline.config.job import parse_job
 
 
@@ -51,36 +52,15 @@ def split_by_hand(n_units: int, parts: int) -> list[tuple[int, int]]:
 
 
 def run_slice(doc: dict, begin: int, end: int, out: str) -> int:
-    """Units [begin, end) of the job `doc`, each evaluated and committed like a worker's; returns rows.
-
-    One torch thread; files go under `out` with the unit's relative path.
-    """
-    import torch
-
-    from pipeline.protocol import evaluate
-    from pipeline.defenses import build_defense
-    from pipeline.store import Store, records_to_table
-    from pipeline.store.unit import commit_unit
-
-    torch.set_num_threads(1)
+    """Units [begin, end) of the job `doc`, each through `Worker.run_unit` as a Ray actor runs
+    it, here in this process; returns rows. One torch thread; the files go under `out`."""
     job = parse_job(doc)
     data = job.spec.data
-    x_all, y_all = load_split(data.dataset, data.split, root=data.root)
-    units = plan(job, x_all.shape[0])[begin:end]
-    store = Store(out)
-    defenses: dict[str, torch.nn.Module] = {}
-    rows = 0
-    for u in units:
-        if u.defense not in defenses:
-            defenses[u.defense] = build_defense(u.defense_table)
-        x, y = select(x_all, y_all, list(u.example_ids))
-        extras: dict = {}
-        records = evaluate(defenses[u.defense], u.attack_table, x, y, list(u.example_ids), job.spec.seed, extras=extras)
-        table = records_to_table(records, run_id="by-hand", unit_id=u.unit_id, worker=f"process-{begin}",
-                                 config_hash="by-hand")
-        commit_unit(store, u.path, table, u.example_ids, extras, unit_id=u.unit_id, run_id="by-hand")
-        rows += table.num_rows
-    return rows
+    x_all, _ = load_split(data.dataset, data.split, root=data.root)
+    worker = Worker(f"process-{begin}", "cpu", threads=1)
+    ctx = {"run_id": "by-hand", "out": out, "endpoint_url": None, "seed": job.spec.seed,
+           "data": {"dataset": data.dataset, "split": data.split, "root": data.root}}
+    return sum(worker.run_unit(u.as_dict(), ctx)["rows"] for u in plan(job, x_all.shape[0])[begin:end])
 
 
 def _by_hand(doc: dict, n_units: int, processes: int, out: Path) -> float:

@@ -103,11 +103,6 @@ class Defense(nn.Module):
             self.draws.reset(seed)
         return self
 
-    def reseed(self, seed: int) -> "Defense":
-        """Start the draws over from `seed` (every example's call count back to 0)."""
-        self.draws.reset(seed)
-        return self
-
     def next_draw(self, batch: int) -> Draw:
         """The Draw of the next call on `batch` rows (bound ids, or 0..batch-1)."""
         ids = self._bound if self._bound is not None else torch.arange(batch)

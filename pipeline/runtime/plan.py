@@ -7,12 +7,12 @@ committed before, and a changed job never mistakes old files for new ones.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import asdict, dataclass
 
 from pipeline.data import make_shards
 from pipeline.config.job import Job, content_hash
+from pipeline.names import safe_name as _safe
 
 FORMAT = 1  # bump when the meaning of a unit's rows changes
 
@@ -43,11 +43,6 @@ class Unit:
     def from_dict(cls, d: dict) -> "Unit":
         return cls(d["unit_id"], d["defense"], d["attack"], d["eps"], d["defense_table"], d["attack_table"],
                    tuple(d["example_ids"]), d.get("grid_workers", 1))
-
-
-def _safe(name: str) -> str:
-    """A path segment from a name: letters, digits and ._+- kept, the rest as '_'."""
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
 
 
 def plan(job: Job, n_examples: int) -> list[Unit]:

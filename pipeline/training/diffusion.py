@@ -20,10 +20,9 @@ from pipeline.models.checkpoint import save_checkpoint
 from pipeline.errors import ConfigError, InputError
 from pipeline.diffusion.schedule import VPSchedule
 
-# Default training recipe per dataset: what `train_default_diffusion` runs. Digits: ~60 s on
-# 2 CPU cores (1000 steps of 128 = 89 epochs of the 1442 training images); the loss plateaus
-# near 0.075 and the diffusion classifier reaches ~99% test accuracy (800-1500 steps, widths
-# 16-32 and seeds 0-1 all gave 99.2-99.4%), so more steps buy nothing measurable.
+# Default training recipe per dataset: what `train_default_diffusion` runs. Digits: 1000 steps
+# of 128 (89 epochs of the 1442 training images), past the point where the loss plateaus and
+# more steps stopped buying test accuracy (BENCHMARKS.md, "Default models").
 DEFAULT_TRAINING = {
     "digits": {"steps": 1000, "batch_size": 128, "lr": 2e-3, "ema_decay": 0.999, "label_dropout": 0.1, "warmup": 100},
 }
