@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import platform
-import time
 from dataclasses import replace
 
 import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline.bench.common import best_of, load_average, machine_info, timed
 from pipeline.data import load_split
 from pipeline.defenses import build_defense
 from pipeline.defenses.engine import EngineOptions, autocast_dtype, chunk_size
@@ -53,25 +51,6 @@ def _reference_grads(rdc, x: torch.Tensor, draw: Draw, w: torch.Tensor, eps_mode
 def _engine_grads(rdc, x: torch.Tensor, draw: Draw, w: torch.Tensor) -> torch.Tensor:
     xg = x.detach().requires_grad_(True)
     return torch.autograd.grad((rdc.evaluate(xg, draw) * w).sum(), xg)[0]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def best_of(fns: dict, repeat: int, device: torch.device) -> dict:
-    """{name: (best seconds, last result)}: each fn once to warm up, then `repeat` rounds in turn."""
-    results = {k: fn() for k, fn in fns.items()}
-    best = {k: float("inf") for k in fns}
-    for _ in range(repeat):
-        for k, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            results[k] = fn()
-            _sync(device)
-            best[k] = min(best[k], time.perf_counter() - start)
-    return {k: (best[k], results[k]) for k in fns}
 
 
 # The CPU kernels of scaled_dot_product_attention (taken for channels_last inputs) are missing
@@ -134,12 +113,8 @@ def profile_kinds(fn, device: torch.device, flops_fn=None) -> dict:
     with FlopCounterMode(display=False, custom_mapping=_SDPA_CPU) as counter:
         (flops_fn or fn)()
     conv_flops = sum(v for k, v in counter.get_flop_counts()["Global"].items() if "convolution" in str(k))
-    _sync(device)
-    start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-        _sync(device)
-    wall = time.perf_counter() - start
+        wall, _ = timed(fn, device)
     out = {k: 0.0 for k in _KINDS}
     out["compiled_fused"] = 0.0
     other = 0.0
@@ -211,7 +186,7 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
-    load_before = os.getloadavg()
+    load_before = load_average()
     options = EngineOptions(chunk=chunk, channels_last=channels_last, compile=compile, autocast=autocast)
     rdc = build_defense({"kind": "rdc", "model": model, "dataset": "digits", "timesteps": timesteps}, device=dev)
     rdc.engine = options
@@ -223,12 +198,12 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
 
     compile_s = None
     if compile:  # compilation happens on the first call; time it apart from the runs
-        start = time.perf_counter()
-        with torch.no_grad():
-            rdc.evaluate(x[:1], draw.subset(torch.tensor([0])))
-        if grad:
-            _engine_grads(rdc, x[:1], draw.subset(torch.tensor([0])), w[:1])
-        compile_s = time.perf_counter() - start
+        def first_calls():
+            with torch.no_grad():
+                rdc.evaluate(x[:1], draw.subset(torch.tensor([0])))
+            if grad:
+                _engine_grads(rdc, x[:1], draw.subset(torch.tensor([0])), w[:1])
+        compile_s, _ = timed(first_calls, dev)
 
     # The peak in the dtype the engine's matmuls and convolutions run in: its autocast dtype
     # (bf16 by default on a GPU), else float32. Measured before and after the timed runs
@@ -236,9 +211,9 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
     dtype = autocast_dtype(options, dev) or torch.float32
     peak_before = matmul_peak(dev, dtype)
     with torch.no_grad():
-        timed = best_of({"reference": lambda: _reference_logits(rdc, x, draw, reference_model),
+        runs = best_of({"reference": lambda: _reference_logits(rdc, x, draw, reference_model),
                          "engine": lambda: rdc.evaluate(x, draw)}, repeat, dev)
-    (t_ref, ref), (t_eng, eng) = timed["reference"], timed["engine"]
+    (t_ref, ref), (t_eng, eng) = runs["reference"], runs["engine"]
     # Same noise, same model: float32 agrees to rounding; autocast (GPU) to its precision.
     low = dtype != torch.float32
     logit_rel = _close(eng, ref, "logits", 2e-2 if low else 1e-4)
@@ -257,9 +232,9 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
         "logits_max_rel_diff": logit_rel,
     }
     if grad:
-        timed = best_of({"reference": lambda: _reference_grads(rdc, x, draw, w, reference_model),
+        runs = best_of({"reference": lambda: _reference_grads(rdc, x, draw, w, reference_model),
                          "engine": lambda: _engine_grads(rdc, x, draw, w)}, max(1, repeat - 1), dev)
-        (g_ref_t, g_ref), (g_eng_t, g_eng) = timed["reference"], timed["engine"]
+        (g_ref_t, g_ref), (g_eng_t, g_eng) = runs["reference"], runs["engine"]
         grad_rel = _close(g_eng, g_ref, "input gradients", 5e-2 if low else 1e-3)
         with _uncompiled(rdc):
             g_eng_flops = count_flops(lambda: _engine_grads(rdc, *one, w[:1]))
@@ -298,11 +273,7 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
     result.update({
         "engine": {"chunk": chunk_size(options, rdc.batch_size, x), "channels_last": channels_last is not False,
                    "autocast": autocast, "compile": compile, "compile_seconds": compile_s},
-        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
-        "dtype": str(dtype)[6:], "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(), "load_before": [round(v, 2) for v in load_before],
-        "load_after": [round(v, 2) for v in os.getloadavg()],
+        **machine_info(dev), "threads": torch.get_num_threads(), "dtype": str(dtype)[6:], "load_before": load_before, "load_after": load_average(),
     })
     return result
 

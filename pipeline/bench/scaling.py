@@ -21,13 +21,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipeline.bench.common import load_average, local_ray, machine_info, timed
 from pipeline.data import load_split
 from pipeline.runtime.plan import plan
+from pipeline.runtime.run import prepare_models, run_job
 from pipeline.runtime.worker import Worker
 from pipeline.config.job import parse_job
 
@@ -68,13 +69,15 @@ def _by_hand(doc: dict, n_units: int, processes: int, out: Path) -> float:
     job_file = out / "job.json"
     job_file.write_text(json.dumps(doc))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    start = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.bench.scaling", "--job", str(job_file), "--begin",
-                               str(b), "--end", str(e), "--out", str(out / "records")], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for b, e in split_by_hand(n_units, processes)]
-    errors = [p.communicate()[1] for p in procs]
-    seconds = time.perf_counter() - start
+
+    def run_all():
+        procs = [subprocess.Popen([sys.executable, "-m", "pipeline.bench.scaling", "--job", str(job_file), "--begin",
+                                   str(b), "--end", str(e), "--out", str(out / "records")], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for b, e in split_by_hand(n_units, processes)]
+        return procs, [p.communicate()[1] for p in procs]
+
+    seconds, (procs, errors) = timed(run_all)
     for p, err in zip(procs, errors):
         if p.returncode != 0:
             raise RuntimeError(f"a process of the hand split failed:\n{err[-2000:]}")
@@ -83,11 +86,7 @@ def _by_hand(doc: dict, n_units: int, processes: int, out: Path) -> float:
 
 def _with_ray(job, workers: int, out: Path) -> tuple[float, str]:
     """Seconds of run_job with `workers` actors (one thread each) on the running cluster, and the run folder."""
-    from pipeline.runtime.run import run_job
-
-    start = time.perf_counter()
-    result = run_job(job, str(out), workers=workers, progress=False, fresh=True)
-    seconds = time.perf_counter() - start
+    seconds, result = timed(lambda: run_job(job, str(out), workers=workers, progress=False, fresh=True))
     if not result.ok:
         raise RuntimeError(f"the Ray run failed units: {result.failed}")
     return seconds, str(out / result.run_id)
@@ -120,16 +119,10 @@ def bench_scaling(examples: int = 48, shard_size: int = 4, timesteps: int = 10, 
     job = parse_job(doc)
     x, _ = load_split("digits", "test")
     n_units = len(plan(job, x.shape[0]))
-    from pipeline.runtime.run import prepare_models
-
     prepare_models(job, progress=False)  # trained once here, not inside either timing
-    load_before = os.getloadavg()
-    started = not ray.is_initialized()
-    if started:
-        # "local": a cluster of our own, never one that another process on this machine started.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    load_before = load_average()
     rows = []
-    try:
+    with local_ray(2):
         with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
             for w in workers:
                 best_ray = best_hand = float("inf")
@@ -146,17 +139,9 @@ def bench_scaling(examples: int = 48, shard_size: int = 4, timesteps: int = 10, 
                              "ray_examples_per_s": examples / best_ray, "processes_examples_per_s": examples / best_hand,
                              "ratio": best_hand / best_ray, "overhead_per_unit_s": (best_ray - best_hand) * w / n_units,
                              "same_predictions": same})
-    finally:
-        if started:
-            ray.shutdown()
-    import platform
-
-    import torch
-
     return {"job": doc, "units": n_units, "examples": examples, "repeat": repeat, "runs": rows,
-            "threads_per_worker": 1, "torch": torch.__version__, "ray": ray.__version__,
-            "python": platform.python_version(), "cpus": os.cpu_count(),
-            "load_before": [round(v, 2) for v in load_before], "load_after": [round(v, 2) for v in os.getloadavg()]}
+            "threads_per_worker": 1, **machine_info("cpu"), "ray": ray.__version__,
+            "load_before": load_before, "load_after": load_average()}
 
 
 def main(argv: list[str] | None = None) -> int:
