@@ -80,17 +80,18 @@ def default_models(request):
     Each model is trained once per session; a trained copy is kept under pytest's cache folder
     keyed by `models_key()` and copied from there when the key matches, so unchanged sources
     never train twice."""
-    from pipeline.models.zoo import cache_dir, default_checkpoint
+    from pipeline.models.zoo import default_path
+    from pipeline.training.defaults import ensure_default_model
 
     store = getattr(request.config, "cache", None)  # None under -p no:cacheprovider: train, keep nothing
     keep = store.mkdir("robustsweep-models") / models_key() if store is not None else None
 
     def prepare(role: str, dataset: str = "digits") -> Path:
         name = f"{dataset}-{role}"
-        target = cache_dir() / "models" / name
+        target = default_path(dataset, role)
         if keep is not None and (keep / name / "config.json").is_file() and not target.exists():
             shutil.copytree(keep / name, target)
-        folder = default_checkpoint(dataset, role, progress=False)
+        folder = ensure_default_model(dataset, role, progress=False)
         if keep is not None and not (keep / name).exists():
             tmp = keep / f".{name}.{os.getpid()}.tmp"
             shutil.copytree(folder, tmp)

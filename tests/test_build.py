@@ -82,3 +82,26 @@ def test_cli_accuracy_and_exit_codes():
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "defense.timesteps" in bad.stderr
 
+
+def test_building_a_defense_never_trains(tmp_path, monkeypatch):
+    cache = tmp_path / "empty-cache"
+    monkeypatch.setenv("ROBUSTSWEEP_CACHE", str(cache))
+    with pytest.raises(CheckpointError) as info:
+        build_defense({"kind": "plain"})
+    message = str(info.value)
+    assert str(cache / "models" / "digits-erm") in message
+    assert "robustsweep train classifier --method erm --dataset digits --out" in message
+    with pytest.raises(CheckpointError, match="robustsweep train diffusion --dataset digits"):
+        build_defense({"kind": "rdc", "model": "default", "timesteps": 2})
+    assert not (cache / "models" / "digits-erm").exists()  # nothing was trained
+
+
+def test_the_prepare_step_knows_which_default_model_a_table_uses():
+    from pipeline.training.defaults import default_model_of
+
+    assert default_model_of({"kind": "plain"}) == ("digits", "erm")
+    assert default_model_of({"kind": "mi", "dataset": "cifar10"}) == ("cifar10", "mixup")
+    assert default_model_of({"kind": "mi", "method": "iat"}) == ("digits", "iat")
+    assert default_model_of({"kind": "rdc", "model": "default"}) == ("digits", "diffusion")
+    assert default_model_of({"kind": "rdc", "model": "optimal"}) is None
+    assert default_model_of({"kind": "plain", "model": "/some/checkpoint"}) is None

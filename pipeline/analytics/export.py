@@ -29,8 +29,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from pipeline.analytics.render import format_eps
-from pipeline.names import safe_name
 from pipeline.analytics.source import Source, as_connection
+from pipeline.names import safe_name
+from pipeline.store import Store
+from pipeline.store.adversarial import FOLDER, adversarial_path
+from pipeline.store.adversarial import forward_per_prediction
 
 
 def attack_kinds(plans: Sequence[Mapping]) -> dict[str, str]:
@@ -55,9 +58,6 @@ def forward_passes(runs: Sequence[tuple]) -> dict[str, float]:
     """{defense name: network evaluations per prediction} from the footers of the runs'
     adversarial-images files (one footer read per defense and run); where runs disagree (they
     should not) the mean."""
-    from pipeline.store.adversarial import FOLDER, adversarial_path
-    from pipeline.store.adversarial import forward_per_prediction as footer
-
     found: dict[str, list[float]] = {}
     for store, plan in runs:
         stored = set(store.list(FOLDER, ".parquet")) if plan is not None else set()
@@ -66,7 +66,7 @@ def forward_passes(runs: Sequence[tuple]) -> dict[str, float]:
             rel = adversarial_path(unit["path"])
             if unit["defense"] in seen or rel not in stored:
                 continue  # one unit per defense is enough: the count is a property of the defense
-            value = footer(store, rel)
+            value = forward_per_prediction(store, rel)
             if value is not None:
                 found.setdefault(unit["defense"], []).append(value)
                 seen.add(unit["defense"])
@@ -149,8 +149,6 @@ def entry_path(entry: Mapping) -> str:
 
 def write_robustbench(entries: Sequence[Mapping], out: str, endpoint_url: str | None = None) -> list[str]:
     """Write each entry as JSON under `out` (a folder or s3://...), atomically; returns the URIs."""
-    from pipeline.store import Store
-
     store = Store(out, endpoint_url=endpoint_url)
     written = []
     for entry in entries:

@@ -26,6 +26,7 @@ from pipeline.defenses import build_defense
 from pipeline.defenses.engine import EngineOptions, autocast_dtype, chunk_size
 from pipeline.defenses.reference import reference_logits
 from pipeline.rng import Draw
+from pipeline.training.defaults import prepare_defaults
 
 
 def _reference_logits(rdc, x: torch.Tensor, draw: Draw, eps_model=None, chunk: int = 64) -> torch.Tensor:
@@ -188,7 +189,9 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
     dev = torch.device(device)
     load_before = load_average()
     options = EngineOptions(chunk=chunk, channels_last=channels_last, compile=compile, autocast=autocast)
-    rdc = build_defense({"kind": "rdc", "model": model, "dataset": "digits", "timesteps": timesteps}, device=dev)
+    table = {"kind": "rdc", "model": model, "dataset": "digits", "timesteps": timesteps}
+    prepare_defaults([table], progress=False)  # building a defense never trains
+    rdc = build_defense(table, device=dev)
     rdc.engine = options
     reference_model = copy.deepcopy(rdc.eps_model)  # the model as loaded, whatever the engine does to its copy
     x, _ = load_split("digits", "test")
@@ -286,7 +289,9 @@ def autocast_agreement(model: str = "default", timesteps: int = 10, dtype: str =
     difference relative to the logits' scale (`max_rel_diff`).
     """
     dev = torch.device(device)
-    rdc = build_defense({"kind": "rdc", "model": model, "dataset": "digits", "timesteps": timesteps}, device=dev)
+    table = {"kind": "rdc", "model": model, "dataset": "digits", "timesteps": timesteps}
+    prepare_defaults([table], progress=False)
+    rdc = build_defense(table, device=dev)
     x, _ = load_split("digits", "test")
     x = x[:examples].to(dev) if examples else x.to(dev)
     draw = Draw(0, torch.arange(x.shape[0]), torch.zeros(x.shape[0], dtype=torch.int64))

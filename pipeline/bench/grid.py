@@ -19,6 +19,7 @@ from pipeline.data import load_split
 from pipeline.defenses import build_defense
 from pipeline.runtime.grid import Gang, shard
 from pipeline.runtime.worker import Worker
+from pipeline.training.defaults import prepare_defaults
 
 
 def bench_grid(*, model: str = "default", timesteps: int = 1000, examples: int = 2, gangs: tuple[int, ...] | None = None,
@@ -34,7 +35,8 @@ def bench_grid(*, model: str = "default", timesteps: int = 1000, examples: int =
     x = load_split("digits", "test")[0][:examples]
     ids = list(range(examples))
     torch.set_num_threads(1)
-    defense = build_defense(table)  # trains or loads the model once, before any actor asks for it
+    prepare_defaults([table], progress=False)  # before any actor asks for it: building a defense never trains
+    defense = build_defense(table)
     out: dict = {"model": model, "timesteps": timesteps, "examples": examples, "gangs": list(gangs),
                  "threads_per_actor": 1, "cores": cores, **machine_info("cpu"), "ray": ray.__version__,
                  "repeat": repeat, "load_before": load_average()}

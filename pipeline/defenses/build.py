@@ -5,8 +5,9 @@
     {"kind": "rdc", "model": "optimal" | "default" | "path/to/checkpoint", "dataset": "digits",
      "timesteps": 100, "lm": {"steps": 10, "gradient": "bpda"}, "pruning": [[50, 5], [500, 1]]}
 
-"default" models are trained on first use and cached (pipeline.models.zoo); a path names a
-checkpoint folder (model.safetensors + config.json).
+"default" models are loaded from the cache (pipeline.models.zoo), where a run's prepare step
+put them; building a defense never trains. A path names a checkpoint folder
+(model.safetensors + config.json).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError,
 from pipeline.data import load_split
 from pipeline.errors import ClusterError, ConfigError, RobustsweepError
 from pipeline.store import Store
-from pipeline.models.zoo import default_checkpoint
+from pipeline.training.defaults import prepare_defaults
 from pipeline.runtime.plan import Unit, plan, plan_document, run_id_for
 from pipeline.config.job import Job
 from pipeline.runtime.worker import Worker
@@ -103,13 +103,11 @@ def gang_size(grid_workers: int | str, kind: str, workers: int, units: int) -> i
 
 
 def prepare_models(job: Job, progress: bool = True) -> None:
-    """Train the default models the job needs, once, before any worker asks for them."""
-    for d in job.defenses:
-        t = d.table
-        if t.get("model", "default") != "default":
-            continue
-        role = "diffusion" if t["kind"] == "rdc" else t.get("method", "mixup" if t["kind"] == "mi" else "erm")
-        default_checkpoint(t["dataset"], role, progress=progress)
+    """Train the default models the job needs (its defenses' and its transfer attacks' surrogates'),
+    once, before any worker asks for them: workers never train (pipeline.models.zoo)."""
+    tables = [d.table for d in job.defenses]
+    tables += [a.table["surrogate"] for a in job.attacks if a.table.get("kind") == "transfer"]
+    prepare_defaults(tables, progress=progress)
 
 
 def run_job(job: Job, out: str, *, workers: int | None = None, address: str | None = None, run_id: str | None = None,
