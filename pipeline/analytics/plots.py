@@ -34,7 +34,7 @@ DPI = 100
 EXAMPLE_COLUMN_INCHES = 2.4
 EXAMPLE_ROW_INCHES = 2.6
 EXAMPLE_COLUMNS = 3  # clean, adversarial, perturbation
-T = 1000  # diffusion timesteps of the VP schedule (DESIGN.md): what RDC's "all" means
+T = 1000  # diffusion timesteps of the VP schedule (docs/ARCHITECTURE.md, "The grid"): what RDC's "all" means
 NORM_COLUMN = {"Linf": "linf", "L2": "l2", "L1": "l1"}
 
 Plot = tuple[str, bytes]

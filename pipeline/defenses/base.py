@@ -1,7 +1,7 @@
 """What every defense shares: input checks, randomness binding, and the grid protocol.
 
 A defense is an `nn.Module` from x (B, C, H, W) in [0, 1] to logits (B, K). Its output is a
-reduction over independent cells (DESIGN.md, "The grid"):
+reduction over independent cells (docs/ARCHITECTURE.md, "The grid"):
 
     forward(x) = finish(x, sum over cells c of partial(x, [c], draw), draw)
 

@@ -86,7 +86,7 @@ def wait_for_gpus(min_gpus: int, wait_s: float) -> None:
 
 
 def gang_size(grid_workers: int | str, kind: str, workers: int, units: int) -> int:
-    """The gang a unit runs on (DESIGN.md, "The grid"; README, "Grid sharding").
+    """The gang a unit runs on (docs/ARCHITECTURE.md, "The grid"; README, "Grid sharding").
 
     An integer asks for that many actors (at most the pool). "auto": data parallelism while
     units fill the pool, gangs only where workers would idle otherwise: gangs of
