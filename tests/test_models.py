@@ -166,6 +166,7 @@ def test_classifier_shapes():
 # -- training --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # six epochs of training
 def test_erm_training_reaches_high_accuracy(digits):
     x, y, x_test, y_test = digits
     model, stats = train_classifier(x, y, CNN, method="erm", epochs=6, batch_size=64, lr=2e-3, progress=False)
@@ -208,6 +209,7 @@ def test_unknown_training_method():
         train_classifier(torch.rand(8, 1, 8, 8), torch.zeros(8, dtype=torch.long), CNN, method="cutmix", epochs=1, batch_size=4, lr=1e-3)
 
 
+@pytest.mark.slow  # 150 diffusion training steps
 def test_ddpm_loss_decreases(digits):
     x, y = digits[0], digits[1]
     cfg = dict(unet_config("digits"), base_channels=16)
