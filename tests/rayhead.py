@@ -32,7 +32,7 @@ class Head:
     cache: Path           # ROBUSTSWEEP_CACHE of the jobs
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -90,13 +90,13 @@ def ray_head(project: Path, cache: Path, num_cpus: int = 2, start_timeout: float
     """A running head whose jobs use `project` as working dir and `cache` as ROBUSTSWEEP_CACHE."""
     # A short temp dir: Ray's unix socket paths live under it and must stay under 108 bytes.
     temp = Path(tempfile.mkdtemp(prefix="rs-head-", dir="/tmp"))
-    dashboard = _free_port()
+    dashboard = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env["RAY_AUTH_MODE"] = "disabled"  # hermetic: no token from ~/.ray decides how clients must talk
     start = subprocess.Popen(
-        RAY + ["start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+        RAY + ["start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-               f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
                f"--num-cpus={num_cpus}", f"--temp-dir={temp}", "--disable-usage-stats"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     pgid = start.pid  # start_new_session: the `ray start` process leads a group its daemons stay in

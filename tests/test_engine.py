@@ -227,6 +227,7 @@ def test_autocast_bf16_predictions_match_float32_on_the_digits_test_split(defaul
         assert result["agreement"] >= 0.99, result
 
 
+@pytest.mark.slow  # torch.compile runs the C compiler in subprocesses
 def test_torch_compile_gives_the_same_logits():
     """torch.compile of the engine's network calls (a small UNet keeps compilation short)."""
     import shutil

@@ -36,9 +36,10 @@ def gpu_actors(n):
             for i in range(n)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _mixup_model(default_models):
-    default_models("mixup")  # the "mi" table's default classifier, prepared as a run's driver does
+@pytest.fixture(scope="module")
+def mixup_model(default_models):
+    """The "mi" table's default classifier, prepared as a run's driver does before its workers start."""
+    return default_models("mixup")
 
 
 def logits_and_grad(defense, x):
@@ -53,7 +54,7 @@ def logits_and_grad(defense, x):
 
 @pytest.mark.parametrize("name", list(TABLES))
 @pytest.mark.parametrize("with_leader", [False, True])
-def test_gang_equals_one_actor(ray_cluster, digits, name, with_leader):
+def test_gang_equals_one_actor(ray_cluster, mixup_model, digits, name, with_leader):
     x = digits.x_test[:3]
     table = TABLES[name]
     defense = build_defense(table)
@@ -77,7 +78,7 @@ def test_gang_equals_one_actor(ray_cluster, digits, name, with_leader):
     assert torch.allclose(again, ref_out, rtol=0, atol=0)
 
 
-def test_lm_steps_are_split_across_the_gang(ray_cluster, digits):
+def test_lm_steps_are_split_across_the_gang(ray_cluster, mixup_model, digits):
     """RDC+LM with BPDA: every LM step's samples are spread, one gang call per step and member."""
     x = digits.x_test[:3]
     table = TABLES["rdc+lm"]
@@ -105,7 +106,7 @@ def attack_records(defense, x, y):
     return [{k: r[k] for k in COLUMNS} | {"adv_logits": r["adv_logits"]} for r in records]
 
 
-def test_member_killed_mid_attack_gives_the_same_result(ray_cluster, digits):
+def test_member_killed_mid_attack_gives_the_same_result(ray_cluster, mixup_model, digits):
     x, y = digits.x_test[:2], digits.y_test[:2]
     table = TABLES["rdc+lm"]
     defense = build_defense(table)

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.errors import ClusterError, ConfigError
 from pipeline.runtime.submit import entrypoint, follow_job, job_status, runtime_env, stop_job, submit_job, wait_for_job
-from rayhead import Head, ray_head
+from rayhead import Head, free_port, ray_head
 
 # Ray's log-tail client passes ssl=None to aiohttp, which warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")
@@ -154,7 +154,7 @@ def test_bad_input_is_refused_before_anything_is_sent(tmp_path):
 
 
 def test_unreachable_cluster_is_a_cluster_error():
-    closed = f"http://127.0.0.1:{_free_port()}"
+    closed = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ClusterError, match="cannot reach the Ray dashboard"):
         job_status(closed, "raysubmit_abc")
     for args in (["status", "raysubmit_abc"], ["logs", "raysubmit_abc"], ["stop", "raysubmit_abc"]):

@@ -5,8 +5,8 @@ The same job runs three ways on this machine: through `run_job` on a local Ray c
 OS processes, the published code's `--begin/--end` way: each process takes a contiguous
 slice of the job's units and runs each through `Worker.run_unit` in its own process (the
 evaluation protocol, then the unit's records and adversarial images committed as Parquet),
-without Ray's scheduling; one torch thread each. Both include starting their processes and loading the
-models. The ratio of their throughputs is what the queue, the actors and the driver cost;
+without Ray's scheduling; one torch thread each. Both include starting their processes and
+loading the models. The ratio of their throughputs is what the queue, the actors and the driver cost;
 spread over the units it is the Ray overhead per unit.
 
 A process slice is also a module entry point:
