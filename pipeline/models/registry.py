@@ -10,7 +10,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 
-ARCHS = ("unet", "cnn", "resnet18")
+ARCHS = ("unet", "cnn", "resnet18", "edm")
 
 
 def build_model(config: dict) -> nn.Module:
@@ -18,6 +18,11 @@ def build_model(config: dict) -> nn.Module:
     if not isinstance(config, dict) or "arch" not in config:
         raise ConfigError(f"model config needs an 'arch' field (one of {ARCHS}), got {config!r}")
     arch = config["arch"]
+    if arch == "edm":
+        # EDM's own constructor arguments (pipeline.models.edm.config), checked there.
+        from pipeline.models.edm import build_edm
+
+        return build_edm(config)
     kwargs = {k: v for k, v in config.items() if k != "arch"}
     if arch == "unet":
         from pipeline.models.unet import UNet as cls
