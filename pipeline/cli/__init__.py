@@ -60,6 +60,31 @@ def train_classifier_cmd(
     console.print(f"saved {out}: " + ", ".join(f"{k} {v}" for k, v in meta.items() if k in ("method", "seconds", "test_accuracy")))
 
 
+@app.command("import-model")
+def import_model_cmd(
+    src: Path = typer.Argument(..., help="the published file: an NVlabs .pkl, a state dict .pt"),
+    format: str = typer.Option(..., "--format", help="edm-pkl, edm-pt or robustbench"),
+    out: Path = typer.Option(..., help="checkpoint folder to write (model.safetensors + config.json)"),
+    arch: Optional[str] = typer.Option(None, help="architecture preset, e.g. edm-cifar10-cond-vp, wrn-28-10"),
+    config: Optional[Path] = typer.Option(None, help="the model's config as a JSON file (for EDM: build_edm's)"),
+    num_classes: Optional[int] = typer.Option(None, help="classes of the model (default: the preset's)"),
+):
+    """Convert a published checkpoint into a checkpoint folder; nothing in the file is run."""
+    from pipeline.models.importer import import_to_folder
+
+    try:
+        table = None
+        if config is not None:
+            try:
+                table = json.loads(config.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ConfigError(f"--config {config}: not a readable JSON file ({exc})") from None
+        folder, cfg, meta = import_to_folder(src, format, out, preset=arch, config=table, num_classes=num_classes)
+    except RobustsweepError as exc:
+        _fail(exc)
+    console.print(f"saved {folder}: {cfg.get('arch')} from {src.name} (sha256 {meta['source']['sha256'][:16]}...)")
+
+
 @app.command("accuracy")
 def accuracy_cmd(
     defense: str = typer.Argument(..., help='a defense table as JSON, e.g. \'{"kind": "rdc", "model": "optimal", "timesteps": 100}\''),
@@ -95,11 +120,15 @@ def accuracy_cmd(
     print(json.dumps({"defense": module.name, "split": split, "n": len(y), "accuracy": acc, "seconds": round(seconds, 2)}))
 
 
-def _job(path: Path):
-    from pipeline.config.job import load_job
+def _job(path: Path, files: bool = False):
+    """The job at `path`; with files, also check that the model files it names are there."""
+    from pipeline.config.job import check_files, load_job
 
     try:
-        return load_job(path)
+        job = load_job(path)
+        if files:
+            check_files(job)
+        return job
     except RobustsweepError as exc:
         _fail(exc)
 
@@ -110,7 +139,7 @@ def validate_cmd(job: Path = typer.Argument(..., help="job file (TOML)")):
     from pipeline.data import load_split
     from pipeline.runtime.plan import plan, run_id_for
 
-    spec = _job(job)
+    spec = _job(job, files=True)
     try:
         x, _ = load_split(spec.spec.data.dataset, spec.spec.data.split, root=spec.spec.data.root)
         units = plan(spec, x.shape[0])
@@ -140,7 +169,7 @@ def run_cmd(
     """Run a job on a Ray cluster (resuming committed units) and print its report."""
     from pipeline.runtime.run import run_job
 
-    spec = _job(job)
+    spec = _job(job, files=True)
     try:
         result = run_job(spec, out, workers=workers, address=address, run_id=run_id, fresh=fresh,
                          endpoint_url=endpoint_url, progress=True, gpus_per_worker=gpus_per_worker,

@@ -39,8 +39,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.config.attack import attack_name, parse_attack
-from pipeline.defenses.build import defense_name, parse_defense
-from pipeline.errors import ConfigError, config_error
+from pipeline.defenses.build import check_model_files, defense_name, parse_defense
+from pipeline.errors import CheckpointError, ConfigError, config_error
 
 
 class DataSpec(BaseModel):
@@ -187,6 +187,24 @@ def expand(spec: JobSpec, source: str = "<job>") -> Job:
                 raise ConfigError(f"{where}.name: two attacks are named {name!r} at the same eps; give them distinct names")
             attacks.append(Attack(name, table, targets))
     return Job(spec, tuple(defenses), tuple(attacks), source)
+
+
+def check_files(job: Job) -> None:
+    """CheckpointError naming the defense (or transfer surrogate) whose model file or folder is missing.
+
+    Separate from parsing: a job parsed where its files are not (a submitting laptop) stays valid.
+    """
+    for d in job.defenses:
+        try:
+            check_model_files(d.table)
+        except CheckpointError as exc:
+            raise CheckpointError(f"defense {d.name}: {exc}") from None
+    for a in job.attacks:
+        if a.table.get("kind") == "transfer":
+            try:
+                check_model_files({"dataset": job.spec.data.dataset, **a.table["surrogate"]})
+            except CheckpointError as exc:
+                raise CheckpointError(f"attack {a.name}: surrogate: {exc}") from None
 
 
 def parse_job(doc: dict, source: str = "<job>") -> Job:

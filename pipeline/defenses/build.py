@@ -6,7 +6,9 @@
      "timesteps": 100, "lm": {"steps": 10, "gradient": "bpda"}, "pruning": [[50, 5], [500, 1]]}
 
 "default" models are trained on first use and cached (pipeline.models.zoo); a path names a
-checkpoint folder (model.safetensors + config.json).
+checkpoint folder (model.safetensors + config.json); "robustbench:ARCH:PATH" (plain, mi) and
+"edm:[PRESET:]PATH" (rdc) name published files, read safely (pipeline.models.importer).
+`check_model_files` tells, before any work, whether the files a table names are there.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from __future__ import annotations
 from typing import Annotated, Literal, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from pipeline.data import load_split, num_classes
 from pipeline.config.tables import validate_table
 from pipeline.defenses.base import Defense
+from pipeline.errors import CheckpointError
+from pipeline.models.importer import parse_model_ref
 
 IMAGE = {"digits": (1, 8), "cifar10": (3, 32), "cifar100": (3, 32)}
 
@@ -53,10 +57,25 @@ class EngineSpec(BaseModel):
     cuda_graphs: bool = False
 
 
+def _model_ref(value: str, kinds: tuple[str, ...], what: str) -> str:
+    ref = parse_model_ref(value)
+    if ref.kind not in kinds:
+        raise ValueError(f"{ref.kind} model {value!r} cannot be {what}; expected one of {kinds}")
+    return value
+
+
+CLASSIFIER_REFS = ("default", "folder", "robustbench")
+
+
 class PlainSpec(_Spec):
     kind: Literal["plain"]
     model: str = "default"
     method: Literal["erm", "mixup", "iat", "pgd_at"] = "erm"
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value):
+        return _model_ref(value, CLASSIFIER_REFS, "a classifier")
 
 
 class MISpec(_Spec):
@@ -69,6 +88,11 @@ class MISpec(_Spec):
     n_ol: int | None = Field(None, ge=0)
     threshold: float = 0.2
 
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value):
+        return _model_ref(value, CLASSIFIER_REFS, "MI's classifier")
+
 
 class RDCSpec(_Spec):
     kind: Literal["rdc"]
@@ -80,6 +104,11 @@ class RDCSpec(_Spec):
     lm: LMSpec | None = None
     batch_size: int = Field(4096, ge=1)
     engine: EngineSpec | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value):
+        return _model_ref(value, ("default", "optimal", "folder", "edm"), "RDC's diffusion model")
 
 
 DefenseSpec = Annotated[Union[PlainSpec, MISpec, RDCSpec], Field(discriminator="kind")]
@@ -100,8 +129,15 @@ def defense_name(spec) -> str:
         return f"plain-{spec.method}"
     if spec.kind == "mi":
         return f"mi-{spec.mode}"
-    model = "optimal" if spec.model == "optimal" else "unet"
+    model = {"optimal": "optimal", "edm": "edm"}.get(parse_model_ref(spec.model).kind, "unet")
     return f"rdc-{model}" + ("-lm" if spec.lm else "")
+
+
+def check_model_files(config: dict) -> None:
+    """CheckpointError if the model file or folder a defense table names is not there."""
+    problem = parse_model_ref(parse_defense(config).model).missing()
+    if problem:
+        raise CheckpointError(problem)
 
 
 def build_defense(config: dict, device: str | torch.device | None = None) -> Defense:

@@ -176,6 +176,17 @@ def _load_from_bytes(data):
     return storage
 
 
+def _set(items=()):
+    return set(items)
+
+
+def _encode(text, encoding="latin1"):
+    """_codecs.encode, as protocol-2 pickles store bytes: latin-1 text back to bytes only."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise CheckpointError(f"unexpected _codecs.encode({type(text).__name__}, {encoding!r}) in a pickle")
+    return text.encode("latin1")
+
+
 def _globals() -> dict[tuple[str, str], object]:
     table = {
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
@@ -186,11 +197,17 @@ def _globals() -> dict[tuple[str, str], object]:
         ("collections", "OrderedDict"): dict,
         ("copyreg", "_reconstructor"): _reconstructor,
         ("builtins", "object"): _Object,
+        ("builtins", "set"): _set,
+        ("_codecs", "encode"): _encode,
         PERSISTENCE: _reconstruct_persistent_obj,
         EASYDICT: _EasyDict,
     }
     table.update({("torch", name): _storage_type(name) for name in STORAGE_DTYPES})
     table.update({key: _record_class(*key) for key in RECORD_CLASSES})
+    # Protocol 2 (torch.save's) writes Python 2 names for these.
+    table[("__builtin__", "object")] = _Object
+    table[("__builtin__", "set")] = _set
+    table[("copy_reg", "_reconstructor")] = _reconstructor
     return table
 
 
@@ -220,16 +237,26 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         if self.storages is None:
-            raise CheckpointError(f"{self.where} has a persistent id {pid!r} where none is expected")
+            raise CheckpointError(f"{self.where} has a persistent id {_short(pid)} where none is expected")
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module":
+            # Legacy torch.save names each module class with its source (for a change warning): the class is all we keep.
+            if isinstance(pid[1], type) and issubclass(pid[1], Record):
+                return pid[1]
+            raise CheckpointError(f"{self.where} has a module record of {_short(pid[1])}, which is not a torch container")
         if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
-            raise CheckpointError(f"{self.where} has an unknown persistent id {pid!r}")
+            raise CheckpointError(f"{self.where} has an unknown persistent id {_short(pid)}")
         storage_type, key, _location, numel = pid[1:5]
         view = pid[5] if len(pid) > 5 else None
         if not hasattr(storage_type, "dtype") or not isinstance(numel, int) or numel < 0:
-            raise CheckpointError(f"{self.where} has a malformed storage id {pid!r}")
+            raise CheckpointError(f"{self.where} has a malformed storage id {_short(pid)}")
         if view is not None:
-            raise CheckpointError(f"{self.where}: storage views ({pid!r}) are not supported")
+            raise CheckpointError(f"{self.where}: storage views ({_short(pid)}) are not supported")
         return self.storages(str(key), storage_type.dtype, numel)
+
+
+def _short(value, n: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[:n] + "..."
 
 
 def _load(f, where: str, storages=None):
