@@ -401,6 +401,37 @@ def test_a_robustbench_file_is_a_plain_defense(tmp_path):
         build_defense({"kind": "plain", "dataset": "cifar10", "model": f"edm:{src}.pkl"})
 
 
+def test_a_robustbench_file_is_mis_base_classifier(tmp_path):
+    import numpy as np
+    from test_data import CIFAR10_TRAIN_FILES, binary_records  # the official CIFAR-10 binary layout
+
+    # MI's pool needs every class: two train images a batch, classes 0..9 over the five batches.
+    folder = tmp_path / "cifar10"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(CIFAR10_TRAIN_FILES + ["test_batch.bin"]):
+        pixels = rng.integers(0, 256, size=(2, 3, 32, 32), dtype=np.uint8)
+        (folder / name).write_bytes(binary_records(pixels, np.array([2 * i % 10, (2 * i + 1) % 10]), cifar100=False))
+    model, state = _rb_state({"arch": "preact-resnet18", "normalization": "mu_sigma", "num_classes": 10}, mu_sigma=True)
+    src = tmp_path / "Wong2020Fast.pt"
+    torch.save(state, src)
+    mi = build_defense({"kind": "mi", "mode": "pl", "dataset": "cifar10", "data_root": str(tmp_path / "cifar10"),
+                        "model": f"robustbench:preact-resnet-18:{src}"})
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(mi.classifier(x), model(x))
+
+
+def test_missing_transfer_surrogate_file_is_named(tmp_path):
+    doc = {"data": {"dataset": "cifar10"}, "defenses": [{"kind": "rdc", "model": "optimal"}],
+           "attacks": [{"kind": "transfer", "surrogate": {"kind": "plain", "model": f"robustbench:wrn-34-10:{tmp_path}/TRADES.pt"},
+                        "attack": {"kind": "pgd", "eps": 8 / 255}}]}
+    with pytest.raises(CheckpointError, match=r"attack transfer-pgd-ce: surrogate: model file \S+TRADES\.pt not found"):
+        check_files(parse_job(doc))
+    (tmp_path / "TRADES.pt").write_bytes(b"stand-in")
+    check_files(parse_job(doc))
+
+
 def _job_doc(name: str) -> dict:
     return tomllib.loads((REPO / "jobs" / name).read_text())
 
