@@ -206,20 +206,39 @@ def _hostile(tmp_path: Path) -> tuple[Path, Path]:
     return path, marker
 
 
-def test_a_pickle_that_runs_a_shell_command_is_refused_and_runs_nothing(tmp_path):
-    path, marker = _hostile(tmp_path)
-    with pytest.raises(CheckpointError, match=r"refers to (posix|os)\.system"):
+class _Eval:
+    """Unpickling this evaluates Python text that writes the marker."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (eval, (f"open({str(self.marker)!r}, 'w')",))
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save", "torch.save-legacy"])
+def test_a_pickle_that_runs_a_shell_command_is_refused_and_runs_nothing(tmp_path, how):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "edm-cifar10-32x32-cond-vp.pkl"
+    data = {"ema": _Shell(f"touch {marker}")}
+    if how == "pickle":
+        path.write_bytes(pickle.dumps(data))
+    else:
+        torch.save(data, path, _use_new_zipfile_serialization=how == "torch.save")
+    with pytest.raises(CheckpointError, match=r"refers to (posix|os)\.system.*refusing to load it"):
         read_network(path)
     assert not marker.exists()
 
 
-def test_a_pickle_that_imports_a_module_is_refused(tmp_path, monkeypatch):
-    path = tmp_path / "import.pkl"
-    path.write_bytes(pickle.dumps({"ema": _Import()}))
+@pytest.mark.parametrize("payload", ["import", "eval"])
+def test_a_pickle_that_imports_a_module_or_evaluates_text_is_refused(tmp_path, monkeypatch, payload):
+    marker = tmp_path / "ran"
+    path = tmp_path / "payload.pkl"
+    path.write_bytes(pickle.dumps({"ema": _Import() if payload == "import" else _Eval(marker)}))
     monkeypatch.delitem(sys.modules, "this", raising=False)
-    with pytest.raises(CheckpointError, match=r"importlib\.import_module"):
+    with pytest.raises(CheckpointError, match=r"importlib\.import_module" if payload == "import" else r"builtins\.eval"):
         read_pickle(path)
-    assert "this" not in sys.modules
+    assert "this" not in sys.modules and not marker.exists()
 
 
 def test_persistent_source_is_kept_as_text_never_executed(nvlabs, tmp_path):

@@ -132,11 +132,8 @@ def _weights_only_state(path: Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
         raise CheckpointError(f"{path} cannot be read as a weights-only state dict: {str(exc).splitlines()[0]}") from None
-    for key in WRAPPER_KEYS:
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict) and not isinstance(obj[key], torch.Tensor):
-            if not all(isinstance(v, torch.Tensor) for v in obj.values()):
-                obj = obj[key]
-                break
+    if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        obj = next((obj[key] for key in WRAPPER_KEYS if isinstance(obj.get(key), dict)), obj)
     if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise CheckpointError(f"{path} holds no state dict (a mapping of names to tensors, possibly under "
                               f"one of {WRAPPER_KEYS})")

@@ -125,10 +125,8 @@ def _ints(value, what: str) -> tuple:
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     """torch._utils._rebuild_tensor_v2, as a record: (storage, offset, size, stride)."""
-    if not isinstance(storage, (StorageRef, torch.Tensor)):
+    if not isinstance(storage, StorageRef):
         raise CheckpointError(f"tensor record has no storage (got {type(storage).__name__})")
-    if isinstance(storage, torch.Tensor):
-        storage = StorageRef("<bytes>", storage.dtype, storage.numel(), storage)
     if not isinstance(storage_offset, int):
         raise CheckpointError(f"tensor record has a malformed storage offset {storage_offset!r}")
     return TensorRef(storage, storage_offset, _ints(size, "size"), _ints(stride, "stride"))
