@@ -19,7 +19,7 @@ import torch
 from pipeline.config.job import check_files, load_job, parse_job
 from pipeline.defenses import build_defense
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.models import build_edm, build_model
+from pipeline.models import build_edm, build_model, load
 from pipeline.models.checkpoint import load_checkpoint
 from pipeline.models.importer import import_model, import_to_folder, parse_model_ref
 from pipeline.models.safe_pickle import read_network, read_pickle
@@ -165,7 +165,7 @@ def test_edm_pkl_imports_to_a_folder_with_provenance_and_equal_outputs(nvlabs, t
     assert meta["source"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
     assert meta["source"]["format"] == "edm-pkl"
     assert meta["source"]["class_name"] == {"vp": "VPPrecond", "ve": "VEPrecond", "edm": "EDMPrecond"}[precond]
-    loaded, _, _ = load_checkpoint(folder, build_model)
+    loaded = load(folder)
     x = torch.randn(3, 3, 8, 8)
     sigma = torch.tensor([0.1, 1.0, 10.0])
     labels = torch.nn.functional.one_hot(torch.tensor([0, 2, 3]), 4).float()
