@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config.job import check_files, load_job, parse_job
+from pipeline.config.job import load_job, parse_job
+from pipeline.config.model_ref import parse_model_ref
 from pipeline.defenses import build_defense
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models import build_edm, build_model, load
 from pipeline.models.checkpoint import load_checkpoint
-from pipeline.models.importer import import_model, import_to_folder, parse_model_ref
+from pipeline.models.importer import check_job_models, import_model, import_to_folder
 from pipeline.models.safe_pickle import read_network, read_pickle
 
 REPO = Path(__file__).resolve().parent.parent
@@ -409,6 +410,9 @@ def test_model_references_parse_once():
     assert parse_model_ref("checkpoints/cifar10-unet").kind == "folder"
     with pytest.raises(ConfigError, match="needs an architecture"):
         parse_model_ref("robustbench:Standard.pt")
+    with pytest.raises(ConfigError, match=r"defense plain-erm: model robustbench:wrn-99-1:x\.pt: 'wrn-99-1' is not a robustbench preset"):
+        check_job_models(parse_job({"data": {"dataset": "cifar10"}, "attacks": [{"kind": "none"}],
+                                    "defenses": [{"kind": "plain", "model": "robustbench:wrn-99-1:x.pt"}]}))
     with pytest.raises(ConfigError, match="carries no configuration"):
         parse_model_ref("edm:edm_cifar_cond_vp.pt")
     with pytest.raises(ConfigError, match="unknown prefix 'hf'"):
@@ -452,10 +456,10 @@ def test_missing_transfer_surrogate_file_is_named(tmp_path):
     doc = {"data": {"dataset": "cifar10"}, "defenses": [{"kind": "rdc", "model": "optimal"}],
            "attacks": [{"kind": "transfer", "surrogate": {"kind": "plain", "model": f"robustbench:wrn-34-10:{tmp_path}/TRADES.pt"},
                         "attack": {"kind": "pgd", "eps": 8 / 255}}]}
-    with pytest.raises(CheckpointError, match=r"attack transfer-pgd-ce: surrogate: model file \S+TRADES\.pt not found"):
-        check_files(parse_job(doc))
+    with pytest.raises(CheckpointError, match=r"attack transfer-pgd-ce \(on rdc-optimal\): surrogate: model file \S+TRADES\.pt not found"):
+        check_job_models(parse_job(doc))
     (tmp_path / "TRADES.pt").write_bytes(b"stand-in")
-    check_files(parse_job(doc))
+    check_job_models(parse_job(doc))
 
 
 def _job_doc(name: str) -> dict:
@@ -476,11 +480,11 @@ def test_shipped_published_model_jobs_validate_and_name_missing_files(tmp_path, 
     doc = _job_doc(name)
     job = parse_job(doc)
     with pytest.raises(CheckpointError, match=r"defense [\w.-]+: model file \S+ not found; download it"):
-        check_files(job)
+        check_job_models(job)
     files = {fmt: tmp_path / f"{fmt}.bin" for fmt in ("edm-pkl", "edm-pt", "robustbench")}
     for f in files.values():
         f.write_bytes(b"stand-in")
-    check_files(parse_job(_point_models_at(doc, files)))
+    check_job_models(parse_job(_point_models_at(doc, files)))
 
 
 def test_rdc_edm_job_is_the_papers_protocol():

@@ -43,11 +43,12 @@ def fails_cleanly(command: F) -> F:
 
 def load_job_file(path: Path, files: bool = False):
     """The job at `path`; with files, also check that the model files and folders it names are there."""
-    from pipeline.config.job import check_files, load_job
+    from pipeline.config.job import load_job
+    from pipeline.models.importer import check_job_models
 
     job = load_job(path)
     if files:
-        check_files(job)
+        check_job_models(job)
     return job
 
 

@@ -10,6 +10,7 @@ import typer
 
 from pipeline.cli.analytics import print_summary
 from pipeline.cli.common import console, fails_cleanly, load_job_file
+from pipeline.config.run import DEFAULT_OUT, RunOptions
 from pipeline.errors import ConfigError
 
 
@@ -33,7 +34,7 @@ def validate_cmd(job: Path = typer.Argument(..., help="job file (TOML)")):
 @fails_cleanly
 def run_cmd(
     job: Path = typer.Argument(..., help="job file (TOML)"),
-    out: str = typer.Option("results", help="output folder or s3://bucket/prefix"),
+    out: str = typer.Option(DEFAULT_OUT, help="output folder or s3://bucket/prefix"),
     workers: Optional[int] = typer.Option(None, help="worker actors (default: one per GPU, else per CPU)"),
     address: Optional[str] = typer.Option(None, help="Ray cluster: none starts a local one; 'auto'; ray://host:port"),
     run_id: Optional[str] = typer.Option(None, help="run id (default: job name and hash)"),
@@ -46,14 +47,14 @@ def run_cmd(
     """Run a job on a Ray cluster (resuming committed units) and print its report."""
     from pipeline.runtime.run import run_job
 
+    options = RunOptions(out=out, workers=workers, gpus_per_worker=gpus_per_worker, address=address, min_gpus=min_gpus,
+                         endpoint_url=endpoint_url, run_id=run_id, fresh=fresh, report=report)
     spec = load_job_file(job, files=True)
-    result = run_job(spec, out, workers=workers, address=address, run_id=run_id, fresh=fresh,
-                     endpoint_url=endpoint_url, progress=True, gpus_per_worker=gpus_per_worker,
-                     min_gpus=min_gpus)
+    result = run_job(spec, options, progress=True)
     console.print(f"run {result.run_id}: {result.done} units done, {result.skipped} already committed, "
                   f"{len(result.failed)} failed; {result.rows} rows in {result.seconds:.1f} s -> {result.uri}")
-    if report:
-        print_summary([result.uri], endpoint_url)
+    if options.report:
+        print_summary([result.uri], options.endpoint_url)
     if result.failed:
         console.print(f"[bold red]{len(result.failed)} units failed[/]; see {result.uri}/failures/")
         raise typer.Exit(1)

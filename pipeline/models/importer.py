@@ -9,12 +9,9 @@ RobustBench classifiers, each read without running anything from the file.
     robustbench   a classifier state dict in RobustBench's format (weights_only=True), needs a
                   preset (wrn-28-10, ...) or config
 
-A model reference in a defense table names such a file directly:
-
-    "edm:path/to/file.pkl"                      the pickle's own configuration
-    "edm:PRESET:path/to/file.pt"                e.g. edm:rdc-cifar10-cond-edm:edm_cifar_cond_vp.pt
-    "robustbench:PRESET:path/to/file.pt"        e.g. robustbench:wrn-28-10:Standard.pt
-    "default", "optimal" or a checkpoint folder  as before
+A defense table names such a file directly (pipeline.config.model_ref): "edm:path/to/file.pkl",
+"edm:PRESET:path/to/file.pt", "robustbench:ARCH:path/to/file.pt"; `load_ref` imports it in
+memory and `check_job_models` tells, before any work, whether a job's files are all there.
 """
 
 from __future__ import annotations
@@ -22,12 +19,12 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from pipeline.config.model_ref import ModelRef, parse_model_ref
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models.checkpoint import save_checkpoint
 from pipeline.models.edm import EDM_PRESETS
@@ -54,68 +51,6 @@ PRECONDS = {"VPPrecond": "vp", "VEPrecond": "ve", "EDMPrecond": "edm"}
 # Wrappers a state dict may sit under: DataParallel's "module.", and checkpoints saved as
 # {"state_dict": ...} or {"model": ...} (RobustBench's loader accepts both).
 WRAPPER_KEYS = ("state_dict", "model", "net", "ema")
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A defense table's `model` string, parsed once.
-
-    kind: "default", "optimal", "folder" (a checkpoint folder), "edm" or "robustbench"; path:
-    the folder or file; preset: the architecture preset of an edm/robustbench file, if given.
-    """
-
-    kind: str
-    path: str | None = None
-    preset: str | None = None
-
-    @property
-    def format(self) -> str | None:
-        if self.kind == "robustbench":
-            return "robustbench"
-        if self.kind == "edm":
-            return "edm-pkl" if self.path.endswith(".pkl") else "edm-pt"
-        return None
-
-    def missing(self) -> str | None:
-        """What a user must fix if the file or folder this names is not there, else None."""
-        if self.kind in ("default", "optimal"):
-            return None
-        path = Path(self.path)
-        if self.kind == "folder":
-            if not (path / "config.json").is_file():
-                return (f"checkpoint folder {path} not found (no {path / 'config.json'}); train or import a model "
-                        "there (`robustsweep import-model`) or change `model`")
-            return None
-        if not path.is_file():
-            return (f"model file {path} not found; download it (README, 'Evaluate a published model') "
-                    "or change `model`")
-        return None
-
-
-def parse_model_ref(spec: str) -> ModelRef:
-    """Parse a `model` string; ConfigError names what is wrong (prefix, preset, format)."""
-    if not isinstance(spec, str) or not spec:
-        raise ConfigError(f"model must be a non-empty string, got {spec!r}")
-    if spec in ("default", "optimal"):
-        return ModelRef(spec)
-    for kind, presets in (("edm", EDM_PRESETS), ("robustbench", CLASSIFIER_PRESETS)):
-        if spec.startswith(kind + ":"):
-            rest = spec[len(kind) + 1:]
-            preset, _, path = rest.partition(":") if rest.split(":", 1)[0] in presets else (None, "", rest)
-            if not path:
-                raise ConfigError(f"model {spec!r}: no file after {kind}:{preset + ':' if preset else ''}")
-            if kind == "robustbench" and preset is None:
-                raise ConfigError(f"model {spec!r}: a RobustBench file needs an architecture, "
-                                  f"robustbench:ARCH:PATH with ARCH one of {sorted(CLASSIFIER_PRESETS)}")
-            if kind == "edm" and preset is None and not path.endswith(".pkl"):
-                raise ConfigError(f"model {spec!r}: a state dict (.pt) carries no configuration; write "
-                                  f"edm:PRESET:PATH with PRESET one of {sorted(EDM_PRESETS)}")
-            return ModelRef(kind, path, preset)
-    head = spec.split(":", 1)[0]
-    if ":" in spec and head.isalpha() and len(head) > 1 and "://" not in spec:
-        raise ConfigError(f"model {spec!r}: unknown prefix {head!r}; expected edm:, robustbench:, "
-                          "'default', 'optimal' or a checkpoint folder")
-    return ModelRef("folder", spec)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -265,15 +200,43 @@ def import_to_folder(src: str | os.PathLike, fmt: str, out: str | os.PathLike, p
     return save_checkpoint(out, model, cfg, meta), cfg, meta
 
 
+def check_preset(ref: ModelRef) -> None:
+    """ConfigError if a reference's preset is not one of its kind's."""
+    presets = EDM_PRESETS if ref.kind == "edm" else CLASSIFIER_PRESETS
+    if ref.preset is not None and ref.preset not in presets:
+        raise ConfigError(f"model {ref.kind}:{ref.preset}:{ref.path}: {ref.preset!r} is not a {ref.kind} preset; "
+                          f"expected one of {sorted(presets)}")
+
+
 def load_ref(ref: ModelRef, num_classes: int | None = None) -> tuple[nn.Module, dict, dict]:
     """The model an edm: or robustbench: reference names, imported in memory."""
     if ref.kind not in ("edm", "robustbench"):
         raise ConfigError(f"load_ref loads edm: and robustbench: references, not {ref.kind!r}")
+    check_preset(ref)
     problem = ref.missing()
     if problem:
         raise CheckpointError(problem)
     return import_model(ref.path, ref.format, preset=ref.preset, num_classes=num_classes)
 
 
-__all__ = ["FORMATS", "PRESETS", "CLASSIFIER_PRESETS", "ModelRef", "parse_model_ref", "import_model",
-           "import_to_folder", "load_ref", "fit_state", "sha256_file"]
+def check_job_models(job) -> None:
+    """Before any work: every model a job's defenses and transfer surrogates name has a known
+    preset and is there (file or checkpoint folder). Raises ConfigError or CheckpointError naming
+    the defense or attack. Separate from parsing, so a job parses where its files are not."""
+    named = [(f"defense {d.name}", d.spec.model) for d in job.defenses]
+    named += [(f"attack {a.name} (on {target}): surrogate", spec.model)
+              for a in job.attacks for target, spec in a.surrogates.items()]
+    for who, model in named:
+        ref = parse_model_ref(model)
+        try:
+            if ref.kind in ("edm", "robustbench"):
+                check_preset(ref)
+            problem = ref.missing()
+        except ConfigError as exc:
+            raise ConfigError(f"{who}: {exc}") from None
+        if problem:
+            raise CheckpointError(f"{who}: {problem}")
+
+
+__all__ = ["FORMATS", "PRESETS", "CLASSIFIER_PRESETS", "import_model", "import_to_folder", "load_ref",
+           "check_job_models", "check_preset", "fit_state", "sha256_file"]

@@ -14,9 +14,10 @@ from pathlib import Path
 from torch import nn
 
 from pipeline.models.checkpoint import load_checkpoint, read_config
-from pipeline.data import num_classes
+from pipeline.config.datasets import dataset_info
+from pipeline.config.model_ref import parse_model_ref
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.models.importer import load_ref, parse_model_ref
+from pipeline.models.importer import load_ref
 from pipeline.models.registry import build_model
 
 ROLES = ("diffusion", "erm", "mixup", "iat", "pgd_at")
@@ -56,7 +57,7 @@ def load_model(spec: str, dataset: str, role: str, in_channels: int | None = Non
     The model must fit the dataset: its class count (and input channels) are checked.
     """
     ref = parse_model_ref(spec)
-    K = num_classes(dataset)
+    K = dataset_info(dataset).classes
     if ref.kind in ("edm", "robustbench"):
         model, config, meta = load_ref(ref, num_classes=K)
         for key, want in _expected(config, K, in_channels).items():
@@ -79,3 +80,27 @@ def _expected(config: dict, K: int, in_channels: int | None) -> dict:
     if in_channels is not None:
         expected["img_channels" if edm else "in_channels"] = in_channels
     return expected
+
+
+def model_card(spec: str, dataset: str, role: str) -> dict:
+    """What a model is, for the exports: {"arch", "checkpoint", "additional_data"}, read from its
+    config.json without loading weights. spec: "default" (after `default_checkpoint` trained it),
+    "optimal" (the closed-form eps model: no weights) or a checkpoint folder.
+
+    additional_data: whether it was trained on data beyond the dataset's train split, as its
+    meta says; the defaults are trained on that split alone; None where a checkpoint does not say.
+    """
+    if spec == "optimal":
+        return {"arch": "optimal", "checkpoint": None, "additional_data": False}
+    ref = parse_model_ref(spec)
+    if ref.kind in ("edm", "robustbench"):
+        # A published file: its preset (or EDM's own pickle); what it was trained on is the publisher's to say.
+        return {"arch": ref.preset or "edm", "checkpoint": spec, "additional_data": None}
+    folder = cache_dir() / "models" / f"{dataset}-{role}" if spec == "default" else Path(spec)
+    try:
+        config, meta = read_config(folder)
+    except CheckpointError:
+        return {"arch": None, "checkpoint": spec, "additional_data": None}
+    meta = meta or {}
+    additional = meta.get("additional_data", False if spec == "default" else None)
+    return {"arch": config.get("arch"), "checkpoint": spec, "additional_data": additional}

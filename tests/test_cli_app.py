@@ -28,10 +28,27 @@ def test_fails_cleanly_maps_bad_input_to_2_and_other_failures_to_1(error, code):
 def test_every_command_group_is_assembled():
     names = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
     assert names == {"accuracy", "validate", "run", "status", "submit", "logs", "stop", "report", "compare", "sql",
-                     "train", "bench"}
+                     "train", "bench", "import-model"}
 
 
 def test_bench_option_errors_exit_2_before_any_work():
     result = CliRunner().invoke(app, ["bench", "scaling", "--workers", "1,zero"])
     assert result.exit_code == 2
     assert "--workers" in result.output
+
+
+def test_run_options_are_checked_once_and_become_the_run_flags():
+    from pipeline.config.run import RunOptions
+
+    options = RunOptions(out="s3://b/p", workers=4, gpus_per_worker=0.25, min_gpus=8, endpoint_url="http://s3:9000",
+                         run_id="r1", fresh=True, report=False)
+    assert options.run_flags() == ["--out", "s3://b/p", "--workers", "4", "--run-id", "r1", "--fresh",
+                                   "--endpoint-url", "http://s3:9000", "--no-report", "--gpus-per-worker", "0.25",
+                                   "--min-gpus", "8"]
+    assert RunOptions().run_flags() == []  # defaults are the run command's own
+    help_text = CliRunner().invoke(app, ["run", "--help"]).output
+    assert all(f in help_text for f in options.run_flags() if f.startswith("--"))
+    for bad, field in [({"gpus_per_worker": 0}, "--gpus-per-worker"), ({"workers": 0}, "--workers"),
+                       ({"min_gpus": -1}, "--min-gpus")]:
+        with pytest.raises(ConfigError, match=field):
+            RunOptions(**bad)
