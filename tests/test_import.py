@@ -269,6 +269,32 @@ def test_import_model_cli_refuses_a_hostile_pickle_with_exit_2(tmp_path):
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("container", ["pickle", "torch.save", "torch.save-legacy"])
+def test_damaged_files_raise_checkpoint_error_only(tmp_path, container):
+    import io
+    import random
+
+    buf = io.BytesIO()
+    tree = {"ema": {"w": torch.randn(3, 4), "b": [1, 2.0, "x", {"z": torch.arange(5)}]}}
+    if container == "pickle":
+        pickle.dump(tree, buf)
+    else:
+        torch.save(tree, buf, _use_new_zipfile_serialization=container == "torch.save")
+    good, rnd, path = buf.getvalue(), random.Random(0), tmp_path / "damaged.pkl"
+    for i in range(200):
+        damaged = bytearray(good)
+        if i % 2:
+            for _ in range(rnd.randint(1, 4)):
+                damaged[rnd.randrange(len(damaged))] = rnd.randrange(256)
+        else:
+            damaged = damaged[: rnd.randrange(len(damaged))]
+        path.write_bytes(bytes(damaged))
+        try:
+            read_pickle(path)
+        except CheckpointError:
+            pass
+
+
 # --- RobustBench classifiers ---------------------------------------------------------------------
 
 def _rb_state(config: dict, seed: int = 0, mu_sigma: bool = False) -> tuple[torch.nn.Module, dict]:

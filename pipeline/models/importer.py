@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 from pathlib import Path
 
 import torch
@@ -65,8 +64,14 @@ def _weights_only_state(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a torch.save file, read with weights_only=True, unwrapped."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path} cannot be read as a weights-only state dict: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # a corrupt file fails in many ways inside torch.load (KeyError, RuntimeError, ...)
+        # torch's own message goes on to suggest weights_only=False; only its reason is relayed.
+        lines = [ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln]
+        if lines:
+            reason = lines[0].split("was not an allowed global")[0].strip()
+            raise CheckpointError(f"{path} cannot be read as a weights-only state dict ({reason}); it holds more "
+                                  "than tensors and plain containers: re-save its state dict alone") from None
+        raise CheckpointError(f"{path} is not a readable torch.save file ({type(exc).__name__}: {exc})") from None
     if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         obj = next((obj[key] for key in WRAPPER_KEYS if isinstance(obj.get(key), dict)), obj)
     if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):

@@ -23,8 +23,10 @@ import hashlib
 import io
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,13 +259,38 @@ def _short(value, n: int = 120) -> str:
     return text if len(text) <= n else text[:n] + "..."
 
 
-def _load(f, where: str, storages=None):
+MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
+
+
+def _prescan(f: io.BytesIO, where: str) -> None:
+    """Walk the pickle's opcodes without running them, then rewind.
+
+    The C unpickler trusts two kinds of numbers that a damaged or hostile file can inflate: memo
+    indices (it grows its memo table to the index) and length prefixes (it allocates the length
+    before reading). Here a memo index must not exceed the number of opcodes before it, and every
+    length must be backed by bytes that are there (pickletools reads them).
+    """
+    start = f.tell()
+    try:
+        for count, (opcode, arg, _) in enumerate(pickletools.genops(f)):
+            if opcode.name in MEMO_PUTS and (not isinstance(arg, int) or not 0 <= arg <= count):
+                raise CheckpointError(f"{where}: memo index {arg!r} at opcode {count} is out of range; the file is damaged")
+    except CheckpointError:
+        raise
+    except Exception as exc:  # pickletools reports a damaged stream as ValueError, EOFError, ...
+        raise CheckpointError(f"{where} is not a readable pickle: {type(exc).__name__}: {exc}") from None
+    f.seek(start)
+
+
+def _load(f: io.BytesIO, where: str, storages=None):
+    _prescan(f, where)
     try:
         return RestrictedUnpickler(f, where, storages).load()
     except CheckpointError:
         raise
     except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError, KeyError,
-            struct.error, RecursionError) as exc:
+            struct.error, RecursionError, OverflowError, MemoryError) as exc:
+        # MemoryError, OverflowError: a corrupt length field asks for an impossible allocation.
         raise CheckpointError(f"{where} is not a readable pickle: {type(exc).__name__}: {exc}") from None
 
 
@@ -300,6 +327,10 @@ def _read_legacy(f: io.BufferedIOBase, where: str):
 def _read_zip(path: Path, where: str):
     """torch.save's zip format: {prefix}/data.pkl plus one raw file per storage under {prefix}/data/."""
     with zipfile.ZipFile(path) as archive:
+        # torch.save stores its members uncompressed; refusing compressed ones bounds memory by the file's size.
+        packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+        if packed:
+            raise CheckpointError(f"{where} has compressed members ({packed[0]}, ...); torch.save writes none")
         pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
             raise CheckpointError(f"{where} is a zip without exactly one */data.pkl; not a torch.save file")
@@ -327,7 +358,11 @@ def _frombuffer(raw: bytes, ref: StorageRef, where: str) -> torch.Tensor:
         raise CheckpointError(f"{where}: storage {ref.key} has {len(raw)} bytes, expected {ref.numel} {ref.dtype} elements")
     if ref.numel == 0:
         return torch.empty(0, dtype=ref.dtype)
-    return torch.frombuffer(bytearray(raw), dtype=ref.dtype)
+    buffer = bytearray(raw)
+    view = torch.frombuffer(buffer, dtype=torch.uint8)
+    data = view.clone()
+    del view  # release the buffer export before the buffer itself goes
+    return data.view(ref.dtype)
 
 
 def _materialize(ref: TensorRef, where: str) -> torch.Tensor:
@@ -388,20 +423,31 @@ def read_pickle(path: str | os.PathLike):
     where = str(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} not found")
-    if zipfile.is_zipfile(path):
-        tree = _read_zip(path, where)
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except zipfile.BadZipFile as exc:
+        raise CheckpointError(f"{where} is a damaged zip archive: {exc}") from None
+    if is_zip:
+        try:
+            tree = _read_zip(path, where)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, UnicodeDecodeError, NotImplementedError,
+                EOFError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{where} is a damaged zip archive: {type(exc).__name__}: {exc}") from None
     else:
-        with open(path, "rb") as f:
-            head = f.read(16)
-            f.seek(0)
-            # A legacy torch.save stream opens with the pickled magic number (protocol 2, LONG1).
-            if head[:3] == b"\x80\x02\x8a":
-                tree = _read_legacy(f, where)
-            else:
-                tree = _load(f, where)
-                if f.read(1):
-                    raise CheckpointError(f"{where} has data after its pickle")
-    return _finish(tree, where)
+        # In memory: a BytesIO read never allocates more than the file holds, whatever length a
+        # damaged record claims (a file object's read(n) would allocate n bytes first).
+        f = io.BytesIO(path.read_bytes())
+        # A legacy torch.save stream opens with the pickled magic number (protocol 2, LONG1).
+        if f.getbuffer()[:3] == b"\x80\x02\x8a":
+            tree = _read_legacy(f, where)
+        else:
+            tree = _load(f, where)
+            if f.read(1):
+                raise CheckpointError(f"{where} has data after its pickle")
+    try:
+        return _finish(tree, where)
+    except RecursionError:
+        raise CheckpointError(f"{where} nests its objects too deeply for a network checkpoint") from None
 
 
 # --- the network inside -----------------------------------------------------------------------
