@@ -19,9 +19,9 @@ def test_fails_cleanly_maps_bad_input_to_2_and_other_failures_to_1(error, code):
     def cmd(name: str = typer.Option("x", help="a name")):
         raise error(f"{name} is wrong")
 
-    result = CliRunner().invoke(probe, ["--name", "field"])
+    result = CliRunner().invoke(probe, ["--name", "rdc[temperature=0.5]"])
     assert result.exit_code == code
-    assert "field is wrong" in result.output
+    assert "rdc[temperature=0.5] is wrong" in result.output
     assert "Traceback" not in result.output
 
 
@@ -52,3 +52,16 @@ def test_run_options_are_checked_once_and_become_the_run_flags():
                        ({"min_gpus": -1}, "--min-gpus")]:
         with pytest.raises(ConfigError, match=field):
             RunOptions(**bad)
+
+
+def test_validate_lists_swept_names_with_their_suffix(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text('[data]\ndataset = "digits"\nlimit = 2\n'
+                   '[[defenses]]\nkind = "rdc"\nmodel = "optimal"\ntimesteps = 2\n'
+                   '[defenses.sweep]\ntemperature = [0.5, 1.0]\n'
+                   '[[attacks]]\nkind = "transfer"\nsurrogate = { kind = "plain" }\nattack = { kind = "pgd" }\n')
+    result = CliRunner().invoke(app, ["validate", str(job)])
+    assert result.exit_code == 0
+    assert "defense rdc-optimal[temperature=0.5]" in result.output
+    assert "defense rdc-optimal[temperature=1.0]" in result.output
+    assert "(surrogate plain-erm)" in result.output

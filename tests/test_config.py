@@ -114,3 +114,12 @@ def test_swept_defenses_and_attacks_keep_their_names_in_the_records(ray_cluster,
     pairs = set(zip(table.column("defense").to_pylist(), table.column("attack").to_pylist()))
     assert pairs == {(d, a) for d in ("rdc-optimal[temperature=0.5]", "rdc-optimal[temperature=1.0]")
                      for a in ("clean[passes=1]", "clean[passes=2]")}
+
+
+def test_a_unit_read_back_from_plan_json_has_the_same_specs_and_names(cnn):
+    from pipeline.runtime.plan import Unit
+
+    for u in plan(parse_job(transfer_doc(cnn)), 355):
+        back = Unit.from_dict(u.as_dict())
+        assert (back.unit_id, back.defense, back.attack, back.path) == (u.unit_id, u.defense, u.attack, u.path)
+        assert (back.defense_spec, back.attack_spec, back.surrogate_spec) == (u.defense_spec, u.attack_spec, u.surrogate_spec)

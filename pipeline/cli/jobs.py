@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from pipeline.cli.analytics import print_summary
 from pipeline.cli.common import console, fails_cleanly, load_job_file
@@ -17,18 +18,22 @@ from pipeline.errors import ConfigError
 @fails_cleanly
 def validate_cmd(job: Path = typer.Argument(..., help="job file (TOML)")):
     """Check a job file (and that the model files it names are there) and print what it expands to; writes nothing."""
+    from pipeline.config.defense import defense_name
     from pipeline.data import load_split
     from pipeline.runtime.plan import plan, run_id_for
 
     spec = load_job_file(job, files=True)
     x, _ = load_split(spec.spec.data.dataset, spec.spec.data.split, root=spec.spec.data.root)
     units = plan(spec, x.shape[0])
-    console.print(f"[green]ok[/] {job}: run id {run_id_for(spec)}, {len(spec.defenses)} defenses, "
+    console.print(f"[green]ok[/] {escape(str(job))}: run id {run_id_for(spec)}, {len(spec.defenses)} defenses, "
                   f"{len(spec.attacks)} attacks, {len(units)} units")
+    # Names carry sweep suffixes such as [temperature=0.5]: printed as text, not as console markup.
     for d in spec.defenses:
-        console.print(f"  defense {d.name}")
+        console.print(f"  defense {d.name}", markup=False)
     for a in spec.attacks:
-        console.print(f"  attack  {a.name} eps={a.table.get('eps', 0):.6g} on {', '.join(a.defenses)}")
+        surrogates = sorted({defense_name(s) for s in a.surrogates.values()})
+        console.print(f"  attack  {a.name} eps={a.table.get('eps', 0):.6g} on {', '.join(a.defenses)}"
+                      + (f" (surrogate {', '.join(surrogates)})" if surrogates else ""), markup=False)
 
 
 @fails_cleanly

@@ -39,9 +39,4 @@ def default_root(name: str) -> str:
     return os.path.join(base, name)
 
 
-def num_classes(name: str) -> int:
-    """Number of classes of a dataset by name (the registry's `classes`)."""
-    return dataset_info(name).classes
-
-
-__all__ = ["load_split", "num_classes", "default_root", "Shard", "make_shards", "select"]
+__all__ = ["load_split", "default_root", "Shard", "make_shards", "select"]

@@ -41,7 +41,7 @@ def build_defense(spec: DefenseSpec | dict, device: str | torch.device | None = 
                                  n_ol=spec.n_ol, threshold=spec.threshold, seed=spec.seed)
     else:
         defense = _build_rdc(spec, channels, size, K)
-    defense.spec = spec.model_dump()
+    defense.spec = spec
     defense.name = name or defense_name(spec)
     # Defenses never train: frozen weights keep compiled backward graphs from computing their gradients.
     return defense.to(device or "cpu").eval().requires_grad_(False)
