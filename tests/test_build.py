@@ -97,11 +97,15 @@ def test_building_a_defense_never_trains(tmp_path, monkeypatch):
 
 
 def test_the_prepare_step_knows_which_default_model_a_table_uses():
+    from pipeline.config.defense import parse_defense
     from pipeline.training.defaults import default_model_of
 
-    assert default_model_of({"kind": "plain"}) == ("digits", "erm")
-    assert default_model_of({"kind": "mi", "dataset": "cifar10"}) == ("cifar10", "mixup")
-    assert default_model_of({"kind": "mi", "method": "iat"}) == ("digits", "iat")
-    assert default_model_of({"kind": "rdc", "model": "default"}) == ("digits", "diffusion")
-    assert default_model_of({"kind": "rdc", "model": "optimal"}) is None
-    assert default_model_of({"kind": "plain", "model": "/some/checkpoint"}) is None
+    def of(table):
+        return default_model_of(parse_defense(table))
+
+    assert of({"kind": "plain"}) == ("digits", "erm")
+    assert of({"kind": "mi", "dataset": "cifar10"}) == ("cifar10", "mixup")
+    assert of({"kind": "mi", "method": "iat"}) == ("digits", "iat")
+    assert of({"kind": "rdc", "model": "default"}) == ("digits", "diffusion")
+    assert of({"kind": "rdc", "model": "optimal"}) is None
+    assert of({"kind": "plain", "model": "/some/checkpoint"}) is None

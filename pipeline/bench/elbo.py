@@ -21,6 +21,7 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.bench.common import best_of, load_average, machine_info, timed
+from pipeline.config.defense import parse_defense
 from pipeline.data import load_split
 from pipeline.defenses import build_defense
 from pipeline.defenses.engine import EngineOptions, autocast_dtype, chunk_size
@@ -189,9 +190,9 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
     dev = torch.device(device)
     load_before = load_average()
     options = EngineOptions(chunk=chunk, channels_last=channels_last, compile=compile, autocast=autocast)
-    table = {"kind": "rdc", "model": model, "dataset": "digits", "timesteps": timesteps}
-    prepare_defaults([table], progress=False)  # building a defense never trains
-    rdc = build_defense(table, device=dev)
+    spec = parse_defense({"kind": "rdc", "model": model, "dataset": "digits", "timesteps": timesteps})
+    prepare_defaults([spec], progress=False)  # building a defense never trains
+    rdc = build_defense(spec, device=dev)
     rdc.engine = options
     reference_model = copy.deepcopy(rdc.eps_model)  # the model as loaded, whatever the engine does to its copy
     x, _ = load_split("digits", "test")
@@ -289,9 +290,9 @@ def autocast_agreement(model: str = "default", timesteps: int = 10, dtype: str =
     difference relative to the logits' scale (`max_rel_diff`).
     """
     dev = torch.device(device)
-    table = {"kind": "rdc", "model": model, "dataset": "digits", "timesteps": timesteps}
-    prepare_defaults([table], progress=False)
-    rdc = build_defense(table, device=dev)
+    spec = parse_defense({"kind": "rdc", "model": model, "dataset": "digits", "timesteps": timesteps})
+    prepare_defaults([spec], progress=False)
+    rdc = build_defense(spec, device=dev)
     x, _ = load_split("digits", "test")
     x = x[:examples].to(dev) if examples else x.to(dev)
     draw = Draw(0, torch.arange(x.shape[0]), torch.zeros(x.shape[0], dtype=torch.int64))

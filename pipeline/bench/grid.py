@@ -15,6 +15,7 @@ import ray
 import torch
 
 from pipeline.bench.common import best_seconds, load_average, local_ray, machine_info
+from pipeline.config.defense import parse_defense
 from pipeline.data import load_split
 from pipeline.defenses import build_defense
 from pipeline.runtime.grid import Gang, shard
@@ -35,7 +36,7 @@ def bench_grid(*, model: str = "default", timesteps: int = 1000, examples: int =
     x = load_split("digits", "test")[0][:examples]
     ids = list(range(examples))
     torch.set_num_threads(1)
-    prepare_defaults([table], progress=False)  # before any actor asks for it: building a defense never trains
+    prepare_defaults([parse_defense(table)], progress=False)  # before any actor asks: building never trains
     defense = build_defense(table)
     out: dict = {"model": model, "timesteps": timesteps, "examples": examples, "gangs": list(gangs),
                  "threads_per_actor": 1, "cores": cores, **machine_info("cpu"), "ray": ray.__version__,

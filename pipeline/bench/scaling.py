@@ -31,6 +31,7 @@ from pipeline.runtime.plan import plan
 from pipeline.runtime.run import prepare_models, run_job
 from pipeline.runtime.worker import Worker
 from pipeline.config.job import parse_job
+from pipeline.config.run import RunOptions
 
 
 def scaling_job(examples: int = 48, shard_size: int = 4, timesteps: int = 10, steps: int = 5, passes: int = 2) -> dict:
@@ -61,7 +62,7 @@ def run_slice(doc: dict, begin: int, end: int, out: str) -> int:
     worker = Worker(f"process-{begin}", "cpu", threads=1)
     ctx = {"run_id": "by-hand", "out": out, "endpoint_url": None, "seed": job.spec.seed,
            "data": {"dataset": data.dataset, "split": data.split, "root": data.root}}
-    return sum(worker.run_unit(u.as_dict(), ctx)["rows"] for u in plan(job, x_all.shape[0])[begin:end])
+    return sum(worker.run_unit(u, ctx)["rows"] for u in plan(job, x_all.shape[0])[begin:end])
 
 
 def _by_hand(doc: dict, n_units: int, processes: int, out: Path) -> float:
@@ -86,7 +87,7 @@ def _by_hand(doc: dict, n_units: int, processes: int, out: Path) -> float:
 
 def _with_ray(job, workers: int, out: Path) -> tuple[float, str]:
     """Seconds of run_job with `workers` actors (one thread each) on the running cluster, and the run folder."""
-    seconds, result = timed(lambda: run_job(job, str(out), workers=workers, progress=False, fresh=True))
+    seconds, result = timed(lambda: run_job(job, RunOptions(out=str(out), workers=workers, fresh=True), progress=False))
     if not result.ok:
         raise RuntimeError(f"the Ray run failed units: {result.failed}")
     return seconds, str(out / result.run_id)

@@ -35,21 +35,22 @@ def ensure_default_model(dataset: str, role: str, progress: bool = True) -> Path
     return path
 
 
-def default_model_of(table: dict) -> tuple[str, str] | None:
-    """(dataset, role) of the default model a defense table uses; None for a checkpoint path or
-    the optimal model. The role is RDC's diffusion model, else the classifier's training method
-    (erm for plain, mixup for MI, unless `method` says otherwise)."""
-    if table.get("model", "default") != "default":
-        return None
-    kind = table.get("kind")
-    role = "diffusion" if kind == "rdc" else table.get("method", "mixup" if kind == "mi" else "erm")
-    return table.get("dataset", "digits"), role
+def role_of(spec) -> str:
+    """Which default model a parsed defense spec (pipeline.config.defense) stands on: RDC's
+    diffusion model, else its classifier's training method."""
+    return "diffusion" if spec.kind == "rdc" else spec.method
 
 
-def prepare_defaults(tables, progress: bool = True) -> list[Path]:
-    """Every default model the defense tables use, trained into the cache where missing; their folders."""
-    wanted = dict.fromkeys(m for m in map(default_model_of, tables) if m is not None)
+def default_model_of(spec) -> tuple[str, str] | None:
+    """(dataset, role) of the default model a parsed defense spec uses; None for any other model
+    (a checkpoint folder, a published file, the optimal model)."""
+    return (spec.dataset, role_of(spec)) if spec.model == "default" else None
+
+
+def prepare_defaults(specs, progress: bool = True) -> list[Path]:
+    """Every default model the parsed defense specs use, trained into the cache where missing; their folders."""
+    wanted = dict.fromkeys(m for m in map(default_model_of, specs) if m is not None)
     return [ensure_default_model(dataset, role, progress=progress) for dataset, role in wanted]
 
 
-__all__ = ["ensure_default_model", "prepare_defaults", "default_model_of"]
+__all__ = ["ensure_default_model", "prepare_defaults", "default_model_of", "role_of"]
