@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE_ENV = "ROBUSTSWEEP_CACHE"
 # Tests asking for one of these fixtures start Ray, an S3 server or a Ray head: the slow tier.
 SLOW_FIXTURES = {"ray_nodes", "ray_cluster", "s3_server", "s3_bucket", "head"}
+TRAINING_TIMEOUT_S = 1800  # the time limit of a test that may train a default model first
 _saved_cache: list[str | None] = []
 
 
@@ -56,8 +57,13 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if SLOW_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
+        # The first test to ask for a default model trains it (minutes on a busy machine) within
+        # its own time limit; give those tests room unless they set a limit themselves.
+        if "default_models" in fixtures and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TRAINING_TIMEOUT_S))
 
 
 def models_key() -> str:
