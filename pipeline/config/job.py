@@ -75,7 +75,7 @@ class JobSpec(BaseModel):
 class Defense:
     name: str
     table: dict
-    grid_workers: int | str = 1  # a gang of this many actors per unit, or "auto" (see run.gang_size)
+    grid_workers: int | str = 1  # a gang of this many actors per unit, or "auto" (see runtime.scheduler.gang_size)
 
 
 @dataclass(frozen=True)
