@@ -574,3 +574,29 @@ def bench_report_cmd(
         return
     console.print(f"report over {result['rows']} rows in {result['files']} Parquet files: "
                   f"{result['report_seconds']:.3f} s (best of {len(result['runs'])}: {result['runs']})")
+
+
+@bench_app.command("scheduler")
+def bench_scheduler_cmd(
+    units: int = typer.Option(100_000, help="units to dispatch"),
+    actors: int = typer.Option(1024, help="simulated actors"),
+    gangs: str = typer.Option("1,2,4,8", help="gang sizes, comma-separated: one block of units each"),
+    seed: int = typer.Option(0, help="seed of the simulated durations, errors and losses"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """The run's scheduler over simulated actors (gangs, losses, retries): the driver's seconds a unit and peak memory."""
+    from pipeline.bench.scheduler import bench_scheduler, format_scheduler
+
+    try:
+        sizes = tuple(int(g) for g in gangs.split(","))
+        if not sizes or min(sizes) < 1:
+            raise ValueError
+    except ValueError:
+        _fail(ConfigError(f"--gangs: expected positive integers, e.g. 1,2,4,8; got {gangs!r}"))
+    if units < 1 or actors < 1 or max(sizes) > actors:
+        _fail(ConfigError(f"--units and --actors must be >= 1 and every gang at most --actors; got {units}, {actors}, {gangs}"))
+    result = bench_scheduler(units=units, actors=actors, gangs=sizes, seed=seed)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    console.print(format_scheduler(result))

@@ -24,6 +24,7 @@ All the scheduling state lives in `Scheduler`, and it reaches actors only throug
 from __future__ import annotations
 
 import collections
+import heapq
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -152,6 +153,13 @@ class Scheduler:
         self.tries: collections.Counter = collections.Counter()  # unit_id -> failed tries
         self.lost = 0  # actors lost on the way (calls found them dead)
         self.idle_since = clock()
+        # Started, unreserved slots with room, by units in flight (b < inflight): the set of each
+        # level and a min-heap of its slots, so a dispatch costs O(log workers), not a sort of the
+        # pool. A heap may hold slots that left its level; they are dropped when they surface.
+        self._level: dict[int, int] = {}
+        self._open: list[set[int]] = [set() for _ in range(inflight)]
+        self._heap: list[list[int]] = [[] for _ in range(inflight)]
+        self._in_heap: list[set[int]] = [set() for _ in range(inflight)]
         for slot in range(workers):
             self._start(slot)
 
@@ -187,6 +195,7 @@ class Scheduler:
                 raise ClusterError(f"worker actor {slot} failed to start: {outcome.error}")
             else:
                 self.ready.add(slot)
+                self._refresh(slot)
 
     def expected(self) -> int:
         """Actors started, plus those starting for less than `start_grace` seconds (a gang waits for them)."""
@@ -195,38 +204,45 @@ class Scheduler:
 
     def gang(self, unit) -> int:
         """The gang the unit at the head of the queue runs on now: its G, capped by the live pool."""
-        return min(self.gangs.get(unit.unit_id, 1), max(self.expected(), 1))
+        g = self.gangs.get(unit.unit_id, 1)
+        return g if g == 1 else min(g, max(self.expected(), 1))
 
     def dispatch(self) -> None:
         """Hand queued units to started actors until the head of the queue cannot go."""
         while self.queue:
             unit = self.queue[0]
             g = self.gang(unit)
-            free = sorted(s for s in self.ready if s not in self.reserved)
             if g == 1:
-                open_ = [s for s in free if self.busy[s] < self.max_inflight]
-                if not open_:
+                leader = next((s for b in range(self.max_inflight) if (s := self._lowest(b)) is not None), None)
+                if leader is None:
                     return
-                leader, peers = min(open_, key=lambda s: self.busy[s]), ()
+                peers = ()
             else:
-                idle = [s for s in free if self.busy[s] == 0]
-                if len(idle) < g:
+                if len(self._open[0]) < g:
                     return  # wait for actors to drain; nothing overtakes the gang
-                leader, peers = idle[0], tuple((s, self.handles[s]) for s in idle[1:g])
-                self.reserved.update([leader, *(s for s, _ in peers)])
+                members = []
+                for _ in range(g):  # the g lowest idle slots
+                    members.append(self._lowest(0))
+                    self.reserved.add(members[-1])
+                    self._refresh(members[-1])
+                leader, peers = members[0], tuple((s, self.handles[s]) for s in members[1:])
             self.queue.popleft()
             handle = self.handles[leader]
             future = self.actors.submit(handle, unit, [h for _, h in peers])
             self.running[future] = _Running(unit, leader, handle, peers)
             self.busy[leader] += 1
+            self._refresh(leader)
 
     def finish(self, future) -> Finished | Failed | None:
         """Account for a done call: free its actors, replace lost ones, retry or report the unit."""
         run = self.running.pop(future)
         self.busy[run.leader] -= 1
         if run.peers:
-            self.reserved.discard(run.leader)
-            self.reserved.difference_update(s for s, _ in run.peers)
+            for slot in (run.leader, *(s for s, _ in run.peers)):
+                self.reserved.discard(slot)
+                self._refresh(slot)
+        else:
+            self._refresh(run.leader)
         outcome = self.actors.outcome(future)
         if not outcome.ok:
             if outcome.lost:
@@ -247,6 +263,7 @@ class Scheduler:
     def replace(self, slot: int) -> None:
         """Kill (if alive) and start again the actor of `slot`, up to `replacements` times a slot."""
         self.ready.discard(slot)
+        self._refresh(slot)
         old = self.handles.pop(slot, None)
         if old is not None:
             self.actors.kill(old)
@@ -258,11 +275,36 @@ class Scheduler:
         """Ping a started actor again before giving it more work (a gang peer after a failed unit)."""
         if slot in self.ready:
             self.ready.discard(slot)
+            self._refresh(slot)
             self._ping(slot)
 
     def shutdown(self) -> None:
         for handle in self.handles.values():
             self.actors.kill(handle)
+
+    def _refresh(self, slot: int) -> None:
+        """File `slot` under its level after a change to ready, reserved or busy."""
+        busy = self.busy[slot]
+        new = busy if busy < self.max_inflight and slot in self.ready and slot not in self.reserved else None
+        old = self._level.get(slot)
+        if new == old:
+            return
+        if old is not None:
+            self._open[old].discard(slot)
+            del self._level[slot]
+        if new is not None:
+            self._level[slot] = new
+            self._open[new].add(slot)
+            if slot not in self._in_heap[new]:
+                self._in_heap[new].add(slot)
+                heapq.heappush(self._heap[new], slot)
+
+    def _lowest(self, level: int) -> int | None:
+        """The lowest slot at `level`, or None."""
+        heap, members = self._heap[level], self._open[level]
+        while heap and heap[0] not in members:
+            self._in_heap[level].discard(heapq.heappop(heap))
+        return heap[0] if heap else None
 
     def _start(self, slot: int) -> None:
         self.handles[slot] = self.actors.start(slot)
