@@ -135,7 +135,6 @@ def run_job(job: Job, out: str, *, workers: int | None = None, address: str | No
     return result
 
 
-
 class RayActors:
     """The scheduler's `Actors` (runtime/scheduler.py) as Ray worker actors (runtime/worker.py)."""
 
