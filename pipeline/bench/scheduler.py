@@ -240,9 +240,9 @@ def bench_scheduler(units: int = 100_000, actors: int = 1024, gangs: tuple[int, 
     }
 
 
-def format_scheduler(r: dict) -> str:
-    """The result as a few lines of text."""
-    return "\n".join([
+def format_scheduler(r: dict) -> list[str]:
+    """The lines `robustsweep bench scheduler` prints for a result of `bench_scheduler`."""
+    return [
         f"{r['units']:,} units over {r['actors']:,} simulated actors, gangs {r['gangs']} in blocks: "
         f"{r['done']:,} done, {r['failed']} failed, {r['calls']:,} calls ({r['retries']:,} retries), "
         f"{r['lost']} actors lost, {r['replaced']} replaced",
@@ -252,4 +252,4 @@ def format_scheduler(r: dict) -> str:
         f"peak memory: {r['peak_bytes'] / 2**20:.1f} MiB ({r['peak_bytes_per_unit']:.0f} bytes a unit)",
         f"simulated: {r['simulated_makespan_s'] / 3600:.2f} h, actors busy {100 * r['utilisation']:.1f}% of the time",
         f"load average {r['load_before']} before, {r['load_after']} after",
-    ])
+    ]
