@@ -369,9 +369,10 @@ def test_dispatch_follows_the_rules_at_every_call(seed):
 def test_gang_size_rule():
     assert gang_size(1, "rdc", 8, 2) == 1
     assert gang_size(4, "rdc", 3, 10) == 3  # never more than the pool
-    assert gang_size("auto", "rdc", 8, 20) == 1
-    assert gang_size("auto", "rdc", 8, 2) == 4
-    assert gang_size("auto", "plain", 8, 1) == 1
+    assert gang_size("auto", "rdc", 8, 20) == 1  # units fill the pool: data parallelism
+    assert gang_size("auto", "rdc", 8, 2) == 4  # two units on eight workers: gangs of four
+    assert gang_size("auto", "mi", 3, 1) == 3
+    assert gang_size("auto", "plain", 8, 1) == 1  # one cell: nothing to shard
 
 
 def test_bench_scheduler_accounts_for_every_unit():
