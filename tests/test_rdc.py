@@ -195,7 +195,7 @@ def test_pruned_scoring_evaluates_each_term_once():
 def test_the_last_stage_keep_is_honoured(digits, optimal):
     """keep = 2 in the last stage: two finalists per example keep their estimates; the other classes of that
     stage are capped prune_margin below the weaker finalist (keep = 5 leaves all five uncapped)."""
-    _, (xte, _) = digits
+    xte = digits.x_test
     margin = 1e3
     with torch.no_grad():
         all_five = RDC(optimal, 10, 1, 8, pruning=[(10, 5), (20, 5)], prune_margin=margin).evaluate(xte[:4], draw_for(range(4)))
