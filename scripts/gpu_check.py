@@ -10,8 +10,10 @@ naming them. Steps, in order, within a budget of GPU_CHECK_BUDGET seconds (defau
    autocast agreement, draws on CUDA against the CPU's within the stated bound, a Ray worker
    with num_gpus=1 sees its GPU (log: pytest_gpu.txt, junit: pytest_gpu.xml);
 2. `python3 -m pipeline.cli bench draws --device cuda --json` -> bench_draws_cuda.json;
-3. `python3 -m pipeline.cli bench elbo --device cuda --json` (the digits UNet, every timestep;
-   the full-size networks where the bench offers them) -> bench_elbo_cuda*.json.
+3. `python3 -m pipeline.cli bench elbo --device cuda --json` (the digits UNet, every timestep)
+   -> bench_elbo_cuda.json;
+4. the same with `--model edm-cifar10-cond-vp` (the full-size CIFAR-10 DDPM++, random weights),
+   where the checkout has the EDM networks -> bench_elbo_cuda_ddpmpp.json.
 
 summary.json lists every step: command, status (ok, failed, skipped, timeout), seconds, reason.
 Exit status: 0 when every step that ran passed, 1 when one failed, 2 when there is no CUDA device.
@@ -45,6 +47,13 @@ STEPS = [
      "args": ["-m", "pipeline.cli", "bench", "elbo", "--device", "cuda", "--examples", "8", "--timesteps", "1000",
               "--threads", "0", "--json"],
      "json": "bench_elbo_cuda.json"},
+    # The full-size CIFAR-10 DDPM++ (EDM's class-conditional VP network, random weights): one forward
+    # at batch 64 in fp32 and bf16, and RDC seconds per image at all 1000 timesteps.
+    {"name": "bench_elbo_cuda_ddpmpp", "needs": CORE, "timeout": 180,
+     "requires": "from pipeline.models.edm import EDM_PRESETS; assert 'edm-cifar10-cond-vp' in EDM_PRESETS",
+     "args": ["-m", "pipeline.cli", "bench", "elbo", "--device", "cuda", "--model", "edm-cifar10-cond-vp",
+              "--examples", "1", "--timesteps", "1000", "--forward-batch", "64", "--no-grad", "--threads", "0", "--json"],
+     "json": "bench_elbo_cuda_ddpmpp.json"},
 ]
 
 
@@ -72,6 +81,9 @@ def run_step(step: dict, out: Path, env: dict, seconds_left: float) -> dict:
     absent = missing(step["needs"])
     if absent:
         return {**record, "status": "skipped", "reason": f"python packages missing here: {', '.join(absent)}"}
+    if "requires" in step and subprocess.run([PYTHON, "-c", step["requires"]], capture_output=True, env=env,
+                                             cwd=REPO, timeout=120).returncode != 0:
+        return {**record, "status": "skipped", "reason": f"this checkout lacks what the step needs: {step['requires']}"}
     timeout = min(step["timeout"], seconds_left)
     if timeout < 20:
         return {**record, "status": "skipped", "reason": f"the check's budget of {BUDGET_S:.0f} s is spent"}
