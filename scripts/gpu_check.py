@@ -13,7 +13,7 @@ naming them. Steps, in order, within a budget of GPU_CHECK_BUDGET seconds (defau
 3. `python3 -m pipeline.cli bench elbo --device cuda --json` (the digits UNet, every timestep)
    -> bench_elbo_cuda.json;
 4. the same with `--model edm-cifar10-cond-vp` (the full-size CIFAR-10 DDPM++, random weights),
-   where the checkout has the EDM networks -> bench_elbo_cuda_ddpmpp.json.
+   where the checkout's bench has the EDM networks (`bench_edm`) -> bench_elbo_cuda_ddpmpp.json.
 
 summary.json lists every step: command, status (ok, failed, skipped, timeout), seconds, reason.
 Exit status: 0 when every step that ran passed, 1 when one failed, 2 when there is no CUDA device.
@@ -50,7 +50,8 @@ STEPS = [
     # The full-size CIFAR-10 DDPM++ (EDM's class-conditional VP network, random weights): one forward
     # at batch 64 in fp32 and bf16, and RDC seconds per image at all 1000 timesteps.
     {"name": "bench_elbo_cuda_ddpmpp", "needs": CORE, "timeout": 180,
-     "requires": "from pipeline.models.edm import EDM_PRESETS; assert 'edm-cifar10-cond-vp' in EDM_PRESETS",
+     "requires": ("from pipeline.bench.elbo import bench_edm; from pipeline.models.edm import EDM_PRESETS; "
+                  "assert 'edm-cifar10-cond-vp' in EDM_PRESETS"),
      "args": ["-m", "pipeline.cli", "bench", "elbo", "--device", "cuda", "--model", "edm-cifar10-cond-vp",
               "--examples", "1", "--timesteps", "1000", "--forward-batch", "64", "--no-grad", "--threads", "0", "--json"],
      "json": "bench_elbo_cuda_ddpmpp.json"},
@@ -77,7 +78,8 @@ def device_info(env: dict) -> dict:
 
 
 def run_step(step: dict, out: Path, env: dict, seconds_left: float) -> dict:
-    record = {"name": step["name"], "command": " ".join([Path(PYTHON).name, *step["args"]]).format(out=out)}
+    args = [a.replace("{out}", str(out)) for a in step["args"]]
+    record = {"name": step["name"], "command": " ".join([Path(PYTHON).name, *args])}
     absent = missing(step["needs"])
     if absent:
         return {**record, "status": "skipped", "reason": f"python packages missing here: {', '.join(absent)}"}
@@ -89,7 +91,7 @@ def run_step(step: dict, out: Path, env: dict, seconds_left: float) -> dict:
         return {**record, "status": "skipped", "reason": f"the check's budget of {BUDGET_S:.0f} s is spent"}
     start = time.perf_counter()
     try:
-        proc = subprocess.run([PYTHON, *[a.format(out=out) for a in step["args"]]], capture_output=True, text=True,
+        proc = subprocess.run([PYTHON, *args], capture_output=True, text=True,
                               timeout=timeout, env=env, cwd=REPO)
     except subprocess.TimeoutExpired as exc:
         text = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
