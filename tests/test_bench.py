@@ -111,6 +111,9 @@ def test_bench_draws_sets_the_device_path_beside_the_reference_and_the_forward()
 
 
 def test_bench_draws_rejects_an_unknown_device():
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "draws", "--device", "tpu"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--device cpu or cuda" in proc.stderr + proc.stdout
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "draws", "--device", "tpu"])
+    assert result.exit_code == 2 and "--device cpu or cuda; got 3 and 'tpu'" in result.output
