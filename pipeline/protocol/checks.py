@@ -3,19 +3,19 @@
 Per input: the perturbation lies in its ball and box (a violation raises), and the input
 gradient is neither zero nor NaN (gradient masking). Per record: `returned_clean` (a
 stochastic defense's adversarial input is the clean input although the attack ran on it) and
-`single_pass_optimistic` (the first pass is right but most passes are wrong). Per sweep:
-robust accuracy that rises with eps, stays up under an unbounded attack, or is higher on a
-path that sees more than another one (`weaker_than_transfer`, `oblivious_beats_adaptive`).
+`single_pass_optimistic` (the first pass is right but most passes are wrong). Per sweep
+(pipeline.flags, torch-free for the report): robust accuracy that rises with eps, stays up under an
+unbounded attack, or is higher on a path that sees more than another one
+(`weaker_than_transfer`, `oblivious_beats_adaptive`).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
 from pipeline.errors import AttackError
+from pipeline.flags import FLAGS as SWEEP_FLAGS, flags_of, sweep_flags  # noqa: F401 (the sweep's checks)
 
 TOLERANCE = 1e-6  # slack for float rounding when checking the eps ball and the box
 
@@ -63,48 +63,3 @@ def record_flags(record: dict, *, stochastic: bool, attacked: bool) -> list[str]
     if record["adv_correct"] and record["adv_pass_accuracy"] < 0.5:
         found.append("single_pass_optimistic")
     return found
-
-
-def _rises(a0: float, n0: int, a1: float, n1: int, slack: float) -> bool:
-    """a1 above a0 by more than `slack` and two standard errors of the difference."""
-    se = math.sqrt(max(a0 * (1 - a0), 1e-12) / n0 + max(a1 * (1 - a1), 1e-12) / n1)
-    return a1 > a0 + max(slack, 2 * se)
-
-
-def sweep_flags(records: list[dict], *, unbounded: dict | None = None, slack: float = 0.02,
-                measure: str = "adv_vote_correct") -> dict[tuple, list[str]]:
-    """Flags of a sweep, per (defense, attack, path, norm):
-
-    - accuracy_rises_with_eps: robust accuracy rises between two consecutive eps;
-    - unbounded_attack_leaves_accuracy: it stays above 10% at eps >= `unbounded[norm]`;
-    - weaker_than_transfer: at some eps, a transfer attack from a surrogate breaks more;
-    - oblivious_beats_adaptive: at some eps, the attack on MI's base classifier breaks more
-      than the adaptive path, which sees the whole defense.
-
-    Robust accuracy is the mean of `measure` (the vote over R passes by default); "more" means
-    by `slack` and two standard errors.
-    """
-    limits = {"Linf": 0.5, "L2": 8.0, "L1": 64.0, **(unbounded or {})}
-    groups: dict[tuple, dict[float, list[bool]]] = {}
-    for r in records:
-        key = (r["defense"], r["attack"], r.get("path", "adaptive"), r["norm"])
-        groups.setdefault(key, {}).setdefault(r["eps"], []).append(bool(r[measure]))
-    acc = {key: {e: (sum(v) / len(v), len(v)) for e, v in by_eps.items()} for key, by_eps in groups.items()}
-    flags: dict[tuple, list[str]] = {}
-    for key, by_eps in acc.items():
-        found = []
-        series = sorted(by_eps.items())
-        if any(_rises(a0, n0, a1, n1, slack) for (_, (a0, n0)), (_, (a1, n1)) in zip(series, series[1:])):
-            found.append("accuracy_rises_with_eps")
-        if any(e >= limits[key[3]] and a > 0.1 for e, (a, _) in series):
-            found.append("unbounded_attack_leaves_accuracy")
-        if key[2].startswith("adaptive"):
-            for other, (name, tag) in ((o, n) for o in acc for n in (("weaker_than_transfer", "transfer:"),
-                                                                        ("oblivious_beats_adaptive", "oblivious"))):
-                if other[0] != key[0] or other[3] != key[3] or not other[2].startswith(tag) or name in found:
-                    continue
-                if any(e in acc[other] and _rises(acc[other][e][0], acc[other][e][1], a, n, slack)
-                       for e, (a, n) in series if e > 0):
-                    found.append(name)
-        flags[key] = found
-    return flags
