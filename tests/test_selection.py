@@ -109,3 +109,32 @@ def test_pgd_returns_the_iterate_of_best_loss_not_the_last():
     losses = [torch.nn.functional.cross_entropy(model(s), torch.zeros(s.shape[0], dtype=torch.int64), reduction="none") for s in list(model.seen)]
     best = torch.nn.functional.cross_entropy(model(adv), y, reduction="none")
     assert float(best.min()) >= max(float(l.max()) for l in losses) - 1e-6  # the best loss of any input seen
+
+
+class CleanIsBest(HalfFooled):
+    """Every perturbation makes the defense more sure: f(x) = -15 - 40 |mean(x) - 0.3|."""
+
+    def partial(self, x, cells, draw):
+        s = (draw.uniform(99, torch.zeros(1, dtype=torch.int64))[:, 0] < 0.5).to(x.dtype) * 2 - 1
+        f = -15 - 40 * (x.mean((1, 2, 3)) - 0.3).abs() - 5 * (x - x.mean((1, 2, 3), keepdim=True)).abs().mean((1, 2, 3))
+        z = torch.zeros_like(f)
+        return torch.stack([z, f + 10 * s, z - 30, z - 30], 1)
+
+
+def test_returned_clean_flags_a_real_run_that_scores_the_clean_input():
+    x, y = clean_inputs(3)
+    records = evaluate(CleanIsBest(), {"kind": "pgd", "eps": EPS, "steps": 3, "eot": 2, "passes": 4}, x, y,
+                       torch.arange(3), seed=0)
+    assert all(r["linf"] == 0.0 and "returned_clean" in r["flags"] for r in records)
+    none = evaluate(CleanIsBest(), {"kind": "none", "passes": 4}, x, y, torch.arange(3), seed=0)
+    assert not any("returned_clean" in r["flags"] for r in none)  # no attack ran
+
+
+def test_record_flags_on_synthetic_records():
+    from pipeline.protocol.checks import record_flags
+
+    rec = {"linf": 0.0, "adv_correct": True, "adv_pass_accuracy": 0.3}
+    assert record_flags(rec, stochastic=True, attacked=True) == ["returned_clean", "single_pass_optimistic"]
+    assert record_flags(rec, stochastic=False, attacked=True) == ["single_pass_optimistic"]
+    assert record_flags({**rec, "linf": 0.01, "adv_pass_accuracy": 0.5}, stochastic=True, attacked=True) == []
+    assert record_flags({**rec, "adv_correct": False}, stochastic=True, attacked=False) == []

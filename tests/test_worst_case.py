@@ -83,3 +83,17 @@ def test_a_path_that_sees_less_breaking_more_flags_and_marks_the_rows():
     assert [line[0].startswith(FLAG_MARK) for line in body] == [True, True]
     html = table_html("summary", report["summary"])
     assert html.count('<tr class="flagged">') == 2 and html.count("<tr>") == 4
+
+
+def test_an_attack_on_mi_without_a_path_also_runs_oblivious():
+    from pipeline.config.job import parse_job
+
+    doc = {"name": "t", "data": {"dataset": "digits", "split": "test", "limit": 4},
+           "defenses": [{"kind": "plain"}, {"kind": "mi", "mode": "pl"}],
+           "attacks": [{"kind": "pgd", "eps": 0.1}, {"kind": "pgd", "eps": 0.2, "path": "adaptive", "name": "only"},
+                       {"kind": "transfer", "surrogate": {"kind": "plain"}, "attack": {"kind": "pgd"}}]}
+    job = parse_job(doc)
+    runs = sorted((a.name, a.table.get("path", "adaptive"), a.defenses) for a in job.attacks)
+    assert runs == [("only", "adaptive", ("plain-erm", "mi-pl")), ("pgd-ce", "adaptive", ("plain-erm", "mi-pl")),
+                    ("pgd-ce", "oblivious", ("mi-pl",)),
+                    ("transfer-pgd-ce", "adaptive", ("plain-erm", "mi-pl"))]

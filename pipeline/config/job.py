@@ -183,9 +183,14 @@ def expand(spec: JobSpec, source: str = "<job>") -> Job:
                 raise _reprefix(exc, "attack.", f"{where}.") from None
             name = attack_name(parsed) + ("" if parsed.name else suffix)
             if any(a.name == name and a.table.get("eps") == table.get("eps") and set(a.defenses) & set(targets)
-                   for a in attacks):
+                   and a.table.get("path", "adaptive") == table.get("path", "adaptive") for a in attacks):
                 raise ConfigError(f"{where}.name: two attacks are named {name!r} at the same eps; give them distinct names")
             attacks.append(Attack(name, table, targets))
+            # MI's adaptive gradient is partly masked (the mixing label is drawn without one), so an
+            # attack on MI that names no path also runs on its base classifier (oblivious).
+            mixup = tuple(d.name for d in defenses if d.name in targets and d.table.get("kind") == "mi")
+            if mixup and "path" not in table and parsed.kind in ("autoattack", "pgd"):
+                attacks.append(Attack(name, {**table, "path": "oblivious"}, mixup))
     return Job(spec, tuple(defenses), tuple(attacks), source)
 
 
