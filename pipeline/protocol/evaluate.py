@@ -246,7 +246,8 @@ def evaluate(defense: Defense, attack_config: dict, x: torch.Tensor, y: torch.Te
     ids that seed each example's draws. surrogate: the crafting model of a transfer attack
     (default: built from the table's `surrogate`). progress: optional callable(n_done).
     extras: optional dict, filled with "x_adv" (B, C, H, W), the adversarial inputs as scored,
-    and "forward_per_prediction", the network evaluations of one scoring pass on one input.
+    "forward_per_prediction", the network evaluations of one scoring pass on one input, and
+    "attack_seconds", the wall-clock seconds of the attack (scoring excluded).
     """
     spec = parse_attack(attack_config)
     if spec.kind == "transfer" and surrogate is None:
@@ -265,6 +266,7 @@ def evaluate(defense: Defense, attack_config: dict, x: torch.Tensor, y: torch.Te
     per_example: list[dict] = [{}] * x.shape[0]
     groups = [list(range(x.shape[0]))] if spec.batched else [[i] for i in range(x.shape[0])]
     done = 0
+    attack_start = time.perf_counter()
     for rows in groups:
         if not rows:
             continue
@@ -281,6 +283,7 @@ def evaluate(defense: Defense, attack_config: dict, x: torch.Tensor, y: torch.Te
         if progress is not None:
             progress(done)
     defense.bind(None)
+    attack_seconds = time.perf_counter() - attack_start
     # Scoring: R passes with fresh seeds, clean and adversarial, batched.
     start = time.perf_counter()
     defense.cost.reset()
@@ -291,6 +294,7 @@ def evaluate(defense: Defense, attack_config: dict, x: torch.Tensor, y: torch.Te
     if extras is not None:
         extras["x_adv"] = x_adv.detach()
         extras["forward_per_prediction"] = score_cost / (2 * passes)  # R clean + R adversarial passes
+        extras["attack_seconds"] = attack_seconds
     sizes = norms(x_adv - x)
     records = []
     for i in range(x.shape[0]):
