@@ -195,6 +195,7 @@ def _attack_group(defense, attacked, counted, spec, inner, x, y, ids, group_seed
     group_flags: list[str] = []
     iterations, eot = _budget(inner, stochastic)
     broken: list[str | None] = [None] * x.shape[0]
+    attacked_rows = [False] * x.shape[0]
     x_adv = x.clone()
     if inner.kind != "none":
         select = _selection(counted, attacked, x, y, ids, group_seed, S, batch_size)
@@ -212,6 +213,7 @@ def _attack_group(defense, attacked, counted, spec, inner, x, y, ids, group_seed
                 break
             factor, before = factor * 2, robust
         x_adv, broken = select.best, select.broken_by()
+        attacked_rows = [inner.eps > 0 and float(a) > 0 for a in select.start_acc]
     seconds = (time.perf_counter() - start) / x.shape[0]
     cost = {"forward": 0, "backward": 0}
     for module in {defense, attacked}:
@@ -227,7 +229,7 @@ def _attack_group(defense, attacked, counted, spec, inner, x, y, ids, group_seed
         infos.append({"flags": f, "broken_by": broken[i], "attack_success": None if inner.kind == "none" else broken[i] is not None,
                       "seconds": seconds, "queries": counted.queries / b, "gradients": counted.gradients / b,
                       "forward_passes": cost["forward"] / b, "backward_passes": cost["backward"] / b,
-                      "iterations": iterations, "eot": eot, "stochastic": stochastic})
+                      "iterations": iterations, "eot": eot, "stochastic": stochastic, "attacked": attacked_rows[i]})
     return x_adv, infos
 
 
@@ -300,9 +302,8 @@ def evaluate(defense: Defense, attack_config: dict, x: torch.Tensor, y: torch.Te
     for i in range(x.shape[0]):
         rec = _record(defense, spec, inner, path, seed, passes, int(ids[i]), int(y[i]), clean[:, i], adv[:, i],
                       {k: float(v[i]) for k, v in sizes.items()}, per_example[i], share, score_cost, str(x.device))
-        attacked_here = inner.kind != "none" and eps > 0 and rec["clean_pass_accuracy"] > 0
-        rec["flags"] = sorted(set(rec["flags"]) | set(record_flags(rec, stochastic=per_example[i]["stochastic"],
-                                                                   attacked=attacked_here)))
+        rec["flags"] = sorted(set(rec["flags"]) | set(record_flags(rec, stochastic=bool(defense.stochastic),
+                                                                   attacked=per_example[i]["attacked"])))
         records.append(rec)
     return records
 
