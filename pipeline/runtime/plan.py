@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pipeline.data import make_shards
 from pipeline.config.job import Job, content_hash
 
-FORMAT = 1  # bump when the meaning of a unit's rows changes
+FORMAT = 2  # bump when the meaning of a unit's rows changes (2: batched attacks, decisions over fresh passes)
 
 
 @dataclass(frozen=True)
