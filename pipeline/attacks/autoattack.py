@@ -109,7 +109,7 @@ def _apgd_stochastic(aa, stage: str, select: Selection, rows: torch.Tensor) -> N
     targets = range(2, attack.n_target_classes + 2) if targeted else [None]
     for target_class in targets:
         for restart in range(attack.n_restarts):
-            todo = rows[select.acc[rows.cpu()] > 0]
+            todo = rows[(select.acc[rows.cpu()] > 0).to(rows.device)]
             if todo.numel() == 0:
                 return
             xs, ys = select.x[todo].clone(), select.y[todo].clone()

@@ -52,23 +52,31 @@ def processor() -> str:
     return platform.processor() or platform.machine()
 
 
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _library_seconds(defense, table: dict, x: torch.Tensor, y: torch.Tensor, seed: int) -> float:
     """pyautoattack's own run of the same attack on the same batch (no selection, no scoring)."""
     spec = parse_attack(table)
     defense.bind(None, seed=seed)
     aa = build_autoattack(defense, spec, defense.num_classes, seed, x.device)
+    _sync(x.device)
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
+    _sync(x.device)
     return time.perf_counter() - start
 
 
-def bench_case(name: str, *, examples: int = 64, per_example: int = 8, seed: int = 0, progress=None) -> dict:
+def bench_case(name: str, *, examples: int = 64, per_example: int = 8, seed: int = 0, device: str = "cpu",
+               progress=None) -> dict:
     """Seconds and ratios of one case (see the module docstring)."""
     defense_table, table = CASES[name]
-    defense = build_defense({**defense_table, "dataset": "digits"})
+    defense = build_defense({**defense_table, "dataset": "digits"}, device=device)
     x, y = load_split("digits", "test")
-    x, y = x[:examples], y[:examples]
+    x, y = x[:examples].to(device), y[:examples].to(device)
     ids = torch.arange(examples)
     extras: dict = {}
     records = evaluate(defense, table, x, y, ids, seed, extras=extras)
@@ -81,7 +89,7 @@ def bench_case(name: str, *, examples: int = 64, per_example: int = 8, seed: int
     if progress is not None:
         progress(name)
     return {
-        "case": name, "examples": examples, "per_example_examples": k,
+        "case": name, "device": str(device), "examples": examples, "per_example_examples": k,
         "batched_seconds": batched, "per_example_seconds": per_example_seconds, "library_seconds": library,
         "speedup_vs_per_example": per_example_seconds / batched, "overhead_vs_library": batched / library,
         "robust_acc": sum(r["adv_vote_correct"] for r in records) / examples,
@@ -89,7 +97,7 @@ def bench_case(name: str, *, examples: int = 64, per_example: int = 8, seed: int
 
 
 def bench_attack(*, cases=tuple(CASES), examples: int = 64, per_example: int = 8, threads: int | None = 1,
-                 seed: int = 0, progress=None) -> dict:
+                 seed: int = 0, device: str = "cpu", progress=None) -> dict:
     """{processor, threads, cases: [bench_case rows]} for the chosen cases."""
     unknown = [c for c in cases if c not in CASES]
     if unknown:
@@ -98,15 +106,17 @@ def bench_attack(*, cases=tuple(CASES), examples: int = 64, per_example: int = 8
     if threads:
         torch.set_num_threads(threads)
     try:
-        rows = [bench_case(c, examples=examples, per_example=per_example, seed=seed, progress=progress) for c in cases]
+        rows = [bench_case(c, examples=examples, per_example=per_example, seed=seed, device=device, progress=progress)
+                for c in cases]
     finally:
         torch.set_num_threads(before)
-    return {"processor": processor(), "threads": torch.get_num_threads() if not threads else threads, "cases": rows}
+    gpu = torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else None
+    return {"processor": processor(), "gpu": gpu, "threads": torch.get_num_threads() if not threads else threads, "cases": rows}
 
 
 def format_attack(result: dict) -> str:
     """The result as lines of text, one per case."""
-    lines = [f"bench attack on {result['processor']}, {result['threads']} thread(s)"]
+    lines = [f"bench attack on {result['gpu'] or result['processor']}, {result['threads']} thread(s)"]
     for r in result["cases"]:
         lines.append(f"  {r['case']:12s} n={r['examples']}: batched {r['batched_seconds']:.2f} s, "
                      f"per example {r['per_example_seconds']:.2f} s (from {r['per_example_examples']}), "

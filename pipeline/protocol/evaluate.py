@@ -164,12 +164,14 @@ def _budget(inner, stochastic: bool) -> tuple[int, int]:
     return 0, 0
 
 
-def _run(inner, counted, select: Selection, stochastic: bool, K: int, seed: int, device) -> list[str]:
+def _run(inner, counted, select: Selection, stochastic: bool, K: int, seed: int, device, scored_stochastic: bool) -> list[str]:
     """One run of the attack on the group; returns flags of the whole group."""
     found = []
     if inner.kind == "autoattack":
         aa = build_autoattack(counted, inner, K, seed, device)
-        run_autoattack(aa, select, stochastic=stochastic)
+        # A stochastic defense scored after an oblivious or transfer attack needs APGD's best-loss
+        # points too: a point that does not fool the surrogate may still fool the defense.
+        run_autoattack(aa, select, stochastic=stochastic or scored_stochastic)
         if stochastic and eot_iterations(aa) == 1:
             found.append("stochastic_without_eot")
     elif inner.kind == "pgd":
@@ -203,7 +205,8 @@ def _attack_group(defense, attacked, counted, spec, inner, x, y, ids, group_seed
         while True:
             run = _scaled(inner, factor, stochastic)
             group_flags += _run(run, counted, select, stochastic, defense.num_classes,
-                                group_seed if factor == 1 else rng.seed_of(group_seed, factor), x.device)
+                                group_seed if factor == 1 else rng.seed_of(group_seed, factor), x.device,
+                                bool(defense.stochastic))
             iterations, eot = _budget(run, stochastic)
             robust = int((select.acc >= 0.5).sum())
             if not spec.converge or (before is not None and abs(robust - before) < 1):
