@@ -78,7 +78,8 @@ def test_batched_records_do_not_depend_on_workers_order_or_resume(ray_cluster, c
     by_hand = []
     for u in reversed(units):
         x, y = select(x_all, y_all, list(u.example_ids))
-        recs = evaluate(build_defense(u.defense_table), u.attack_table, x, y, list(u.example_ids), job.spec.seed)
+        recs = evaluate(build_defense(u.defense_spec, name=u.defense), u.attack_spec, x, y, list(u.example_ids),
+                        job.spec.seed, attack_name=u.attack)
         by_hand += [(r["defense"], r["example_id"], r["adv_logits"], r["linf"], r["broken_by"]) for r in recs]
     ran = sorted(zip(*(a.column(c).to_pylist() for c in ("defense", "example_id", "adv_logits", "linf", "broken_by"))))
     assert sorted(by_hand) == ran
