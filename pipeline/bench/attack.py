@@ -114,8 +114,8 @@ def bench_attack(*, cases=tuple(CASES), examples: int = 64, per_example: int = 8
     return {"processor": processor(), "gpu": gpu, "threads": torch.get_num_threads() if not threads else threads, "cases": rows}
 
 
-def format_attack(result: dict) -> str:
-    """The result as lines of text, one per case."""
+def format_attack(result: dict) -> list[str]:
+    """The result as lines of text: a heading, then one line per case."""
     lines = [f"bench attack on {result['gpu'] or result['processor']}, {result['threads']} thread(s)"]
     for r in result["cases"]:
         lines.append(f"  {r['case']:12s} n={r['examples']}: batched {r['batched_seconds']:.2f} s, "
@@ -123,4 +123,4 @@ def format_attack(result: dict) -> str:
                      f"pyautoattack {r['library_seconds']:.2f} s; speedup_vs_per_example "
                      f"{r['speedup_vs_per_example']:.1f}x, overhead_vs_library {r['overhead_vs_library']:.2f}x, "
                      f"robust (vote) {100 * r['robust_acc']:.1f}%")
-    return "\n".join(lines)
+    return lines

@@ -148,3 +148,25 @@ def bench_attack_cmd(
         print(json.dumps(result, indent=2))
     else:
         say(format_attack(result))
+
+
+@bench_app.command("scheduler")
+@fails_cleanly
+def bench_scheduler_cmd(
+    units: int = typer.Option(100_000, help="units to dispatch"),
+    actors: int = typer.Option(1024, help="simulated actors"),
+    gangs: str = typer.Option("1,2,4,8", help="gang sizes, comma-separated: one block of units each"),
+    seed: int = typer.Option(0, help="seed of the simulated durations, errors and losses"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """The run's scheduler over simulated actors (gangs, losses, retries): the driver's seconds a unit and peak memory."""
+    sizes = positive_ints(gangs, "--gangs", "1,2,4,8")
+    if units < 1 or actors < 1 or max(sizes) > actors:
+        raise ConfigError(f"--units and --actors must be >= 1 and every gang at most --actors; got {units}, {actors}, {gangs}")
+    from pipeline.bench.scheduler import bench_scheduler, format_scheduler
+
+    result = bench_scheduler(units=units, actors=actors, gangs=sizes, seed=seed)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        say(format_scheduler(result))

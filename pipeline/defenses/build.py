@@ -1,7 +1,8 @@
 """build_defense: a parsed defense spec (pipeline.config.defense) -> a ready nn.Module.
 
 "default" models come from the cache of pipeline.models.zoo; a path names a checkpoint folder
-(model.safetensors + config.json).
+(model.safetensors + config.json); "edm:..." and "robustbench:..." name published files, imported
+in memory by pipeline.models.importer.
 """
 
 from __future__ import annotations
