@@ -10,6 +10,7 @@ import torch
 
 from pipeline.analytics.report import wilson_interval
 from pipeline.config.job import parse_job
+from pipeline.config.run import RunOptions
 from pipeline.data import load_split, select
 from pipeline.defenses import build_defense
 from pipeline.models.checkpoint import save_checkpoint
@@ -67,8 +68,8 @@ def rows(table) -> list[tuple]:
 @pytest.mark.slow
 def test_batched_records_do_not_depend_on_workers_order_or_resume(ray_cluster, cnn_checkpoint, tmp_path):
     job = parse_job(job_doc(cnn_checkpoint))
-    one = run_job(job, str(tmp_path / "one"), workers=1, progress=False)
-    two = run_job(job, str(tmp_path / "two"), workers=2, progress=False)
+    one = run_job(job, RunOptions(out=str(tmp_path / "one"), workers=1), progress=False)
+    two = run_job(job, RunOptions(out=str(tmp_path / "two"), workers=2), progress=False)
     assert one.ok and two.ok and one.units == 4
     a, b = Store(one.uri).read_records(), Store(two.uri).read_records()
     assert a.num_rows == 16 and rows(a) == rows(b)
@@ -87,6 +88,6 @@ def test_batched_records_do_not_depend_on_workers_order_or_resume(ray_cluster, c
     store = Store(two.uri)
     lost = store.list("records", ".parquet")[0]
     store.remove(lost)
-    again = run_job(job, str(tmp_path / "two"), workers=2, progress=False)
+    again = run_job(job, RunOptions(out=str(tmp_path / "two"), workers=2), progress=False)
     assert again.ok and again.done == 1 and again.skipped == 3
     assert rows(Store(two.uri).read_records()) == rows(b)
