@@ -81,6 +81,7 @@ def synthetic_records(n: int, seed: int = 0, classes: int = 10) -> pa.Table:
         "device": pa.array(np.full(n, "cuda", dtype=object), pa.string()),
         "config_hash": names([f"h{i}" for i in range(len(DEFENSES))], d_i),
         "flags": pa.array(flags, pa.list_(pa.string())),
+        "iterations": np.full(n, 100, dtype=np.int64), "eot": np.where(d_i == 0, 1, 20),
     }
     arrays = [pa.array(columns[f.name], f.type) if not isinstance(columns[f.name], (pa.Array, pa.ChunkedArray))
               else columns[f.name].cast(f.type) for f in RECORD_SCHEMA]

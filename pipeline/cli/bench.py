@@ -150,6 +150,27 @@ def bench_report_cmd(
         say(format_report(result))
 
 
+@bench_app.command("attack")
+@fails_cleanly
+def bench_attack_cmd(
+    cases: str = typer.Option("plain,mi-pl,rdc-optimal", help="comma-separated cases: plain, mi-pl, rdc-optimal"),
+    examples: int = typer.Option(64, help="digits test examples in the batch (one unit)"),
+    per_example: int = typer.Option(8, help="examples timed one at a time (scaled to the batch)"),
+    threads: Optional[int] = typer.Option(1, help="torch threads (0: torch's default)"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """A unit attacked as one batch against one example at a time and against pyautoattack on the same batch and model."""
+    from pipeline.bench.attack import bench_attack, format_attack
+
+    result = bench_attack(cases=tuple(c.strip() for c in cases.split(",") if c.strip()), examples=examples,
+                          per_example=per_example, threads=threads or None, device=device)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        say(format_attack(result))
+
+
 @bench_app.command("scheduler")
 @fails_cleanly
 def bench_scheduler_cmd(

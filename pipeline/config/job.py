@@ -189,13 +189,19 @@ def expand(spec: JobSpec, source: str = "<job>") -> Job:
                 raise _reprefix(exc, "attack.", f"{where}.") from None
             name = attack_name(parsed) + ("" if parsed.name else suffix)
             if any(a.name == name and a.table.get("eps") == table.get("eps") and set(a.defenses) & set(targets)
-                   for a in attacks):
+                   and a.table.get("path", "adaptive") == table.get("path", "adaptive") for a in attacks):
                 raise ConfigError(f"{where}.name: two attacks are named {name!r} at the same eps; give them distinct names")
             surrogates = {}
             if parsed.kind == "transfer":
                 by_name = {d.name: d.spec for d in defenses}
                 surrogates = {t: surrogate_spec(parsed.surrogate, by_name[t], f"{where}.surrogate") for t in targets}
             attacks.append(Attack(name, table, parsed, targets, surrogates))
+            # MI's adaptive gradient is partly masked (the mixing label is drawn without one), so an
+            # attack on MI that names no path also runs on its base classifier (oblivious).
+            mixup = tuple(d.name for d in defenses if d.name in targets and d.spec.kind == "mi")
+            if mixup and "path" not in table and parsed.kind in ("autoattack", "pgd"):
+                oblivious = {**table, "path": "oblivious"}
+                attacks.append(Attack(name, oblivious, parse_attack(oblivious), mixup))
     return Job(spec, tuple(defenses), tuple(attacks), source)
 
 

@@ -16,7 +16,7 @@ from pipeline.config.defense import DefenseSpec, parse_defense, surrogate_spec
 from pipeline.config.job import Job, content_hash
 from pipeline.data import make_shards
 
-FORMAT = 1  # bump when the meaning of a unit's rows changes
+FORMAT = 2  # bump when the meaning of a unit's rows changes (2: batched attacks, decisions over fresh passes)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 `COLUMNS` is the single source of truth (name, type, meaning); `RECORD_SCHEMA` is built from it
 so the README table and the Parquet files can never disagree. Every column is required
 (non-null) except `broken_by` and `attack_success`, which are null when no attack ran or when
-the attack does not report them.
+the attack does not report them, and the later additions in `OPTIONAL`, which a record may omit.
 """
 
 from __future__ import annotations
@@ -54,8 +54,13 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("worker", "string", "Worker (actor / host) that ran the unit."),
     ("device", "string", "Torch device the unit ran on (cpu, cuda)."),
     ("config_hash", "string", "Hash of the unit's defense table (models are cached by it)."),
-    ("flags", "list<string>", "Sanity flags: zero_gradient, nan_gradient, stochastic_without_eot, square_beat_whitebox; sorted, unique."),
+    ("flags", "list<string>", "Sanity flags: zero_gradient, nan_gradient, stochastic_without_eot, square_beat_whitebox, returned_clean, single_pass_optimistic, budget_not_converged; sorted, unique."),
+    ("iterations", "int64?", "Attack iterations per run (PGD steps, APGD/FAB iterations) actually used, after any convergence doubling; null in records written before it existed."),
+    ("eot", "int64?", "EOT draws per gradient actually used; null in records written before it existed."),
 ]
+
+OPTIONAL = frozenset({"iterations", "eot"})
+"""Columns added after the first release: a record may leave them out (they are then null)."""
 
 _TYPES: dict[str, pa.DataType] = {
     "string": pa.string(),
@@ -94,11 +99,11 @@ def records_to_table(records: Sequence[Mapping], **constant_columns) -> pa.Table
     expected = set(_NAMES) - set(constant_columns)
     columns: dict[str, list] = {name: [] for name in expected}
     for i, rec in enumerate(records):
-        keys = set(rec)
+        keys = set(rec) | (OPTIONAL & expected)
         if keys != expected:
             _raise_key_mismatch(i, keys, expected, constant_columns, rec)
         for name in expected:
-            columns[name].append(rec[name])
+            columns[name].append(rec.get(name))
     n = len(records)
     arrays = []
     for field in RECORD_SCHEMA:
