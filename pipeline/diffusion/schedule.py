@@ -27,7 +27,7 @@ class VPSchedule:
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_t) x_0 + sigma_t eps; x0, eps (B, ...) in model space, t (B,)."""
-        sqrt_a, s = self.coefficients(t, x0.dtype)
+        sqrt_a, s = (c.to(x0.device) for c in self.coefficients(t, x0.dtype))  # t may live on the CPU
         shape = (-1,) + (1,) * (x0.dim() - 1)
         return sqrt_a.view(shape) * x0 + s.view(shape) * eps
 
