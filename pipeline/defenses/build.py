@@ -3,10 +3,15 @@
     {"kind": "plain", "dataset": "digits", "model": "default", "method": "erm"}
     {"kind": "mi", "mode": "pl" | "ol" | "combined", "dataset": "digits", "model": "default"}
     {"kind": "rdc", "model": "optimal" | "default" | "path/to/checkpoint", "dataset": "digits",
-     "timesteps": 100, "lm": {"steps": 10, "gradient": "bpda"}, "pruning": [[50, 5], [500, 1]]}
+     "timesteps": 100, "lm": {"steps": 10, "gradient": "bpda"}, "pruning": [[50, 5], [500, 1]],
+     "elbo": "vp" | "edm"}
 
 "default" models are trained on first use and cached (pipeline.models.zoo); a path names a
-checkpoint folder (model.safetensors + config.json).
+checkpoint folder (model.safetensors + config.json). An EDM checkpoint (config arch "edm", a
+denoiser D(x; sigma, y)) runs as eps_hat = (x - D) / sigma (diffusion/denoiser.py). `elbo`
+picks the ELBO's timesteps and weights: "vp", DDPM's T = 1000 VP timesteps with weight 1 (the
+paper), or "edm", the RDC authors' EDM weighting on 1000 noise levels (EDM denoisers and the
+optimal model only; diffusion/schedule.py, EDMGrid).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from pipeline.data import load_split, num_classes
 from pipeline.config.tables import validate_table
 from pipeline.defenses.base import Defense
+from pipeline.errors import CheckpointError, ConfigError
 
 IMAGE = {"digits": (1, 8), "cifar10": (3, 32), "cifar100": (3, 32)}
 
@@ -80,6 +86,7 @@ class RDCSpec(_Spec):
     lm: LMSpec | None = None
     batch_size: int = Field(4096, ge=1)
     engine: EngineSpec | None = None
+    elbo: Literal["vp", "edm"] = "vp"
 
 
 DefenseSpec = Annotated[Union[PlainSpec, MISpec, RDCSpec], Field(discriminator="kind")]
@@ -101,7 +108,7 @@ def defense_name(spec) -> str:
     if spec.kind == "mi":
         return f"mi-{spec.mode}"
     model = "optimal" if spec.model == "optimal" else "unet"
-    return f"rdc-{model}" + ("-lm" if spec.lm else "")
+    return f"rdc-{model}" + ("-edmw" if spec.elbo == "edm" else "") + ("-lm" if spec.lm else "")
 
 
 def build_defense(config: dict, device: str | torch.device | None = None) -> Defense:
@@ -135,22 +142,34 @@ def _build_rdc(spec: RDCSpec, channels: int, size: int, K: int) -> Defense:
     from pipeline.defenses.engine import EngineOptions
     from pipeline.defenses.lm import LikelihoodMaximization
     from pipeline.defenses.rdc import RDC
+    from pipeline.diffusion.schedule import SCHEDULES
 
+    schedule = SCHEDULES[spec.elbo]()
     if spec.model == "optimal":
         from pipeline.diffusion.optimal import OptimalEps
 
         x, y = load_split(spec.dataset, "train", root=spec.data_root)
-        eps_model = OptimalEps(x, y, K)
+        eps_model = OptimalEps(x, y, K, schedule=schedule)
     else:
         from pipeline.models.zoo import load_model
 
-        eps_model, _, _ = load_model(spec.model, spec.dataset, "diffusion", channels)
+        eps_model, config, _ = load_model(spec.model, spec.dataset, "diffusion", channels)
+        if config.get("arch") == "edm":
+            from pipeline.diffusion.denoiser import DenoiserEps
+
+            if config.get("img_resolution") != size:
+                raise CheckpointError(f"defense.model {spec.model}: EDM network of resolution "
+                                      f"{config.get('img_resolution')}, dataset {spec.dataset} has {size}x{size} images")
+            eps_model = DenoiserEps(eps_model, schedule, K)
+        elif spec.elbo == "edm":
+            raise ConfigError(f"defense.elbo = \"edm\" evaluates a denoiser at any noise level; model {spec.model!r} "
+                              "is an eps-model of the 1000 VP timesteps: use elbo = \"vp\" or an EDM checkpoint")
     lm = None
     if spec.lm is not None:
-        lm = LikelihoodMaximization(eps_model, K, steps=spec.lm.steps, mu=spec.lm.mu, eta=spec.lm.eta,
+        lm = LikelihoodMaximization(eps_model, K, schedule, steps=spec.lm.steps, mu=spec.lm.mu, eta=spec.lm.eta,
                                     gamma=spec.lm.gamma, timesteps=spec.lm.timesteps, samples=spec.lm.samples,
                                     gradient=spec.lm.gradient)
     timesteps = None if spec.timesteps == "all" else spec.timesteps
     engine = EngineOptions(**spec.engine.model_dump()) if spec.engine else None
-    return RDC(eps_model, K, channels, size, timesteps=timesteps, prior=spec.prior, temperature=spec.temperature,
+    return RDC(eps_model, K, channels, size, schedule=schedule, timesteps=timesteps, prior=spec.prior, temperature=spec.temperature,
                pruning=spec.pruning, lm=lm, batch_size=spec.batch_size, seed=spec.seed, engine=engine)

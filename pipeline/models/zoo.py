@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from pipeline.models.checkpoint import load_checkpoint
+from pipeline.models.checkpoint import load_checkpoint, read_config
 from pipeline.data import num_classes
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models.registry import build_model
@@ -51,13 +51,15 @@ def default_checkpoint(dataset: str, role: str, progress: bool = True) -> Path:
 def load_model(spec: str, dataset: str, role: str, in_channels: int | None = None) -> tuple[nn.Module, dict, dict]:
     """A model by spec: "default" (the cached default of dataset and role) or a checkpoint folder.
 
-    The checkpoint must fit the dataset: its num_classes (and in_channels) are checked.
+    The checkpoint must fit the dataset: its num_classes (and in_channels) are checked, for
+    an EDM network (arch "edm") its label_dim (and img_channels).
     """
     folder = default_checkpoint(dataset, role) if spec == "default" else Path(spec)
     if not folder.exists():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
-    expected = {"num_classes": num_classes(dataset)}
+    edm = read_config(folder)[0].get("arch") == "edm"
+    expected = {"label_dim" if edm else "num_classes": num_classes(dataset)}
     if in_channels is not None:
-        expected["in_channels"] = in_channels
+        expected["img_channels" if edm else "in_channels"] = in_channels
     model, config, meta = load_checkpoint(folder, build_model, expected=expected)
     return model.eval(), config, meta or {}
