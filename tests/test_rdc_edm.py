@@ -151,3 +151,14 @@ def test_defense_table_takes_an_edm_checkpoint_folder(tmp_path):
     bad = _edm_digits_checkpoint(tmp_path / "bad", label_dim=7)
     with pytest.raises(CheckpointError, match="label_dim"):
         build_defense({"kind": "rdc", "model": str(bad), "dataset": "digits"})
+
+
+def test_optimal_model_under_the_edm_weighting_classifies_digits():
+    from pipeline.data import load_split
+
+    rdc = build_defense({"kind": "rdc", "model": "optimal", "dataset": "digits", "timesteps": 20, "elbo": "edm"})
+    assert rdc.name == "rdc-optimal-edmw"
+    x, y = load_split("digits", "test")
+    with torch.no_grad():
+        acc = (rdc(x[:60]).argmax(1) == y[:60]).float().mean().item()
+    assert acc >= 0.9, acc
