@@ -210,7 +210,7 @@ class RDC(Defense):
 
     def _network(self) -> bool:
         """Whether eps_model is a network evaluated per class (not the optimal model's all_classes)."""
-        return not hasattr(self.eps_model, "all_classes")
+        return not isinstance(self.eps_model, engine.AllClasses)
 
     def _chunks(self, ev: Evaluations, x: torch.Tensor) -> engine.Plan:
         """The evaluations in (example, t) order, cut into chunks of whole pairs."""
