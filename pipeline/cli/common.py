@@ -12,6 +12,7 @@ from typing import Callable, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.errors import CheckpointError, ConfigError, DatasetError, InputError, RobustsweepError
 
@@ -35,7 +36,7 @@ def fails_cleanly(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except RobustsweepError as exc:
-            console.print(f"[bold red]error:[/] {exc}")
+            console.print(f"[bold red]error:[/] {escape(str(exc))}")  # a message may quote [bracketed] names
             raise typer.Exit(exit_code(exc)) from None
 
     return wrapper  # type: ignore[return-value]

@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from pipeline.models.checkpoint import load_checkpoint, read_config
-from pipeline.data import num_classes
+from pipeline.config.datasets import dataset_info
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models.registry import build_model
 
@@ -58,8 +58,28 @@ def load_model(spec: str, dataset: str, role: str, in_channels: int | None = Non
     if not folder.exists():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
     edm = read_config(folder)[0].get("arch") == "edm"
-    expected = {"label_dim" if edm else "num_classes": num_classes(dataset)}
+    expected = {"label_dim" if edm else "num_classes": dataset_info(dataset).classes}
     if in_channels is not None:
         expected["img_channels" if edm else "in_channels"] = in_channels
     model, config, meta = load_checkpoint(folder, build_model, expected=expected)
     return model.eval(), config, meta or {}
+
+
+def model_card(spec: str, dataset: str, role: str) -> dict:
+    """What a model is, for the exports: {"arch", "checkpoint", "additional_data"}, read from its
+    config.json without loading weights. spec: "default" (after `default_checkpoint` trained it),
+    "optimal" (the closed-form eps model: no weights) or a checkpoint folder.
+
+    additional_data: whether it was trained on data beyond the dataset's train split, as its
+    meta says; the defaults are trained on that split alone; None where a checkpoint does not say.
+    """
+    if spec == "optimal":
+        return {"arch": "optimal", "checkpoint": None, "additional_data": False}
+    folder = cache_dir() / "models" / f"{dataset}-{role}" if spec == "default" else Path(spec)
+    try:
+        config, meta = read_config(folder)
+    except CheckpointError:
+        return {"arch": None, "checkpoint": spec, "additional_data": None}
+    meta = meta or {}
+    additional = meta.get("additional_data", False if spec == "default" else None)
+    return {"arch": config.get("arch"), "checkpoint": spec, "additional_data": additional}

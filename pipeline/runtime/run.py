@@ -17,11 +17,12 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayActorError, RayTaskError, WorkerCrashedError
 
 from pipeline.data import load_split
-from pipeline.errors import ClusterError, ConfigError, RobustsweepError
+from pipeline.errors import ClusterError, RobustsweepError
 from pipeline.store import Store
-from pipeline.models.zoo import default_checkpoint
+from pipeline.models.zoo import default_checkpoint, model_card
 from pipeline.runtime.plan import Unit, plan, plan_document, run_id_for
 from pipeline.config.job import Job
+from pipeline.config.run import RunOptions
 from pipeline.runtime.worker import Worker
 
 INFLIGHT = 2
@@ -69,12 +70,6 @@ def default_workers(gpus_per_worker: float = 1.0) -> tuple[int, bool]:
     return max(1, int(res.get("CPU", 1))), False
 
 
-def check_gpus_per_worker(gpus_per_worker: float) -> None:
-    """ConfigError unless 0 < gpus_per_worker <= 1 (a fraction of a GPU packs several actors on one)."""
-    if not 0 < gpus_per_worker <= 1:
-        raise ConfigError(f"gpus_per_worker (--gpus-per-worker) must be in (0, 1], got {gpus_per_worker:g}")
-
-
 def wait_for_gpus(min_gpus: int, wait_s: float) -> None:
     """Block until the cluster declares `min_gpus` GPUs; ClusterError after `wait_s` seconds."""
     deadline = time.monotonic() + wait_s
@@ -102,50 +97,57 @@ def gang_size(grid_workers: int | str, kind: str, workers: int, units: int) -> i
     return max(1, min(int(grid_workers), workers))
 
 
+def _role(spec) -> str:
+    """Which default model a defense stands on: the diffusion model, or a classifier's training method."""
+    return "diffusion" if spec.kind == "rdc" else spec.method
+
+
 def prepare_models(job: Job, progress: bool = True) -> None:
     """Train the default models the job needs, once, before any worker asks for them."""
-    for d in job.defenses:
-        t = d.table
-        if t.get("model", "default") != "default":
-            continue
-        role = "diffusion" if t["kind"] == "rdc" else t.get("method", "mixup" if t["kind"] == "mi" else "erm")
-        default_checkpoint(t["dataset"], role, progress=progress)
+    specs = [d.spec for d in job.defenses] + [s for a in job.attacks for s in a.surrogates.values()]
+    for spec in specs:
+        if spec.model == "default":
+            default_checkpoint(spec.dataset, _role(spec), progress=progress)
 
 
-def run_job(job: Job, out: str, *, workers: int | None = None, address: str | None = None, run_id: str | None = None,
-            fresh: bool = False, endpoint_url: str | None = None, progress: bool = True,
-            gpus_per_worker: float = 1.0, min_gpus: int = 0, wait_s: float = 600.0) -> RunResult:
-    """Run (or resume) `job`, writing under `{out}/{run_id}/`. See the module docstring.
+def model_cards(job: Job) -> dict[str, dict]:
+    """{defense name: model card (models/zoo.py)}: what plan.json says each defense's model is."""
+    return {d.name: {**model_card(d.spec.model, d.spec.dataset, _role(d.spec)),
+                     **({"method": d.spec.method} if d.spec.kind != "rdc" else {})} for d in job.defenses}
 
-    min_gpus: wait up to `wait_s` seconds for the cluster to hold that many GPUs before sizing
-    the pool (GPU nodes of a fresh cluster join after the head; without it the pool is sized
+
+def run_job(job: Job, options: RunOptions = RunOptions(), *, progress: bool = True, wait_s: float = 600.0) -> RunResult:
+    """Run (or resume) `job`, writing under `{options.out}/{run_id}/`. See the module docstring.
+
+    options.min_gpus: wait up to `wait_s` seconds for the cluster to hold that many GPUs before
+    sizing the pool (GPU nodes of a fresh cluster join after the head; without it the pool is sized
     by what is there at the start, CPUs if no GPU has joined yet).
     """
-    check_gpus_per_worker(gpus_per_worker)
     start = time.perf_counter()
-    run_id = run_id or run_id_for(job, fresh)
-    store = Store(out, endpoint_url=endpoint_url)
+    run_id = options.run_id or run_id_for(job, options.fresh)
+    store = Store(options.out, endpoint_url=options.endpoint_url)
     data = job.spec.data
     x, _ = load_split(data.dataset, data.split, root=data.root)
     units = plan(job, x.shape[0])
     plan_path = f"{run_id}/plan.json"
-    if not store.exists(plan_path):
-        store.write_json(plan_path, plan_document(job, units, run_id))
     todo = [u for u in units if not store.committed(f"{run_id}/{u.path}", len(u.example_ids))]
     result = RunResult(run_id, store.join(run_id), len(units), len(units) - len(todo), 0)
+    if todo:
+        prepare_models(job, progress)  # first, so that plan.json can say what each model is
+    if not store.exists(plan_path):
+        store.write_json(plan_path, plan_document(job, units, run_id, models=model_cards(job)))
     if not todo:
         result.seconds = time.perf_counter() - start
         return result
-    prepare_models(job, progress)
-    started = connect(address)
+    started = connect(options.address)
     try:
-        wait_for_gpus(min_gpus, wait_s)
-        n, use_gpu = default_workers(gpus_per_worker)
-        n = workers or n
+        wait_for_gpus(options.min_gpus, wait_s)
+        n, use_gpu = default_workers(options.gpus_per_worker)
+        n = options.workers or n
         result.workers = n
-        ctx = {"run_id": run_id, "out": out, "endpoint_url": endpoint_url, "seed": job.spec.seed,
+        ctx = {"run_id": run_id, "out": options.out, "endpoint_url": options.endpoint_url, "seed": job.spec.seed,
                "data": {"dataset": data.dataset, "split": data.split, "root": data.root}}
-        _drain(todo, ctx, store, result, n, use_gpu, gpus_per_worker, progress)
+        _drain(todo, ctx, store, result, n, use_gpu, options.gpus_per_worker, progress)
     finally:
         if started:
             ray.shutdown()
@@ -249,7 +251,7 @@ def _drain(todo: list[Unit], ctx: dict, store: Store, result: RunResult, n: int,
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     queue = collections.deque(todo)
-    sizes = {u.unit_id: gang_size(u.grid_workers, u.defense_table.get("kind", ""), n, len(todo)) for u in todo}
+    sizes = {u.unit_id: gang_size(u.grid_workers, u.defense_spec.kind, n, len(todo)) for u in todo}
     # Failure notes of earlier runs, listed once: a unit that now succeeds drops its stale note.
     stale = set(store.list(f"{result.run_id}/failures", ".json"))
     tries: collections.Counter = collections.Counter()
@@ -333,7 +335,7 @@ def _dispatch(queue, sizes, pool: Pool, busy, reserved, inflight, ctx) -> None:
             reserved.update([i] + [j for j, _ in peers])
         queue.popleft()
         handle = pool.handles[i]
-        ref = handle.run_unit.remote(unit.as_dict(), ctx, [h for _, h in peers] or None)
+        ref = handle.run_unit.remote(unit, ctx, [h for _, h in peers] or None)
         inflight[ref] = (unit, i, handle, peers)
         busy[i] += 1
 
