@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: setup setup-browser run test bench clean
+.PHONY: setup setup-browser run test bench gpu-check clean
 
 $(BIN)/robustsweep: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,13 @@ setup-browser:
 bench: setup
 	$(BIN)/robustsweep bench elbo
 	$(BIN)/robustsweep bench elbo --autocast bf16 --compile forward
+
+# On a machine with a CUDA device: CUDA tests and GPU benchmarks as JSON in GPU_CHECK_OUT, with the
+# machine's own python3 (no venv, nothing installed; a step whose packages are missing is skipped).
+GPU_PY ?= python3
+GPU_CHECK_OUT ?= gpu-check
+gpu-check:
+	PYTHON=$(GPU_PY) $(GPU_PY) scripts/gpu_check.py $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

@@ -93,3 +93,27 @@ def test_profile_kinds_puts_a_convolution_under_convolutions():
     # The op names of the kinds are right: a lone convolution's time is counted as convolution.
     ops = ("convolution", "matmul_attention", "group_norm", "silu", "copy_cat_gather", "elementwise_other")
     assert p["convolution"] >= 0.8 * sum(p[k] for k in ops)
+
+
+def test_bench_draws_sets_the_device_path_beside_the_reference_and_the_forward():
+    from pipeline.bench.draws import bench_draws, format_draws
+
+    result = bench_draws(repeat=1, timesteps=50, datasets=("digits",))
+    c = result["cases"]["digits"]
+    assert c["values"] == 50 * 64 and c["shape"] == [1, 8, 8] and not c["compiled"]
+    # On a CPU the new draws are the reference's, bit for bit, eager and compiled alike.
+    assert c["max_ulps_vs_reference"] == 0 and c["values_differing"] == 0 and c["eager_equals_new"]
+    assert c["forward_measured_timesteps"] == 50 and c["forward_seconds"] > c["draw_seconds"] > 0
+    assert c["share_of_forward"] == c["draw_seconds"] / c["forward_seconds"]
+    assert result["speedup_vs_reference"] == {"digits": c["reference_seconds"] / c["draw_seconds"]}
+    assert result["threads"] == 1 and result["processor"]
+    assert format_draws(result)[0].startswith("digits (50 x 1x8x8 = 3,200 normals, cpu, 1 thread(s))")
+
+
+def test_bench_draws_rejects_an_unknown_device():
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "draws", "--device", "tpu"])
+    assert result.exit_code == 2 and "--device cpu or cuda; got 3 and 'tpu'" in result.output

@@ -1,5 +1,6 @@
 """The ELBO engine against the plain computation: class sharing, chunking, input gradients, options."""
 
+import json
 
 import pytest
 import torch
@@ -270,3 +271,59 @@ def test_compiled_gradients_in_bf16_on_cpu_are_refused():
     rdc = RDC(model, 3, 1, 8, timesteps=2, engine=EngineOptions(autocast="bf16", compile=True))
     with pytest.raises(ConfigError, match='compile = "forward"'):
         rdc.evaluate(x, _draw([0])).sum().backward()
+
+
+def test_auto_autocast_on_a_cpu_needs_native_bf16_units_and_a_passing_agreement_check():
+    from pipeline.defenses.engine import cpu_auto_autocast
+
+    avx512 = frozenset({"fpu", "avx2", "avx512f", "avx512_vnni"})  # no bf16 matrix units
+    for units in ({"amx_bf16", "amx_tile"}, {"avx512_bf16"}):
+        flags = avx512 | units
+        assert cpu_auto_autocast(flags, 1.0) == "bf16"
+        assert cpu_auto_autocast(flags, 0.99) == "bf16"
+        assert cpu_auto_autocast(flags, 0.98) == "off"  # the check failed
+        assert cpu_auto_autocast(flags, None) == "off"  # never checked on this processor
+        assert cpu_auto_autocast(flags, 1.0, compile="forward") == "bf16"
+        assert cpu_auto_autocast(flags, 1.0, compile=True) == "off"  # refused by prepare()
+    assert cpu_auto_autocast(avx512, 1.0) == "off"
+    assert cpu_auto_autocast(frozenset({"amx_tile", "amx_int8"}), 1.0) == "off"  # AMX without its bf16 part
+    assert cpu_auto_autocast(frozenset(), 1.0) == "off"
+
+
+def test_cpu_flags_read_the_flags_line(tmp_path):
+    from pipeline.defenses.engine import cpu_flags
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n\n"
+                    "processor\t: 1\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+    assert cpu_flags(str(info)) == {"fpu", "avx512f", "amx_bf16", "amx_tile"}
+    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_auto_autocast_reads_the_recorded_agreement_of_this_processor(tmp_path, monkeypatch):
+    from pipeline.defenses import engine
+
+    monkeypatch.setenv("ROBUSTSWEEP_CACHE", str(tmp_path))
+    engine.recorded_agreement.cache_clear()
+    monkeypatch.setattr(engine, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+    cpu, auto = torch.device("cpu"), EngineOptions()
+    try:
+        assert engine.autocast_dtype(auto, cpu) is None  # nothing recorded yet
+        check = {"n": 355, "dtype": "bf16", "device": "cpu", "timesteps": 100, "agreement": 1.0}
+        engine.record_agreement(check)
+        assert engine.autocast_dtype(auto, cpu) == torch.bfloat16
+        assert engine.autocast_dtype(EngineOptions(autocast="off"), cpu) is None
+        engine.record_agreement({**check, "agreement": 350 / 355})
+        assert engine.autocast_dtype(auto, cpu) is None
+        engine.record_agreement({**check, "timesteps": 2})  # too short a check to count
+        assert engine.autocast_dtype(auto, cpu) is None
+        engine.record_agreement(check)
+        record = json.loads((tmp_path / engine.AGREEMENT_RECORD).read_text())
+        (tmp_path / engine.AGREEMENT_RECORD).write_text(json.dumps({**record, "processor": "another CPU"}))
+        engine.recorded_agreement.cache_clear()
+        assert engine.autocast_dtype(auto, cpu) is None
+        monkeypatch.setattr(engine, "cpu_flags", lambda: frozenset({"avx512f"}))
+        engine.record_agreement(check)
+        assert engine.autocast_dtype(auto, cpu) is None  # no native units: float32 whatever the check
+    finally:
+        engine.recorded_agreement.cache_clear()

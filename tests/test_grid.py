@@ -15,7 +15,7 @@ from pipeline.config.job import parse_job
 from pipeline.config.run import RunOptions
 from pipeline.runtime import run_job
 from pipeline.runtime.grid import Gang, shard
-from pipeline.runtime.run import default_workers, gang_size
+from pipeline.runtime.run import default_workers
 from pipeline.runtime.worker import Worker
 from pipeline.store import Store
 
@@ -140,15 +140,6 @@ def test_member_killed_mid_attack_gives_the_same_result(ray_cluster, digits):
         for k in COLUMNS:
             assert a[k] == b[k], k
         assert a["adv_logits"] == pytest.approx(b["adv_logits"], rel=1e-5, abs=1e-5)
-
-
-def test_gang_size_rule():
-    assert gang_size(1, "rdc", 8, 2) == 1
-    assert gang_size(4, "rdc", 3, 10) == 3  # never more than the pool
-    assert gang_size("auto", "rdc", 8, 20) == 1  # units fill the pool: data parallelism
-    assert gang_size("auto", "rdc", 8, 2) == 4  # two units on eight workers: gangs of four
-    assert gang_size("auto", "mi", 3, 1) == 3
-    assert gang_size("auto", "plain", 8, 1) == 1  # one cell: nothing to shard
 
 
 def test_fractional_gpus_pack_several_workers_per_gpu(ray_cluster):

@@ -37,7 +37,7 @@ def bench_elbo_cmd(
     chunk: Optional[int] = typer.Option(None, help="engine: network inputs per call (default: the device's)"),
     channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="engine: channels_last layout"),
     compile: str = typer.Option("off", help="engine: torch.compile 'off', 'forward' (logits only) or 'on' (also gradients)"),
-    autocast: str = typer.Option("auto", help="engine: autocast 'auto' (bf16 on CUDA, off on CPU), 'off', 'bf16' or 'fp16'"),
+    autocast: str = typer.Option("auto", help="engine: autocast 'auto' (bf16 on CUDA; on a CPU bf16 only with native bf16 units and a passing agreement check), 'off', 'bf16' or 'fp16'"),
     agreement_timesteps: int = typer.Option(100, help="with bf16/fp16: timesteps of the fp32 agreement check on the digits test split"),
     grad: bool = typer.Option(True, "--grad/--no-grad", help="also time input gradients"),
     profile: bool = typer.Option(False, "--profile", help="also profile one example: seconds by kind of operator"),
@@ -68,6 +68,27 @@ def bench_elbo_cmd(
         print(json.dumps(result, indent=2))
     else:
         say(format_elbo(result))
+
+
+@bench_app.command("draws")
+@fails_cleanly
+def bench_draws_cmd(
+    device: str = typer.Option("cpu", help="cpu or cuda: where the draws and the forward run"),
+    threads: Optional[int] = typer.Option(1, help="torch threads (0: torch's default)"),
+    repeat: int = typer.Option(3, help="timed rounds of the draws after a warm-up; the best round counts"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """The noise of one RDC forward (1000 timesteps; a CIFAR image and a digits one): the device path against the
+    reference CPU hashing, and its share of the engine's forward."""
+    if repeat < 1 or device not in ("cpu", "cuda"):
+        raise ConfigError(f"--repeat must be >= 1 and --device cpu or cuda; got {repeat} and {device!r}")
+    from pipeline.bench.draws import bench_draws, format_draws
+
+    result = bench_draws(device=device, threads=threads or None, repeat=repeat)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        say(format_draws(result))
 
 
 @bench_app.command("scaling")
@@ -140,3 +161,25 @@ def bench_report_cmd(
         print(json.dumps(result, indent=2))
     else:
         say(format_report(result))
+
+
+@bench_app.command("scheduler")
+@fails_cleanly
+def bench_scheduler_cmd(
+    units: int = typer.Option(100_000, help="units to dispatch"),
+    actors: int = typer.Option(1024, help="simulated actors"),
+    gangs: str = typer.Option("1,2,4,8", help="gang sizes, comma-separated: one block of units each"),
+    seed: int = typer.Option(0, help="seed of the simulated durations, errors and losses"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """The run's scheduler over simulated actors (gangs, losses, retries): the driver's seconds a unit and peak memory."""
+    sizes = positive_ints(gangs, "--gangs", "1,2,4,8")
+    if units < 1 or actors < 1 or max(sizes) > actors:
+        raise ConfigError(f"--units and --actors must be >= 1 and every gang at most --actors; got {units}, {actors}, {gangs}")
+    from pipeline.bench.scheduler import bench_scheduler, format_scheduler
+
+    result = bench_scheduler(units=units, actors=actors, gangs=sizes, seed=seed)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        say(format_scheduler(result))

@@ -42,10 +42,15 @@ def fails_cleanly(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def load_job_file(path: Path):
+def load_job_file(path: Path, files: bool = False):
+    """The job at `path`; with files, also check that the model files and folders it names are there."""
     from pipeline.config.job import load_job
+    from pipeline.models.importer import check_job_models
 
-    return load_job(path)
+    job = load_job(path)
+    if files:
+        check_job_models(job)
+    return job
 
 
 def say(lines: list[str]) -> None:

@@ -17,12 +17,12 @@ from pipeline.errors import ConfigError
 
 @fails_cleanly
 def validate_cmd(job: Path = typer.Argument(..., help="job file (TOML)")):
-    """Check a job file and print what it expands to (defenses, attacks, units); writes nothing."""
+    """Check a job file (and that the model files it names are there) and print what it expands to; writes nothing."""
     from pipeline.config.defense import defense_name
     from pipeline.data import load_split
     from pipeline.runtime.plan import plan, run_id_for
 
-    spec = load_job_file(job)
+    spec = load_job_file(job, files=True)
     x, _ = load_split(spec.spec.data.dataset, spec.spec.data.split, root=spec.spec.data.root)
     units = plan(spec, x.shape[0])
     console.print(f"[green]ok[/] {escape(str(job))}: run id {run_id_for(spec)}, {len(spec.defenses)} defenses, "
@@ -54,7 +54,7 @@ def run_cmd(
 
     options = RunOptions(out=out, workers=workers, gpus_per_worker=gpus_per_worker, address=address, min_gpus=min_gpus,
                          endpoint_url=endpoint_url, run_id=run_id, fresh=fresh, report=report)
-    spec = load_job_file(job)
+    spec = load_job_file(job, files=True)
     result = run_job(spec, options, progress=True)
     console.print(f"run {result.run_id}: {result.done} units done, {result.skipped} already committed, "
                   f"{len(result.failed)} failed; {result.rows} rows in {result.seconds:.1f} s -> {result.uri}")

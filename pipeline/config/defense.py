@@ -6,16 +6,19 @@
      "timesteps": 100, "lm": {"steps": 10, "gradient": "bpda"}, "pruning": [[50, 5], [500, 1]]}
 
 "default" models are the cached defaults of pipeline.models.zoo; a path names a checkpoint
-folder (model.safetensors + config.json). pipeline.defenses.build turns a parsed spec into a module.
+folder (model.safetensors + config.json); "robustbench:ARCH:PATH" (plain, mi) and
+"edm:[PRESET:]PATH" (rdc) name published files (pipeline.config.model_ref).
+pipeline.defenses.build turns a parsed spec into a module.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from pipeline.config.datasets import DatasetName
+from pipeline.config.model_ref import parse_model_ref
 from pipeline.config.tables import validate_table
 from pipeline.errors import ConfigError
 
@@ -53,10 +56,26 @@ class EngineSpec(BaseModel):
     cuda_graphs: bool = False
 
 
+def _model_ref(value: str, kinds: tuple[str, ...], what: str) -> str:
+    ref = parse_model_ref(value)
+    if ref.kind not in kinds:
+        raise ValueError(f"{ref.kind} model {value!r} cannot be {what}; expected one of {kinds}")
+    return value
+
+
+CLASSIFIER_REFS = ("default", "folder", "robustbench")
+DIFFUSION_REFS = ("default", "optimal", "folder", "edm")
+
+
 class PlainSpec(_Spec):
     kind: Literal["plain"]
     model: str = "default"
     method: Literal["erm", "mixup", "iat", "pgd_at"] = "erm"
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value):
+        return _model_ref(value, CLASSIFIER_REFS, "a classifier")
 
 
 class MISpec(_Spec):
@@ -68,6 +87,11 @@ class MISpec(_Spec):
     n_pl: int | None = Field(None, ge=0)
     n_ol: int | None = Field(None, ge=0)
     threshold: float = 0.2
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value):
+        return _model_ref(value, CLASSIFIER_REFS, "MI's classifier")
 
 
 class RDCSpec(_Spec):
@@ -81,6 +105,11 @@ class RDCSpec(_Spec):
     batch_size: int = Field(4096, ge=1)
     engine: EngineSpec | None = None
     elbo: Literal["vp", "edm"] = "vp"
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value):
+        return _model_ref(value, DIFFUSION_REFS, "RDC's diffusion model")
 
 
 DefenseSpec = Annotated[Union[PlainSpec, MISpec, RDCSpec], Field(discriminator="kind")]
@@ -104,7 +133,7 @@ def defense_name(spec) -> str:
         return f"plain-{spec.method}"
     if spec.kind == "mi":
         return f"mi-{spec.mode}"
-    model = "optimal" if spec.model == "optimal" else "unet"
+    model = {"optimal": "optimal", "edm": "edm"}.get(parse_model_ref(spec.model).kind, "unet")
     return f"rdc-{model}" + ("-edmw" if spec.elbo == "edm" else "") + ("-lm" if spec.lm else "")
 
 

@@ -79,7 +79,7 @@ class Defense:
     name: str  # the planned name: the spec's, plus the sweep suffix
     table: dict  # as written (with the job's dataset, root and seed filled in): what unit ids hash
     spec: DefenseSpec
-    grid_workers: int | str = 1  # a gang of this many actors per unit, or "auto" (see run.gang_size)
+    grid_workers: int | str = 1  # a gang of this many actors per unit, or "auto" (see runtime.scheduler.gang_size)
 
 
 @dataclass(frozen=True)

@@ -74,15 +74,16 @@ class LikelihoodMaximization(nn.Module):
         if self.fixed_t is not None:
             self.samples = int(self.fixed_t.numel())
 
-    def step_draws(self, draw: Draw, step: int, shape: tuple[int, ...], dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Timesteps (B, m) and noise (B, m, *shape) of LM step `step`: pure functions of the draw."""
+    def step_draws(self, draw: Draw, step: int, shape: tuple[int, ...], dtype,
+                   device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps (B, m, CPU) and noise (B, m, *shape, on device) of LM step `step`: pure functions of the draw."""
         m = self.samples
         index = torch.arange(step * m, (step + 1) * m)
         if self.fixed_t is None:
             t = draw.integers(rng.LM_TIMESTEP, index, self.schedule.T)
         else:
             t = self.fixed_t.unsqueeze(0).expand(draw.batch, m)
-        return t, draw.normal(rng.LM_NOISE, index, shape, dtype=dtype)
+        return t, draw.normal(rng.LM_NOISE, index, shape, dtype=dtype, device=device)
 
     def loss(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The unconditional diffusion loss per example, (B,)."""
@@ -96,7 +97,7 @@ class LikelihoodMaximization(nn.Module):
         The loss is a mean over the m samples, so the gradients of disjoint sample sets sum to
         the whole step's gradient: a gang splits one step this way.
         """
-        t, noise = self.step_draws(draw, step, tuple(x_prime.shape[1:]), x_prime.dtype)
+        t, noise = self.step_draws(draw, step, tuple(x_prime.shape[1:]), x_prime.dtype, x_prime.device)
         if samples is not None:
             t, noise = t[:, samples], noise[:, samples]
         with torch.enable_grad():

@@ -10,7 +10,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 
-ARCHS = ("unet", "cnn", "resnet18", "edm")
+ARCHS = ("unet", "cnn", "resnet18", "wrn", "preact-resnet18", "edm")
 
 
 def build_model(config: dict) -> nn.Module:
@@ -30,6 +30,10 @@ def build_model(config: dict) -> nn.Module:
         from pipeline.models.cnn import SmallCNN as cls
     elif arch == "resnet18":
         from pipeline.models.resnet import ResNet18 as cls
+    elif arch == "wrn":
+        from pipeline.models.wide_resnet import WideResNet as cls
+    elif arch == "preact-resnet18":
+        from pipeline.models.preact_resnet import PreActResNet18 as cls
     else:
         raise ConfigError(f"model config: unknown arch {arch!r}; expected one of {ARCHS}")
     try:

@@ -1,14 +1,15 @@
 """Run a job: plan it, hand its units to a pool of Ray worker actors, commit, resume.
 
-The queue keeps at most `INFLIGHT` units per actor. A unit whose actor or node is lost goes
-back in the queue and the actor is replaced; a unit that raises is retried; after `TRIES`
-attempts a unit is recorded in `failures/` with its error and traceback and the job goes on.
-Committed units (footer present, row count right) are skipped, so a rerun resumes for free.
+The queue is runtime/scheduler.py: at most `INFLIGHT` units per actor; a unit whose actor or
+node is lost goes back in the queue and the actor is replaced; a unit that raises is retried;
+after `TRIES` attempts a unit is recorded in `failures/` with its error and traceback and the
+job goes on. Committed units (footer present, row count right) are skipped, so a rerun
+resumes for free. This module is the Ray side: `RayActors` is the scheduler's `Actors`.
 """
 
 from __future__ import annotations
 
-import collections
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -17,18 +18,16 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayActorError, RayTaskError, WorkerCrashedError
 
 from pipeline.data import load_split
-from pipeline.errors import ClusterError, RobustsweepError
+from pipeline.errors import ClusterError
 from pipeline.store import Store
 from pipeline.models.zoo import default_checkpoint, model_card
+from pipeline.runtime import faults
 from pipeline.runtime.plan import Unit, plan, plan_document, run_id_for
+from pipeline.runtime.scheduler import Failed, Outcome, Scheduler, gang_size
 from pipeline.config.job import Job
 from pipeline.config.run import RunOptions
 from pipeline.runtime.worker import Worker
 
-INFLIGHT = 2
-TRIES = 3
-START_GRACE = 60.0  # seconds a gang waits for an actor that is still starting
-STARTUP_TIMEOUT = 600.0  # seconds with no actor started and nothing running before the run gives up
 LOST = (RayActorError, ActorDiedError, ActorUnavailableError, NodeDiedError, WorkerCrashedError)
 
 
@@ -78,23 +77,6 @@ def wait_for_gpus(min_gpus: int, wait_s: float) -> None:
             have = float(ray.cluster_resources().get("GPU", 0))
             raise ClusterError(f"the cluster has {have:g} GPUs after {wait_s:.0f} s; --min-gpus asked for {min_gpus}")
         time.sleep(1.0)
-
-
-def gang_size(grid_workers: int | str, kind: str, workers: int, units: int) -> int:
-    """The gang a unit runs on (DESIGN.md, "The grid"; README, "Grid sharding").
-
-    An integer asks for that many actors (at most the pool). "auto": data parallelism while
-    units fill the pool, gangs only where workers would idle otherwise: gangs of
-    floor(workers / units) when there are fewer units than workers (few examples, or a few
-    one-example units whose exact gradients are the bottleneck). A gang costs a round trip
-    per call and a recompute in backward, so it never replaces data parallelism that fills
-    the pool. A plain classifier has one cell and always runs alone.
-    """
-    if kind == "plain":
-        return 1
-    if grid_workers == "auto":
-        return max(1, min(workers, workers // max(units, 1)))
-    return max(1, min(int(grid_workers), workers))
 
 
 def _role(spec) -> str:
@@ -155,196 +137,80 @@ def run_job(job: Job, options: RunOptions = RunOptions(), *, progress: bool = Tr
     return result
 
 
-def _actor(index: int, use_gpu: bool, gpus_per_worker: float):
-    import os
+class RayActors:
+    """The scheduler's `Actors` (runtime/scheduler.py) as Ray worker actors (runtime/worker.py)."""
 
-    from pipeline.runtime.faults import ENV
+    def __init__(self, ctx: dict, use_gpu: bool, gpus_per_worker: float):
+        self.ctx, self.use_gpu, self.gpus_per_worker = ctx, use_gpu, gpus_per_worker
+        self.resource = "GPU" if use_gpu else "CPU"
 
-    options = {"num_cpus": 1, "max_restarts": 0}
-    if os.environ.get(ENV):  # tests of the queue: the faults travel to the workers
-        options["runtime_env"] = {"env_vars": {ENV: os.environ[ENV]}}
-    cls = ray.remote(Worker)
-    if use_gpu:
-        # The GPU does the work; the CPU share only keeps Ray from packing more actors than cores.
-        options["num_cpus"] = min(1.0, gpus_per_worker)
-        return cls.options(num_gpus=gpus_per_worker, **options).remote(f"worker-{index}", "cuda", 1)
-    return cls.options(**options).remote(f"worker-{index}", "cpu", 1)
+    def start(self, slot: int):
+        options = {"num_cpus": 1, "max_restarts": 0}
+        if os.environ.get(faults.ENV):  # tests of the queue: the faults travel to the workers
+            options["runtime_env"] = {"env_vars": {faults.ENV: os.environ[faults.ENV]}}
+        cls = ray.remote(Worker)
+        if self.use_gpu:
+            # The GPU does the work; the CPU share only keeps Ray from packing more actors than cores.
+            options["num_cpus"] = min(1.0, self.gpus_per_worker)
+            return cls.options(num_gpus=self.gpus_per_worker, **options).remote(f"worker-{slot}", "cuda", 1)
+        return cls.options(**options).remote(f"worker-{slot}", "cpu", 1)
 
+    def ping(self, handle):
+        return handle.ping.remote()
 
-class Pool:
-    """The worker actors: started (answering a ping) or starting; a lost one is replaced.
+    def submit(self, handle, unit: Unit, peers: list):
+        return handle.run_unit.remote(unit, self.ctx, peers or None)
 
-    Work goes only to started actors, so an actor that cannot be placed (its node is gone and
-    no other has room) holds nothing up while the others finish.
-    """
+    def wait(self, futures: list, num_returns: int, timeout: float) -> list:
+        done, _ = ray.wait(futures, num_returns=num_returns, timeout=timeout)
+        return done
 
-    MAX_REPLACEMENTS = 3
+    def outcome(self, future) -> Outcome:
+        try:
+            value = ray.get(future)
+        except LOST:
+            return Outcome(error="worker lost", trace=traceback.format_exc(), lost=True)
+        except RayTaskError as exc:
+            return Outcome(error=str(exc.cause if exc.cause else exc), trace=traceback.format_exc())
+        lost_peers = tuple(value.get("lost_peers", ())) if isinstance(value, dict) else ()
+        return Outcome(value=value, lost_peers=lost_peers)
 
-    def __init__(self, n: int, use_gpu: bool, gpus_per_worker: float):
-        self.use_gpu, self.gpus_per_worker = use_gpu, gpus_per_worker
-        self.handles: dict[int, object] = {}
-        self.starting: dict = {}  # ping ref -> index
-        self.ready: set[int] = set()
-        self.replaced: collections.Counter = collections.Counter()
-        self.since: dict[int, float] = {}
-        for i in range(n):
-            self._start(i)
-
-    def _start(self, i: int) -> None:
-        self.handles[i] = _actor(i, self.use_gpu, self.gpus_per_worker)
-        self.starting[self.handles[i].ping.remote()] = i
-        self.since[i] = time.perf_counter()
-
-    def expected(self) -> int:
-        """Actors started, plus those starting for less than START_GRACE seconds (a gang waits for them)."""
-        now = time.perf_counter()
-        return len(self.ready) + sum(1 for i in self.starting.values() if now - self.since[i] < START_GRACE)
-
-    def poll(self) -> None:
-        """Move the actors whose ping came back to `ready`; replace those that died starting."""
-        if not self.starting:
-            return
-        done, _ = ray.wait(list(self.starting), num_returns=len(self.starting), timeout=0)
-        for ref in done:
-            i = self.starting.pop(ref)
-            try:
-                ray.get(ref)
-                self.ready.add(i)
-            except LOST:
-                self.replace(i)
-
-    def replace(self, i: int) -> None:
-        """Kill (if alive) and restart actor i, up to MAX_REPLACEMENTS times per slot."""
-        self.ready.discard(i)
-        old = self.handles.pop(i, None)
-        if old is not None:
-            ray.kill(old)
-        self.replaced[i] += 1
-        if self.replaced[i] <= self.MAX_REPLACEMENTS:
-            self._start(i)
-
-    def recheck(self, i: int) -> None:
-        """Ping actor i again before giving it more work (a gang peer after a failed unit)."""
-        if i in self.ready:
-            self.ready.discard(i)
-            self.starting[self.handles[i].ping.remote()] = i
-            self.since[i] = time.perf_counter()
-
-    def refs(self) -> list:
-        return list(self.starting)
-
-    def shutdown(self) -> None:
-        for handle in self.handles.values():
-            ray.kill(handle)
+    def kill(self, handle) -> None:
+        ray.kill(handle)
 
 
 def _drain(todo: list[Unit], ctx: dict, store: Store, result: RunResult, n: int, use_gpu: bool,
            gpus_per_worker: float, progress: bool) -> None:
-    """Hand the units to the pool until every one is committed or failed (module docstring).
-
-    Gangs: a unit with a gang of G waits at the head of the queue until G actors are idle,
-    takes them all at once (the driver is one thread, so two gangs never hold parts of each
-    other) and gives them back when it ends; while it waits, nothing new goes to idle actors,
-    so it cannot starve.
-    """
+    """Hand the units to the pool until every one is committed or failed (module docstring)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    queue = collections.deque(todo)
-    sizes = {u.unit_id: gang_size(u.grid_workers, u.defense_spec.kind, n, len(todo)) for u in todo}
+    gangs = {u.unit_id: gang_size(u.grid_workers, u.defense_spec.kind, n, len(todo)) for u in todo}
     # Failure notes of earlier runs, listed once: a unit that now succeeds drops its stale note.
     stale = set(store.list(f"{result.run_id}/failures", ".json"))
-    tries: collections.Counter = collections.Counter()
-    pool = Pool(n, use_gpu, gpus_per_worker)
-    inflight: dict = {}  # ObjectRef -> (unit, leader index, leader handle, [(peer index, peer handle)])
-    busy: collections.Counter = collections.Counter()
-    reserved: set[int] = set()
-    examples, t0, idle_since = 0, time.perf_counter(), time.perf_counter()
+    examples, t0 = 0, time.perf_counter()
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), disable=not progress)
+    scheduler = Scheduler(todo, RayActors(ctx, use_gpu, gpus_per_worker), n, gangs=gangs)
     try:
         with bar:
             task = bar.add_task(f"{result.run_id}", total=len(todo), rate="")
-            while queue or inflight:
-                pool.poll()
-                _dispatch(queue, sizes, pool, busy, reserved, inflight, ctx)
-                if inflight or pool.ready:
-                    idle_since = time.perf_counter()
-                elif time.perf_counter() - idle_since > STARTUP_TIMEOUT:
-                    raise RobustsweepError(f"no worker actor could start in {STARTUP_TIMEOUT:.0f} s; does the cluster "
-                                           f"have the resources ({'GPU' if use_gpu else 'CPU'}) for {n} workers?")
-                ready, _ = ray.wait(list(inflight) + pool.refs(), num_returns=1, timeout=1.0)
-                for ref in ready:
-                    if ref not in inflight:
-                        continue  # a ping: pool.poll takes it next turn
-                    unit, i, handle, peers = inflight.pop(ref)
-                    busy[i] -= 1
-                    for j, _ in peers:
-                        reserved.discard(j)
-                    if peers:
-                        reserved.discard(i)
-                    try:
-                        summary = ray.get(ref)
-                    except (*LOST, RayTaskError) as exc:
-                        if isinstance(exc, LOST):
-                            error = "worker lost"
-                            result.lost += 1
-                            if pool.handles.get(i) is handle:  # replace a lost actor once, not per unit
-                                pool.replace(i)
-                        else:
-                            error = str(exc.cause if exc.cause else exc)
-                        for j, h in peers:  # a gang's peers may be gone too: ping before more work
-                            if pool.handles.get(j) is h:
-                                pool.recheck(j)
-                        _retry(unit, tries, queue, store, result, error, traceback.format_exc())
-                        continue
-                    for lost in summary.get("lost_peers", []):
-                        result.lost += 1
-                        j, h = peers[lost]
-                        if pool.handles.get(j) is h:
-                            pool.replace(j)
-                    result.done += 1
-                    result.rows += summary["rows"]
-                    examples += len(unit.example_ids)
+            while scheduler.pending:
+                for event in scheduler.step():
+                    unit = event.unit
                     failure = f"{result.run_id}/failures/unit-{unit.unit_id}.json"
+                    if isinstance(event, Failed):
+                        result.failed.append(unit.unit_id)
+                        store.write_json(failure, {"unit": unit.as_dict(), "tries": event.tries, "error": event.error,
+                                                   "traceback": event.trace})
+                        continue
+                    result.done += 1
+                    result.rows += event.value["rows"]
+                    examples += len(unit.example_ids)
                     if failure in stale:
                         store.remove(failure)
                     rate = examples / max(time.perf_counter() - t0, 1e-9)
                     bar.update(task, advance=1, rate=f"{rate:.2f} ex/s")
     finally:
-        pool.shutdown()
-
-
-def _dispatch(queue, sizes, pool: Pool, busy, reserved, inflight, ctx) -> None:
-    """Give units to ready actors: one-actor units up to INFLIGHT each, gangs only to idle actors."""
-    while queue:
-        unit = queue[0]
-        free = sorted(i for i in pool.ready if i not in reserved)
-        g = min(sizes[unit.unit_id], max(pool.expected(), 1))
-        if g == 1:
-            open_ = [i for i in free if busy[i] < INFLIGHT]
-            if not open_:
-                return
-            i = min(open_, key=lambda k: busy[k])
-            peers = []
-        else:
-            idle = [i for i in free if busy[i] == 0]
-            if len(idle) < g:
-                return  # wait for actors to drain; nothing overtakes the gang
-            i, peers = idle[0], [(j, pool.handles[j]) for j in idle[1:g]]
-            reserved.update([i] + [j for j, _ in peers])
-        queue.popleft()
-        handle = pool.handles[i]
-        ref = handle.run_unit.remote(unit, ctx, [h for _, h in peers] or None)
-        inflight[ref] = (unit, i, handle, peers)
-        busy[i] += 1
-
-
-def _retry(unit: Unit, tries, queue, store: Store, result: RunResult, error: str, trace: str) -> None:
-    tries[unit.unit_id] += 1
-    if tries[unit.unit_id] < TRIES:
-        queue.appendleft(unit)
-        return
-    result.failed.append(unit.unit_id)
-    store.write_json(f"{result.run_id}/failures/unit-{unit.unit_id}.json",
-                     {"unit": unit.as_dict(), "tries": tries[unit.unit_id], "error": error, "traceback": trace})
+        scheduler.shutdown()
+        result.lost = scheduler.lost
