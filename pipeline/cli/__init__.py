@@ -11,7 +11,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from pipeline.errors import CheckpointError, ConfigError, DatasetError, InputError, RobustsweepError
+from pipeline.errors import (BadFileError, CheckpointError, ConfigError, DatasetError, InputError, LeaseHeldError,
+                             RobustsweepError)
 
 app = typer.Typer(help="Robustness sweeps of inference-time defenses (RDC, Mixup Inference).", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -19,12 +20,18 @@ train_app = typer.Typer(help="Train the models the defenses stand on.", no_args_
 app.add_typer(train_app, name="train")
 console = Console(stderr=True, soft_wrap=True)
 
-BAD_INPUT = (ConfigError, InputError, DatasetError, CheckpointError)
+BAD_INPUT = (ConfigError, InputError, DatasetError, CheckpointError, BadFileError, LeaseHeldError)
+SKIP_BAD_HELP = "leave out record files that fail their checks (each is listed) instead of refusing them (exit 2)"
 
 
 def _fail(exc: Exception) -> None:
     console.print(f"[bold red]error:[/] {exc}")
     raise typer.Exit(2 if isinstance(exc, BAD_INPUT) else 1)
+
+
+def _notes(notes: list[str]) -> None:
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}")
 
 
 @train_app.command("diffusion")
@@ -136,6 +143,7 @@ def run_cmd(
     report: bool = typer.Option(True, help="print the report at the end"),
     gpus_per_worker: float = typer.Option(1.0, help="GPUs per worker actor; 0.5 or 0.25 pack small models several to a GPU"),
     min_gpus: int = typer.Option(0, help="wait (up to 10 min) until the cluster has this many GPUs before starting workers"),
+    lease_wait: float = typer.Option(0.0, help="seconds to wait while another driver holds the run folder (default: refuse at once, exit 2)"),
 ):
     """Run a job on a Ray cluster (resuming committed units) and print its report."""
     from pipeline.runtime.run import run_job
@@ -144,13 +152,16 @@ def run_cmd(
     try:
         result = run_job(spec, out, workers=workers, address=address, run_id=run_id, fresh=fresh,
                          endpoint_url=endpoint_url, progress=True, gpus_per_worker=gpus_per_worker,
-                         min_gpus=min_gpus)
+                         min_gpus=min_gpus, lease_wait=lease_wait)
     except RobustsweepError as exc:
         _fail(exc)
     console.print(f"run {result.run_id}: {result.done} units done, {result.skipped} already committed, "
                   f"{len(result.failed)} failed; {result.rows} rows in {result.seconds:.1f} s -> {result.uri}")
     if report:
-        _print_report([result.uri], endpoint_url, "table")
+        try:
+            _print_report([result.uri], endpoint_url, "table")
+        except RobustsweepError as exc:
+            _fail(exc)
     if result.failed:
         console.print(f"[bold red]{len(result.failed)} units failed[/]; see {result.uri}/failures/")
         raise typer.Exit(1)
@@ -162,6 +173,7 @@ def status_cmd(
                               help="a run folder ({out}/{run_id}, local or s3://), or with --address a submission id"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
     address: Optional[str] = typer.Option(None, help="a cluster's dashboard URL (http://HEAD:8265): the argument is then a submission id"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
 ):
     """Units done / failed / left, rows and throughput of a run; with --address, the state of a submitted job."""
     from pipeline.runtime.status import run_status
@@ -173,7 +185,7 @@ def status_cmd(
         elif uri.startswith("raysubmit_") and not Path(uri).exists():
             raise ConfigError(f"{uri} looks like a submission id: pass --address http://HEAD:8265 to ask its cluster")
         else:
-            st = run_status(uri, endpoint_url=endpoint_url)
+            st = run_status(uri, endpoint_url=endpoint_url, skip_bad=skip_bad)
     except RobustsweepError as exc:
         _fail(exc)
     print(json.dumps(st, indent=2))
@@ -318,12 +330,14 @@ def _print_report(uris: list[str], endpoint_url: str | None, fmt: str) -> None:
     """The accuracy summary of runs (what `run` prints at the end); an empty run prints an empty table."""
     from pipeline.analytics import build_report, connect
 
-    con = connect(uris, endpoint_url=endpoint_url, require=False)
+    notes: list[str] = []
+    con = connect(uris, endpoint_url=endpoint_url, require=False, notes=notes)
     try:
         report = build_report(con, ["summary"])
     finally:
         con.close()
     _emit_report(report, fmt)
+    _notes(notes)
 
 
 @app.command("report")
@@ -335,6 +349,7 @@ def report_cmd(
     html: Optional[Path] = typer.Option(None, "--html", help="write one self-contained HTML page (tables and figures inline)"),
     robustbench: Optional[str] = typer.Option(None, "--robustbench", help="write RobustBench-style JSON per defense, threat model and eps into this folder or s3:// prefix"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
 ):
     """Accuracy (95% Wilson), per-class accuracy, the attack stage that broke each example, cost, sanity flags; figures and exports."""
     from pipeline.analytics.outputs import analyze
@@ -349,7 +364,7 @@ def report_cmd(
         _fail(ConfigError(f"--format csv writes one table; pick one --section (got {', '.join(sections)})"))
     try:
         result = analyze(uris, endpoint_url=endpoint_url, sections=sections, plot_dir=plot, html_path=html,
-                         robustbench_dir=robustbench)
+                         robustbench_dir=robustbench, skip_bad=skip_bad)
     except RobustsweepError as exc:
         _fail(exc)
     _emit_report(result["report"], format)
@@ -374,6 +389,7 @@ def compare_cmd(
     seed: int = typer.Option(0, help="seed of the bootstrap"),
     format: str = typer.Option("table", "--format", help="table, markdown, csv or json"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
 ):
     """Paired A vs B on the same (attack, eps, example): accuracy difference with a bootstrap interval, exact McNemar test."""
     from pipeline.analytics import connect
@@ -382,8 +398,9 @@ def compare_cmd(
     _check_format(format)
     if resamples < 1:
         _fail(ConfigError(f"--resamples must be >= 1, got {resamples}"))
+    notes: list[str] = []
     try:
-        con = connect(uris, endpoint_url=endpoint_url)
+        con = connect(uris, endpoint_url=endpoint_url, skip_bad=skip_bad, notes=notes)
         try:
             rows = compare(con, a, b, metric=metric, attack=attack, resamples=resamples, seed=seed)
         finally:
@@ -391,6 +408,7 @@ def compare_cmd(
     except RobustsweepError as exc:
         _fail(exc)
     _emit_report({"compare": rows}, format)
+    _notes(notes)
 
 
 @app.command("sql")
@@ -399,8 +417,10 @@ def sql_cmd(
     format: str = typer.Option("table", "--format", help="table, csv or json"),
     max_rows: int = typer.Option(1000, help="rows shown by --format table"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
+    unsafe: bool = typer.Option(False, "--unsafe", help="lift the read-only lock: any statement (COPY TO, ATTACH, ...) and any file, with the store's credentials"),
 ):
-    """Run SQL (DuckDB) over the records of runs, local or S3: e.g. robustsweep sql results/demo-x "SELECT defense, avg(adv_correct::INT) FROM results GROUP BY ALL"."""
+    """Run SQL (DuckDB, read-only unless --unsafe) over the records of runs, local or S3: e.g. robustsweep sql results/demo-x "SELECT defense, avg(adv_correct::INT) FROM results GROUP BY ALL"."""
     from rich.console import Console as Out
 
     from pipeline.analytics.sql import arrow_csv, arrow_json, render_arrow, run_sql
@@ -408,10 +428,12 @@ def sql_cmd(
     _check_format(format, ("table", "csv", "json"))
     if len(args) < 2:
         _fail(ConfigError('give a run folder and a query: robustsweep sql RUN_URI "SELECT ... FROM results"'))
+    notes: list[str] = []
     try:
-        table = run_sql(args[:-1], args[-1], endpoint_url=endpoint_url)
+        table = run_sql(args[:-1], args[-1], endpoint_url=endpoint_url, unsafe=unsafe, skip_bad=skip_bad, notes=notes)
     except RobustsweepError as exc:
         _fail(exc)
+    _notes(notes)
     if format == "csv":
         print(arrow_csv(table), end="")
     elif format == "json":

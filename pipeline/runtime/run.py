@@ -9,6 +9,7 @@ Committed units (footer present, row count right) are skipped, so a rerun resume
 from __future__ import annotations
 
 import collections
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError,
 from pipeline.data import load_split
 from pipeline.errors import ClusterError, ConfigError, RobustsweepError
 from pipeline.store import Store
+from pipeline.store.binding import bind_run
+from pipeline.store.lease import RunLease
+from pipeline.store.unit import check_units
 from pipeline.models.zoo import default_checkpoint
 from pipeline.runtime.plan import Unit, plan, plan_document, run_id_for
 from pipeline.config.job import Job
@@ -43,6 +47,7 @@ class RunResult:
     seconds: float = 0.0
     workers: int = 0
     lost: int = 0  # actors lost on the way (their units or gang calls were redone elsewhere)
+    redone: dict = field(default_factory=dict)  # unit id -> why its committed file was redone
 
     @property
     def ok(self) -> bool:
@@ -114,25 +119,46 @@ def prepare_models(job: Job, progress: bool = True) -> None:
 
 def run_job(job: Job, out: str, *, workers: int | None = None, address: str | None = None, run_id: str | None = None,
             fresh: bool = False, endpoint_url: str | None = None, progress: bool = True,
-            gpus_per_worker: float = 1.0, min_gpus: int = 0, wait_s: float = 600.0) -> RunResult:
+            gpus_per_worker: float = 1.0, min_gpus: int = 0, wait_s: float = 600.0,
+            lease_wait: float = 0.0) -> RunResult:
     """Run (or resume) `job`, writing under `{out}/{run_id}/`. See the module docstring.
+
+    The run folder is bound to the job (another job under the same run id: RunMismatchError)
+    and leased to this driver for the run (another driver on it: LeaseHeldError, after
+    waiting up to `lease_wait` seconds); a unit whose file fails its checks is redone.
 
     min_gpus: wait up to `wait_s` seconds for the cluster to hold that many GPUs before sizing
     the pool (GPU nodes of a fresh cluster join after the head; without it the pool is sized
     by what is there at the start, CPUs if no GPU has joined yet).
     """
     check_gpus_per_worker(gpus_per_worker)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f"workers (--workers) must be an integer >= 1, got {workers!r}; leave it out for one per GPU or CPU")
     start = time.perf_counter()
-    run_id = run_id or run_id_for(job, fresh)
+    run_id = run_id_for(job, fresh, run_id)
     store = Store(out, endpoint_url=endpoint_url)
     data = job.spec.data
     x, _ = load_split(data.dataset, data.split, root=data.root)
     units = plan(job, x.shape[0])
-    plan_path = f"{run_id}/plan.json"
-    if not store.exists(plan_path):
-        store.write_json(plan_path, plan_document(job, units, run_id))
-    todo = [u for u in units if not store.committed(f"{run_id}/{u.path}", len(u.example_ids))]
+    if not units:
+        raise ConfigError("the job selects no examples (data.ids / data.limit): nothing to run")
+    with RunLease(store, run_id, wait=lease_wait):
+        return _run_leased(job, store, out, units, run_id, start, workers=workers, address=address,
+                           endpoint_url=endpoint_url, progress=progress, gpus_per_worker=gpus_per_worker,
+                           min_gpus=min_gpus, wait_s=wait_s)
+
+
+def _run_leased(job: Job, store: Store, out: str, units: list[Unit], run_id: str, start: float, *, workers, address,
+                endpoint_url, progress, gpus_per_worker, min_gpus, wait_s) -> RunResult:
+    """run_job once this driver holds the run folder's lease: bind, check, dispatch."""
+    data = job.spec.data
+    bind_run(store, run_id, plan_document(job, units, run_id))
+    found = check_units(store, run_id, units)
+    todo = [u for u in units if found[u.unit_id] is not None]
     result = RunResult(run_id, store.join(run_id), len(units), len(units) - len(todo), 0)
+    result.redone = {u: r for u, r in found.items() if r not in (None, "missing")}
+    for unit_id, reason in result.redone.items() if progress else ():
+        print(f"unit {unit_id}: its records file fails its checks ({reason}); redoing it", file=sys.stderr)
     if not todo:
         result.seconds = time.perf_counter() - start
         return result
@@ -143,7 +169,7 @@ def run_job(job: Job, out: str, *, workers: int | None = None, address: str | No
         n, use_gpu = default_workers(gpus_per_worker)
         n = workers or n
         result.workers = n
-        ctx = {"run_id": run_id, "out": out, "endpoint_url": endpoint_url, "seed": job.spec.seed,
+        ctx = {"run_id": run_id, "job_hash": job.hash, "out": out, "endpoint_url": endpoint_url, "seed": job.spec.seed,
                "data": {"dataset": data.dataset, "split": data.split, "root": data.root}}
         _drain(todo, ctx, store, result, n, use_gpu, gpus_per_worker, progress)
     finally:
