@@ -77,3 +77,7 @@ class BadFileError(StoreError):
 
 class LeaseHeldError(StoreError):
     """Another driver holds the run folder's lease; the message says who (host, pid, since)."""
+
+
+class ClusterUnreachableError(ClusterError):
+    """Nothing answers at a Ray cluster's address (after retrying); the message names it."""

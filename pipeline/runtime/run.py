@@ -25,6 +25,7 @@ from pipeline.store.lease import RunLease
 from pipeline.store.unit import check_units
 from pipeline.models.zoo import default_checkpoint
 from pipeline.runtime.plan import Unit, plan, plan_document, run_id_for
+from pipeline.runtime.reach import check_reachable
 from pipeline.config.job import Job
 from pipeline.runtime.worker import Worker
 
@@ -61,6 +62,7 @@ def connect(address: str | None) -> bool:
     if address is None:
         ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         return True
+    check_reachable(address)
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     return False
 
@@ -142,6 +144,8 @@ def run_job(job: Job, out: str, *, workers: int | None = None, address: str | No
     units = plan(job, x.shape[0])
     if not units:
         raise ConfigError("the job selects no examples (data.ids / data.limit): nothing to run")
+    if address is not None and not ray.is_initialized():
+        check_reachable(address)  # before the lease, the checks and any model training
     with RunLease(store, run_id, wait=lease_wait):
         return _run_leased(job, store, out, units, run_id, start, workers=workers, address=address,
                            endpoint_url=endpoint_url, progress=progress, gpus_per_worker=gpus_per_worker,
