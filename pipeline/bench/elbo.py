@@ -344,3 +344,28 @@ def autocast_agreement(model: str = "default", timesteps: int = 10, dtype: str =
     return {"n": x.shape[0], "dtype": dtype, "device": str(dev), "timesteps": int(rdc.ts.numel()),
             "agreement": float(agree), "disagreements": int((full.argmax(1) != low.argmax(1)).sum()),
             "max_rel_diff": float((full - low).abs().max() / full.abs().max())}
+
+
+def format_elbo(result: dict) -> list[str]:
+    """The lines `robustsweep bench elbo` prints for a result of `bench_elbo`."""
+    lines = [f"RDC logits ({result['model']}, {result['timesteps']} timesteps x {result['classes']} classes, "
+             f"{result['threads']} thread(s), {result['device']}): reference {result['reference_examples_per_s']:.3g} ex/s, "
+             f"engine {result['engine_examples_per_s']:.3g} ex/s, ratio {result['ratio']:.2f}x; engine "
+             f"{result['engine_flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * result['fraction_of_peak']:.0f}% of the "
+             f"{result['peak_flops'] / 1e9:.1f} GFLOP/s matmul peak"]
+    if "engine_grad_examples_per_s" in result:
+        lines.append(f"input gradients: reference {result['reference_grad_examples_per_s']:.3g} ex/s, engine "
+                     f"{result['engine_grad_examples_per_s']:.3g} ex/s, ratio {result['grad_ratio']:.2f}x; engine "
+                     f"{100 * result['grad_fraction_of_peak']:.0f}% of peak")
+    if "autocast_agreement" in result:
+        a = result["autocast_agreement"]
+        lines.append(f"{a['dtype']} against float32 on {a['n']} digits test images ({a['timesteps']} timesteps): "
+                     f"{100 * a['agreement']:.2f}% of predictions agree; float32 peak "
+                     f"{result['float32_peak_flops'] / 1e9:.1f} GFLOP/s")
+    for name, p in result.get("profile", {}).items():
+        kinds = ", ".join(f"{k} {v:.2f}" for k, v in p.items() if k not in ("wall", "convolution_flops", "convolution_flops_per_s"))
+        rate = p["convolution_flops_per_s"]
+        lines.append(f"profile {name} (one example, {p['wall']:.2f} s): {kinds}; convolutions at "
+                     f"{(rate or 0) / 1e9:.1f} GFLOP/s")
+    lines.append(f"load average {result['load_before']} before, {result['load_after']} after")
+    return lines

@@ -88,3 +88,14 @@ def bench_grid(*, model: str = "default", timesteps: int = 1000, examples: int =
         if started:
             ray.shutdown()
     return out
+
+
+def format_grid_step(g: int, t_logits: float, t_grad: float) -> str:
+    """The line `robustsweep bench grid` prints as each gang size is measured."""
+    return f"G={g}: logits {t_logits:.2f} s, input gradient {t_grad:.2f} s"
+
+
+def format_grid(result: dict) -> list[str]:
+    """The closing lines of `robustsweep bench grid`: the speedups over G = 1."""
+    return [f"speedup at G={g}: logits {result[f'speedup_logits_g{g}']:.2f}x, gradient {result[f'speedup_grad_g{g}']:.2f}x"
+            for g in result["gangs"][1:]]

@@ -147,3 +147,9 @@ def bench_report(rows: int = 1_000_000, repeats: int = 3, seed: int = 0, files: 
         "duckdb": duckdb.__version__, "pyarrow": pa.__version__, "python": platform.python_version(),
         "machine": platform.machine(),
     }
+
+
+def format_report(result: dict) -> list[str]:
+    """The line `robustsweep bench report` prints for a result of `bench_report`."""
+    return [f"report over {result['rows']} rows in {result['files']} Parquet files: "
+            f"{result['report_seconds']:.3f} s (best of {len(result['runs'])}: {result['runs']})"]

@@ -194,3 +194,14 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def format_scaling(result: dict) -> list[str]:
+    """The lines `robustsweep bench scaling` prints for a result of `bench_scaling`."""
+    lines = [f"{r['workers']} worker(s), {result['units']} units: Ray {r['ray_seconds']:.1f} s "
+             f"({r['ray_examples_per_s']:.2f} ex/s), independent processes {r['processes_seconds']:.1f} s "
+             f"({r['processes_examples_per_s']:.2f} ex/s); Ray at {100 * r['ratio']:.0f}% of their throughput, "
+             f"overhead {r['overhead_per_unit_s']:+.3f} s per unit; same predictions: {r['same_predictions']}"
+             for r in result["runs"]]
+    lines.append(f"load average {result['load_before']} before, {result['load_after']} after")
+    return lines

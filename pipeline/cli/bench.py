@@ -1,0 +1,129 @@
+"""`robustsweep bench ...`: benchmarks; each one's measurement and formatting live in pipeline/bench/."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from pipeline.cli.common import fails_cleanly, say
+from pipeline.errors import ConfigError
+
+bench_app = typer.Typer(help="Benchmarks measured side by side in one run.", no_args_is_help=True)
+
+
+def positive_ints(text: str, option: str, example: str) -> tuple[int, ...]:
+    """Parse a comma-separated list of positive integers given to OPTION."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+        if not values or min(values) < 1:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{option}: expected positive integers, e.g. {example}; got {text!r}") from None
+    return values
+
+
+@bench_app.command("elbo")
+@fails_cleanly
+def bench_elbo_cmd(
+    model: str = typer.Option("default", help="'default' (the digits UNet) or 'optimal'"),
+    examples: int = typer.Option(2, help="digits test examples"),
+    timesteps: int = typer.Option(1000, help="RDC timesteps (systematic subsample; 1000 = all)"),
+    repeat: int = typer.Option(2, help="timed rounds after a warm-up; the best round counts"),
+    threads: Optional[int] = typer.Option(1, help="torch threads (0: torch's default)"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    chunk: Optional[int] = typer.Option(None, help="engine: network inputs per call (default: the device's)"),
+    channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="engine: channels_last layout"),
+    compile: str = typer.Option("off", help="engine: torch.compile 'off', 'forward' (logits only) or 'on' (also gradients)"),
+    autocast: str = typer.Option("auto", help="engine: autocast 'auto' (bf16 on CUDA, off on CPU), 'off', 'bf16' or 'fp16'"),
+    agreement_timesteps: int = typer.Option(100, help="with bf16/fp16: timesteps of the fp32 agreement check on the digits test split"),
+    grad: bool = typer.Option(True, "--grad/--no-grad", help="also time input gradients"),
+    profile: bool = typer.Option(False, "--profile", help="also profile one example: seconds by kind of operator"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """RDC logits and gradients: the reference strategy (class loop, 64-timestep chunks, one example at a time) vs the engine,
+    with FLOPs against a matmul peak measured in the same run."""
+    compiled = {"off": False, "forward": "forward", "on": True}.get(compile)
+    if compiled is None:
+        raise ConfigError(f"--compile must be off, forward or on; got {compile!r}")
+    from pipeline.bench.elbo import bench_elbo, format_elbo
+
+    result = bench_elbo(model, examples, timesteps, repeat=repeat, threads=threads or None, device=device, chunk=chunk,
+                        channels_last=channels_last, compile=compiled, autocast=autocast, grad=grad, profile=profile,
+                        agreement_timesteps=agreement_timesteps)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        say(format_elbo(result))
+
+
+@bench_app.command("scaling")
+@fails_cleanly
+def bench_scaling_cmd(
+    examples: int = typer.Option(48, help="digits test examples in the job"),
+    shard_size: int = typer.Option(4, help="examples per unit"),
+    timesteps: int = typer.Option(10, help="RDC timesteps of the job's defense (the digits UNet)"),
+    steps: int = typer.Option(5, help="PGD steps of the job's attack"),
+    passes: int = typer.Option(2, help="scoring passes"),
+    workers: str = typer.Option("1,2", help="worker counts, comma-separated"),
+    repeat: int = typer.Option(1, help="rounds per figure; the best is kept"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """The same job through Ray (run_job, 1 and 2 actors, one thread each) and split by hand into independent processes."""
+    counts = positive_ints(workers, "--workers", "1,2")
+    if min(examples, shard_size, timesteps, steps, passes, repeat) < 1:
+        raise ConfigError("--examples, --shard-size, --timesteps, --steps, --passes and --repeat must be >= 1")
+    from pipeline.bench.scaling import bench_scaling, format_scaling
+
+    result = bench_scaling(examples, shard_size, timesteps, steps, passes, workers=counts, repeat=repeat)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        say(format_scaling(result))
+
+
+@bench_app.command("grid")
+@fails_cleanly
+def bench_grid_cmd(
+    model: str = typer.Option("default", help="'default' (the digits UNet) or 'optimal'"),
+    timesteps: int = typer.Option(1000, help="RDC timesteps (systematic subsample)"),
+    examples: int = typer.Option(2, help="digits test examples in the batch"),
+    gangs: Optional[str] = typer.Option(None, help="gang sizes, comma-separated (default 1,2 and 3 where cores allow)"),
+    repeat: int = typer.Option(2, help="timed runs per figure; the best is kept"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """Grid sharding: seconds of one batch's RDC logits and of one exact input gradient for G = 1, 2, 3 actors."""
+    sizes = positive_ints(gangs, "--gangs", "1,2,3") if gangs else None
+    if sizes is not None and sizes[0] != 1:
+        raise ConfigError(f"--gangs: expected positive integers starting with 1, e.g. 1,2,3; got {gangs!r}")
+    if examples < 1 or repeat < 1:
+        raise ConfigError(f"--examples and --repeat must be >= 1, got {examples} and {repeat}")
+    from pipeline.bench.grid import bench_grid, format_grid, format_grid_step
+
+    result = bench_grid(model=model, timesteps=timesteps, examples=examples, gangs=sizes, repeat=repeat,
+                        progress=None if as_json else lambda *step: say([format_grid_step(*step)]))
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        say(format_grid(result))
+
+
+@bench_app.command("report")
+@fails_cleanly
+def bench_report_cmd(
+    rows: int = typer.Option(1_000_000, help="synthetic records (all columns of the record schema)"),
+    files: int = typer.Option(100, help="Parquet files they are written to (like units of a run)"),
+    repeats: int = typer.Option(3, help="timed runs; the best is reported"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """The full report (every section, rendered) over ROWS synthetic records read from Parquet."""
+    if rows < 1 or repeats < 1 or files < 1:
+        raise ConfigError(f"--rows, --files and --repeats must be >= 1, got {rows}, {files} and {repeats}")
+    from pipeline.bench.report import bench_report, format_report
+
+    result = bench_report(rows, repeats=repeats, files=files)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        say(format_report(result))

@@ -1,0 +1,61 @@
+"""What every command shares: the error console and the one mapping from library errors to exit codes.
+
+Commands import the library inside their bodies so that `robustsweep --help` does not pay for torch
+and Ray; the CLI is the top layer, so these imports hide no cycle.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import typer
+from rich.console import Console
+
+from pipeline.errors import (BadFileError, CheckpointError, ClusterUnreachableError, ConfigError, DatasetError, InputError,
+                             LeaseHeldError, RobustsweepError)
+
+console = Console(stderr=True, soft_wrap=True)
+
+# Errors that mean the user's input is wrong (exit 2); any other RobustsweepError is a failure while working (exit 1).
+BAD_INPUT = (ConfigError, InputError, DatasetError, CheckpointError, BadFileError, LeaseHeldError, ClusterUnreachableError)
+SKIP_BAD_HELP = "leave out record files that fail their checks (each is listed) instead of refusing them (exit 2)"
+
+F = TypeVar("F", bound=Callable)
+
+
+def exit_code(exc: RobustsweepError) -> int:
+    return 2 if isinstance(exc, BAD_INPUT) else 1
+
+
+def fails_cleanly(command: F) -> F:
+    """Decorate a command: a RobustsweepError becomes one red line on stderr and exit 2 (bad input) or 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except RobustsweepError as exc:
+            console.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(exit_code(exc)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def notes(lines: list[str]) -> None:
+    """Print what a reader left out (bad files skipped, a unit's second copy) as notes on stderr."""
+    for line in lines:
+        console.print(f"[yellow]note:[/] {line}", markup=True, highlight=False)
+
+
+def load_job_file(path: Path):
+    from pipeline.config.job import load_job
+
+    return load_job(path)
+
+
+def say(lines: list[str]) -> None:
+    """Print a benchmark's formatted lines on stderr, as plain text (no rich markup)."""
+    for line in lines:
+        console.print(line, markup=False)

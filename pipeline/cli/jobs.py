@@ -1,0 +1,81 @@
+"""`robustsweep validate | run | status`: check a job, run it on a Ray cluster, follow its progress."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pipeline.cli.analytics import print_summary
+from pipeline.cli.common import SKIP_BAD_HELP, console, fails_cleanly, load_job_file
+from pipeline.errors import ConfigError
+
+
+@fails_cleanly
+def validate_cmd(job: Path = typer.Argument(..., help="job file (TOML)")):
+    """Check a job file and print what it expands to (defenses, attacks, units); writes nothing."""
+    from pipeline.data import load_split
+    from pipeline.runtime.plan import plan, run_id_for
+
+    spec = load_job_file(job)
+    x, _ = load_split(spec.spec.data.dataset, spec.spec.data.split, root=spec.spec.data.root)
+    units = plan(spec, x.shape[0])
+    console.print(f"[green]ok[/] {job}: run id {run_id_for(spec)}, {len(spec.defenses)} defenses, "
+                  f"{len(spec.attacks)} attacks, {len(units)} units")
+    for d in spec.defenses:
+        console.print(f"  defense {d.name}")
+    for a in spec.attacks:
+        console.print(f"  attack  {a.name} eps={a.table.get('eps', 0):.6g} on {', '.join(a.defenses)}")
+
+
+@fails_cleanly
+def run_cmd(
+    job: Path = typer.Argument(..., help="job file (TOML)"),
+    out: str = typer.Option("results", help="output folder or s3://bucket/prefix"),
+    workers: Optional[int] = typer.Option(None, help="worker actors (default: one per GPU, else per CPU)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster: none starts a local one; 'auto'; ray://host:port"),
+    run_id: Optional[str] = typer.Option(None, help="run id (default: job name and hash)"),
+    fresh: bool = typer.Option(False, help="start a new run instead of resuming"),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+    report: bool = typer.Option(True, help="print the report at the end"),
+    gpus_per_worker: float = typer.Option(1.0, help="GPUs per worker actor; 0.5 or 0.25 pack small models several to a GPU"),
+    min_gpus: int = typer.Option(0, help="wait (up to 10 min) until the cluster has this many GPUs before starting workers"),
+    lease_wait: float = typer.Option(0.0, help="seconds to wait while another driver holds the run folder (default: refuse at once, exit 2)"),
+):
+    """Run a job on a Ray cluster (resuming committed units) and print its report."""
+    from pipeline.runtime.run import run_job
+
+    spec = load_job_file(job)
+    result = run_job(spec, out, workers=workers, address=address, run_id=run_id, fresh=fresh,
+                     endpoint_url=endpoint_url, progress=True, gpus_per_worker=gpus_per_worker,
+                     min_gpus=min_gpus, lease_wait=lease_wait)
+    console.print(f"run {result.run_id}: {result.done} units done, {result.skipped} already committed, "
+                  f"{len(result.failed)} failed; {result.rows} rows in {result.seconds:.1f} s -> {result.uri}")
+    if report:
+        print_summary([result.uri], endpoint_url)
+    if result.failed:
+        console.print(f"[bold red]{len(result.failed)} units failed[/]; see {result.uri}/failures/")
+        raise typer.Exit(1)
+
+
+@fails_cleanly
+def status_cmd(
+    uri: str = typer.Argument(..., metavar="RUN_URI|SUBMISSION_ID",
+                              help="a run folder ({out}/{run_id}, local or s3://), or with --address a submission id"),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+    address: Optional[str] = typer.Option(None, help="a cluster's dashboard URL (http://HEAD:8265): the argument is then a submission id"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
+):
+    """Units done / failed / left, rows and throughput of a run; with --address, the state of a submitted job."""
+    from pipeline.runtime.status import run_status
+    from pipeline.runtime.submit import job_status
+
+    if address is not None:
+        st = job_status(address, uri)
+    elif uri.startswith("raysubmit_") and not Path(uri).exists():
+        raise ConfigError(f"{uri} looks like a submission id: pass --address http://HEAD:8265 to ask its cluster")
+    else:
+        st = run_status(uri, endpoint_url=endpoint_url, skip_bad=skip_bad)
+    print(json.dumps(st, indent=2))
