@@ -14,14 +14,21 @@ from pipeline.errors import ConfigError
 
 
 @fails_cleanly
-def validate_cmd(job: Path = typer.Argument(..., help="job file (TOML)")):
-    """Check a job file and print what it expands to (defenses, attacks, units); writes nothing."""
+def validate_cmd(
+    job: Path = typer.Argument(..., help="job file (TOML)"),
+    out: Optional[str] = typer.Option(None, help="also check this output folder or s3://bucket/prefix"),
+):
+    """Check a job file (everything `run` checks before it starts) and print what it expands to; writes nothing."""
     from pipeline.data import load_split
     from pipeline.runtime.plan import plan, run_id_for
+    from pipeline.runtime.preflight import preflight_job, preflight_run
 
     spec = load_job_file(job)
+    preflight_job(spec) if out is None else preflight_run(spec, out)
     x, _ = load_split(spec.spec.data.dataset, spec.spec.data.split, root=spec.spec.data.root)
     units = plan(spec, x.shape[0])
+    if not units:
+        raise ConfigError("the job selects no examples (data.ids / data.limit): nothing to run")
     console.print(f"[green]ok[/] {job}: run id {run_id_for(spec)}, {len(spec.defenses)} defenses, "
                   f"{len(spec.attacks)} attacks, {len(units)} units")
     for d in spec.defenses:

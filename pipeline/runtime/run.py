@@ -25,6 +25,7 @@ from pipeline.store.lease import RunLease
 from pipeline.store.unit import check_units
 from pipeline.models.zoo import default_checkpoint
 from pipeline.runtime.plan import Unit, plan, plan_document, run_id_for
+from pipeline.runtime.preflight import preflight_run
 from pipeline.runtime.reach import check_reachable
 from pipeline.config.job import Job
 from pipeline.runtime.worker import Worker
@@ -134,8 +135,7 @@ def run_job(job: Job, out: str, *, workers: int | None = None, address: str | No
     by what is there at the start, CPUs if no GPU has joined yet).
     """
     check_gpus_per_worker(gpus_per_worker)
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ConfigError(f"workers (--workers) must be an integer >= 1, got {workers!r}; leave it out for one per GPU or CPU")
+    preflight_run(job, out, workers=workers, run_id=run_id)
     start = time.perf_counter()
     run_id = run_id_for(job, fresh, run_id)
     store = Store(out, endpoint_url=endpoint_url)
