@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from pipeline import rng
-from pipeline.defenses.base import Defense
+from pipeline.defenses.base import Defense, check_input, check_labels
 from pipeline.defenses.plain import Plain
 from pipeline.errors import AttackError, ConfigError
 from pipeline.protocol.predict import predict
@@ -153,6 +153,9 @@ def evaluate(defense: Defense, attack_config: dict, x: torch.Tensor, y: torch.Te
     ids = torch.as_tensor(example_ids, dtype=torch.int64).reshape(-1)
     if ids.numel() != x.shape[0] or y.shape != (x.shape[0],):
         raise ConfigError(f"evaluate: x has {x.shape[0]} rows, y {tuple(y.shape)}, example_ids {ids.numel()}")
+    check_input(x, defense.in_channels, defense.image_size, "evaluate")
+    check_labels(y, x.shape[0], defense.num_classes, "evaluate")
+    x = x.float()  # any float dtype is scored as float32, like Defense.forward does
     device = x.device
     K = defense.num_classes
     passes = spec.passes if defense.stochastic else 1
