@@ -129,9 +129,10 @@ class RunLease:
         return bucket, key
 
     def _put(self, **condition) -> str:
+        """One conditional PUT of our document (retried while the endpoint is unreachable)."""
         bucket, key = self._bucket_key()
-        reply = self.store.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self._doc(),
-                                      ContentType="application/json", **condition)
+        reply = self.store._patient(lambda: self.store.fs.call_s3(
+            "put_object", Bucket=bucket, Key=key, Body=self._doc(), ContentType="application/json", **condition))
         return reply["ETag"]
 
     def _try_s3(self) -> dict | None:
@@ -145,12 +146,15 @@ class RunLease:
         try:
             # The ETag first: if the lease changes after it is read, the take-over below fails.
             self.store.fs.invalidate_cache(path)
-            etag = self.store.fs.info(path)["ETag"]
-            holder = _parse(self.store.fs.cat_file(path))
+            etag = self.store._patient(lambda: self.store.fs.info(path))["ETag"]
+            holder = _parse(self.store._patient(lambda: self.store.fs.cat_file(path)))
         except FileNotFoundError:
             return {"host": "?", "pid": "?", "since": "just released"}  # try again on the next round
         except Exception as exc:
             raise self.store._error(exc, "read the lease", self.rel) from None
+        if holder is not None and holder.get("token") == self.token:
+            self._etag = etag  # our own PUT went through, its reply was lost and the retry met it
+            return None
         if holder is not None and float(holder.get("expires", 0)) > time.time():
             return holder
         try:  # expired (or unreadable): take it over, unless another driver did first
