@@ -436,3 +436,46 @@ def test_s3_server_restarted_between_unit_commits(ray_cluster, cnn, tmp_path):
         else:
             os.environ["ROBUSTSWEEP_FAULTS"] = env_faults
         server.stop()
+
+
+@pytest.mark.slow
+def test_s3_calls_ride_out_a_server_restart_and_give_up_naming_the_endpoint(monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    from conftest import FAKE_CREDENTIALS
+
+    for k, v in FAKE_CREDENTIALS.items():
+        monkeypatch.setenv(k, v)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    store = Store("s3://bounce/run", endpoint_url=url, storage_options={
+        "config_kwargs": {"connect_timeout": 1, "read_timeout": 2, "retries": {"max_attempts": 0}}})
+    store.fs.call_s3("create_bucket", Bucket="bounce")
+    store.write_json("a.json", {"n": 1})
+    server.stop()
+    restarted = []
+
+    def restart():
+        time.sleep(2.0)
+        again = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        again.start()
+        restarted.append(again)
+
+    thread = threading.Thread(target=restart)
+    monkeypatch.setenv("ROBUSTSWEEP_S3_RETRY_SECONDS", "30")
+    thread.start()
+    try:
+        store.write_json("b.json", {"n": 2})  # refused at first; backs off until the server is back
+        thread.join()
+        assert store.read_json("a.json") == {"n": 1} and store.read_json("b.json") == {"n": 2}
+    finally:
+        thread.join()
+        for s in restarted:
+            s.stop()
+    monkeypatch.setenv("ROBUSTSWEEP_S3_RETRY_SECONDS", "1")  # now down for good: a bounded wait, then the endpoint named
+    with pytest.raises(StoreError) as err:
+        store.write_json("c.json", {})
+    assert f"S3 endpoint {url} is unreachable (retried for up to 1 s" in str(err.value)
+    assert "testing" not in str(err.value)
