@@ -26,7 +26,7 @@ from pipeline.cli import app
 from pipeline.errors import BadFileError, InputError, LeaseHeldError, RunMismatchError, StoreError
 from pipeline.store import Store
 from pipeline.store.binding import bind_run, differences
-from pipeline.store.lease import RunLease
+from pipeline.store.lease import RunLease, current_holder
 from pipeline.store.seal import inspect
 from pipeline.store.verify import verify_runs
 
@@ -245,11 +245,12 @@ def _lease_store(kind, tmp_path, request):
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_lease_of_a_killed_holder_expires(kind, tmp_path, request):
     store, opts = _lease_store(kind, tmp_path, request)
-    ttl = 3.0
+    ttl = 6.0  # renewed every 2 s: room for a loaded machine
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, store.uri, json.dumps(opts), str(ttl)],
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         assert holder.stdout.readline().strip() == "held"
+        assert current_holder(store, "r")["pid"] == holder.pid
         with pytest.raises(LeaseHeldError) as err:
             RunLease(store, "r", ttl=ttl).acquire()
         assert f"pid {holder.pid}" in str(err.value) and "since 20" in str(err.value)
@@ -263,6 +264,7 @@ def test_lease_of_a_killed_holder_expires(kind, tmp_path, request):
     with pytest.raises(LeaseHeldError, match=f"pid {os.getpid()}"):
         RunLease(store, "r", ttl=ttl).acquire()
     lease.release()
+    assert current_holder(store, "r") is None
     RunLease(store, "r", ttl=ttl).acquire().release()  # released: free at once
 
 

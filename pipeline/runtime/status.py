@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pipeline.store import Store
+from pipeline.store.lease import current_holder
 from pipeline.store.verify import verify_runs
 from pipeline.runtime.plan import Unit
 
 
 def run_status(uri: str, endpoint_url: str | None = None, *, skip_bad: bool = False) -> dict:
     """{"run_id", "units", "done", "failed", "left", "rows", "worker_seconds", "examples_per_worker_second",
-    "skipped"}. Every record file is checked (pipeline.store.verify): a bad one raises
+    "skipped", "driver"}; driver: who holds the run folder's lease (host, pid, since), None when no
+    driver is running it. Every record file is checked (pipeline.store.verify): a bad one raises
     BadFileError naming it unless skip_bad, and is then listed in "skipped" and not done."""
     store = Store(uri, endpoint_url=endpoint_url)
     doc = store.read_json("plan.json")
@@ -24,4 +26,4 @@ def run_status(uri: str, endpoint_url: str | None = None, *, skip_bad: bool = Fa
     return {"run_id": doc["run_id"], "units": len(units), "done": len(done_ids), "failed": len(failed - done_ids),
             "left": len(units) - len(done_ids), "rows": rows, "worker_seconds": round(seconds, 2),
             "examples_per_worker_second": round(rows / seconds, 3) if seconds else None,
-            "skipped": verified.notes()}
+            "skipped": verified.notes(), "driver": current_holder(store)}

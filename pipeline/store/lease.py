@@ -226,6 +226,33 @@ class RunLease:
         self.release()
 
 
+def current_holder(store: Store, run_id: str = "") -> dict | None:
+    """{host, pid, since, renewed} of the driver holding the run folder's lease, or None when
+    it is free (released, expired, or its holder's process gone); takes nothing."""
+    rel = f"{run_id}/{LEASE}" if run_id else LEASE
+    if store._local:
+        import fcntl
+
+        try:
+            fd = os.open(store._path(rel), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _parse(os.pread(fd, 1 << 16, 0)) or {}
+            return {k: holder.get(k) for k in ("host", "pid", "since", "renewed")}
+        finally:
+            os.close(fd)  # also drops the shared lock, if it was taken
+        return None
+    if not store.exists(rel):
+        return None
+    holder = _parse(store._read_bytes(rel))
+    if holder is None or float(holder.get("expires", 0)) <= time.time():
+        return None
+    return {k: holder.get(k) for k in ("host", "pid", "since", "renewed")}
+
+
 def _stamp(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
