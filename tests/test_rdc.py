@@ -186,14 +186,60 @@ def test_noise_is_shared_across_classes_and_fresh_across_calls(digits, optimal):
     assert torch.equal(e_all[:, [5, 995]], e_sub)
 
 
+def _random_unet():
+    from pipeline.models.unet import UNet, unet_config
+
+    torch.manual_seed(0)
+    model = UNet(**{k: v for k, v in unet_config("digits").items() if k != "arch"}).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn_like(p))
+    return model
+
+
+def test_pruned_scoring_evaluates_each_term_once():
+    """Stages [(4, 5), (8, 2)] on K = 10: 10 * 4 + 5 * 8 = 80 network evaluations per example, no more."""
+    model = _random_unet()
+    rows = []
+    hook = model.class_embed.register_forward_hook(lambda m, inputs, out: rows.append(inputs[0].numel()))
+    rdc = RDC(model, 10, 1, 8, pruning=[(4, 5), (8, 2)])
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.no_grad():
+            rdc.evaluate(x, draw_for([0, 1, 2]))
+        assert sum(rows) == 3 * 80
+        assert rdc.cost.forward == 3 * 80
+        rows.clear()
+        rdc.evaluate(x.clone().requires_grad_(True), draw_for([0, 1, 2]))  # with a gradient: still once each in forward
+        assert sum(rows) == 3 * 80
+    finally:
+        hook.remove()
+
+
+def test_the_last_stage_keep_is_honoured(digits, optimal):
+    """keep = 2 in the last stage: two finalists per example keep their estimates; the other classes of that
+    stage are capped prune_margin below the weaker finalist (keep = 5 leaves all five uncapped)."""
+    _, (xte, _) = digits
+    margin = 1e3
+    with torch.no_grad():
+        all_five = RDC(optimal, 10, 1, 8, pruning=[(10, 5), (20, 5)], prune_margin=margin).evaluate(xte[:4], draw_for(range(4)))
+        two = RDC(optimal, 10, 1, 8, pruning=[(10, 5), (20, 2)], prune_margin=margin).evaluate(xte[:4], draw_for(range(4)))
+    top = all_five.topk(5, 1)
+    finalists = top.indices[:, :2]
+    assert torch.equal(two.gather(1, finalists), all_five.gather(1, finalists))
+    floor = two.gather(1, finalists).min(1, keepdim=True).values
+    assert torch.allclose(two.gather(1, top.indices[:, 2:]), (floor - margin).expand(-1, 3))
+    assert torch.equal(two.argmax(1), all_five.argmax(1))
+
+
 def test_pruning_keeps_the_finalists_on_top(digits, optimal):
     _, (xte, yte) = digits
     rdc = RDC(optimal, 10, 1, 8, pruning=[(10, 3), (50, 1)])
     with torch.no_grad():
         logits = rdc(xte[:60])
     assert (logits.argmax(1) == yte[:60]).float().mean() >= 0.95
-    top3 = logits.topk(3, 1).values
-    assert (top3[:, 2:3] - logits.topk(4, 1).values[:, 3:] >= 1.0 - 1e-5).all()  # margin below finalists
+    top2 = logits.topk(2, 1).values
+    assert (top2[:, 0] - top2[:, 1] >= 1.0 - 1e-5).all()  # the last stage keeps 1: the rest sit a margin below
     x = xte[:2].clone().requires_grad_(True)
     rdc.bind([0, 1])
     (g,) = torch.autograd.grad(rdc(x)[:, 0].sum(), x)

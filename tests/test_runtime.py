@@ -15,6 +15,7 @@ import pytest
 from pipeline.models.checkpoint import save_checkpoint
 from pipeline.models.registry import build_model
 from pipeline.config.job import load_job, parse_job
+from pipeline.config.run import RunOptions
 from pipeline.runtime import plan, run_job
 from pipeline.runtime.faults import ENV
 from pipeline.runtime.status import run_status
@@ -48,9 +49,9 @@ def rows(table):
 
 def test_local_and_s3_give_the_same_rows_and_duckdb_reads_s3(ray_cluster, cnn, tmp_path, s3_server, s3_bucket):
     job = parse_job(job_doc(cnn))
-    local = run_job(job, str(tmp_path), workers=2, progress=False)
+    local = run_job(job, RunOptions(out=str(tmp_path), workers=2), progress=False)
     assert local.ok and local.units == 8 and local.rows == 32
-    remote = run_job(job, f"{s3_bucket}/sweeps", workers=2, progress=False, endpoint_url=s3_server.endpoint_url)
+    remote = run_job(job, RunOptions(out=f"{s3_bucket}/sweeps", workers=2, endpoint_url=s3_server.endpoint_url), progress=False)
     assert remote.ok and remote.run_id == local.run_id
     a = Store(local.uri).read_records()
     b = Store(remote.uri, endpoint_url=s3_server.endpoint_url).read_records()
@@ -65,25 +66,25 @@ def test_local_and_s3_give_the_same_rows_and_duckdb_reads_s3(ray_cluster, cnn, t
 
 
 def test_workers_and_shard_sizes_do_not_change_predictions(ray_cluster, cnn, tmp_path):
-    one = run_job(parse_job(job_doc(cnn, shard_size=4)), str(tmp_path / "a"), workers=1, progress=False)
-    two = run_job(parse_job(job_doc(cnn, shard_size=3)), str(tmp_path / "b"), workers=2, progress=False)
+    one = run_job(parse_job(job_doc(cnn, shard_size=4)), RunOptions(out=str(tmp_path / "a"), workers=1), progress=False)
+    two = run_job(parse_job(job_doc(cnn, shard_size=3)), RunOptions(out=str(tmp_path / "b"), workers=2), progress=False)
     assert one.units == 8 and two.units == 12
     assert rows(Store(one.uri).read_records()) == rows(Store(two.uri).read_records())
 
 
 def test_resume_skips_committed_units(ray_cluster, cnn, tmp_path):
     job = parse_job(job_doc(cnn))
-    first = run_job(job, str(tmp_path), workers=2, progress=False)
+    first = run_job(job, RunOptions(out=str(tmp_path), workers=2), progress=False)
     store = Store(first.uri)
     files = store.list("records", ".parquet")
     before = {f: store.mtime(f) for f in files}
-    again = run_job(job, str(tmp_path), workers=2, progress=False)
+    again = run_job(job, RunOptions(out=str(tmp_path), workers=2), progress=False)
     assert again.skipped == 8 and again.done == 0
     assert {f: store.mtime(f) for f in files} == before
     status = run_status(first.uri)
     assert (status["units"], status["done"], status["left"], status["failed"], status["rows"]) == (8, 8, 0, 0, 32)
     assert status["examples_per_worker_second"] > 0
-    fresh = run_job(job, str(tmp_path), workers=2, progress=False, fresh=True)
+    fresh = run_job(job, RunOptions(out=str(tmp_path), workers=2, fresh=True), progress=False)
     assert fresh.run_id != first.run_id and fresh.done == 8
 
 
@@ -107,7 +108,7 @@ def test_driver_killed_mid_run_then_rerun(ray_cluster, cnn, tmp_path):
     store = Store(str(run_dir))
     committed = {f: store.mtime(f) for f in store.list("records", ".parquet")}
     assert 3 <= len(committed) < 24
-    result = run_job(job, str(out), workers=2, progress=False)
+    result = run_job(job, RunOptions(out=str(out), workers=2), progress=False)
     assert result.ok and result.skipped == len(committed) and result.done == 24 - len(committed)
     assert {f: store.mtime(f) for f in committed} == committed  # nothing committed was recomputed
     table = store.read_records()
@@ -121,7 +122,7 @@ def test_failures_are_retried_then_recorded(ray_cluster, cnn, tmp_path, monkeypa
     flaky, crashing, broken = units[0].unit_id, units[1].unit_id, units[2].unit_id
     monkeypatch.setenv(ENV, json.dumps({"dir": str(tmp_path), "raise_once": [flaky], "crash_once": [crashing],
                                         "raise_always": [broken]}))
-    result = run_job(job, str(tmp_path / "out"), workers=2, progress=False)
+    result = run_job(job, RunOptions(out=str(tmp_path / "out"), workers=2), progress=False)
     assert result.failed == [broken]
     assert result.done == len(units) - 1
     store = Store(result.uri)
@@ -129,7 +130,7 @@ def test_failures_are_retried_then_recorded(ray_cluster, cnn, tmp_path, monkeypa
     assert "fails on purpose" in note["error"] and "Traceback" in note["traceback"] and note["tries"] == 3
     assert store.read_records().num_rows == (len(units) - 1) * 4
     monkeypatch.delenv(ENV)
-    again = run_job(job, str(tmp_path / "out"), workers=2, progress=False)
+    again = run_job(job, RunOptions(out=str(tmp_path / "out"), workers=2), progress=False)
     assert again.ok and again.done == 1 and again.skipped == len(units) - 1
     assert not store.exists(f"failures/unit-{broken}.json")  # the stale note goes once the unit commits
 

@@ -23,9 +23,10 @@ from analytics_data import write_sweep
 from pipeline.analytics import build_report, connect
 from pipeline.analytics.sql import run_sql
 from pipeline.cli import app
+from pipeline.config.run import RunOptions
 from pipeline.errors import BadFileError, InputError, LeaseHeldError, RunMismatchError, StoreError
 from pipeline.store import Store
-from pipeline.store.binding import bind_run, differences
+from pipeline.store.binding import check_binding, differences
 from pipeline.store.lease import RunLease, current_holder
 from pipeline.store.seal import inspect
 from pipeline.store.verify import verify_runs
@@ -164,16 +165,17 @@ def test_report_refuses_to_pool_two_jobs_under_one_label(run, tmp_path):
 # -- a run is bound to its job ---------------------------------------------------------------------
 
 
-def test_bind_run_names_the_fields_that_differ(tmp_path):
+def test_check_binding_names_the_fields_that_differ(tmp_path):
     store = Store(str(tmp_path))
-    doc = {"job_hash": "a", "job": {"data": {"limit": 8}, "attacks": [{"steps": 2, "eps": 0.03}]}}
-    assert bind_run(store, "r", doc) == doc
-    assert bind_run(store, "r", dict(doc)) == doc  # same job: resume
-    edited = {"job_hash": "b", "job": {"data": {"limit": 6}, "attacks": [{"steps": 5, "eps": 0.03}]}}
+    job = {"data": {"limit": 8}, "attacks": [{"steps": 2, "eps": 0.03}]}
+    assert check_binding(store, "r", "a", job) is None  # a new run
+    store.write_json("r/plan.json", {"job_hash": "a", "job": job})
+    assert check_binding(store, "r", "a", job) == {"job_hash": "a", "job": job}  # same job: resume
+    edited = {"data": {"limit": 6}, "attacks": [{"steps": 5, "eps": 0.03}]}
     with pytest.raises(RunMismatchError) as err:
-        bind_run(store, "r", edited)
+        check_binding(store, "r", "b", edited)
     assert "data.limit: 8 -> 6" in str(err.value) and "attacks[0].steps: 2 -> 5" in str(err.value)
-    assert "--fresh" in str(err.value) and store.read_json("r/plan.json") == doc
+    assert "--fresh" in str(err.value)
     assert differences({"a": [1, 2]}, {"a": [1]}) == ["a: [1, 2] -> [1]"]
 
 
@@ -313,7 +315,7 @@ def test_a_run_id_reused_with_an_edited_job_is_refused(ray_cluster, cnn, tmp_pat
     job = tmp_path / "job.toml"
     job.write_text(job_text(cnn))
     out = str(tmp_path / "out")
-    first = run_job(load_job(job), out, workers=2, address=ray_cluster, run_id="r", progress=False)
+    first = run_job(load_job(job), RunOptions(out=out, workers=2, address=ray_cluster, run_id="r"), progress=False)
     assert first.ok and first.rows == 16
     plan_before = Store(out).read_json("r/plan.json")
     job.write_text(job_text(cnn, limit=6, steps=3))
@@ -322,7 +324,8 @@ def test_a_run_id_reused_with_an_edited_job_is_refused(ray_cluster, cnn, tmp_pat
     text = " ".join(proc.stderr.split())
     assert "data.limit: 8 -> 6" in text and "attacks[0].steps: 2 -> 3" in text and "--fresh" in text
     assert Store(out).read_json("r/plan.json") == plan_before and len(unit_files(f"{out}/r")) == 4
-    fresh = run_job(load_job(job), out, workers=2, address=ray_cluster, run_id="r", fresh=True, progress=False)
+    fresh = run_job(load_job(job), RunOptions(out=out, workers=2, address=ray_cluster, run_id="r", fresh=True),
+                    progress=False)
     assert fresh.run_id.startswith("r-") and fresh.rows == 12
 
 
@@ -422,14 +425,13 @@ def test_s3_server_restarted_between_unit_commits(ray_cluster, cnn, tmp_path):
     os.environ["ROBUSTSWEEP_FAULTS"] = json.dumps({"dir": str(tmp_path), "sleep_s": 1})
     try:
         thread.start()
-        result = run_job(load_job(job), "s3://restart/out", workers=1, address=ray_cluster, run_id="r",
-                         endpoint_url=url, progress=False)
+        options = RunOptions(out="s3://restart/out", workers=1, address=ray_cluster, run_id="r", endpoint_url=url)
+        result = run_job(load_job(job), options, progress=False)
         thread.join(30)
         assert bounced.is_set()
         assert result.ok and result.done == 4 and result.rows == 16
         report = summary([store.join("r")], endpoint_url=url)
-        again = run_job(load_job(job), "s3://restart/out", workers=1, address=ray_cluster, run_id="r",
-                        endpoint_url=url, progress=False)
+        again = run_job(load_job(job), options, progress=False)
         assert again.done == 0 and again.skipped == 4
         assert untimed(summary([store.join("r")], endpoint_url=url)) == untimed(report) and sum(r["n"] for r in report) == 16
     finally:

@@ -26,6 +26,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.config.run import RunOptions
 from pipeline.errors import ClusterError, ConfigError
 from pipeline.runtime.submit import entrypoint, follow_job, job_status, runtime_env, stop_job, submit_job, wait_for_job
 
@@ -196,8 +197,8 @@ def _jobs(head: Head) -> list:
 
 
 def test_entrypoint_and_runtime_env(monkeypatch, tmp_path):
-    cmd = entrypoint("jobs/x y.toml", python="/opt/py/bin/python", out="s3://b/p", workers=4, fresh=True, report=False,
-                     gpus_per_worker=0.5)
+    cmd = entrypoint("jobs/x y.toml", RunOptions(out="s3://b/p", workers=4, fresh=True, report=False, gpus_per_worker=0.5),
+                     python="/opt/py/bin/python")
     assert cmd == ("/opt/py/bin/python -m pipeline.cli run 'jobs/x y.toml' --address auto --out s3://b/p --workers 4 "
                    "--fresh --no-report --gpus-per-worker 0.5")
     words = cmd.split()[3:]  # every option the entrypoint uses is one `run` takes

@@ -8,6 +8,10 @@ plus what a sweep knows beyond them:
     n_examples, additional_data, architecture, link, authors, venue, reported, footnote,
     robust_acc_all_attacks, attacks, autoattack_attacks, defense_table
 
+- architecture and additional_data describe the defense's model as the run's plan.json records
+  it (`models`, written by runtime/run.py from each checkpoint's config.json); null or
+  "unknown model" where the plan does not say.
+
 - The entry covers the examples AutoAttack ran on at that budget (all attacked examples when
   it did not run); n_examples counts them.
 - autoattack_acc: the share of them that every AutoAttack run at that budget left correctly
@@ -73,16 +77,32 @@ def forward_passes(runs: Sequence[tuple]) -> dict[str, float]:
     return {d: sum(v) / len(v) for d, v in found.items()}
 
 
-def _architecture(table: Mapping, dataset: str) -> str:
+# How exports name the architectures of pipeline/models/registry.py; an unknown one is shown as written.
+ARCHITECTURES = {"cnn": "SmallCNN", "resnet18": "ResNet-18", "unet": "UNet"}
+
+
+def model_cards(plans: Sequence[Mapping]) -> dict[str, dict]:
+    """{defense name: model card} from the plans (runtime/run.py writes them; older plans have none)."""
+    cards = {}
+    for plan in plans:
+        for name, card in plan.get("models", {}).items():
+            cards.setdefault(name, card)
+    return cards
+
+
+def architecture(table: Mapping, card: Mapping) -> str:
+    """The defense and the model it stands on, in words: e.g. "SmallCNN (mixup) + MI-PL",
+    "RDC on a class-conditional UNet + LM"; a model the plan does not describe is "unknown"."""
     kind = table.get("kind")
-    base = "CNN" if dataset == "digits" else "ResNet-18"
+    arch = card.get("arch")
+    model = ARCHITECTURES.get(arch, arch) if arch else f"unknown model ({table.get('model', 'default')})"
     if kind == "plain":
-        return f"{base} ({table.get('method', 'erm')})"
+        return f"{model} ({table.get('method', 'erm')})"
     if kind == "mi":
-        return f"{base} (mixup) + MI-{table.get('mode', 'pl').upper()}"
+        return f"{model} ({table.get('method', 'mixup')}) + MI-{table.get('mode', 'pl').upper()}"
     if kind == "rdc":
-        model = "the optimal eps model" if table.get("model") == "optimal" else "a class-conditional UNet"
-        return f"RDC on {model}" + (" + LM" if table.get("lm") is not None else "")
+        base = "the optimal eps model" if table.get("model") == "optimal" else f"a class-conditional {model}"
+        return f"RDC on {base}" + (" + LM" if table.get("lm") is not None else "")
     return ""
 
 
@@ -94,6 +114,7 @@ def robustbench_entries(source: Source, *, plans: Sequence[Mapping] = (), runs: 
     """One RobustBench-style entry per (defense, norm, eps > 0); see the module docstring."""
     kinds = attack_kinds(plans)
     tables = defense_tables(plans)
+    cards = model_cards(plans)
     dataset = next((p["job"]["data"]["dataset"] for p in plans if "job" in p), "unknown")
     passes = forward_passes(runs)
     con, owned = as_connection(source)
@@ -124,7 +145,7 @@ def robustbench_entries(source: Source, *, plans: Sequence[Mapping] = (), runs: 
     for defense, norm, eps, n, clean_k, all_k, n_aa, aa_k, clean_aa_k, all_aa_k, r in found:
         used = attacks[(defense, norm, eps)]
         base, clean, robust_all = (n_aa, clean_aa_k, all_aa_k) if n_aa else (n, clean_k, all_k)
-        table = tables.get(defense, {})
+        table, card = tables.get(defense, {}), cards.get(defense, {})
         footnote = f"robustsweep: attacks {', '.join(used)}"
         if r > 1:
             footnote += f"; R = {r} scoring passes, accuracy of the first pass"
@@ -132,7 +153,7 @@ def robustbench_entries(source: Source, *, plans: Sequence[Mapping] = (), runs: 
             "name": defense, "dataset": dataset, "threat_model": norm, "eps": format_eps(eps, norm),
             "clean_acc": _pct(clean, base), "autoattack_acc": _pct(aa_k, n_aa) if n_aa else None,
             "number_forward_passes": passes.get(defense), "n_examples": int(base),
-            "additional_data": False, "architecture": _architecture(table, dataset),
+            "additional_data": card.get("additional_data"), "architecture": architecture(table, card),
             "link": "", "authors": "", "venue": "", "reported": "", "footnote": footnote,
             "robust_acc_all_attacks": _pct(robust_all, base),
             "attacks": list(used), "autoattack_attacks": [a for a in used if a in aa],

@@ -72,10 +72,11 @@ def run_slice(doc: dict, begin: int, end: int, out: str) -> int:
     rows = 0
     for u in units:
         if u.defense not in defenses:
-            defenses[u.defense] = build_defense(u.defense_table)
+            defenses[u.defense] = build_defense(u.defense_spec, name=u.defense)
         x, y = select(x_all, y_all, list(u.example_ids))
         extras: dict = {}
-        records = evaluate(defenses[u.defense], u.attack_table, x, y, list(u.example_ids), job.spec.seed, extras=extras)
+        records = evaluate(defenses[u.defense], u.attack_spec, x, y, list(u.example_ids), job.spec.seed,
+                           attack_name=u.attack, extras=extras)
         table = records_to_table(records, run_id="by-hand", job_hash=job.hash, unit_id=u.unit_id,
                                  worker=f"process-{begin}", config_hash="by-hand")
         commit_unit(store, u.path, table, u.example_ids, extras, unit_id=u.unit_id, run_id="by-hand",
@@ -104,10 +105,11 @@ def _by_hand(doc: dict, n_units: int, processes: int, out: Path) -> float:
 
 def _with_ray(job, workers: int, out: Path) -> tuple[float, str]:
     """Seconds of run_job with `workers` actors (one thread each) on the running cluster, and the run folder."""
+    from pipeline.config.run import RunOptions
     from pipeline.runtime.run import run_job
 
     start = time.perf_counter()
-    result = run_job(job, str(out), workers=workers, progress=False, fresh=True)
+    result = run_job(job, RunOptions(out=str(out), workers=workers, fresh=True), progress=False)
     seconds = time.perf_counter() - start
     if not result.ok:
         raise RuntimeError(f"the Ray run failed units: {result.failed}")

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from pipeline.cli.common import console, fails_cleanly
+from pipeline.config.run import DEFAULT_OUT, RunOptions
 from pipeline.errors import ConfigError
 
 
@@ -41,13 +42,13 @@ def follow(address: str, submission_id: str) -> dict:
 def submit_cmd(
     job: Path = typer.Argument(..., help="job file (TOML) inside the working dir"),
     address: str = typer.Option(..., help="the cluster's dashboard URL, http://HEAD:8265"),
-    out: Optional[str] = typer.Option(None, help="output URI as the cluster sees it, e.g. s3://bucket/prefix (default: results/ in the job's working dir on the head)"),
+    out: str = typer.Option(DEFAULT_OUT, help="output URI as the cluster sees it, e.g. s3://bucket/prefix (default: results/ in the job's working dir on the head)"),
     workers: Optional[int] = typer.Option(None, help="worker actors (default: one per GPU of the cluster, else per CPU)"),
     run_id: Optional[str] = typer.Option(None, help="run id (default: job name and hash)"),
     fresh: bool = typer.Option(False, help="start a new run instead of resuming"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint as the cluster sees it"),
     report: bool = typer.Option(True, help="print the report at the end of the job's log"),
-    gpus_per_worker: Optional[float] = typer.Option(None, help="GPUs per worker actor, in (0, 1] (default 1)"),
+    gpus_per_worker: float = typer.Option(1.0, help="GPUs per worker actor, in (0, 1]"),
     min_gpus: int = typer.Option(0, help="the run waits until the cluster has this many GPUs (workers joining late)"),
     wait: bool = typer.Option(True, help="follow the job's logs until it ends; exit 0 if it succeeded, else 1"),
     python: str = typer.Option("python", help="the interpreter on the head node that has Ray and the dependencies"),
@@ -59,14 +60,14 @@ def submit_cmd(
     """Submit a job to a running Ray cluster (Ray Jobs API); prints the submission id."""
     from pipeline.runtime.submit import aws_variables, submit_job
 
-    submission_id = submit_job(job, address, out=out, workers=workers, run_id=run_id, fresh=fresh,
-                               endpoint_url=endpoint_url, report=report, working_dir=working_dir, python=python,
-                               env=env_pairs(env), forward_aws=forward_aws, excludes=exclude,
-                               gpus_per_worker=gpus_per_worker, min_gpus=min_gpus)
+    options = RunOptions(out=out, workers=workers, gpus_per_worker=gpus_per_worker, min_gpus=min_gpus,
+                         endpoint_url=endpoint_url, run_id=run_id, fresh=fresh, report=report)
+    submission_id = submit_job(job, address, options, working_dir=working_dir, python=python, env=env_pairs(env),
+                               forward_aws=forward_aws, excludes=exclude)
     print(submission_id, flush=True)
     if forward_aws and (names := aws_variables()):
         console.print(f"passed to the job: {', '.join(names)} (values not shown)")
-    if out is None or not ("://" in out or Path(out).is_absolute()):
+    if not ("://" in options.out or Path(options.out).is_absolute()):
         console.print("[yellow]note:[/] results go to the job's working dir on the head node; "
                       "give --out s3://bucket/prefix to keep them")
     if not wait:

@@ -12,6 +12,7 @@ from typing import Callable, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.errors import (BadFileError, CheckpointError, ClusterUnreachableError, ConfigError, DatasetError, InputError,
                              LeaseHeldError, RobustsweepError)
@@ -37,7 +38,7 @@ def fails_cleanly(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except RobustsweepError as exc:
-            console.print(f"[bold red]error:[/] {exc}")
+            console.print(f"[bold red]error:[/] {escape(str(exc))}")  # a message may quote [bracketed] names
             raise typer.Exit(exit_code(exc)) from None
 
     return wrapper  # type: ignore[return-value]
@@ -46,13 +47,18 @@ def fails_cleanly(command: F) -> F:
 def notes(lines: list[str]) -> None:
     """Print what a reader left out (bad files skipped, a unit's second copy) as notes on stderr."""
     for line in lines:
-        console.print(f"[yellow]note:[/] {line}", markup=True, highlight=False)
+        console.print(f"[yellow]note:[/] {escape(line)}", highlight=False)
 
 
-def load_job_file(path: Path):
+def load_job_file(path: Path, files: bool = False):
+    """The job at `path`; with files, also check that the model files and folders it names are there."""
     from pipeline.config.job import load_job
+    from pipeline.models.importer import check_job_models
 
-    return load_job(path)
+    job = load_job(path)
+    if files:
+        check_job_models(job)
+    return job
 
 
 def say(lines: list[str]) -> None:

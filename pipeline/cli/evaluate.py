@@ -23,6 +23,7 @@ def accuracy_cmd(
     """Clean accuracy of one defense on a split (no attack)."""
     from rich.progress import Progress
 
+    from pipeline.config.defense import parse_defense
     from pipeline.data import load_split
     from pipeline.defenses import build_defense
     from pipeline.protocol.predict import predict
@@ -35,8 +36,9 @@ def accuracy_cmd(
         table = json.loads(defense)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"defense: not valid JSON ({exc})") from None
-    module = build_defense(table)
-    x, y = load_split(module.spec["dataset"], split, root=module.spec.get("data_root"))
+    spec = parse_defense(table)
+    module = build_defense(spec)
+    x, y = load_split(spec.dataset, split, root=spec.data_root)
     if limit is not None:
         x, y = x[:limit], y[:limit]
     start = time.perf_counter()

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from pipeline.cli.analytics import print_summary
 from pipeline.cli.common import SKIP_BAD_HELP, console, fails_cleanly, load_job_file
+from pipeline.config.run import DEFAULT_OUT, RunOptions
 from pipeline.errors import ConfigError
 
 
@@ -19,28 +21,32 @@ def validate_cmd(
     out: Optional[str] = typer.Option(None, help="also check this output folder or s3://bucket/prefix"),
 ):
     """Check a job file (everything `run` checks before it starts) and print what it expands to; writes nothing."""
+    from pipeline.config.defense import defense_name
     from pipeline.data import load_split
     from pipeline.runtime.plan import plan, run_id_for
     from pipeline.runtime.preflight import preflight_job, preflight_run
 
-    spec = load_job_file(job)
+    spec = load_job_file(job, files=True)
     preflight_job(spec) if out is None else preflight_run(spec, out)
     x, _ = load_split(spec.spec.data.dataset, spec.spec.data.split, root=spec.spec.data.root)
     units = plan(spec, x.shape[0])
     if not units:
         raise ConfigError("the job selects no examples (data.ids / data.limit): nothing to run")
-    console.print(f"[green]ok[/] {job}: run id {run_id_for(spec)}, {len(spec.defenses)} defenses, "
+    console.print(f"[green]ok[/] {escape(str(job))}: run id {run_id_for(spec)}, {len(spec.defenses)} defenses, "
                   f"{len(spec.attacks)} attacks, {len(units)} units")
+    # Names carry sweep suffixes such as [temperature=0.5]: printed as text, not as console markup.
     for d in spec.defenses:
-        console.print(f"  defense {d.name}")
+        console.print(f"  defense {d.name}", markup=False)
     for a in spec.attacks:
-        console.print(f"  attack  {a.name} eps={a.table.get('eps', 0):.6g} on {', '.join(a.defenses)}")
+        surrogates = sorted({defense_name(s) for s in a.surrogates.values()})
+        console.print(f"  attack  {a.name} eps={a.table.get('eps', 0):.6g} on {', '.join(a.defenses)}"
+                      + (f" (surrogate {', '.join(surrogates)})" if surrogates else ""), markup=False)
 
 
 @fails_cleanly
 def run_cmd(
     job: Path = typer.Argument(..., help="job file (TOML)"),
-    out: str = typer.Option("results", help="output folder or s3://bucket/prefix"),
+    out: str = typer.Option(DEFAULT_OUT, help="output folder or s3://bucket/prefix"),
     workers: Optional[int] = typer.Option(None, help="worker actors (default: one per GPU, else per CPU)"),
     address: Optional[str] = typer.Option(None, help="Ray cluster: none starts a local one; 'auto'; ray://host:port"),
     run_id: Optional[str] = typer.Option(None, help="run id (default: job name and hash)"),
@@ -54,14 +60,14 @@ def run_cmd(
     """Run a job on a Ray cluster (resuming committed units) and print its report."""
     from pipeline.runtime.run import run_job
 
-    spec = load_job_file(job)
-    result = run_job(spec, out, workers=workers, address=address, run_id=run_id, fresh=fresh,
-                     endpoint_url=endpoint_url, progress=True, gpus_per_worker=gpus_per_worker,
-                     min_gpus=min_gpus, lease_wait=lease_wait)
+    options = RunOptions(out=out, workers=workers, gpus_per_worker=gpus_per_worker, address=address, min_gpus=min_gpus,
+                         endpoint_url=endpoint_url, run_id=run_id, fresh=fresh, report=report)
+    spec = load_job_file(job, files=True)
+    result = run_job(spec, options, progress=True, lease_wait=lease_wait)
     console.print(f"run {result.run_id}: {result.done} units done, {result.skipped} already committed, "
                   f"{len(result.failed)} failed; {result.rows} rows in {result.seconds:.1f} s -> {result.uri}")
-    if report:
-        print_summary([result.uri], endpoint_url)
+    if options.report:
+        print_summary([result.uri], options.endpoint_url)
     if result.failed:
         console.print(f"[bold red]{len(result.failed)} units failed[/]; see {result.uri}/failures/")
         raise typer.Exit(1)

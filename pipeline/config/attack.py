@@ -79,6 +79,10 @@ class PGDSpec(_Attack):
 
 
 class TransferSpec(_Attack):
+    """Craft on a surrogate, score on the defense. `surrogate` is a defense table; it is parsed with
+    the job (config/defense.py `surrogate_spec`), where it takes the attacked defense's dataset,
+    data root and seed."""
+
     kind: Literal["transfer"]
     surrogate: dict
     attack: dict

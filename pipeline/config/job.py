@@ -22,7 +22,9 @@
     eps = [0.0157, 0.0314]    # an eps list sweeps eps
     defenses = ["rdc-*"]       # which defenses (names, shell patterns); default: all
 
-Defense tables are those of `build_defense`, attack tables those of `attacks.evaluate`.
+Defense tables are those of pipeline.config.defense, attack tables those of pipeline.config.attack.
+Each table is parsed here, once: the planner hands the parsed specs and the planned names (with
+their sweep suffix) to the workers, and the records carry those names.
 """
 
 from __future__ import annotations
@@ -32,21 +34,22 @@ import hashlib
 import itertools
 import json
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.config.attack import attack_name, parse_attack
-from pipeline.defenses.build import defense_name, parse_defense
+from pipeline.config.attack import AttackSpec, attack_name, parse_attack
+from pipeline.config.datasets import DatasetName
+from pipeline.config.defense import DefenseSpec, defense_name, parse_defense, surrogate_spec
 from pipeline.errors import ConfigError, config_error
 
 
 class DataSpec(BaseModel):
     # strict: a boolean or a string is not a number (lax pydantic takes true as 1 and "4" as 4)
     model_config = ConfigDict(extra="forbid", strict=True)
-    dataset: Literal["digits", "cifar10", "cifar100"]
+    dataset: DatasetName
     split: Literal["train", "test"] = "test"
     root: str | None = Field(None, description="folder or s3:// URI of a CIFAR dataset")
     limit: int | None = Field(None, ge=1)
@@ -74,16 +77,19 @@ class JobSpec(BaseModel):
 
 @dataclass(frozen=True)
 class Defense:
-    name: str
-    table: dict
+    name: str  # the planned name: the spec's, plus the sweep suffix
+    table: dict  # as written (with the job's dataset, root and seed filled in): what unit ids hash
+    spec: DefenseSpec
     grid_workers: int | str = 1  # a gang of this many actors per unit, or "auto" (see run.gang_size)
 
 
 @dataclass(frozen=True)
 class Attack:
-    name: str
-    table: dict  # one eps, ready for attacks.evaluate
+    name: str  # the planned name: the spec's, plus the sweep suffix
+    table: dict  # one eps
+    spec: AttackSpec
     defenses: tuple[str, ...]
+    surrogates: dict[str, DefenseSpec] = field(default_factory=dict)  # transfer: the surrogate per attacked defense
 
 
 @dataclass(frozen=True)
@@ -163,7 +169,7 @@ def expand(spec: JobSpec, source: str = "<job>") -> Job:
             name = defense_name(parsed) + ("" if parsed.name else suffix)
             if any(d.name == name for d in defenses):
                 raise ConfigError(f"{where}.name: two defenses are named {name!r}; give them distinct names")
-            defenses.append(Defense(name, table, grid_workers))
+            defenses.append(Defense(name, table, parsed, grid_workers))
     names = [d.name for d in defenses]
     attacks: list[Attack] = []
     for i, raw in enumerate(spec.attacks):
@@ -186,7 +192,11 @@ def expand(spec: JobSpec, source: str = "<job>") -> Job:
             if any(a.name == name and a.table.get("eps") == table.get("eps") and set(a.defenses) & set(targets)
                    for a in attacks):
                 raise ConfigError(f"{where}.name: two attacks are named {name!r} at the same eps; give them distinct names")
-            attacks.append(Attack(name, table, targets))
+            surrogates = {}
+            if parsed.kind == "transfer":
+                by_name = {d.name: d.spec for d in defenses}
+                surrogates = {t: surrogate_spec(parsed.surrogate, by_name[t], f"{where}.surrogate") for t in targets}
+            attacks.append(Attack(name, table, parsed, targets, surrogates))
     return Job(spec, tuple(defenses), tuple(attacks), source)
 
 

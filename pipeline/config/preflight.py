@@ -15,8 +15,7 @@ import math
 import re
 from typing import Any
 
-from pipeline.config.attack import parse_attack
-from pipeline.config.job import Job, parse_defense
+from pipeline.config.job import Job
 from pipeline.errors import ConfigError
 
 INT64_MAX = 2**63 - 1
@@ -49,14 +48,12 @@ def preflight(job: Job) -> None:
     for d in job.defenses:
         where = f"defense {d.name!r}"
         _long_name(d.name, where)
-        spec = parse_defense(d.table)
-        _numbers_are_numbers(d.table, spec.model_dump(), where)
+        _numbers_are_numbers(d.table, d.spec.model_dump(), where)
     for a in job.attacks:
         where = f"attack {a.name!r}"
         _long_name(a.name, where)
-        spec = parse_attack(a.table)
-        _numbers_are_numbers(a.table, spec.model_dump(), where)
-        _budget(spec.model_dump(), size, where)
+        _numbers_are_numbers(a.table, a.spec.model_dump(), where)
+        _budget(a.spec.model_dump(), size, where)
 
 
 def check_output(out: str) -> None:

@@ -6,11 +6,11 @@ import os
 
 import torch
 
+from pipeline.config.datasets import dataset_info
 from pipeline.errors import DatasetError
 from pipeline.data import cifar, digits
 from pipeline.data.shard import Shard, make_shards, select
 
-SPLITS = ("train", "test")
 DATA_ENV = "ROBUSTSWEEP_DATA"
 
 
@@ -22,13 +22,12 @@ def load_split(name: str, split: str, root: str | None = None, storage_options: 
     fsspec. Returns x float32 (N, C, H, W) in [0, 1] and y int64 (N,): digits (N, 1, 8, 8),
     CIFAR (N, 3, 32, 32).
     """
-    if split not in SPLITS:
-        raise DatasetError(f"unknown split {split!r} for dataset {name!r}; expected one of {SPLITS}")
+    info = dataset_info(name)
+    if split not in info.splits:
+        raise DatasetError(f"unknown split {split!r} for dataset {name!r}; expected one of {info.splits}")
     if name == "digits":
         return digits.load(split)
-    if name in cifar.VARIANTS:
-        return cifar.load(name, split, root or default_root(name), storage_options)
-    raise DatasetError(f"unknown dataset {name!r}; expected 'digits', 'cifar10' or 'cifar100'")
+    return cifar.load(name, split, root or default_root(name), storage_options)
 
 
 def default_root(name: str) -> str:
@@ -40,12 +39,4 @@ def default_root(name: str) -> str:
     return os.path.join(base, name)
 
 
-def num_classes(name: str) -> int:
-    """Number of classes of a dataset by name."""
-    table = {"digits": 10, "cifar10": 10, "cifar100": 100}
-    if name not in table:
-        raise DatasetError(f"unknown dataset {name!r}; expected one of {sorted(table)}")
-    return table[name]
-
-
-__all__ = ["load_split", "num_classes", "default_root", "SPLITS", "Shard", "make_shards", "select"]
+__all__ = ["load_split", "default_root", "Shard", "make_shards", "select"]

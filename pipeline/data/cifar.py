@@ -27,10 +27,11 @@ import fsspec
 import numpy as np
 import torch
 
+from pipeline.config.datasets import DATASETS
 from pipeline.errors import DatasetError
 
-SHAPE = (3, 32, 32)
-PIXELS = 3 * 32 * 32
+SHAPE = DATASETS["cifar10"].shape
+PIXELS = SHAPE[0] * SHAPE[1] * SHAPE[2]
 PARQUET_BATCH_ROWS = 2048
 
 
@@ -57,7 +58,7 @@ class Variant:
 
 CIFAR10 = Variant(
     name="cifar10",
-    num_classes=10,
+    num_classes=DATASETS["cifar10"].classes,
     subfolder="cifar-10-batches-bin",
     label_bytes=1,
     label_offset=0,
@@ -67,7 +68,7 @@ CIFAR10 = Variant(
 )
 CIFAR100 = Variant(
     name="cifar100",
-    num_classes=100,
+    num_classes=DATASETS["cifar100"].classes,
     subfolder="cifar-100-binary",
     label_bytes=2,
     label_offset=1,

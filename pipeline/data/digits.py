@@ -11,9 +11,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-NUM_CLASSES = 10
-SHAPE = (1, 8, 8)
-
 
 def split_indices(y: np.ndarray, split: str) -> np.ndarray:
     """Indices into load_digits() of the train or test split, sorted ascending."""

@@ -1,149 +1,57 @@
-"""build_defense: the table a job file uses for one defense -> a ready nn.Module.
+"""build_defense: a parsed defense spec (pipeline.config.defense) -> a ready nn.Module.
 
-    {"kind": "plain", "dataset": "digits", "model": "default", "method": "erm"}
-    {"kind": "mi", "mode": "pl" | "ol" | "combined", "dataset": "digits", "model": "default"}
-    {"kind": "rdc", "model": "optimal" | "default" | "path/to/checkpoint", "dataset": "digits",
-     "timesteps": 100, "lm": {"steps": 10, "gradient": "bpda"}, "pruning": [[50, 5], [500, 1]]}
-
-"default" models are trained on first use and cached (pipeline.models.zoo); a path names a
-checkpoint folder (model.safetensors + config.json).
+"default" models come from the cache of pipeline.models.zoo; a path names a checkpoint folder
+(model.safetensors + config.json); "edm:..." and "robustbench:..." name published files, imported
+in memory by pipeline.models.importer.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from pipeline.data import load_split, num_classes
-from pipeline.config.tables import validate_table
+from pipeline.config.datasets import dataset_info
+from pipeline.config.defense import DefenseSpec, RDCSpec, defense_name, parse_defense
+from pipeline.data import load_split
 from pipeline.defenses.base import Defense
-
-IMAGE = {"digits": (1, 8), "cifar10": (3, 32), "cifar100": (3, 32)}
-
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(None, description="name in results; default: derived from the table")
-    dataset: Literal["digits", "cifar10", "cifar100"] = "digits"
-    data_root: str | None = None
-    seed: int = 0
+from pipeline.defenses.engine import EngineOptions
+from pipeline.defenses.lm import LikelihoodMaximization
+from pipeline.defenses.mi import MixupInference
+from pipeline.defenses.plain import Plain
+from pipeline.defenses.rdc import RDC
+from pipeline.diffusion.optimal import OptimalEps
+from pipeline.models.zoo import load_model
 
 
-class LMSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    steps: int = Field(10, ge=0)
-    mu: float = Field(1.0, ge=0)
-    eta: float = Field(8 / 255, ge=0)
-    gamma: float | None = Field(None, gt=0)
-    timesteps: Literal["random", "all"] | Annotated[int, Field(ge=1, le=1000)] = "random"
-    samples: int = Field(1, ge=1)
-    gradient: Literal["bpda", "exact"] = "bpda"
+def build_defense(spec: DefenseSpec | dict, device: str | torch.device | None = None, name: str | None = None) -> Defense:
+    """The defense of a parsed spec (a table is parsed first), on `device` (default CPU).
 
-
-class EngineSpec(BaseModel):
-    """How RDC's network runs (defenses/engine.py); none of it changes what is computed."""
-
-    model_config = ConfigDict(extra="forbid")
-    chunk: int | None = Field(None, ge=1)
-    channels_last: bool | None = None
-    autocast: Literal["auto", "off", "bf16", "fp16"] = "auto"
-    compile: bool | Literal["forward"] = False
-    cuda_graphs: bool = False
-
-
-class PlainSpec(_Spec):
-    kind: Literal["plain"]
-    model: str = "default"
-    method: Literal["erm", "mixup", "iat", "pgd_at"] = "erm"
-
-
-class MISpec(_Spec):
-    kind: Literal["mi"]
-    mode: Literal["pl", "ol", "combined"] = "pl"
-    model: str = "default"
-    method: Literal["erm", "mixup", "iat", "pgd_at"] = "mixup"
-    lam: float = Field(0.5, ge=0, le=1)
-    n_pl: int | None = Field(None, ge=0)
-    n_ol: int | None = Field(None, ge=0)
-    threshold: float = 0.2
-
-
-class RDCSpec(_Spec):
-    kind: Literal["rdc"]
-    model: str = "default"
-    timesteps: Literal["all"] | Annotated[int, Field(ge=1, le=1000)] | list[int] = "all"
-    prior: list[Annotated[float, Field(gt=0)]] | None = None
-    temperature: float = Field(1.0, gt=0)
-    pruning: list[tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]] | None = None
-    lm: LMSpec | None = None
-    batch_size: int = Field(4096, ge=1)
-    engine: EngineSpec | None = None
-
-
-DefenseSpec = Annotated[Union[PlainSpec, MISpec, RDCSpec], Field(discriminator="kind")]
-_ADAPTER = TypeAdapter(DefenseSpec)
-KINDS = ("plain", "mi", "rdc")
-
-
-def parse_defense(config: dict) -> PlainSpec | MISpec | RDCSpec:
-    """Validate a defense table; ConfigError names every bad field."""
-    return validate_table(_ADAPTER, config, "defense", KINDS)
-
-
-def defense_name(spec) -> str:
-    """A short, stable name for results: the spec's `name`, else kind and main options."""
-    if spec.name:
-        return spec.name
+    name: its name in records, as the job planned it (with any sweep suffix); default: the spec's.
+    """
+    if isinstance(spec, dict):
+        spec = parse_defense(spec)
+    info = dataset_info(spec.dataset)
+    channels, size, K = info.channels, info.size, info.classes
     if spec.kind == "plain":
-        return f"plain-{spec.method}"
-    if spec.kind == "mi":
-        return f"mi-{spec.mode}"
-    model = "optimal" if spec.model == "optimal" else "unet"
-    return f"rdc-{model}" + ("-lm" if spec.lm else "")
-
-
-def build_defense(config: dict, device: str | torch.device | None = None) -> Defense:
-    """The defense of a job table, on `device` (default CPU). See the module docstring."""
-    spec = parse_defense(config)
-    channels, size = IMAGE[spec.dataset]
-    K = num_classes(spec.dataset)
-    if spec.kind == "plain":
-        from pipeline.models.zoo import load_model
-        from pipeline.defenses.plain import Plain
-
         model, _, _ = load_model(spec.model, spec.dataset, spec.method, channels)
         defense = Plain(model, K, channels, size)
     elif spec.kind == "mi":
-        from pipeline.models.zoo import load_model
-        from pipeline.defenses.mi import MixupInference
-
         model, _, _ = load_model(spec.model, spec.dataset, spec.method, channels)
         pool_x, pool_y = load_split(spec.dataset, "train", root=spec.data_root)
         defense = MixupInference(model, pool_x, pool_y, K, mode=spec.mode, lam=spec.lam, n_pl=spec.n_pl,
                                  n_ol=spec.n_ol, threshold=spec.threshold, seed=spec.seed)
     else:
         defense = _build_rdc(spec, channels, size, K)
-    defense.spec = spec.model_dump()
-    defense.name = defense_name(spec)
+    defense.spec = spec
+    defense.name = name or defense_name(spec)
     # Defenses never train: frozen weights keep compiled backward graphs from computing their gradients.
     return defense.to(device or "cpu").eval().requires_grad_(False)
 
 
 def _build_rdc(spec: RDCSpec, channels: int, size: int, K: int) -> Defense:
-    from pipeline.defenses.engine import EngineOptions
-    from pipeline.defenses.lm import LikelihoodMaximization
-    from pipeline.defenses.rdc import RDC
-
     if spec.model == "optimal":
-        from pipeline.diffusion.optimal import OptimalEps
-
         x, y = load_split(spec.dataset, "train", root=spec.data_root)
         eps_model = OptimalEps(x, y, K)
     else:
-        from pipeline.models.zoo import load_model
-
         eps_model, _, _ = load_model(spec.model, spec.dataset, "diffusion", channels)
     lm = None
     if spec.lm is not None:

@@ -331,43 +331,31 @@ class RDC(Defense):
         return self._pruned(x, draw)
 
     def _pruned(self, x: torch.Tensor, draw: Draw) -> torch.Tensor:
-        """Adaptive class pruning: each stage scores the surviving classes on its own subsample.
+        """Adaptive class pruning: each stage scores the surviving classes on its own subsample
+        and keeps the `keep` best of them, the last stage included.
 
-        A class's logit is its estimate from the last stage it took part in; classes pruned
-        earlier are capped `prune_margin` below the weakest finalist, so the prediction is
-        always a finalist and gradients still flow through every estimate.
+        A class's logit is its estimate from the last stage it took part in (every evaluation is
+        computed once, with its gradient when one is needed); classes outside the last stage's
+        `keep` are capped `prune_margin` below the weakest finalist, so the prediction is always a
+        finalist and gradients still flow through every estimate.
         """
         x_lm = self.purify(x, draw)
         B, K = x.shape[0], self.num_classes
         all_ts = torch.unique(torch.cat([self.schedule.subsample(n) for n, _ in self.pruning]))
+        prior = self.log_prior.to(x)
         active = torch.ones(B, K, dtype=torch.bool)
-        final: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
-        stage_of = torch.zeros(B, K, dtype=torch.int64)
-        for s, (n, keep) in enumerate(self.pruning):
+        raw = x.new_zeros(B, K)
+        for n, keep in self.pruning:
             ts = self.schedule.subsample(n)
-            j_stage = torch.searchsorted(all_ts, ts)
             ex_c = active.nonzero()  # (A, 2) rows (example, class)
             ev = Evaluations(ex=ex_c[:, 0].repeat_interleave(n), cls=ex_c[:, 1].repeat_interleave(n),
-                             j=j_stage.repeat(ex_c.shape[0]), ts=all_ts,
+                             j=torch.searchsorted(all_ts, ts).repeat(ex_c.shape[0]), ts=all_ts,
                              weight=torch.full((ex_c.shape[0] * n,), -1.0 / (n * self.temperature), dtype=torch.float64))
-            stage_of[active] = s
-            final[s] = ev
-            with torch.no_grad():
-                est = x.new_zeros(B, K).index_put(
-                    (ev.ex.to(x.device), ev.cls.to(x.device)), ev.weight.to(x) * self.errors(x_lm.detach(), ev, draw), accumulate=True)
-            est = (est.cpu() + self.log_prior.to(est.dtype).cpu()).masked_fill(~active, float("-inf"))
-            if s < len(self.pruning) - 1:
-                top = torch.topk(est, keep, dim=1).indices
-                active = torch.zeros_like(active).scatter_(1, top, True)
-        finalists = stage_of == len(self.pruning) - 1
-        # The logit of every (example, class) from the last stage it took part in.
-        keep_rows = []
-        for s, ev in final.items():
-            mask = stage_of[ev.ex, ev.cls] == s
-            keep_rows.append((s, ev, mask))
-        ev = Evaluations(ex=torch.cat([e.ex[m] for _, e, m in keep_rows]), cls=torch.cat([e.cls[m] for _, e, m in keep_rows]),
-                         j=torch.cat([e.j[m] for _, e, m in keep_rows]), ts=all_ts,
-                         weight=torch.cat([e.weight[m] for _, e, m in keep_rows]))
-        raw = _ElboSum.apply(x_lm, self, ev, draw) + self.log_prior.to(x)
-        floor = torch.where(finalists.to(x.device), raw, torch.full_like(raw, float("inf"))).min(1, keepdim=True).values
-        return torch.where(finalists.to(x.device), raw, torch.minimum(raw, floor - self.prune_margin))
+            est = _ElboSum.apply(x_lm, self, ev, draw) + prior
+            raw = torch.where(active.to(x.device), est, raw)
+            ranked = est.detach().cpu().masked_fill(~active, float("-inf"))
+            top = torch.topk(ranked, min(keep, int(active.sum(1).max())), dim=1).indices
+            active = torch.zeros_like(active).scatter_(1, top, True)
+        finalists = active.to(x.device)
+        floor = torch.where(finalists, raw, torch.full_like(raw, float("inf"))).min(1, keepdim=True).values
+        return torch.where(finalists, raw, torch.minimum(raw, floor - self.prune_margin))

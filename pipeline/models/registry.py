@@ -10,7 +10,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 
-ARCHS = ("unet", "cnn", "resnet18")
+ARCHS = ("unet", "cnn", "resnet18", "wrn", "preact-resnet18", "edm")
 
 
 # Bounds on a config's sizes (widths, channels, classes, blocks): far above any model here, far
@@ -54,6 +54,11 @@ def build_model(config: dict) -> nn.Module:
 
 def _build(config: dict) -> nn.Module:
     arch = config["arch"]
+    if arch == "edm":
+        # EDM's own constructor arguments (pipeline.models.edm.config), checked there.
+        from pipeline.models.edm import build_edm
+
+        return build_edm(config)
     kwargs = {k: v for k, v in config.items() if k != "arch"}
     if arch == "unet":
         from pipeline.models.unet import UNet as cls
@@ -61,6 +66,10 @@ def _build(config: dict) -> nn.Module:
         from pipeline.models.cnn import SmallCNN as cls
     elif arch == "resnet18":
         from pipeline.models.resnet import ResNet18 as cls
+    elif arch == "wrn":
+        from pipeline.models.wide_resnet import WideResNet as cls
+    elif arch == "preact-resnet18":
+        from pipeline.models.preact_resnet import PreActResNet18 as cls
     else:
         raise ConfigError(f"model config: unknown arch {arch!r}; expected one of {ARCHS}")
     try:

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
+from pipeline.models.normalization import NORMALIZATIONS, add_normalization, normalize
 
 # Per-channel CIFAR-10 training-set statistics; the model standardises [0, 1] inputs itself.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -38,20 +39,28 @@ class ResNet18(nn.Module):
     """ResNet-18 for 32x32 images: x float32 (B, C, 32, 32) in [0, 1] -> logits (B, num_classes).
 
     Four stages of two BasicBlocks (64, 128, 256, 512 channels, strides 1, 2, 2, 2), global
-    average pooling, one linear layer; 11.2M parameters for 10 classes. Inputs are
-    standardised with the CIFAR statistics inside the model. `self.config` holds the
-    JSON-able constructor arguments (with "arch": "resnet18").
+    average pooling, one linear layer; 11.2M parameters for 10 classes. Parameter names are
+    RobustBench's ResNet-18's. normalization: "cifar" (ours: the CIFAR statistics as constants,
+    not in the checkpoint), or RobustBench's "none" and "mu_sigma" (pipeline.models.normalization).
+    `self.config` holds the JSON-able constructor arguments (with "arch": "resnet18").
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, normalization: str = "cifar"):
         super().__init__()
+        if normalization != "cifar" and normalization not in NORMALIZATIONS:
+            raise ConfigError(f"resnet18: normalization must be 'cifar' or one of {NORMALIZATIONS}, got {normalization!r}")
         self.config = {"arch": "resnet18", "num_classes": int(num_classes), "in_channels": int(in_channels)}
+        if normalization != "cifar":
+            self.config["normalization"] = normalization
         self.in_channels, self.num_classes = in_channels, num_classes
-        mean = CIFAR_MEAN if in_channels == 3 else (0.5,) * in_channels
-        std = CIFAR_STD if in_channels == 3 else (0.5,) * in_channels
-        # Constants, not state: kept out of the checkpoint so old checkpoints load unchanged.
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        if normalization == "cifar":
+            mean = CIFAR_MEAN if in_channels == 3 else (0.5,) * in_channels
+            std = CIFAR_STD if in_channels == 3 else (0.5,) * in_channels
+            # Constants, not state: kept out of the checkpoint so old checkpoints load unchanged.
+            self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        else:
+            add_normalization(self, normalization, in_channels)
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         layers, in_planes = [], 64
@@ -64,7 +73,8 @@ class ResNet18(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise InputError(f"resnet18 expects x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        out = F.relu(self.bn1(self.conv1((x - self.mean) / self.std)))
+        x = (x - self.mean) / self.std if "mean" in self._buffers else normalize(self, x)
+        out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config.datasets import dataset_info
 from pipeline.errors import ConfigError, InputError
 
 
@@ -394,11 +395,12 @@ def unet_config(dataset: str) -> dict:
     cifar10/cifar100: the DDPM CIFAR-10 model (Ho et al. 2020, appendix B), 35.7M parameters.
     """
     if dataset == "digits":
+        info = dataset_info(dataset)
         return {
             "arch": "unet",
-            "in_channels": 1,
-            "image_size": 8,
-            "num_classes": 10,
+            "in_channels": info.channels,
+            "image_size": info.size,
+            "num_classes": info.classes,
             "base_channels": 24,
             "channel_mult": [1, 2],
             "num_res_blocks": 1,
@@ -406,11 +408,12 @@ def unet_config(dataset: str) -> dict:
             "dropout": 0.0,
         }
     if dataset in ("cifar10", "cifar100"):
+        info = dataset_info(dataset)
         return {
             "arch": "unet",
-            "in_channels": 3,
-            "image_size": 32,
-            "num_classes": 10 if dataset == "cifar10" else 100,
+            "in_channels": info.channels,
+            "image_size": info.size,
+            "num_classes": info.classes,
             "base_channels": 128,
             "channel_mult": [1, 2, 2, 2],
             "num_res_blocks": 2,

@@ -13,9 +13,11 @@ from pathlib import Path
 
 from torch import nn
 
-from pipeline.models.checkpoint import load_checkpoint
-from pipeline.data import num_classes
+from pipeline.models.checkpoint import load_checkpoint, read_config
+from pipeline.config.datasets import dataset_info
+from pipeline.config.model_ref import parse_model_ref
 from pipeline.errors import CheckpointError, ConfigError
+from pipeline.models.importer import load_ref
 from pipeline.models.registry import build_model
 
 ROLES = ("diffusion", "erm", "mixup", "iat", "pgd_at")
@@ -49,15 +51,56 @@ def default_checkpoint(dataset: str, role: str, progress: bool = True) -> Path:
 
 
 def load_model(spec: str, dataset: str, role: str, in_channels: int | None = None) -> tuple[nn.Module, dict, dict]:
-    """A model by spec: "default" (the cached default of dataset and role) or a checkpoint folder.
+    """A model by spec: "default" (the cached default of dataset and role), a checkpoint folder, or a
+    published file ("edm:[PRESET:]PATH", "robustbench:ARCH:PATH"; see pipeline.models.importer).
 
-    The checkpoint must fit the dataset: its num_classes (and in_channels) are checked.
+    The model must fit the dataset: its class count (and input channels) are checked.
     """
-    folder = default_checkpoint(dataset, role) if spec == "default" else Path(spec)
+    ref = parse_model_ref(spec)
+    K = dataset_info(dataset).classes
+    if ref.kind in ("edm", "robustbench"):
+        model, config, meta = load_ref(ref, num_classes=K)
+        for key, want in _expected(config, K, in_channels).items():
+            if config.get(key) != want:
+                raise CheckpointError(f"model {spec}: {key} is {config.get(key)!r}, the dataset needs {want}")
+        return model.eval(), config, meta
+    folder = default_checkpoint(dataset, role) if ref.kind == "default" else Path(ref.path)
     if not folder.exists():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
-    expected = {"num_classes": num_classes(dataset)}
-    if in_channels is not None:
-        expected["in_channels"] = in_channels
+    expected = _expected(read_config(folder)[0], K, in_channels)
     model, config, meta = load_checkpoint(folder, build_model, expected=expected)
     return model.eval(), config, meta or {}
+
+
+def _expected(config: dict, K: int, in_channels: int | None) -> dict:
+    """The config entries a dataset needs: an EDM network's label_dim and img_channels, a
+    classifier's num_classes and in_channels."""
+    edm = config.get("arch") == "edm"
+    expected = {"label_dim" if edm else "num_classes": K}
+    if in_channels is not None:
+        expected["img_channels" if edm else "in_channels"] = in_channels
+    return expected
+
+
+def model_card(spec: str, dataset: str, role: str) -> dict:
+    """What a model is, for the exports: {"arch", "checkpoint", "additional_data"}, read from its
+    config.json without loading weights. spec: "default" (after `default_checkpoint` trained it),
+    "optimal" (the closed-form eps model: no weights) or a checkpoint folder.
+
+    additional_data: whether it was trained on data beyond the dataset's train split, as its
+    meta says; the defaults are trained on that split alone; None where a checkpoint does not say.
+    """
+    if spec == "optimal":
+        return {"arch": "optimal", "checkpoint": None, "additional_data": False}
+    ref = parse_model_ref(spec)
+    if ref.kind in ("edm", "robustbench"):
+        # A published file: its preset (or EDM's own pickle); what it was trained on is the publisher's to say.
+        return {"arch": ref.preset or "edm", "checkpoint": spec, "additional_data": None}
+    folder = cache_dir() / "models" / f"{dataset}-{role}" if spec == "default" else Path(spec)
+    try:
+        config, meta = read_config(folder)
+    except CheckpointError:
+        return {"arch": None, "checkpoint": spec, "additional_data": None}
+    meta = meta or {}
+    additional = meta.get("additional_data", False if spec == "default" else None)
+    return {"arch": config.get("arch"), "checkpoint": spec, "additional_data": additional}

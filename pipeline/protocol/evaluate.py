@@ -28,7 +28,7 @@ from pipeline.errors import AttackError, ConfigError
 from pipeline.protocol.predict import predict
 from pipeline.attacks.autoattack import build_autoattack, eot_iterations, run_autoattack
 from pipeline.attacks.pgd import pgd_attack
-from pipeline.config.attack import attack_name, parse_attack
+from pipeline.config.attack import AttackSpec, attack_name as spec_name, parse_attack
 
 TOLERANCE = 1e-6  # slack for float rounding when checking the eps ball and the box
 
@@ -133,22 +133,24 @@ def _attacked_model(defense: Defense, spec, surrogate: nn.Module | None) -> tupl
     return defense, path
 
 
-def evaluate(defense: Defense, attack_config: dict, x: torch.Tensor, y: torch.Tensor, example_ids, seed: int, *,
-             surrogate: nn.Module | None = None, batch_size: int = 64, progress=None,
+def evaluate(defense: Defense, attack: AttackSpec | dict, x: torch.Tensor, y: torch.Tensor, example_ids, seed: int, *,
+             attack_name: str | None = None, surrogate: nn.Module | None = None, batch_size: int = 64, progress=None,
              extras: dict | None = None) -> list[dict]:
     """Attack and score `defense` on x (B, C, H, W) in [0, 1] with labels y (B,); one dict per example.
 
-    attack_config: an attack table (see pipeline.config.attack). example_ids: (B,) ints, the
-    ids that seed each example's draws. surrogate: the crafting model of a transfer attack
-    (default: built from the table's `surrogate`). progress: optional callable(n_done).
-    extras: optional dict, filled with "x_adv" (B, C, H, W), the adversarial inputs as scored,
-    and "forward_per_prediction", the network evaluations of one scoring pass on one input.
+    attack: a parsed attack spec (pipeline.config.attack; a table is parsed first). example_ids:
+    (B,) ints, the ids that seed each example's draws. The records name the defense `defense.name`
+    and the attack `attack_name` (default: the spec's), the names the job planned. surrogate: the
+    crafting model of a transfer attack, built by the caller on x's device (runtime/worker.py).
+    progress: optional callable(n_done). extras: optional dict, filled with "x_adv" (B, C, H, W),
+    the adversarial inputs as scored, and "forward_per_prediction", the network evaluations of
+    one scoring pass on one input.
     """
-    spec = parse_attack(attack_config)
+    spec = parse_attack(attack) if isinstance(attack, dict) else attack
     if spec.kind == "transfer" and surrogate is None:
-        from pipeline.defenses.build import build_defense  # the surrogate is a defense table too
-
-        surrogate = build_defense(spec.surrogate)
+        raise ConfigError("a transfer attack needs its surrogate: pass surrogate=, a defense built from the spec's "
+                          "`surrogate` table (pipeline.config.defense.surrogate_spec)")
+    name = attack_name or spec_name(spec)
     inner = parse_attack(spec.attack) if spec.kind == "transfer" else spec
     ids = torch.as_tensor(example_ids, dtype=torch.int64).reshape(-1)
     if ids.numel() != x.shape[0] or y.shape != (x.shape[0],):
@@ -218,7 +220,7 @@ def evaluate(defense: Defense, attack_config: dict, x: torch.Tensor, y: torch.Te
         extras["x_adv"] = x_adv.detach()
         extras["forward_per_prediction"] = score_cost / (2 * passes)  # R clean + R adversarial passes
     sizes = norms(x_adv - x)
-    return [_record(defense, spec, inner, path, seed, passes, int(ids[i]), int(y[i]), clean[:, i], adv[:, i],
+    return [_record(defense, name, spec, inner, path, seed, passes, int(ids[i]), int(y[i]), clean[:, i], adv[:, i],
                     {k: float(v[i]) for k, v in sizes.items()}, per_example[i], share, score_cost, str(device))
             for i in range(x.shape[0])]
 
@@ -234,12 +236,12 @@ def _gradient_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[
     return ["zero_gradient"] if float(g.abs().max()) == 0.0 else []
 
 
-def _record(defense, spec, inner, path, seed, passes, ex_id, label, clean, adv, sizes, info, share, score_cost, device):
+def _record(defense, attack, spec, inner, path, seed, passes, ex_id, label, clean, adv, sizes, info, share, score_cost, device):
     return {
         "example_id": ex_id,
         "label": label,
         "defense": getattr(defense, "name", type(defense).__name__),
-        "attack": attack_name(spec),
+        "attack": attack,
         "path": path,
         "norm": inner.norm,
         "eps": float(inner.eps) if spec.kind != "none" else 0.0,

@@ -20,14 +20,15 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError,
 from pipeline.data import load_split
 from pipeline.errors import ClusterError, ConfigError, RobustsweepError
 from pipeline.store import Store
-from pipeline.store.binding import bind_run
+from pipeline.store.binding import PLAN, check_binding
 from pipeline.store.lease import RunLease
 from pipeline.store.unit import check_units
-from pipeline.models.zoo import default_checkpoint
+from pipeline.models.zoo import default_checkpoint, model_card
 from pipeline.runtime.plan import Unit, plan, plan_document, run_id_for
 from pipeline.runtime.preflight import preflight_run
 from pipeline.runtime.reach import check_reachable
 from pipeline.config.job import Job
+from pipeline.config.run import RunOptions
 from pipeline.runtime.worker import Worker
 
 INFLIGHT = 2
@@ -48,8 +49,8 @@ class RunResult:
     rows: int = 0
     seconds: float = 0.0
     workers: int = 0
-    lost: int = 0  # actors lost on the way (their units or gang calls were redone elsewhere)
     redone: dict = field(default_factory=dict)  # unit id -> why its committed file was redone
+    lost: int = 0  # actors lost on the way (their units or gang calls were redone elsewhere)
 
     @property
     def ok(self) -> bool:
@@ -63,7 +64,6 @@ def connect(address: str | None) -> bool:
     if address is None:
         ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         return True
-    check_reachable(address)
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     return False
 
@@ -75,12 +75,6 @@ def default_workers(gpus_per_worker: float = 1.0) -> tuple[int, bool]:
     if gpus >= gpus_per_worker > 0:
         return int(gpus // gpus_per_worker + 1e-9), True
     return max(1, int(res.get("CPU", 1))), False
-
-
-def check_gpus_per_worker(gpus_per_worker: float) -> None:
-    """ConfigError unless 0 < gpus_per_worker <= 1 (a fraction of a GPU packs several actors on one)."""
-    if not 0 < gpus_per_worker <= 1:
-        raise ConfigError(f"gpus_per_worker (--gpus-per-worker) must be in (0, 1], got {gpus_per_worker:g}")
 
 
 def wait_for_gpus(min_gpus: int, wait_s: float) -> None:
@@ -110,72 +104,80 @@ def gang_size(grid_workers: int | str, kind: str, workers: int, units: int) -> i
     return max(1, min(int(grid_workers), workers))
 
 
+def _role(spec) -> str:
+    """Which default model a defense stands on: the diffusion model, or a classifier's training method."""
+    return "diffusion" if spec.kind == "rdc" else spec.method
+
+
 def prepare_models(job: Job, progress: bool = True) -> None:
     """Train the default models the job needs, once, before any worker asks for them."""
-    for d in job.defenses:
-        t = d.table
-        if t.get("model", "default") != "default":
-            continue
-        role = "diffusion" if t["kind"] == "rdc" else t.get("method", "mixup" if t["kind"] == "mi" else "erm")
-        default_checkpoint(t["dataset"], role, progress=progress)
+    specs = [d.spec for d in job.defenses] + [s for a in job.attacks for s in a.surrogates.values()]
+    for spec in specs:
+        if spec.model == "default":
+            default_checkpoint(spec.dataset, _role(spec), progress=progress)
 
 
-def run_job(job: Job, out: str, *, workers: int | None = None, address: str | None = None, run_id: str | None = None,
-            fresh: bool = False, endpoint_url: str | None = None, progress: bool = True,
-            gpus_per_worker: float = 1.0, min_gpus: int = 0, wait_s: float = 600.0,
+def model_cards(job: Job) -> dict[str, dict]:
+    """{defense name: model card (models/zoo.py)}: what plan.json says each defense's model is."""
+    return {d.name: {**model_card(d.spec.model, d.spec.dataset, _role(d.spec)),
+                     **({"method": d.spec.method} if d.spec.kind != "rdc" else {})} for d in job.defenses}
+
+
+def run_job(job: Job, options: RunOptions = RunOptions(), *, progress: bool = True, wait_s: float = 600.0,
             lease_wait: float = 0.0) -> RunResult:
-    """Run (or resume) `job`, writing under `{out}/{run_id}/`. See the module docstring.
+    """Run (or resume) `job`, writing under `{options.out}/{run_id}/`. See the module docstring.
 
-    The run folder is bound to the job (another job under the same run id: RunMismatchError)
-    and leased to this driver for the run (another driver on it: LeaseHeldError, after
-    waiting up to `lease_wait` seconds); a unit whose file fails its checks is redone.
+    Everything a run could trip over is checked first (runtime/preflight.py). The run folder is
+    bound to the job (another job under the same run id: RunMismatchError) and leased to this
+    driver while it runs (another driver on it: LeaseHeldError, after waiting up to
+    `lease_wait` seconds); a unit whose file fails its checks is redone.
 
-    min_gpus: wait up to `wait_s` seconds for the cluster to hold that many GPUs before sizing
-    the pool (GPU nodes of a fresh cluster join after the head; without it the pool is sized
+    options.min_gpus: wait up to `wait_s` seconds for the cluster to hold that many GPUs before
+    sizing the pool (GPU nodes of a fresh cluster join after the head; without it the pool is sized
     by what is there at the start, CPUs if no GPU has joined yet).
     """
-    check_gpus_per_worker(gpus_per_worker)
-    preflight_run(job, out, workers=workers, run_id=run_id)
+    preflight_run(job, options.out, workers=options.workers, run_id=options.run_id)
     start = time.perf_counter()
-    run_id = run_id_for(job, fresh, run_id)
-    store = Store(out, endpoint_url=endpoint_url)
+    run_id = run_id_for(job, options.fresh, options.run_id)
+    store = Store(options.out, endpoint_url=options.endpoint_url)
     data = job.spec.data
     x, _ = load_split(data.dataset, data.split, root=data.root)
     units = plan(job, x.shape[0])
     if not units:
         raise ConfigError("the job selects no examples (data.ids / data.limit): nothing to run")
-    if address is not None and not ray.is_initialized():
-        check_reachable(address)  # before the lease, the checks and any model training
+    if options.address is not None and not ray.is_initialized():
+        check_reachable(options.address)  # before the lease, the checks and any model training
     with RunLease(store, run_id, wait=lease_wait):
-        return _run_leased(job, store, out, units, run_id, start, workers=workers, address=address,
-                           endpoint_url=endpoint_url, progress=progress, gpus_per_worker=gpus_per_worker,
-                           min_gpus=min_gpus, wait_s=wait_s)
+        return _run_leased(job, options, store, units, run_id, start, progress=progress, wait_s=wait_s)
 
 
-def _run_leased(job: Job, store: Store, out: str, units: list[Unit], run_id: str, start: float, *, workers, address,
-                endpoint_url, progress, gpus_per_worker, min_gpus, wait_s) -> RunResult:
+def _run_leased(job: Job, options: RunOptions, store: Store, units: list[Unit], run_id: str, start: float, *,
+                progress: bool, wait_s: float) -> RunResult:
     """run_job once this driver holds the run folder's lease: bind, check, dispatch."""
     data = job.spec.data
-    bind_run(store, run_id, plan_document(job, units, run_id))
+    stored = check_binding(store, run_id, job.hash, job.spec.model_dump(mode="json"))
     found = check_units(store, run_id, units)
     todo = [u for u in units if found[u.unit_id] is not None]
     result = RunResult(run_id, store.join(run_id), len(units), len(units) - len(todo), 0)
     result.redone = {u: r for u, r in found.items() if r not in (None, "missing")}
     for unit_id, reason in result.redone.items() if progress else ():
         print(f"unit {unit_id}: its records file fails its checks ({reason}); redoing it", file=sys.stderr)
+    if todo:
+        prepare_models(job, progress)  # first, so that plan.json can say what each model is
+    if stored is None:
+        store.write_json(f"{run_id}/{PLAN}", plan_document(job, units, run_id, models=model_cards(job)))
     if not todo:
         result.seconds = time.perf_counter() - start
         return result
-    prepare_models(job, progress)
-    started = connect(address)
+    started = connect(options.address)
     try:
-        wait_for_gpus(min_gpus, wait_s)
-        n, use_gpu = default_workers(gpus_per_worker)
-        n = workers or n
+        wait_for_gpus(options.min_gpus, wait_s)
+        n, use_gpu = default_workers(options.gpus_per_worker)
+        n = options.workers or n
         result.workers = n
-        ctx = {"run_id": run_id, "job_hash": job.hash, "out": out, "endpoint_url": endpoint_url, "seed": job.spec.seed,
+        ctx = {"run_id": run_id, "job_hash": job.hash, "out": options.out, "endpoint_url": options.endpoint_url, "seed": job.spec.seed,
                "data": {"dataset": data.dataset, "split": data.split, "root": data.root}}
-        _drain(todo, ctx, store, result, n, use_gpu, gpus_per_worker, progress)
+        _drain(todo, ctx, store, result, n, use_gpu, options.gpus_per_worker, progress)
     finally:
         if started:
             ray.shutdown()
@@ -279,7 +281,7 @@ def _drain(todo: list[Unit], ctx: dict, store: Store, result: RunResult, n: int,
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     queue = collections.deque(todo)
-    sizes = {u.unit_id: gang_size(u.grid_workers, u.defense_table.get("kind", ""), n, len(todo)) for u in todo}
+    sizes = {u.unit_id: gang_size(u.grid_workers, u.defense_spec.kind, n, len(todo)) for u in todo}
     # Failure notes of earlier runs, listed once: a unit that now succeeds drops its stale note.
     stale = set(store.list(f"{result.run_id}/failures", ".json"))
     tries: collections.Counter = collections.Counter()
@@ -363,7 +365,7 @@ def _dispatch(queue, sizes, pool: Pool, busy, reserved, inflight, ctx) -> None:
             reserved.update([i] + [j for j, _ in peers])
         queue.popleft()
         handle = pool.handles[i]
-        ref = handle.run_unit.remote(unit.as_dict(), ctx, [h for _, h in peers] or None)
+        ref = handle.run_unit.remote(unit, ctx, [h for _, h in peers] or None)
         inflight[ref] = (unit, i, handle, peers)
         busy[i] += 1
 

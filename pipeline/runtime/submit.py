@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 from pipeline.errors import ClusterError, ConfigError
 from pipeline.config.job import load_job
+from pipeline.config.run import RunOptions
 
 # What never travels with the working dir: environments, history, results, caches. Ray's
 # gitwildmatch patterns, matched against every path under the working dir.
@@ -44,31 +45,13 @@ PROBE_SECONDS = 10.0
 _ADDRESS_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
 
 
-def entrypoint(job: str, *, python: str = "python", out: str | None = None, workers: int | None = None,
-               run_id: str | None = None, fresh: bool = False, endpoint_url: str | None = None,
-               report: bool = True, gpus_per_worker: float | None = None, min_gpus: int = 0) -> str:
-    """The shell command the cluster runs: `PYTHON -m pipeline.cli run JOB --address auto ...`.
+def entrypoint(job: str, options: RunOptions = RunOptions(), *, python: str = "python") -> str:
+    """The shell command the cluster runs: `PYTHON -m pipeline.cli run JOB --address auto [run flags]`.
 
-    `job` is the job file's path relative to the working dir (it travels with it).
+    `job` is the job file's path relative to the working dir (it travels with it); the run joins
+    the cluster it runs on, whatever `options.address` says.
     """
-    args = [python, "-m", "pipeline.cli", "run", job, "--address", "auto"]
-    if out is not None:
-        args += ["--out", out]
-    if workers is not None:
-        args += ["--workers", str(workers)]
-    if run_id is not None:
-        args += ["--run-id", run_id]
-    if fresh:
-        args.append("--fresh")
-    if endpoint_url is not None:
-        args += ["--endpoint-url", endpoint_url]
-    if not report:
-        args.append("--no-report")
-    if gpus_per_worker is not None:
-        args += ["--gpus-per-worker", f"{gpus_per_worker:g}"]
-    if min_gpus:
-        args += ["--min-gpus", str(int(min_gpus))]
-    return shlex.join(args)
+    return shlex.join([python, "-m", "pipeline.cli", "run", job, "--address", "auto", *options.run_flags()])
 
 
 def aws_variables() -> list[str]:
@@ -93,29 +76,22 @@ def runtime_env(working_dir: str | os.PathLike, *, env: dict[str, str] | None = 
     return result
 
 
-def submit_job(job: str | os.PathLike, address: str, *, out: str | None = None, workers: int | None = None,
-               run_id: str | None = None, fresh: bool = False, endpoint_url: str | None = None, report: bool = True,
+def submit_job(job: str | os.PathLike, address: str, options: RunOptions = RunOptions(), *,
                working_dir: str | os.PathLike = ".", python: str = "python", env: dict[str, str] | None = None,
-               forward_aws: bool = True, excludes: Iterable[str] = (), submission_id: str | None = None,
-               gpus_per_worker: float | None = None, min_gpus: int = 0) -> str:
+               forward_aws: bool = True, excludes: Iterable[str] = (), submission_id: str | None = None) -> str:
     """Validate `job`, submit it to the cluster at `address` (http://HEAD:8265); return the submission id.
 
-    The job file must lie inside `working_dir` (the folder that travels to the cluster). The run
-    options are those of `run_job`; a relative `out` lands in the job's working dir on the head
-    node, so give the cluster an s3:// URI. Raises ConfigError for a bad job, address or env
-    (nothing is sent) and ClusterError when the cluster cannot be reached or refuses the job.
+    The job file must lie inside `working_dir` (the folder that travels to the cluster). `options`
+    are those of `run_job` (checked when they were made); a relative `options.out` lands in the
+    job's working dir on the head node, so give the cluster an s3:// URI. Raises ConfigError for a
+    bad job, address or env (nothing is sent) and ClusterError when the cluster cannot be reached
+    or refuses the job.
     """
-    from pipeline.runtime.run import check_gpus_per_worker
-
     load_job(job)
-    if gpus_per_worker is not None:
-        check_gpus_per_worker(gpus_per_worker)
     root = Path(working_dir).resolve()
     excludes = list(excludes)
     rel = _relative_job(Path(job), root, excludes)
-    command = entrypoint(rel, python=python, out=out, workers=workers, run_id=run_id, fresh=fresh,
-                         endpoint_url=endpoint_url, report=report, gpus_per_worker=gpus_per_worker,
-                         min_gpus=min_gpus)
+    command = entrypoint(rel, options, python=python)
     renv = runtime_env(root, env=env, forward_aws=forward_aws, excludes=excludes)
     secrets = [v for k, v in renv.get("env_vars", {}).items() if k in AWS_CREDENTIALS]
     client = _client(address)

@@ -1,7 +1,7 @@
 """A worker: one Ray actor pinned to one GPU (or one CPU) that evaluates units and commits them.
 
-Models load once per actor, cached by the hash of their defense table; the data split is
-loaded once per actor too. A unit's rows are written by the worker itself (one atomic
+Defenses (and transfer surrogates) are built once per actor on its device from the parsed specs a
+unit carries, cached by spec and name; the data split is loaded once per actor too. A unit's rows are written by the worker itself (one atomic
 Parquet commit), so results never travel through the driver.
 """
 
@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from pipeline.config.defense import DefenseSpec, parse_defense
 from pipeline.protocol import evaluate
 from pipeline.data import load_split, select
 from pipeline.defenses import build_defense
@@ -41,11 +42,14 @@ class Worker:
         self.defenses: dict[str, torch.nn.Module] = {}
         self.splits: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _defense(self, table: dict):
-        key = content_hash(table)
+    def _defense(self, spec: DefenseSpec | dict, name: str | None = None):
+        """The defense of `spec` (a table is parsed first) on this actor's device, built once."""
+        if isinstance(spec, dict):
+            spec = parse_defense(spec)
+        key = content_hash([spec.model_dump(), name])
         if key not in self.defenses:
-            self.defenses[key] = build_defense(table, device=self.device)
-        return self.defenses[key], key
+            self.defenses[key] = build_defense(spec, device=self.device, name=name)
+        return self.defenses[key]
 
     def _split(self, data: dict):
         key = (data["dataset"], data["split"], data.get("root"))
@@ -56,33 +60,33 @@ class Worker:
     def ping(self) -> str:
         return self.name
 
-    def grid_call(self, table: dict, kind: str, x: torch.Tensor, cells: torch.Tensor, draw, extra):
+    def grid_call(self, spec: DefenseSpec | dict, kind: str, x: torch.Tensor, cells: torch.Tensor, draw, extra):
         """One gang call (runtime/grid.py `member_call`) on this actor's copy of the defense."""
-        defense, _ = self._defense(table)
+        defense = self._defense(spec)
         return member_call(defense, kind, x.to(self.device), cells, draw,
                            extra.to(self.device) if isinstance(extra, torch.Tensor) else extra)
 
-    def run_unit(self, unit: dict, ctx: dict, peers: list | None = None) -> dict:
+    def run_unit(self, u: Unit, ctx: dict, peers: list | None = None) -> dict:
         """Evaluate one unit and commit its Parquet file; returns a summary (rows, seconds, lost peers).
 
         peers: actor handles reserved for this unit; with them the defense's grid is sharded
         over a gang of this actor and its peers.
         """
         start = time.perf_counter()
-        u = Unit.from_dict(unit)
         faults.inject(u.unit_id)
-        defense, config_hash = self._defense(u.defense_table)
+        defense = self._defense(u.defense_spec, u.defense)
+        surrogate = self._defense(u.surrogate_spec) if u.surrogate_spec is not None else None
         x, y = select(*self._split(ctx["data"]), list(u.example_ids))
-        gang = Gang(peers, u.defense_table, local=defense) if peers else None
+        gang = Gang(peers, u.defense_spec, local=defense) if peers else None
         shard(defense, gang)
         extras: dict = {}
         try:
-            records = evaluate(defense, u.attack_table, x.to(self.device), y.to(self.device), list(u.example_ids),
-                               ctx["seed"], extras=extras)
+            records = evaluate(defense, u.attack_spec, x.to(self.device), y.to(self.device), list(u.example_ids),
+                               ctx["seed"], attack_name=u.attack, surrogate=surrogate, extras=extras)
         finally:
             shard(defense, None)
-        table = records_to_table(records, run_id=ctx["run_id"], job_hash=ctx["job_hash"], unit_id=u.unit_id, worker=self.name,
-                                 config_hash=config_hash)
+        table = records_to_table(records, run_id=ctx["run_id"], job_hash=ctx["job_hash"], unit_id=u.unit_id,
+                                 worker=self.name, config_hash=content_hash(u.defense_table))
         store = Store(ctx["out"], endpoint_url=ctx.get("endpoint_url"))
         commit_unit(store, f"{ctx['run_id']}/{u.path}", table, u.example_ids, extras, unit_id=u.unit_id,
                     run_id=ctx["run_id"], job_hash=ctx["job_hash"])

@@ -11,26 +11,25 @@ from pipeline.store.io import Store
 PLAN = "plan.json"
 
 
-def bind_run(store: Store, run_id: str, document: dict) -> dict:
-    """Write `{run_id}/plan.json` (document: the plan, with "job" and "job_hash") if the run is
-    new, else check that the stored plan is of the same job; returns the plan in force.
+def check_binding(store: Store, run_id: str, job_hash: str, job: dict) -> dict | None:
+    """The plan of `{run_id}/plan.json` when it is of this job, None when the run is new.
 
-    RunMismatchError names the fields that differ (at most 10) and the ways out: a new run id,
-    or --fresh (which makes one).
+    job_hash, job: the job's hash and its validated document (plan.json's "job").
+    RunMismatchError, naming the fields that differ (at most 10) and the ways out (a new run
+    id, or --fresh, which makes one), when the run holds another job. The caller writes the
+    plan of a new run (under the run's lease, so that nothing comes in between).
     """
     rel = f"{run_id}/{PLAN}"
     if not store.exists(rel):
-        store.write_json(rel, document)
-        return document
+        return None
     stored = store.read_json(rel)
-    if stored.get("job_hash") == document.get("job_hash"):
+    if stored.get("job_hash") == job_hash:
         return stored
-    diffs = differences(stored.get("job"), document.get("job"))
+    diffs = differences(stored.get("job"), job)
     shown = "; ".join(diffs[:10]) + (f"; and {len(diffs) - 10} more" if len(diffs) > 10 else "")
     raise RunMismatchError(
         f"run {run_id} at {store.join(run_id)} holds another job (job hash {stored.get('job_hash')}, this job "
-        f"{document.get('job_hash')}): {shown or 'the plan format differs'}. Give another --run-id, or --fresh "
-        f"for a new run")
+        f"{job_hash}): {shown or 'the plan format differs'}. Give another --run-id, or --fresh for a new run")
 
 
 def differences(old: Any, new: Any, where: str = "") -> list[str]:

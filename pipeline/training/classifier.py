@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.checkpoint import save_checkpoint
+from pipeline.config.datasets import dataset_info
 from pipeline.errors import ConfigError, InputError
 
 METHODS = ("erm", "mixup", "iat", "pgd_at")
@@ -49,9 +50,11 @@ DEFAULT_TRAINING = {
 def default_classifier_config(dataset: str) -> dict:
     """The default architecture of a dataset: SmallCNN for digits, ResNet-18 for CIFAR."""
     if dataset == "digits":
-        return {"arch": "cnn", "in_channels": 1, "num_classes": 10, "image_size": 8, "width": 32}
+        info = dataset_info(dataset)
+        return {"arch": "cnn", "in_channels": info.channels, "num_classes": info.classes, "image_size": info.size, "width": 32}
     if dataset in ("cifar10", "cifar100"):
-        return {"arch": "resnet18", "num_classes": 10 if dataset == "cifar10" else 100, "in_channels": 3}
+        info = dataset_info(dataset)
+        return {"arch": "resnet18", "num_classes": info.classes, "in_channels": info.channels}
     raise ConfigError(f"no default classifier for dataset {dataset!r}; expected 'digits', 'cifar10' or 'cifar100'")
 
 

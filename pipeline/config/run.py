@@ -1,0 +1,58 @@
+"""How a job runs (not what it computes): the options `run_job`, `submit_job` and their commands share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.errors import ConfigError
+
+DEFAULT_OUT = "results"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """out: a folder or s3://bucket/prefix (a relative folder of a submitted job lands in its working
+    dir on the head node). workers: actors (default: one per GPU, else per CPU). gpus_per_worker:
+    in (0, 1]; fractions pack small models several to a GPU. address: the Ray cluster (None starts a
+    local one; "auto"; ray://host:port). min_gpus: wait for this many GPUs before sizing the pool.
+    endpoint_url: S3 endpoint. run_id: default the job's name and hash. fresh: a new run instead of
+    resuming. report: print the report at the end."""
+
+    out: str = DEFAULT_OUT
+    workers: int | None = None
+    gpus_per_worker: float = 1.0
+    address: str | None = None
+    min_gpus: int = 0
+    endpoint_url: str | None = None
+    run_id: str | None = None
+    fresh: bool = False
+    report: bool = True
+
+    def __post_init__(self):
+        if not 0 < self.gpus_per_worker <= 1:
+            raise ConfigError(f"gpus_per_worker (--gpus-per-worker) must be in (0, 1], got {self.gpus_per_worker:g}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers (--workers) must be >= 1, got {self.workers}")
+        if self.min_gpus < 0:
+            raise ConfigError(f"min_gpus (--min-gpus) must be >= 0, got {self.min_gpus}")
+
+    def run_flags(self) -> list[str]:
+        """The options as `robustsweep run` flags (those left at their defaults omitted), without --address."""
+        flags = []
+        if self.out != DEFAULT_OUT:
+            flags += ["--out", self.out]
+        if self.workers is not None:
+            flags += ["--workers", str(self.workers)]
+        if self.run_id is not None:
+            flags += ["--run-id", self.run_id]
+        if self.fresh:
+            flags.append("--fresh")
+        if self.endpoint_url is not None:
+            flags += ["--endpoint-url", self.endpoint_url]
+        if not self.report:
+            flags.append("--no-report")
+        if self.gpus_per_worker != 1.0:
+            flags += ["--gpus-per-worker", f"{self.gpus_per_worker:g}"]
+        if self.min_gpus:
+            flags += ["--min-gpus", str(int(self.min_gpus))]
+        return flags

@@ -1,0 +1,84 @@
+"""WideResNet (Zagoruyko & Komodakis 2016) with the parameter names of RobustBench's checkpoints.
+
+WRN-d-k: a 3x3 stem of 16 channels, three groups of (d - 4) / 6 pre-activation blocks of
+16k, 32k, 64k channels (strides 1, 2, 2), BN-ReLU, global average pooling, one linear layer.
+State-dict names follow RobustBench (conv1, block{1,2,3}.layer.{i}.{bn1,conv1,bn2,conv2,
+convShortcut}, bn1, fc), so its files load with strict=True. Some RobustBench WRNs (TRADES,
+Carmon2019, ...) carry an unused `sub_block1` group; `sub_block1=True` gives it a place.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import ConfigError, InputError
+from pipeline.models.normalization import add_normalization, normalize
+
+
+class WideBasicBlock(nn.Module):
+    """BN-ReLU-conv twice; where the width or stride changes, the shortcut is a 1x1 conv of the activated input."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, stride=1, padding=1, bias=False)
+        self.equal = in_planes == out_planes
+        self.convShortcut = None if self.equal else nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(a))))
+        return (x if self.equal else self.convShortcut(a)) + out
+
+
+class WideGroup(nn.Module):
+    """n blocks of one width, held under `layer` as RobustBench's NetworkBlock holds them."""
+
+    def __init__(self, n: int, in_planes: int, out_planes: int, stride: int):
+        super().__init__()
+        self.layer = nn.Sequential(*(WideBasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
+                                     for i in range(n)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-widen_factor: x float32 (B, C, H, W) in [0, 1] -> logits (B, num_classes).
+
+    normalization "none" (inputs as they are) or "mu_sigma" (buffers from the checkpoint); see
+    pipeline.models.normalization. `self.config` holds the JSON-able constructor arguments.
+    """
+
+    def __init__(self, depth: int = 28, widen_factor: int = 10, num_classes: int = 10, in_channels: int = 3,
+                 sub_block1: bool = False, normalization: str = "none"):
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6:
+            raise ConfigError(f"wrn: depth must be 6n + 4 with n >= 1, got {depth}")
+        self.config = {"arch": "wrn", "depth": int(depth), "widen_factor": int(widen_factor), "num_classes": int(num_classes),
+                       "in_channels": int(in_channels), "sub_block1": bool(sub_block1), "normalization": normalization}
+        self.in_channels, self.num_classes = in_channels, num_classes
+        add_normalization(self, normalization, in_channels)
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
+        self.block1 = WideGroup(n, widths[0], widths[1], 1)
+        if sub_block1:
+            self.sub_block1 = WideGroup(n, widths[0], widths[1], 1)  # stored by some checkpoints, never run
+        self.block2 = WideGroup(n, widths[1], widths[2], 2)
+        self.block3 = WideGroup(n, widths[2], widths[3], 2)
+        self.bn1 = nn.BatchNorm2d(widths[3])
+        self.fc = nn.Linear(widths[3], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise InputError(f"wrn expects x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        out = self.block3(self.block2(self.block1(self.conv1(normalize(self, x)))))
+        return self.fc(F.relu(self.bn1(out)).mean((2, 3)))
+
+
+__all__ = ["WideResNet"]
