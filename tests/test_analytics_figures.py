@@ -204,7 +204,8 @@ def test_worker_keeps_adversarial_images(tmp_path):
     (unit,) = plan(job, 355)
     run_id, out = run_id_for(job), str(tmp_path / "out")
     Store(out).write_json(f"{run_id}/plan.json", plan_document(job, [unit], run_id))
-    Worker("w0", "cpu").run_unit(unit, {"data": job.spec.data.model_dump(), "seed": 0, "run_id": run_id, "out": out})
+    Worker("w0", "cpu").run_unit(unit, {"data": job.spec.data.model_dump(), "seed": 0, "run_id": run_id,
+                                        "job_hash": job.hash, "out": out})
     run = Store(out).join(run_id)
     store = Store(run)
     ids, images, forward = read_adversarial(store, adversarial_path(unit.path))

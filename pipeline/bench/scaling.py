@@ -77,9 +77,10 @@ def run_slice(doc: dict, begin: int, end: int, out: str) -> int:
         extras: dict = {}
         records = evaluate(defenses[u.defense], u.attack_spec, x, y, list(u.example_ids), job.spec.seed,
                            attack_name=u.attack, extras=extras)
-        table = records_to_table(records, run_id="by-hand", unit_id=u.unit_id, worker=f"process-{begin}",
-                                 config_hash="by-hand")
-        commit_unit(store, u.path, table, u.example_ids, extras, unit_id=u.unit_id, run_id="by-hand")
+        table = records_to_table(records, run_id="by-hand", job_hash=job.hash, unit_id=u.unit_id,
+                                 worker=f"process-{begin}", config_hash="by-hand")
+        commit_unit(store, u.path, table, u.example_ids, extras, unit_id=u.unit_id, run_id="by-hand",
+                    job_hash=job.hash)
         rows += table.num_rows
     return rows
 

@@ -29,7 +29,7 @@ from pipeline.attacks.autoattack import build_autoattack, eot_iterations, run_au
 from pipeline.attacks.pgd import pgd_attack
 from pipeline.attacks.selection import Selection, model_score
 from pipeline.config.attack import AttackSpec, attack_name as spec_name, parse_attack
-from pipeline.defenses.base import Defense
+from pipeline.defenses.base import Defense, check_input, check_labels
 from pipeline.defenses.plain import Plain
 from pipeline.errors import ConfigError
 from pipeline.protocol.checks import (TOLERANCE, check_perturbation, gradient_flags, norms, record_flags,
@@ -264,6 +264,9 @@ def evaluate(defense: Defense, attack: AttackSpec | dict, x: torch.Tensor, y: to
     ids = torch.as_tensor(example_ids, dtype=torch.int64).reshape(-1)
     if ids.numel() != x.shape[0] or y.shape != (x.shape[0],):
         raise ConfigError(f"evaluate: x has {x.shape[0]} rows, y {tuple(y.shape)}, example_ids {ids.numel()}")
+    check_input(x, defense.in_channels, defense.image_size, "evaluate")
+    check_labels(y, x.shape[0], defense.num_classes, "evaluate")
+    x = x.float()  # any float dtype is scored as float32, like Defense.forward does
     passes = spec.passes if defense.stochastic else 1
     attacked, path = _attacked_model(defense, spec, surrogate)
     counted = _Counted(attacked)

@@ -8,6 +8,7 @@ the attack does not report them, and the later additions in `OPTIONAL`, which a 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
@@ -17,6 +18,7 @@ from pipeline.errors import StoreError
 # (name, type, meaning). Types use the short names of `_TYPES`; "?" marks a nullable column.
 COLUMNS: list[tuple[str, str, str]] = [
     ("run_id", "string", "Run the record belongs to (one job execution; the output folder name)."),
+    ("job_hash", "string", "Hash of the job the run executes (plan.json's job_hash); rows of two jobs are never pooled under one label."),
     ("unit_id", "string", "Content hash of the unit (defense, attack, eps, example shard) that produced the row."),
     ("example_id", "int64", "Index of the example in its dataset split."),
     ("label", "int64", "True class of the example."),
@@ -79,6 +81,23 @@ def _field(name: str, type_name: str) -> pa.Field:
 
 RECORD_SCHEMA: pa.Schema = pa.schema([_field(name, type_name) for name, type_name, _ in COLUMNS])
 """Arrow schema of a records table / Parquet file, in column order of `COLUMNS`."""
+
+
+def schema_fingerprint(schema: pa.Schema) -> str:
+    """A short hash of a schema's names, types and nullability (not its metadata): the footer
+    key `robustsweep.schema`, so a file written under another schema is known before it is read."""
+    text = ";".join(f"{f.name}:{_type_key(f.type)}{'' if f.nullable else '!'}" for f in schema)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _type_key(t: pa.DataType) -> str:
+    # Parquet names a list's child "element" where Arrow says "item": the same column either way.
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"list<{_type_key(t.value_type)}>"
+    return str(t)
+
+
+RECORD_FINGERPRINT = schema_fingerprint(RECORD_SCHEMA)
 
 _NAMES = tuple(RECORD_SCHEMA.names)
 
