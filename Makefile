@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: setup setup-browser run test bench gpu-check clean
+.PHONY: setup setup-browser run test test-fast bench gpu-check clean
 
 $(BIN)/robustsweep: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,10 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The unit tests: no Ray, no S3 server, no subprocess CLI, no GPU.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
 # Headless Chromium (Debian's package) for the test that opens the HTML report; skipped when present.
 setup-browser:

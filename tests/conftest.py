@@ -1,4 +1,19 @@
-"""Shared pytest fixtures.
+"""Shared pytest fixtures and the test tiers.
+
+Hermetic: the session gets its own model cache, $ROBUSTSWEEP_CACHE set to a folder under pytest's
+temp dir before any test module is imported and restored when the session ends, so nothing
+depends on the home folder or on the order of the files. A default model is trained once per
+session into it by `default_models` (the `prepare` step of a run, for tests that build defenses
+directly). A trained copy is reused across sessions only under a key that hashes every source
+file that decides its weights (see `models_key`), so a change to the training code, the
+architectures, the data, the draws or torch trains it afresh.
+
+Tiers: `slow` marks tests that start Ray, an S3 server or a subprocess CLI, or train a model for
+many steps; tests that ask for the Ray, S3 or head fixtures are marked here, the others carry
+`@pytest.mark.slow`. `gpu` marks
+tests that need CUDA. `make test-fast` runs `-m "not slow and not gpu"`.
+
+Digits: `digits` is the one way tests load the digits splits (train and test, as tensors).
 
 S3: `s3_server` runs moto's real S3 server on 127.0.0.1 for the whole session (requests go
 over loopback HTTP exactly as they would to a remote endpoint); `s3_bucket` gives each test a
@@ -9,12 +24,107 @@ call `fs.call_s3("create_bucket", Bucket=name)`: `fs.mkdir(bucket)` fails with r
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE_ENV = "ROBUSTSWEEP_CACHE"
+# Tests asking for one of these fixtures start Ray, an S3 server or a Ray head: the slow tier.
+SLOW_FIXTURES = {"ray_nodes", "ray_cluster", "s3_server", "s3_bucket", "head"}
+TRAINING_TIMEOUT_S = 1800  # the time limit of a test that may train a default model first
+_saved_cache: list[str | None] = []
+
+
+def pytest_sessionstart(session) -> None:
+    """Point the model cache at a fresh folder of this session, before any test module is imported."""
+    _saved_cache.append(os.environ.get(CACHE_ENV))
+    folder = session.config._tmp_path_factory.mktemp("model-cache", numbered=True)
+    os.environ[CACHE_ENV] = str(folder)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _saved_cache:
+        _restore_env({CACHE_ENV: _saved_cache.pop()})
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if SLOW_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.slow)
+        # The first test to ask for a default model trains it (minutes on a busy machine) within
+        # its own time limit; give those tests room unless they set a limit themselves.
+        if "default_models" in fixtures and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TRAINING_TIMEOUT_S))
+
+
+def models_key() -> str:
+    """A hash of everything that decides the default models' weights: the sources of data,
+    models, diffusion, training and the draws, and the torch version."""
+    import torch
+
+    h = hashlib.sha256(torch.__version__.encode())
+    for package in ("data", "models", "diffusion", "training"):
+        for path in sorted((REPO / "pipeline" / package).rglob("*.py")):
+            h.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    h.update((REPO / "pipeline" / "rng.py").read_bytes())
+    return h.hexdigest()[:20]
+
+
+@pytest.fixture(scope="session")
+def default_models(request):
+    """prepare(role, dataset="digits"): puts that default model in the session cache, as the `prepare`
+    step of a run does, and returns its folder. Call it before building a defense on a default model.
+
+    Each model is trained once per session; a trained copy is kept under pytest's cache folder
+    keyed by `models_key()` and copied from there when the key matches, so unchanged sources
+    never train twice."""
+    from pipeline.models.zoo import default_path
+    from pipeline.training.defaults import ensure_default_model
+
+    store = getattr(request.config, "cache", None)  # None under -p no:cacheprovider: train, keep nothing
+    keep = store.mkdir("robustsweep-models") / models_key() if store is not None else None
+
+    def prepare(role: str, dataset: str = "digits") -> Path:
+        name = f"{dataset}-{role}"
+        target = default_path(dataset, role)
+        if keep is not None and (keep / name / "config.json").is_file() and not target.exists():
+            shutil.copytree(keep / name, target)
+        folder = ensure_default_model(dataset, role, progress=False)
+        if keep is not None and not (keep / name).exists():
+            tmp = keep / f".{name}.{os.getpid()}.tmp"
+            shutil.copytree(folder, tmp)
+            try:
+                tmp.rename(keep / name)
+            except OSError:  # another session kept the same model first
+                shutil.rmtree(tmp, ignore_errors=True)
+        return folder
+
+    return prepare
+
+
+class Digits(NamedTuple):
+    """The digits splits as tensors: x float32 (N, 1, 8, 8) in [0, 1], y int64 (N,)."""
+
+    x_train: "torch.Tensor"
+    y_train: "torch.Tensor"
+    x_test: "torch.Tensor"
+    y_test: "torch.Tensor"
+
+
+@pytest.fixture(scope="session")
+def digits() -> Digits:
+    from pipeline.data import load_split
+
+    return Digits(*load_split("digits", "train"), *load_split("digits", "test"))
 
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 REGION = "us-east-1"
@@ -108,7 +218,6 @@ def ray_nodes(s3_server, tmp_path_factory):
     import ray
     from ray.cluster_utils import Cluster
 
-    os.environ.setdefault("ROBUSTSWEEP_CACHE", str(tmp_path_factory.mktemp("model-cache")))
     # Quick health checks, so a removed node is declared dead in seconds rather than a minute.
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "include_dashboard": False,
@@ -132,13 +241,11 @@ def ray_cluster(ray_nodes):
 
 
 @pytest.fixture(scope="session")
-def linear_classifier():
+def linear_classifier(digits):
     """A linear softmax classifier on digits (about 95% test accuracy), trained in a second."""
     import torch
 
-    from pipeline.data import load_split
-
-    x, y = load_split("digits", "train")
+    x, y = digits.x_train, digits.y_train
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     opt = torch.optim.Adam(net.parameters(), lr=0.05)

@@ -165,6 +165,7 @@ def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
     return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make setup-browser installs it)")
 def test_html_page_in_headless_chromium(outputs, tmp_path):
     _, root, _ = outputs

@@ -5,7 +5,6 @@ import torch
 
 from pipeline.config.attack import parse_attack
 from pipeline.protocol import check_perturbation, evaluate, sweep_flags
-from pipeline.data import load_split
 from pipeline.defenses import MixupInference, Plain, RDC
 from pipeline.defenses.lm import LikelihoodMaximization
 from pipeline.diffusion.optimal import OptimalEps
@@ -13,10 +12,8 @@ from pipeline.errors import AttackError, ConfigError
 
 
 @pytest.fixture(scope="module")
-def data(linear_classifier):
-    xtr, ytr = load_split("digits", "train")
-    xte, yte = load_split("digits", "test")
-    return linear_classifier, xtr, ytr, xte[:12], yte[:12]
+def data(linear_classifier, digits):
+    return linear_classifier, digits.x_train, digits.y_train, digits.x_test[:12], digits.y_test[:12]
 
 
 def plain(net, name="linear"):

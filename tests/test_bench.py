@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 KEYS = ("reference_examples_per_s", "engine_examples_per_s", "ratio", "grad_ratio", "fraction_of_peak", "device",
         "threads", "torch", "flops_per_example", "reference_flops_per_example", "peak_flops", "grad_fraction_of_peak",
         "load_before")
@@ -16,7 +18,9 @@ def _bench(*args):
     return json.loads(proc.stdout)
 
 
-def test_bench_elbo_json_on_the_digits_unet():
+@pytest.mark.slow
+def test_bench_elbo_json_on_the_digits_unet(default_models):
+    default_models("diffusion")  # the subprocess finds it in the session's cache
     result = _bench("--examples", "1", "--timesteps", "3", "--repeat", "1")
     for key in KEYS:
         assert key in result, key
@@ -29,7 +33,9 @@ def test_bench_elbo_json_on_the_digits_unet():
     assert result["logits_max_rel_diff"] < 1e-4 and result["grads_max_rel_diff"] < 1e-3
 
 
-def test_bench_elbo_in_bf16_checks_predictions_against_float32():
+@pytest.mark.slow
+def test_bench_elbo_in_bf16_checks_predictions_against_float32(default_models):
+    default_models("diffusion")  # the subprocess finds it in the session's cache
     result = _bench("--examples", "1", "--timesteps", "2", "--repeat", "1", "--no-grad", "--autocast", "bf16",
                     "--agreement-timesteps", "2")
     assert result["dtype"] == "bfloat16" and result["engine"]["autocast"] == "bf16"
@@ -42,12 +48,14 @@ def test_bench_elbo_in_bf16_checks_predictions_against_float32():
     assert 0 < result["logits_max_rel_diff"] < 2e-2
 
 
+@pytest.mark.slow
 def test_bench_elbo_rejects_an_unknown_compile_mode():
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "elbo", "--compile", "yes"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--compile must be off, forward or on" in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_elbo_json_on_the_optimal_model():
     result = _bench("--model", "optimal", "--examples", "2", "--timesteps", "5", "--repeat", "1", "--no-grad")
     for key in ("reference_examples_per_s", "engine_examples_per_s", "ratio", "fraction_of_peak", "device"):
@@ -64,7 +72,9 @@ def test_hand_split_covers_every_unit_once():
         assert covered == list(range(n)) and all(e > b for b, e in ranges) and len(ranges) == min(n, parts)
 
 
-def test_bench_scaling_json_ray_and_processes_agree():
+@pytest.mark.slow
+def test_bench_scaling_json_ray_and_processes_agree(default_models):
+    default_models("diffusion")  # the subprocess finds it in the session's cache
     """The whole bench on a tiny job: a local Ray cluster of its own, 1 and 2 workers against the
     hand split; it raises unless both give the same predictions and logits for every example."""
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "scaling", "--examples", "4", "--shard-size", "2",

@@ -70,6 +70,7 @@ def test_bad_tables_name_the_field(table, field):
     assert str(info.value).startswith(field)
 
 
+@pytest.mark.slow
 def test_cli_accuracy_and_exit_codes():
     ok = subprocess.run([sys.executable, "-m", "pipeline.cli", "accuracy",
                          json.dumps({"kind": "rdc", "model": "optimal", "timesteps": 10}), "--limit", "20"],
@@ -80,3 +81,31 @@ def test_cli_accuracy_and_exit_codes():
     bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "accuracy", json.dumps({"kind": "rdc", "timesteps": 0})],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "defense.timesteps" in bad.stderr
+
+
+def test_building_a_defense_never_trains(tmp_path, monkeypatch):
+    cache = tmp_path / "empty-cache"
+    monkeypatch.setenv("ROBUSTSWEEP_CACHE", str(cache))
+    with pytest.raises(CheckpointError) as info:
+        build_defense({"kind": "plain"})
+    message = str(info.value)
+    assert str(cache / "models" / "digits-erm") in message
+    assert "robustsweep train classifier --method erm --dataset digits --out" in message
+    with pytest.raises(CheckpointError, match="robustsweep train diffusion --dataset digits"):
+        build_defense({"kind": "rdc", "model": "default", "timesteps": 2})
+    assert not (cache / "models" / "digits-erm").exists()  # nothing was trained
+
+
+def test_the_prepare_step_knows_which_default_model_a_table_uses():
+    from pipeline.config.defense import parse_defense
+    from pipeline.training.defaults import default_model_of
+
+    def of(table):
+        return default_model_of(parse_defense(table))
+
+    assert of({"kind": "plain"}) == ("digits", "erm")
+    assert of({"kind": "mi", "dataset": "cifar10"}) == ("cifar10", "mixup")
+    assert of({"kind": "mi", "method": "iat"}) == ("digits", "iat")
+    assert of({"kind": "rdc", "model": "default"}) == ("digits", "diffusion")
+    assert of({"kind": "rdc", "model": "optimal"}) is None
+    assert of({"kind": "plain", "model": "/some/checkpoint"}) is None

@@ -8,11 +8,11 @@ import torch
 from pipeline.bench.elbo import count_flops
 from pipeline.defenses.engine import EngineOptions, plan
 from pipeline.defenses.rdc import RDC
+from pipeline.defenses.reference import reference_logits
 from pipeline.models.unet import UNet, unet_config
 from pipeline.errors import ConfigError
 from pipeline.rng import Draw
 
-from test_rdc import naive_rdc_logits  # the ELBO written as a loop, one class and timestep per call
 
 # Two levels, two ResBlocks a level, attention at 8x8: the shared terms sit in other places
 # than in the digits UNet (the first level has two blocks, the last block reads 32 + 16 channels).
@@ -89,7 +89,7 @@ def test_engine_equals_the_plain_computation_values_and_gradients(cfg, chunk):
     xg = x.clone().requires_grad_(True)
     got = rdc.evaluate(xg, draw)
     xr = x.clone().requires_grad_(True)
-    want = naive_rdc_logits(model, xr, rdc.ts, draw, K)
+    want = reference_logits(model, xr, rdc.ts, draw, K)
     assert torch.allclose(got, want, atol=1e-10, rtol=1e-10)
     w = torch.randn(2, K, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     (g_engine,) = torch.autograd.grad((got * w).sum(), xg)
@@ -165,10 +165,13 @@ def test_engine_options_are_checked():
         EngineOptions(compile="backward")
 
 
-def test_engine_spec_takes_forward_only_compilation_and_defenses_come_frozen():
+def test_engine_spec_takes_forward_only_compilation_and_defenses_come_frozen(tmp_path):
     from pipeline.defenses import build_defense
+    from pipeline.models.checkpoint import save_checkpoint
 
-    spec = {"kind": "rdc", "model": "default", "dataset": "digits", "timesteps": 2,
+    unet = _unet(unet_config("digits")).float()  # untrained: what is checked is the spec and the frozen weights
+    save_checkpoint(tmp_path / "unet", unet, unet_config("digits"))
+    spec = {"kind": "rdc", "model": str(tmp_path / "unet"), "dataset": "digits", "timesteps": 2,
             "engine": {"compile": "forward", "autocast": "bf16"}}
     rdc = build_defense(spec)
     assert rdc.engine.compile == "forward" and rdc.engine.autocast == "bf16"
@@ -210,10 +213,13 @@ def test_flop_counter_counts_a_known_layer():
     assert count_flops(lambda: lin(torch.randn(4, 7))) == 2 * 4 * 7 * 11
 
 
-def test_autocast_bf16_predictions_match_float32_on_the_digits_test_split():
+@pytest.mark.slow  # on the trained default UNet, which a fresh session trains first
+def test_autocast_bf16_predictions_match_float32_on_the_digits_test_split(default_models):
     """The check that autocast must pass before a GPU sweep uses it; on a CPU-only machine it
     runs in bf16 on the CPU (a GPU, where present, is checked in bf16 and fp16)."""
     from pipeline.bench.elbo import autocast_agreement
+
+    default_models("diffusion")
 
     devices = [("cpu", "bf16")] + ([("cuda", "bf16"), ("cuda", "fp16")] if torch.cuda.is_available() else [])
     for device, dtype in devices:
@@ -222,6 +228,7 @@ def test_autocast_bf16_predictions_match_float32_on_the_digits_test_split():
         assert result["agreement"] >= 0.99, result
 
 
+@pytest.mark.slow  # torch.compile runs the C compiler in subprocesses
 def test_torch_compile_gives_the_same_logits():
     """torch.compile of the engine's network calls (a small UNet keeps compilation short)."""
     import shutil

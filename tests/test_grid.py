@@ -9,7 +9,6 @@ import ray
 import torch
 
 from pipeline.protocol import evaluate
-from pipeline.data import load_split
 from pipeline.defenses import build_defense
 from pipeline.config.job import parse_job
 from pipeline.config.run import RunOptions
@@ -39,9 +38,9 @@ def gpu_actors(n):
 
 
 @pytest.fixture(scope="module")
-def digits():
-    x, y = load_split("digits", "test")
-    return x[:3], y[:3]
+def mixup_model(default_models):
+    """The "mi" table's default classifier, prepared as a run's driver does before its workers start."""
+    return default_models("mixup")
 
 
 def logits_and_grad(defense, x):
@@ -56,8 +55,8 @@ def logits_and_grad(defense, x):
 
 @pytest.mark.parametrize("name", list(TABLES))
 @pytest.mark.parametrize("with_leader", [False, True])
-def test_gang_equals_one_actor(ray_cluster, digits, name, with_leader):
-    x, _ = digits
+def test_gang_equals_one_actor(ray_cluster, mixup_model, digits, name, with_leader):
+    x = digits.x_test[:3]
     table = TABLES[name]
     defense = build_defense(table)
     ref_out, ref_grad = logits_and_grad(defense, x)
@@ -80,9 +79,9 @@ def test_gang_equals_one_actor(ray_cluster, digits, name, with_leader):
     assert torch.allclose(again, ref_out, rtol=0, atol=0)
 
 
-def test_lm_steps_are_split_across_the_gang(ray_cluster, digits):
+def test_lm_steps_are_split_across_the_gang(ray_cluster, mixup_model, digits):
     """RDC+LM with BPDA: every LM step's samples are spread, one gang call per step and member."""
-    x, _ = digits
+    x = digits.x_test[:3]
     table = TABLES["rdc+lm"]
     defense = build_defense(table)
     actors = gpu_actors(2)
@@ -108,8 +107,8 @@ def attack_records(defense, x, y):
     return [{k: r[k] for k in COLUMNS} | {"adv_logits": r["adv_logits"]} for r in records]
 
 
-def test_member_killed_mid_attack_gives_the_same_result(ray_cluster, digits):
-    x, y = digits[0][:2], digits[1][:2]
+def test_member_killed_mid_attack_gives_the_same_result(ray_cluster, mixup_model, digits):
+    x, y = digits.x_test[:2], digits.y_test[:2]
     table = TABLES["rdc+lm"]
     defense = build_defense(table)
     undisturbed = attack_records(defense, x, y)

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from pipeline.data import load_split
 from pipeline.defenses.mi import MixupInference
 from pipeline.defenses.plain import Plain
 from pipeline.errors import ConfigError, InputError
@@ -11,10 +10,8 @@ from pipeline.rng import Draw
 
 
 @pytest.fixture(scope="module")
-def setup(linear_classifier):
-    xtr, ytr = load_split("digits", "train")
-    xte, yte = load_split("digits", "test")
-    return linear_classifier, xtr, ytr, xte, yte
+def setup(linear_classifier, digits):
+    return (linear_classifier, *digits)
 
 
 def draw_for(ids, seed=0):

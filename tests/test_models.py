@@ -9,7 +9,6 @@ import torch
 
 from pipeline.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint, read_config, save_checkpoint
 from pipeline.training.classifier import evaluate_accuracy, train_classifier
-from pipeline.data import load_split
 from pipeline.training.diffusion import train_diffusion
 from pipeline.models.unet import UNet, unet_config
 from pipeline.errors import CheckpointError, ConfigError
@@ -24,11 +23,6 @@ SMALL_CIFAR_UNET = {"arch": "unet", "in_channels": 3, "image_size": 32, "num_cla
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_split("digits", "train") + load_split("digits", "test")
 
 
 def _unet_inputs(cfg, B=4, seed=0):
@@ -172,6 +166,7 @@ def test_classifier_shapes():
 # -- training --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # six epochs of training
 def test_erm_training_reaches_high_accuracy(digits):
     x, y, x_test, y_test = digits
     model, stats = train_classifier(x, y, CNN, method="erm", epochs=6, batch_size=64, lr=2e-3, progress=False)
@@ -214,6 +209,7 @@ def test_unknown_training_method():
         train_classifier(torch.rand(8, 1, 8, 8), torch.zeros(8, dtype=torch.long), CNN, method="cutmix", epochs=1, batch_size=4, lr=1e-3)
 
 
+@pytest.mark.slow  # 150 diffusion training steps
 def test_ddpm_loss_decreases(digits):
     x, y = digits[0], digits[1]
     cfg = dict(unet_config("digits"), base_channels=16)

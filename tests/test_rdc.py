@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from pipeline import rng
-from pipeline.data import load_split
 from pipeline.defenses.lm import LikelihoodMaximization
 from pipeline.defenses.rdc import RDC
+from pipeline.defenses.reference import reference_logits
 from pipeline.diffusion.optimal import OptimalEps
 from pipeline.diffusion.schedule import VPSchedule
 from pipeline.errors import ConfigError, InputError
@@ -21,13 +21,8 @@ def draw_for(ids, seed=0, calls=None):
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_split("digits", "train"), load_split("digits", "test")
-
-
-@pytest.fixture(scope="module")
 def optimal(digits):
-    (xtr, ytr), _ = digits
+    xtr, ytr = digits.x_train, digits.y_train
     return OptimalEps(xtr, ytr, 10)
 
 
@@ -72,34 +67,15 @@ def test_optimal_model_equals_brute_force():
         assert torch.allclose(every[:, c], brute_force_eps(x, y, x_t, t, torch.full((6,), c), 3), atol=1e-10)
 
 
-def naive_rdc_logits(model, x, ts, draw, num_classes, temperature=1.0, log_prior=None):
-    """logit_y = -(1/|S|) sum_t ||eps(sqrt(a_t)(2x-1) + s_t e_t, t, y) - e_t||^2 / tau + log p(y), a loop."""
-    sch = VPSchedule()
-    e = draw.normal(rng.ELBO_NOISE, ts, tuple(x.shape[1:]), dtype=x.dtype)
-    out = []
-    for c in range(num_classes):
-        total = 0
-        for j, t in enumerate(ts.tolist()):
-            a = sch.alpha[t].item()
-            x_t = math.sqrt(a) * (2 * x - 1) + math.sqrt(1 - a) * e[:, j]
-            eps = model(x_t, torch.full((x.shape[0],), t), torch.full((x.shape[0],), c))
-            total = total + ((eps - e[:, j]) ** 2).flatten(1).sum(1)
-        logit = -total / len(ts) / temperature
-        if log_prior is not None:
-            logit = logit + log_prior[c]
-        out.append(logit)
-    return torch.stack(out, 1)
-
-
 def test_rdc_engine_matches_the_formula_values_and_gradients(digits, optimal):
-    _, (xte, _) = digits
+    xte = digits.x_test
     model = optimal
     x = xte[:3].double().requires_grad_(True)
     draw = draw_for([7, 8, 9])
     prior = torch.tensor([0.05] * 5 + [0.15] * 5, dtype=torch.float64)
     rdc = RDC(model, 10, 1, 8, timesteps=7, batch_size=5, temperature=2.0, prior=prior)
     got = rdc.evaluate(x, draw)
-    ref = naive_rdc_logits(model, x, rdc.ts, draw, 10, temperature=2.0, log_prior=torch.log(prior / prior.sum()))
+    ref = reference_logits(model, x, rdc.ts, draw, 10, temperature=2.0, log_prior=torch.log(prior / prior.sum()))
     assert torch.allclose(got, ref, atol=1e-9)
     w = torch.randn(3, 10, dtype=torch.float64)
     (g_engine,) = torch.autograd.grad((got * w).sum(), x)
@@ -127,7 +103,7 @@ def test_rdc_unet_path_matches_the_formula():
     draw = draw_for([0, 1, 2, 3])
     rdc = RDC(net, 3, 1, 2, timesteps=11, batch_size=7)
     got = rdc.evaluate(x, draw)
-    ref = naive_rdc_logits(net, x, rdc.ts, draw, 3)
+    ref = reference_logits(net, x, rdc.ts, draw, 3)
     assert torch.allclose(got, ref, atol=1e-10)
     (g1,) = torch.autograd.grad(got.logsumexp(1).sum(), x)
     (g2,) = torch.autograd.grad(ref.logsumexp(1).sum(), x)
@@ -135,7 +111,7 @@ def test_rdc_unet_path_matches_the_formula():
 
 
 def test_rdc_optimal_classifies_digits(digits, optimal):
-    _, (xte, yte) = digits
+    xte, yte = digits.x_test, digits.y_test
     rdc = RDC(optimal, 10, 1, 8, timesteps=50)
     with torch.no_grad():
         acc = (rdc(xte).argmax(1) == yte).float().mean().item()
@@ -143,7 +119,7 @@ def test_rdc_optimal_classifies_digits(digits, optimal):
 
 
 def test_partials_sum_to_the_output_for_any_split(digits, optimal):
-    _, (xte, _) = digits
+    xte = digits.x_test
     x, draw = xte[:5], draw_for([3, 1, 4, 1, 5])
     rdc = RDC(optimal, 10, 1, 8, timesteps=20, prior=torch.linspace(1, 2, 10).tolist(), temperature=0.5)
     full = rdc.evaluate(x, draw)
@@ -159,7 +135,7 @@ def test_partials_sum_to_the_output_for_any_split(digits, optimal):
 
 
 def test_logits_do_not_depend_on_batch_size_or_order(digits, optimal):
-    _, (xte, _) = digits
+    xte = digits.x_test
     x, ids = xte[:32], torch.arange(100, 132)
     rdc = RDC(optimal, 10, 1, 8, timesteps=10)
     together = rdc.evaluate(x, draw_for(ids))
@@ -173,7 +149,7 @@ def test_logits_do_not_depend_on_batch_size_or_order(digits, optimal):
 
 
 def test_noise_is_shared_across_classes_and_fresh_across_calls(digits, optimal):
-    _, (xte, _) = digits
+    xte = digits.x_test
     rdc = RDC(optimal, 10, 1, 8, timesteps=10).bind([0, 1])
     first, second = rdc(xte[:2]), rdc(xte[:2])
     assert not torch.allclose(first, second)  # EOT sees fresh noise per call
@@ -219,7 +195,7 @@ def test_pruned_scoring_evaluates_each_term_once():
 def test_the_last_stage_keep_is_honoured(digits, optimal):
     """keep = 2 in the last stage: two finalists per example keep their estimates; the other classes of that
     stage are capped prune_margin below the weaker finalist (keep = 5 leaves all five uncapped)."""
-    _, (xte, _) = digits
+    xte = digits.x_test
     margin = 1e3
     with torch.no_grad():
         all_five = RDC(optimal, 10, 1, 8, pruning=[(10, 5), (20, 5)], prune_margin=margin).evaluate(xte[:4], draw_for(range(4)))
@@ -233,7 +209,7 @@ def test_the_last_stage_keep_is_honoured(digits, optimal):
 
 
 def test_pruning_keeps_the_finalists_on_top(digits, optimal):
-    _, (xte, yte) = digits
+    xte, yte = digits.x_test, digits.y_test
     rdc = RDC(optimal, 10, 1, 8, pruning=[(10, 3), (50, 1)])
     with torch.no_grad():
         logits = rdc(xte[:60])
@@ -247,7 +223,7 @@ def test_pruning_keeps_the_finalists_on_top(digits, optimal):
 
 
 def test_lm_stays_in_the_ball_and_lowers_the_loss(digits, optimal):
-    _, (xte, _) = digits
+    xte = digits.x_test
     x = xte[:16]
     draw = draw_for(torch.arange(16))
     lm = LikelihoodMaximization(optimal, 10)
@@ -264,7 +240,7 @@ def test_lm_stays_in_the_ball_and_lowers_the_loss(digits, optimal):
 
 
 def test_lm_gradient_paths(digits, optimal):
-    _, (xte, _) = digits
+    xte = digits.x_test
     model = optimal
     # Pixels off the box edges so that no gradient is exactly zero (sign(0) would jump under
     # finite differences); the dark pixels still hit the box at 0 within the steps.

@@ -165,6 +165,7 @@ BAD = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_invalid_specs_exit_2_and_write_nothing(case, tmp_path):
     body, field = BAD[case]
@@ -190,6 +191,7 @@ def test_invalid_specs_exit_2_and_write_nothing(case, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_unreadable_job_file_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(tmp_path / "missing.toml")],
                           capture_output=True, text=True, timeout=60)

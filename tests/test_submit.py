@@ -1,9 +1,8 @@
 """Submission to a real Ray head through the Jobs API, by the library and the CLI.
 
-The head is started here with `ray start --head` on 127.0.0.1, with its own temp dir and ports
-and in a process group of its own; it is stopped by killing that group and the processes it
-spawned (never `ray stop`, which would stop every Ray cluster on the machine). The jobs carry a
-copy of the package as their working dir, so what runs is the code that was submitted.
+The head is started by tests/rayhead.py (`ray start --head` on 127.0.0.1, its own temp dir, ports
+and process group; stopped by killing what it spawned, never `ray stop`). The jobs carry a copy of
+the package as their working dir, so what runs is the code that was submitted.
 """
 
 from __future__ import annotations
@@ -12,13 +11,8 @@ import asyncio
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -29,12 +23,12 @@ from pipeline.cli import app
 from pipeline.config.run import RunOptions
 from pipeline.errors import ClusterError, ConfigError
 from pipeline.runtime.submit import entrypoint, follow_job, job_status, runtime_env, stop_job, submit_job, wait_for_job
+from rayhead import Head, free_port, ray_head
 
 # Ray's log-tail client passes ssl=None to aiohttp, which warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")
 
 REPO = Path(__file__).resolve().parents[1]
-RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the venv's `ray`, whatever PATH holds
 
 TINY = """
 name = "tiny"
@@ -82,93 +76,15 @@ kind = "none"
 """
 
 
-@dataclass(frozen=True)
-class Head:
-    address: str          # the dashboard URL, http://127.0.0.1:PORT
-    project: Path         # the working dir the jobs travel with
-    cache: Path           # ROBUSTSWEEP_CACHE of the jobs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _processes() -> dict[int, tuple[int, int, str]]:
-    """pid -> (parent pid, process group, state), read from /proc."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-        table[int(entry.name)] = (int(fields[1]), int(fields[2]), fields[0])
-    return table
-
-
-def _head_processes(pgid: int) -> set[int]:
-    """The head's processes (its group) and everything they spawned: Ray workers and job
-    drivers move to process groups of their own."""
-    table = _processes()
-    found = {pid for pid, (_, group, _) in table.items() if group == pgid}
-    grew = True
-    while grew:
-        more = {pid for pid, (parent, _, _) in table.items() if parent in found} - found
-        found |= more
-        grew = bool(more)
-    found.discard(os.getpid())
-    return found
-
-
-def _alive(pids: set[int]) -> set[int]:
-    table = _processes()
-    return {pid for pid in pids if pid in table and table[pid][2] != "Z"}
-
-
-def _kill_head(pgid: int) -> None:
-    pids = _head_processes(pgid)
-    for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):  # the GCS may ignore SIGTERM
-        for pid in _alive(pids):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while _alive(pids) and time.monotonic() < deadline:
-            time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    # A short temp dir: Ray's unix socket paths live under it and must stay under 108 bytes.
-    temp = Path(tempfile.mkdtemp(prefix="rs-head-", dir="/tmp"))
     project = tmp_path_factory.mktemp("project")
     shutil.copytree(REPO / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     (project / "jobs").mkdir()
     for name, text in (("tiny", TINY), ("long", LONG), ("nodata", MISSING_DATA)):
         (project / "jobs" / f"{name}.toml").write_text(text)
-    cache = tmp_path_factory.mktemp("job-cache")
-    dashboard = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env["RAY_AUTH_MODE"] = "disabled"  # hermetic: no token from ~/.ray decides how clients must talk
-    start = subprocess.Popen(
-        RAY + ["start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-               f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-               "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    pgid = start.pid  # start_new_session: the `ray start` process leads a group its daemons stay in
-    try:
-        out, _ = start.communicate(timeout=90)
-        assert start.returncode == 0, out[-3000:]
-        yield Head(f"http://127.0.0.1:{dashboard}", project, cache)
-    finally:
-        _kill_head(pgid)
-        shutil.rmtree(temp, ignore_errors=True)
+    with ray_head(project, tmp_path_factory.mktemp("job-cache")) as h:
+        yield h
 
 
 def _cli(*args: str):
@@ -239,7 +155,7 @@ def test_bad_input_is_refused_before_anything_is_sent(tmp_path):
 
 
 def test_unreachable_cluster_is_a_cluster_error():
-    closed = f"http://127.0.0.1:{_free_port()}"
+    closed = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ClusterError, match="cannot reach the Ray dashboard"):
         job_status(closed, "raysubmit_abc")
     for args in (["status", "raysubmit_abc"], ["logs", "raysubmit_abc"], ["stop", "raysubmit_abc"]):

@@ -30,11 +30,14 @@ from the default attack name prefix "aa-".
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 from pipeline.analytics.render import format_eps
 from pipeline.analytics.source import Source, as_connection
+from pipeline.names import safe_name
+from pipeline.store import Store
+from pipeline.store.adversarial import FOLDER, adversarial_path
+from pipeline.store.adversarial import forward_per_prediction
 
 
 def attack_kinds(plans: Sequence[Mapping]) -> dict[str, str]:
@@ -59,9 +62,6 @@ def forward_passes(runs: Sequence[tuple]) -> dict[str, float]:
     """{defense name: network evaluations per prediction} from the footers of the runs'
     adversarial-images files (one footer read per defense and run); where runs disagree (they
     should not) the mean."""
-    from pipeline.store.adversarial import FOLDER, adversarial_path
-    from pipeline.store.adversarial import forward_per_prediction as footer
-
     found: dict[str, list[float]] = {}
     for store, plan in runs:
         stored = set(store.list(FOLDER, ".parquet")) if plan is not None else set()
@@ -70,7 +70,7 @@ def forward_passes(runs: Sequence[tuple]) -> dict[str, float]:
             rel = adversarial_path(unit["path"])
             if unit["defense"] in seen or rel not in stored:
                 continue  # one unit per defense is enough: the count is a property of the defense
-            value = footer(store, rel)
+            value = forward_per_prediction(store, rel)
             if value is not None:
                 found.setdefault(unit["defense"], []).append(value)
                 seen.add(unit["defense"])
@@ -164,16 +164,12 @@ def robustbench_entries(source: Source, *, plans: Sequence[Mapping] = (), runs: 
 
 def entry_path(entry: Mapping) -> str:
     """Where an entry goes under the export folder: {dataset}/{threat_model}/{name}_eps{eps}.json."""
-    def safe(text: str) -> str:
-        return re.sub(r"[^A-Za-z0-9._+-]", "_", str(text))
-
-    return f"{safe(entry['dataset'])}/{safe(entry['threat_model'])}/{safe(entry['name'])}_eps{safe(entry['eps'])}.json"
+    return (f"{safe_name(entry['dataset'])}/{safe_name(entry['threat_model'])}/"
+            f"{safe_name(entry['name'])}_eps{safe_name(entry['eps'])}.json")
 
 
 def write_robustbench(entries: Sequence[Mapping], out: str, endpoint_url: str | None = None) -> list[str]:
     """Write each entry as JSON under `out` (a folder or s3://...), atomically; returns the URIs."""
-    from pipeline.store import Store
-
     store = Store(out, endpoint_url=endpoint_url)
     written = []
     for entry in entries:

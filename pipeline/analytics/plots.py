@@ -21,7 +21,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pipeline.analytics.render import format_eps
+from pipeline.analytics.report import summarize
 from pipeline.analytics.source import Source, as_connection
+from pipeline.data import load_split
+from pipeline.errors import DatasetError
+from pipeline.names import safe_name
+from pipeline.store.adversarial import FOLDER, read_adversarial
 
 FIGSIZE = (8.0, 5.0)
 DPI = 100
@@ -29,15 +34,10 @@ DPI = 100
 EXAMPLE_COLUMN_INCHES = 2.4
 EXAMPLE_ROW_INCHES = 2.6
 EXAMPLE_COLUMNS = 3  # clean, adversarial, perturbation
-T = 1000  # diffusion timesteps of the VP schedule (DESIGN.md): what RDC's "all" means
+T = 1000  # diffusion timesteps of the VP schedule (docs/ARCHITECTURE.md, "The grid"): what RDC's "all" means
 NORM_COLUMN = {"Linf": "linf", "L2": "l2", "L1": "l1"}
 
 Plot = tuple[str, bytes]
-
-
-def safe_name(text: str) -> str:
-    """A file-name fragment from a defense/attack name: letters, digits and ._+- kept."""
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", str(text))
 
 
 def _eps_name(eps: float, norm: str) -> str:
@@ -295,8 +295,6 @@ def example_grids(source: Source, runs: Sequence[tuple], per_defense: int = 6) -
     adversarial/ side files (pipeline.store.adversarial); clean images from the dataset the
     plan names (pipeline.data.load_split). Notes say what could not be drawn and why.
     """
-    from pipeline.store.adversarial import FOLDER, read_adversarial
-
     notes: list[str] = []
     files: dict[tuple[str, str], tuple] = {}
     data_of: dict[str, dict] = {}
@@ -332,9 +330,6 @@ def example_grids(source: Source, runs: Sequence[tuple], per_defense: int = 6) -
         data = data_of[examples[0]["run_id"]]
         key = json.dumps(data, sort_keys=True)
         if key not in splits:
-            from pipeline.data import load_split
-            from pipeline.errors import DatasetError
-
             try:
                 x, _ = load_split(data["dataset"], data["split"], root=data.get("root"))
             except DatasetError as exc:
@@ -351,8 +346,6 @@ def all_plots(source: Source, *, plans: Sequence[Mapping] = (), runs: Sequence[t
               summary: Sequence[dict] | None = None, per_defense: int = 6) -> tuple[list[Plot], list[str]]:
     """Every figure this module draws, in a stable order, and the notes of what was skipped.
     summary: `summarize(source)` if already computed."""
-    from pipeline.analytics.report import summarize
-
     con, owned = as_connection(source)
     try:
         summary = list(summary) if summary is not None else summarize(con)

@@ -139,7 +139,7 @@ WIDE_CLASSES = 20
 
 def _classes_wide(rows: Sequence[dict]) -> tuple[list[str], list[bool], list[list[str]]]:
     # One row per group, one column per label: a sweep of 10-class runs reads at a glance,
-    # and a table of a few hundred rows renders fast (a million-row report stays under 2 s).
+    # and a table of a few hundred rows renders fast (BENCHMARKS.md, "Report over a million rows").
     labels = sorted({r["label"] for r in rows})
     group = _group_columns()
     by_group: dict[tuple, dict[int, dict]] = {}

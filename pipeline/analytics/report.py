@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import duckdb
 import pyarrow as pa
 
-from pipeline.analytics.source import Source, as_connection, columns_of
+from pipeline.analytics.source import Source, as_connection, columns_of, run_stores
 from pipeline.errors import ConfigError, StoreError
 from pipeline.flags import flags_of
 
@@ -314,7 +314,5 @@ def build_report(source: Source, sections: Sequence[str] = SECTIONS) -> dict[str
 
 def load_records(uris: Sequence[str], endpoint_url: str | None = None) -> pa.Table:
     """The records of one or more run folders (local or s3://), concatenated into one table."""
-    from pipeline.analytics.source import run_stores
-
     tables = [store.read_records("records") for store in run_stores(uris, endpoint_url)]
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]

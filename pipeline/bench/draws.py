@@ -19,7 +19,7 @@ import time
 import torch
 
 from pipeline import rng
-from pipeline.bench.elbo import best_of
+from pipeline.bench.common import best_of
 from pipeline.defenses.rdc import RDC
 from pipeline.errors import ConfigError
 from pipeline.models.registry import build_model

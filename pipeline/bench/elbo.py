@@ -14,45 +14,30 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import platform
-import time
 from dataclasses import replace
 
 import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline.bench.common import best_of, load_average, machine_info, timed
+from pipeline.config.defense import parse_defense
 from pipeline.data import load_split
 from pipeline.defenses import build_defense
 from pipeline.defenses.engine import EngineOptions, autocast_dtype, chunk_size, record_agreement
+from pipeline.defenses.reference import reference_logits
 from pipeline.rng import Draw
+from pipeline.training.defaults import prepare_defaults
 
 
 def _reference_logits(rdc, x: torch.Tensor, draw: Draw, eps_model=None, chunk: int = 64) -> torch.Tensor:
-    """The published strategy: per example, per class, timesteps in chunks of `chunk`.
+    """The published strategy (defenses/reference.py) on rdc's timesteps, schedule and prior.
 
     eps_model: the network to call (default rdc.eps_model); the bench passes an untouched
     copy, so that the engine's layout changes do not reach the reference.
     """
-    eps_model = eps_model or rdc.eps_model
-    out = []
-    for i in range(x.shape[0]):
-        d = draw.subset(torch.tensor([i]))
-        noise = rdc.noise(d, rdc.ts, x[i:i + 1])[0]  # (|S|, C, H, W): the engine's noise
-        row = []
-        for c in range(rdc.num_classes):
-            total = 0.0
-            for start in range(0, rdc.ts.numel(), chunk):
-                t = rdc.ts[start:start + chunk].to(x.device)
-                e = noise[start:start + chunk]
-                sqrt_a, s = rdc.schedule.coefficients(t, x.dtype)
-                x_t = sqrt_a.view(-1, 1, 1, 1) * (2 * x[i:i + 1] - 1) + s.view(-1, 1, 1, 1) * e
-                eps = eps_model(x_t, t, torch.full_like(t, c))
-                total = total + (eps - e).pow(2).flatten(1).sum(1).sum()
-            row.append(-total / rdc.ts.numel())
-        out.append(torch.stack(row))
-    return torch.stack(out)
+    return reference_logits(eps_model or rdc.eps_model, x, rdc.ts, draw, rdc.num_classes, schedule=rdc.schedule,
+                            temperature=rdc.temperature, log_prior=rdc.log_prior, chunk=chunk)
 
 
 def _reference_grads(rdc, x: torch.Tensor, draw: Draw, w: torch.Tensor, eps_model) -> torch.Tensor:
@@ -68,25 +53,6 @@ def _reference_grads(rdc, x: torch.Tensor, draw: Draw, w: torch.Tensor, eps_mode
 def _engine_grads(rdc, x: torch.Tensor, draw: Draw, w: torch.Tensor) -> torch.Tensor:
     xg = x.detach().requires_grad_(True)
     return torch.autograd.grad((rdc.evaluate(xg, draw) * w).sum(), xg)[0]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def best_of(fns: dict, repeat: int, device: torch.device) -> dict:
-    """{name: (best seconds, last result)}: each fn once to warm up, then `repeat` rounds in turn."""
-    results = {k: fn() for k, fn in fns.items()}
-    best = {k: float("inf") for k in fns}
-    for _ in range(repeat):
-        for k, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            results[k] = fn()
-            _sync(device)
-            best[k] = min(best[k], time.perf_counter() - start)
-    return {k: (best[k], results[k]) for k in fns}
 
 
 # The CPU kernels of scaled_dot_product_attention (taken for channels_last inputs) are missing
@@ -149,12 +115,8 @@ def profile_kinds(fn, device: torch.device, flops_fn=None) -> dict:
     with FlopCounterMode(display=False, custom_mapping=_SDPA_CPU) as counter:
         (flops_fn or fn)()
     conv_flops = sum(v for k, v in counter.get_flop_counts()["Global"].items() if "convolution" in str(k))
-    _sync(device)
-    start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-        _sync(device)
-    wall = time.perf_counter() - start
+        wall, _ = timed(fn, device)
     out = {k: 0.0 for k in _KINDS}
     out["compiled_fused"] = 0.0
     other = 0.0
@@ -226,9 +188,11 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
-    load_before = os.getloadavg()
+    load_before = load_average()
     options = EngineOptions(chunk=chunk, channels_last=channels_last, compile=compile, autocast=autocast)
-    rdc = build_defense({"kind": "rdc", "model": model, "dataset": "digits", "timesteps": timesteps}, device=dev)
+    spec = parse_defense({"kind": "rdc", "model": model, "dataset": "digits", "timesteps": timesteps})
+    prepare_defaults([spec], progress=False)  # building a defense never trains
+    rdc = build_defense(spec, device=dev)
     rdc.engine = options
     reference_model = copy.deepcopy(rdc.eps_model)  # the model as loaded, whatever the engine does to its copy
     x, _ = load_split("digits", "test")
@@ -238,12 +202,12 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
 
     compile_s = None
     if compile:  # compilation happens on the first call; time it apart from the runs
-        start = time.perf_counter()
-        with torch.no_grad():
-            rdc.evaluate(x[:1], draw.subset(torch.tensor([0])))
-        if grad:
-            _engine_grads(rdc, x[:1], draw.subset(torch.tensor([0])), w[:1])
-        compile_s = time.perf_counter() - start
+        def first_calls():
+            with torch.no_grad():
+                rdc.evaluate(x[:1], draw.subset(torch.tensor([0])))
+            if grad:
+                _engine_grads(rdc, x[:1], draw.subset(torch.tensor([0])), w[:1])
+        compile_s, _ = timed(first_calls, dev)
 
     # The peak in the dtype the engine's matmuls and convolutions run in: its autocast dtype
     # (bf16 by default on a GPU), else float32. Measured before and after the timed runs
@@ -251,9 +215,9 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
     dtype = autocast_dtype(options, dev) or torch.float32
     peak_before = matmul_peak(dev, dtype)
     with torch.no_grad():
-        timed = best_of({"reference": lambda: _reference_logits(rdc, x, draw, reference_model),
+        runs = best_of({"reference": lambda: _reference_logits(rdc, x, draw, reference_model),
                          "engine": lambda: rdc.evaluate(x, draw)}, repeat, dev)
-    (t_ref, ref), (t_eng, eng) = timed["reference"], timed["engine"]
+    (t_ref, ref), (t_eng, eng) = runs["reference"], runs["engine"]
     # Same noise, same model: float32 agrees to rounding; autocast (GPU) to its precision.
     low = dtype != torch.float32
     logit_rel = _close(eng, ref, "logits", 2e-2 if low else 1e-4)
@@ -272,9 +236,9 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
         "logits_max_rel_diff": logit_rel,
     }
     if grad:
-        timed = best_of({"reference": lambda: _reference_grads(rdc, x, draw, w, reference_model),
+        runs = best_of({"reference": lambda: _reference_grads(rdc, x, draw, w, reference_model),
                          "engine": lambda: _engine_grads(rdc, x, draw, w)}, max(1, repeat - 1), dev)
-        (g_ref_t, g_ref), (g_eng_t, g_eng) = timed["reference"], timed["engine"]
+        (g_ref_t, g_ref), (g_eng_t, g_eng) = runs["reference"], runs["engine"]
         grad_rel = _close(g_eng, g_ref, "input gradients", 5e-2 if low else 1e-3)
         with _uncompiled(rdc):
             g_eng_flops = count_flops(lambda: _engine_grads(rdc, *one, w[:1]))
@@ -313,11 +277,7 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
     result.update({
         "engine": {"chunk": chunk_size(options, rdc.batch_size, x), "channels_last": channels_last is not False,
                    "autocast": autocast, "compile": compile, "compile_seconds": compile_s},
-        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
-        "dtype": str(dtype)[6:], "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(), "load_before": [round(v, 2) for v in load_before],
-        "load_after": [round(v, 2) for v in os.getloadavg()],
+        **machine_info(dev), "threads": torch.get_num_threads(), "dtype": str(dtype)[6:], "load_before": load_before, "load_after": load_average(),
     })
     return result
 
@@ -331,7 +291,9 @@ def autocast_agreement(model: str = "default", timesteps: int = 10, dtype: str =
     CPU over the whole split in the cache, where the engine's autocast "auto" reads it.
     """
     dev = torch.device(device)
-    rdc = build_defense({"kind": "rdc", "model": model, "dataset": "digits", "timesteps": timesteps}, device=dev)
+    spec = parse_defense({"kind": "rdc", "model": model, "dataset": "digits", "timesteps": timesteps})
+    prepare_defaults([spec], progress=False)
+    rdc = build_defense(spec, device=dev)
     x, _ = load_split("digits", "test")
     x = x[:examples].to(dev) if examples else x.to(dev)
     draw = Draw(0, torch.arange(x.shape[0]), torch.zeros(x.shape[0], dtype=torch.int64))

@@ -8,26 +8,19 @@ every G; the speedup is seconds(G = 1) / seconds(G).
 
 from __future__ import annotations
 
+import contextlib
 import os
-import platform
-import time
 
 import ray
 import torch
 
+from pipeline.bench.common import best_seconds, load_average, local_ray, machine_info
+from pipeline.config.defense import parse_defense
 from pipeline.data import load_split
 from pipeline.defenses import build_defense
 from pipeline.runtime.grid import Gang, shard
 from pipeline.runtime.worker import Worker
-
-
-def _best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from pipeline.training.defaults import prepare_defaults
 
 
 def bench_grid(*, model: str = "default", timesteps: int = 1000, examples: int = 2, gangs: tuple[int, ...] | None = None,
@@ -43,15 +36,13 @@ def bench_grid(*, model: str = "default", timesteps: int = 1000, examples: int =
     x = load_split("digits", "test")[0][:examples]
     ids = list(range(examples))
     torch.set_num_threads(1)
-    defense = build_defense(table)  # trains or loads the model once, before any actor asks for it
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=max(gangs), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    prepare_defaults([parse_defense(table)], progress=False)  # before any actor asks: building never trains
+    defense = build_defense(table)
     out: dict = {"model": model, "timesteps": timesteps, "examples": examples, "gangs": list(gangs),
-                 "threads_per_actor": 1, "cores": cores, "device": "cpu", "torch": torch.__version__,
-                 "ray": ray.__version__, "python": platform.python_version(), "repeat": repeat}
+                 "threads_per_actor": 1, "cores": cores, **machine_info("cpu"), "ray": ray.__version__,
+                 "repeat": repeat, "load_before": load_average()}
     reference = {}
-    try:
+    with local_ray(max(gangs)), _unsharded(defense):
         for g in gangs:
             actors = [ray.remote(Worker).options(num_cpus=1).remote(f"bench-{i}", "cpu", 1) for i in range(g)]
             ray.get([a.ping.remote() for a in actors])
@@ -70,8 +61,8 @@ def bench_grid(*, model: str = "default", timesteps: int = 1000, examples: int =
                 torch.autograd.grad(out_.logsumexp(1).sum() - out_[:, 0].sum(), xg)
 
             logits()  # warm-up: every actor builds the defense once
-            t_logits = _best(logits, repeat)
-            t_grad = _best(grad, repeat)
+            t_logits = best_seconds(logits, repeat)
+            t_grad = best_seconds(grad, repeat)
             shard(defense, None)
             for a in actors:
                 ray.kill(a)
@@ -83,11 +74,17 @@ def bench_grid(*, model: str = "default", timesteps: int = 1000, examples: int =
             out[f"speedup_grad_g{g}"] = reference["grad"] / t_grad
             if progress:
                 progress(g, t_logits, t_grad)
+    out["load_after"] = load_average()
+    return out
+
+
+@contextlib.contextmanager
+def _unsharded(defense):
+    """The defense back on its own grid on the way out, whatever happened to the gangs."""
+    try:
+        yield
     finally:
         shard(defense, None)
-        if started:
-            ray.shutdown()
-    return out
 
 
 def format_grid_step(g: int, t_logits: float, t_grad: float) -> str:

@@ -9,14 +9,16 @@ and rendering the tables as text. Writing the rows is not timed.
 from __future__ import annotations
 
 import io
-import platform
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline.analytics.render import render_tables
+from pipeline.analytics.report import build_report
+from pipeline.analytics.source import connect
+from pipeline.bench.common import load_average, machine_info, timed
 from pipeline.store import RECORD_SCHEMA, Store
 
 DEFENSES = ("plain-erm", "mi-pl", "mi-ol", "rdc-optimal-lm", "rdc-unet")
@@ -115,22 +117,17 @@ def bench_report(rows: int = 1_000_000, repeats: int = 3, seed: int = 0, files: 
     read from `files` Parquet files; the best of `repeats` runs (the first one also warms the
     page cache). folder: where to write the rows (default: a temp folder, deleted after).
 
-    Returns {"rows", "files", "report_seconds" (best run), "report_seconds_1m" (the same when
-    rows is a million, else None), "runs" (every timing), "sections" (rows per section), versions}.
+    Returns {"rows", "files", "report_seconds" (best run), "runs" (every timing), "sections"
+    (rows per section), versions}.
     """
     import duckdb
     from rich.console import Console
 
-    from pipeline.analytics.render import render_tables
-    from pipeline.analytics.report import build_report
-    from pipeline.analytics.source import connect
-
     with tempfile.TemporaryDirectory(prefix="robustsweep-bench-") as tmp:
         run = write_synthetic_run(Path(folder or tmp) / "bench-run", rows, seed, files)
         files = len(Store(run).list("records", ".parquet"))
-        timings, report = [], None
-        for _ in range(max(1, repeats)):
-            start = time.perf_counter()
+
+        def full_report() -> dict:
             con = connect([run])
             try:
                 report = build_report(con)
@@ -139,14 +136,17 @@ def bench_report(rows: int = 1_000_000, repeats: int = 3, seed: int = 0, files: 
             console = Console(width=240, file=io.StringIO())
             for table in render_tables(report):
                 console.print(table)
-            timings.append(time.perf_counter() - start)
+            return report
+
+        timings, report = [], None
+        for _ in range(max(1, repeats)):
+            seconds, report = timed(full_report)
+            timings.append(seconds)
     return {
         "rows": rows, "files": files, "report_seconds": round(min(timings), 4),
-        "report_seconds_1m": round(min(timings), 4) if rows == 1_000_000 else None,
         "runs": [round(t, 4) for t in timings],
         "sections": {name: len(rows_) for name, rows_ in report.items()},
-        "duckdb": duckdb.__version__, "pyarrow": pa.__version__, "python": platform.python_version(),
-        "machine": platform.machine(),
+        "duckdb": duckdb.__version__, "pyarrow": pa.__version__, **machine_info("cpu"), "load_after": load_average(),
     }
 
 

@@ -3,10 +3,10 @@
 The same job runs three ways on this machine: through `run_job` on a local Ray cluster with
 1 and 2 worker actors (one torch thread each), and split by hand into 1 and 2 independent
 OS processes, the published code's `--begin/--end` way: each process takes a contiguous
-slice of the job's units, builds the defense itself and, per unit, calls the library
-(`attacks.evaluate`) and writes the unit's records and adversarial images as Parquet, as a
-worker does; one torch thread each. Both include starting their processes and loading the
-models. The ratio of their throughputs is what the queue, the actors and the driver cost;
+slice of the job's units and runs each through `Worker.run_unit` in its own process (the
+evaluation protocol, then the unit's records and adversarial images committed as Parquet),
+without Ray's scheduling; one torch thread each. Both include starting their processes and
+loading the models. The ratio of their throughputs is what the queue, the actors and the driver cost;
 spread over the units it is the Ray overhead per unit.
 
 A process slice is also a module entry point:
@@ -21,14 +21,17 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.data import load_split, select
-from pipeline.runtime.plan import Unit, plan
+from pipeline.bench.common import load_average, local_ray, machine_info, timed
+from pipeline.data import load_split
+from pipeline.runtime.plan import plan
+from pipeline.runtime.run import prepare_models, run_job
+from pipeline.runtime.worker import Worker
 from pipeline.config.job import parse_job
+from pipeline.config.run import RunOptions
 
 
 def scaling_job(examples: int = 48, shard_size: int = 4, timesteps: int = 10, steps: int = 5, passes: int = 2) -> dict:
@@ -51,38 +54,15 @@ def split_by_hand(n_units: int, parts: int) -> list[tuple[int, int]]:
 
 
 def run_slice(doc: dict, begin: int, end: int, out: str) -> int:
-    """Units [begin, end) of the job `doc`, each evaluated and committed like a worker's; returns rows.
-
-    One torch thread; files go under `out` with the unit's relative path.
-    """
-    import torch
-
-    from pipeline.protocol import evaluate
-    from pipeline.defenses import build_defense
-    from pipeline.store import Store, records_to_table
-    from pipeline.store.unit import commit_unit
-
-    torch.set_num_threads(1)
+    """Units [begin, end) of the job `doc`, each through `Worker.run_unit` as a Ray actor runs
+    it, here in this process; returns rows. One torch thread; the files go under `out`."""
     job = parse_job(doc)
     data = job.spec.data
-    x_all, y_all = load_split(data.dataset, data.split, root=data.root)
-    units = plan(job, x_all.shape[0])[begin:end]
-    store = Store(out)
-    defenses: dict[str, torch.nn.Module] = {}
-    rows = 0
-    for u in units:
-        if u.defense not in defenses:
-            defenses[u.defense] = build_defense(u.defense_spec, name=u.defense)
-        x, y = select(x_all, y_all, list(u.example_ids))
-        extras: dict = {}
-        records = evaluate(defenses[u.defense], u.attack_spec, x, y, list(u.example_ids), job.spec.seed,
-                           attack_name=u.attack, extras=extras)
-        table = records_to_table(records, run_id="by-hand", job_hash=job.hash, unit_id=u.unit_id,
-                                 worker=f"process-{begin}", config_hash="by-hand")
-        commit_unit(store, u.path, table, u.example_ids, extras, unit_id=u.unit_id, run_id="by-hand",
-                    job_hash=job.hash)
-        rows += table.num_rows
-    return rows
+    x_all, _ = load_split(data.dataset, data.split, root=data.root)
+    worker = Worker(f"process-{begin}", "cpu", threads=1)
+    ctx = {"run_id": "by-hand", "job_hash": job.hash, "out": out, "endpoint_url": None, "seed": job.spec.seed,
+           "data": {"dataset": data.dataset, "split": data.split, "root": data.root}}
+    return sum(worker.run_unit(u, ctx)["rows"] for u in plan(job, x_all.shape[0])[begin:end])
 
 
 def _by_hand(doc: dict, n_units: int, processes: int, out: Path) -> float:
@@ -90,13 +70,15 @@ def _by_hand(doc: dict, n_units: int, processes: int, out: Path) -> float:
     job_file = out / "job.json"
     job_file.write_text(json.dumps(doc))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    start = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.bench.scaling", "--job", str(job_file), "--begin",
-                               str(b), "--end", str(e), "--out", str(out / "records")], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for b, e in split_by_hand(n_units, processes)]
-    errors = [p.communicate()[1] for p in procs]
-    seconds = time.perf_counter() - start
+
+    def run_all():
+        procs = [subprocess.Popen([sys.executable, "-m", "pipeline.bench.scaling", "--job", str(job_file), "--begin",
+                                   str(b), "--end", str(e), "--out", str(out / "records")], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for b, e in split_by_hand(n_units, processes)]
+        return procs, [p.communicate()[1] for p in procs]
+
+    seconds, (procs, errors) = timed(run_all)
     for p, err in zip(procs, errors):
         if p.returncode != 0:
             raise RuntimeError(f"a process of the hand split failed:\n{err[-2000:]}")
@@ -105,12 +87,7 @@ def _by_hand(doc: dict, n_units: int, processes: int, out: Path) -> float:
 
 def _with_ray(job, workers: int, out: Path) -> tuple[float, str]:
     """Seconds of run_job with `workers` actors (one thread each) on the running cluster, and the run folder."""
-    from pipeline.config.run import RunOptions
-    from pipeline.runtime.run import run_job
-
-    start = time.perf_counter()
-    result = run_job(job, RunOptions(out=str(out), workers=workers, fresh=True), progress=False)
-    seconds = time.perf_counter() - start
+    seconds, result = timed(lambda: run_job(job, RunOptions(out=str(out), workers=workers, fresh=True), progress=False))
     if not result.ok:
         raise RuntimeError(f"the Ray run failed units: {result.failed}")
     return seconds, str(out / result.run_id)
@@ -143,16 +120,10 @@ def bench_scaling(examples: int = 48, shard_size: int = 4, timesteps: int = 10, 
     job = parse_job(doc)
     x, _ = load_split("digits", "test")
     n_units = len(plan(job, x.shape[0]))
-    from pipeline.runtime.run import prepare_models
-
     prepare_models(job, progress=False)  # trained once here, not inside either timing
-    load_before = os.getloadavg()
-    started = not ray.is_initialized()
-    if started:
-        # "local": a cluster of our own, never one that another process on this machine started.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    load_before = load_average()
     rows = []
-    try:
+    with local_ray(2):
         with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
             for w in workers:
                 best_ray = best_hand = float("inf")
@@ -169,17 +140,9 @@ def bench_scaling(examples: int = 48, shard_size: int = 4, timesteps: int = 10, 
                              "ray_examples_per_s": examples / best_ray, "processes_examples_per_s": examples / best_hand,
                              "ratio": best_hand / best_ray, "overhead_per_unit_s": (best_ray - best_hand) * w / n_units,
                              "same_predictions": same})
-    finally:
-        if started:
-            ray.shutdown()
-    import platform
-
-    import torch
-
     return {"job": doc, "units": n_units, "examples": examples, "repeat": repeat, "runs": rows,
-            "threads_per_worker": 1, "torch": torch.__version__, "ray": ray.__version__,
-            "python": platform.python_version(), "cpus": os.cpu_count(),
-            "load_before": [round(v, 2) for v in load_before], "load_after": [round(v, 2) for v in os.getloadavg()]}
+            "threads_per_worker": 1, **machine_info("cpu"), "ray": ray.__version__,
+            "load_before": load_before, "load_after": load_average()}
 
 
 def main(argv: list[str] | None = None) -> int:

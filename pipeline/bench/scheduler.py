@@ -24,13 +24,12 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
-import os
-import platform
 import random
 import time
 import tracemalloc
 from dataclasses import dataclass
 
+from pipeline.bench.common import load_average, machine_info
 from pipeline.runtime.scheduler import Failed, Outcome, Scheduler
 
 UNIT_S = 60.0
@@ -210,7 +209,7 @@ def bench_scheduler(units: int = 100_000, actors: int = 1024, gangs: tuple[int, 
                     seed: int = 0) -> dict:
     """Dispatch `units` units over `actors` simulated actors (module docstring); the driver's cost per unit."""
     work = sim_units(units, gangs, seed)
-    load_before = os.getloadavg()
+    load_before = load_average()
     timed = _drain(work, actors, seed)
     tracemalloc.start()
     try:
@@ -235,8 +234,7 @@ def bench_scheduler(units: int = 100_000, actors: int = 1024, gangs: tuple[int, 
         "driver_cpu_s": round(driver_cpu_s, 4), "driver_cpu_s_per_unit": driver_cpu_s / units, "peak_bytes": peak, "peak_bytes_per_unit": peak / units,
         "simulated_makespan_s": round(timed["makespan_s"], 1),
         "utilisation": timed["actor_seconds"] / (actors * timed["makespan_s"]),
-        "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-        "load_before": [round(v, 2) for v in load_before], "load_after": [round(v, 2) for v in os.getloadavg()],
+        **machine_info("cpu"), "load_before": load_before, "load_after": load_average(),
     }
 
 

@@ -1,7 +1,7 @@
 """What every defense shares: input checks, randomness binding, and the grid protocol.
 
 A defense is an `nn.Module` from x (B, C, H, W) in [0, 1] to logits (B, K). Its output is a
-reduction over independent cells (DESIGN.md, "The grid"):
+reduction over independent cells (docs/ARCHITECTURE.md, "The grid"):
 
     forward(x) = finish(x, sum over cells c of partial(x, [c], draw), draw)
 
@@ -114,11 +114,6 @@ class Defense(nn.Module):
         self._bound = None if example_ids is None else torch.as_tensor(example_ids, dtype=torch.int64).reshape(-1).cpu()
         if seed is not None:
             self.draws.reset(seed)
-        return self
-
-    def reseed(self, seed: int) -> "Defense":
-        """Start the draws over from `seed` (every example's call count back to 0)."""
-        self.draws.reset(seed)
         return self
 
     def next_draw(self, batch: int) -> Draw:

@@ -1,12 +1,13 @@
 """build_defense: a parsed defense spec (pipeline.config.defense) -> a ready nn.Module.
 
-"default" models come from the cache of pipeline.models.zoo; a path names a checkpoint folder
-(model.safetensors + config.json); "edm:..." and "robustbench:..." name published files, imported
-in memory by pipeline.models.importer. An EDM network (config arch "edm", a denoiser
-D(x; sigma, y)) runs in RDC as eps_hat = (x - D) / sigma (diffusion/denoiser.py). RDC's `elbo`
-picks the ELBO's timesteps and weights: "vp", DDPM's T = 1000 VP timesteps with weight 1 (the
-paper), or "edm", the RDC authors' EDM weighting on 1000 noise levels (EDM denoisers and the
-optimal model only; diffusion/schedule.py, EDMGrid).
+"default" models are loaded from the cache of pipeline.models.zoo, where a run's prepare step put
+them: building a defense never trains. A path names a checkpoint folder (model.safetensors +
+config.json); "edm:..." and "robustbench:..." name published files, imported in memory by
+pipeline.models.importer. An EDM network (config arch "edm", a denoiser D(x; sigma, y)) runs in
+RDC as eps_hat = (x - D) / sigma (diffusion/denoiser.py). RDC's `elbo` picks the ELBO's timesteps
+and weights: "vp", DDPM's T = 1000 VP timesteps with weight 1 (the paper), or "edm", the RDC
+authors' EDM weighting on 1000 noise levels (EDM denoisers and the optimal model only;
+diffusion/schedule.py, EDMGrid).
 """
 
 from __future__ import annotations

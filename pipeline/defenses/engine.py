@@ -33,10 +33,9 @@ from pipeline.models.unet import channels_last
 from pipeline.models.zoo import cache_dir
 from pipeline.errors import ConfigError
 
-# Input values (evaluations x channels x pixels) per network call on CPU. Measured on the
-# digits UNet (BENCHMARKS.md, "ELBO engine"): throughput peaks at 256-512 evaluations of 64
-# values a call, with 1 thread and with 2, and falls for larger calls (about -10% at 1024,
-# -20% at 2048, -25% at 4096), as the activations of a call outgrow the caches.
+# Input values (evaluations x channels x pixels) per network call on CPU: where the digits
+# UNet's throughput peaked, with 1 thread and with 2; larger calls are slower as the
+# activations of a call outgrow the caches (BENCHMARKS.md, "ELBO engine", chunk size).
 CPU_CHUNK_ELEMENTS = 512 * 64
 
 AUTOCAST = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -12,34 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from pipeline.atomic import atomic_write
 from pipeline.errors import CheckpointError
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write `path` through a temp file in the same directory, then rename over it.
-
-    A reader (or a crashed writer) never sees a half-written file: os.replace is atomic on
-    one filesystem, which the temp file in the same directory guarantees.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(directory: str | os.PathLike, model: nn.Module, config: dict, meta: dict | None = None) -> Path:
@@ -48,7 +31,7 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, config: dict
     `meta` is free-form provenance (dataset, training seconds, accuracy, ...); both config and
     meta must be JSON-able. Returns the directory as a Path.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -59,13 +42,9 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, config: dict
     except TypeError as exc:
         raise CheckpointError(f"config/meta for {directory / CONFIG_NAME} is not JSON-able: {exc}") from exc
 
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-
     # Weights first: a directory whose config.json exists always has matching weights next to it.
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
-    _atomic_write(directory / CONFIG_NAME, write_json)
+    atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(save(tensors)))
+    atomic_write(directory / CONFIG_NAME, lambda f: f.write((text + "\n").encode("utf-8")))
     return directory
 
 

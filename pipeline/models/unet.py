@@ -42,9 +42,9 @@ def channels_last(v: torch.Tensor) -> bool:
 def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """F.group_norm, avoiding one slow CPU kernel.
 
-    ATen's bf16/fp16 GroupNorm on a channels_last tensor ran 6-11x slower than on the same
-    tensor in NCHW on CPU (BENCHMARKS.md, "ELBO engine"), so there the input is normalised in
-    NCHW and handed back in channels_last. Compiled graphs generate their own kernel instead.
+    ATen's bf16/fp16 GroupNorm on a channels_last tensor is much slower than on the same
+    tensor in NCHW on CPU (BENCHMARKS.md, "The engine in bf16"), so there the input is
+    normalised in NCHW and handed back in channels_last. Compiled graphs generate their own kernel instead.
     """
     if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and channels_last(x)
             and not torch.compiler.is_compiling()):
@@ -156,9 +156,9 @@ class AttentionBlock(nn.Module):
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = _zero(nn.Conv2d(channels, channels, 1))
 
-    # Up to this many positions, CPU attention runs as two matmuls: the fused CPU kernel's
-    # backward measured 3-4x slower at 4x4 and 8x8 maps in bf16 (about even in float32) and
-    # faster at 16x16 (BENCHMARKS.md, "ELBO engine").
+    # Up to this many positions, CPU attention runs as two matmuls: on short maps the fused
+    # CPU kernel's backward is the slower of the two in bf16, on 16x16 the faster
+    # (BENCHMARKS.md, "The engine in bf16").
     SHORT = 64
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,14 @@
-"""Default models: trained on first use, cached on disk, loaded by name.
+"""Default models: found in the cache and loaded by name; never trained here.
 
 The cache folder is $ROBUSTSWEEP_CACHE, else ~/.cache/robustsweep; each model lives in
-`models/{dataset}-{role}/` as model.safetensors + config.json. Training takes a file lock,
-so workers that ask for the same model at once train it once.
+`models/{dataset}-{role}/` as model.safetensors + config.json. Training them is the driver's
+`prepare` step (pipeline.training.defaults, called by pipeline.runtime.run.prepare_models):
+a worker that builds a defense on a default model that is not there gets a CheckpointError
+saying how to prepare it.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 
@@ -28,25 +29,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ROBUSTSWEEP_CACHE") or Path.home() / ".cache" / "robustsweep")
 
 
-def default_checkpoint(dataset: str, role: str, progress: bool = True) -> Path:
-    """The folder of the default `role` model of `dataset`, training it first if it is missing."""
+def default_path(dataset: str, role: str) -> Path:
+    """Where the default `role` model of `dataset` lives in the cache (whether or not it is there)."""
     if role not in ROLES:
         raise ConfigError(f"unknown default model role {role!r}; expected one of {ROLES}")
-    path = cache_dir() / "models" / f"{dataset}-{role}"
-    if (path / "config.json").exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{dataset}-{role}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one trainer; the others wait, then load
-        if not (path / "config.json").exists():
-            if role == "diffusion":
-                from pipeline.training.diffusion import train_default_diffusion
+    return cache_dir() / "models" / f"{dataset}-{role}"
 
-                train_default_diffusion(dataset, path, progress=progress)
-            else:
-                from pipeline.training.classifier import train_default_classifier
 
-                train_default_classifier(dataset, role, path, progress=progress)
+def has_default(dataset: str, role: str) -> bool:
+    """Whether the default model is in the cache (its config.json is written last, after the weights)."""
+    return (default_path(dataset, role) / "config.json").exists()
+
+
+def default_checkpoint(dataset: str, role: str) -> Path:
+    """The folder of the default `role` model of `dataset`; CheckpointError if it has not been prepared."""
+    path = default_path(dataset, role)
+    if not has_default(dataset, role):
+        train = ("robustsweep train diffusion" if role == "diffusion" else f"robustsweep train classifier --method {role}")
+        raise CheckpointError(
+            f"default {role} model of {dataset} not found at {path}: default models are trained before a run, "
+            f"not while building a defense; run the job (`robustsweep run` prepares them first) or train it with "
+            f"`{train} --dataset {dataset} --out {path}`")
     return path
 
 

@@ -27,7 +27,3 @@ def predict(defense, x: torch.Tensor, example_ids: torch.Tensor | None = None, *
                 progress(start + len(rows))
     return torch.cat(outs) if outs else torch.zeros(0, defense.num_classes)
 
-
-def accuracy(defense, x: torch.Tensor, y: torch.Tensor, **kwargs) -> float:
-    """Clean accuracy in [0, 1] of `defense` on (x, y); kwargs go to `predict`."""
-    return float((predict(defense, x, **kwargs).argmax(1) == y).float().mean())

@@ -1,7 +1,7 @@
 """Grid sharding: one batch of examples, its cells split over a gang of actors.
 
-A defense's output is finish(sum over cells of partial) (DESIGN.md, "The grid"). A gang of G
-members holds the same defense; the grid is cut into G fixed shards, one per member:
+A defense's output is finish(sum over cells of partial) (docs/ARCHITECTURE.md, "The grid").
+A gang of G members holds the same defense; the grid is cut into G fixed shards, one per member:
 
     forward:   total = sum_s grid_partial(x_p, cells_s, draw)            (summed in shard order)
     backward:  dL/dx_p = sum_s grad_total^T d grid_partial(x_p, cells_s, draw) / dx_p

@@ -7,7 +7,6 @@ committed before, and a changed job never mistakes old files for new ones.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -15,6 +14,7 @@ from pipeline.config.attack import AttackSpec, parse_attack
 from pipeline.config.defense import DefenseSpec, parse_defense, surrogate_spec
 from pipeline.config.job import Job, content_hash
 from pipeline.data import make_shards
+from pipeline.names import safe_name as _safe
 
 FORMAT = 2  # bump when the meaning of a unit's rows changes (2: batched attacks, decisions over fresh passes)
 
@@ -55,11 +55,6 @@ class Unit:
         return cls(d["unit_id"], d["defense"], d["attack"], d["eps"], d["defense_table"], d["attack_table"],
                    tuple(d["example_ids"]), d.get("grid_workers", 1), defense_spec=defense_spec,
                    attack_spec=attack_spec, surrogate_spec=surrogate)
-
-
-def _safe(name: str) -> str:
-    """A path segment from a name: letters, digits and ._+- kept, the rest as '_'."""
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
 
 
 def plan(job: Job, n_examples: int) -> list[Unit]:

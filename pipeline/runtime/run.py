@@ -24,8 +24,9 @@ from pipeline.store import Store
 from pipeline.store.binding import PLAN, check_binding
 from pipeline.store.lease import RunLease
 from pipeline.store.unit import check_units
-from pipeline.models.zoo import default_checkpoint, model_card
+from pipeline.models.zoo import model_card
 from pipeline.runtime import faults
+from pipeline.training.defaults import prepare_defaults, role_of
 from pipeline.runtime.plan import Unit, plan, plan_document, run_id_for
 from pipeline.runtime.preflight import preflight_run
 from pipeline.runtime.reach import check_reachable
@@ -86,22 +87,16 @@ def wait_for_gpus(min_gpus: int, wait_s: float) -> None:
         time.sleep(1.0)
 
 
-def _role(spec) -> str:
-    """Which default model a defense stands on: the diffusion model, or a classifier's training method."""
-    return "diffusion" if spec.kind == "rdc" else spec.method
-
-
 def prepare_models(job: Job, progress: bool = True) -> None:
-    """Train the default models the job needs, once, before any worker asks for them."""
+    """Train the default models the job needs (its defenses' and its transfer surrogates'), once,
+    before any worker asks for them: workers never train (pipeline.models.zoo)."""
     specs = [d.spec for d in job.defenses] + [s for a in job.attacks for s in a.surrogates.values()]
-    for spec in specs:
-        if spec.model == "default":
-            default_checkpoint(spec.dataset, _role(spec), progress=progress)
+    prepare_defaults(specs, progress=progress)
 
 
 def model_cards(job: Job) -> dict[str, dict]:
     """{defense name: model card (models/zoo.py)}: what plan.json says each defense's model is."""
-    return {d.name: {**model_card(d.spec.model, d.spec.dataset, _role(d.spec)),
+    return {d.name: {**model_card(d.spec.model, d.spec.dataset, role_of(d.spec)),
                      **({"method": d.spec.method} if d.spec.kind != "rdc" else {})} for d in job.defenses}
 
 

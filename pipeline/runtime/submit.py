@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 from pipeline.errors import ClusterError, ConfigError
+from pipeline.scrub import redact_uri, scrub
 from pipeline.config.job import load_job
 from pipeline.config.run import RunOptions
 
@@ -203,11 +204,8 @@ def _relative_job(job: Path, root: Path, excludes: list[str]) -> str:
 
 
 def _shown(address: str) -> str:
-    """The address without user:password@, for messages."""
-    parts = urlsplit(address)
-    if parts.username or parts.password:
-        return address.replace(parts.netloc, parts.netloc.rsplit("@", 1)[1], 1)
-    return address
+    """The address without user:password, for messages."""
+    return redact_uri(address)
 
 
 def _check_address(address: str) -> str:
@@ -283,8 +281,7 @@ def _cluster_error(exc: Exception, address: str, doing: str, *, submission_id: s
     if submission_id is not None and "does not exist" in text:
         return ClusterError(f"no job with submission id {submission_id!r} on {where} "
                             f"(ids look like raysubmit_...; `ray job list --address {where}` lists them)")
-    for secret in secrets:
-        text = text.replace(secret, "***")
+    text = scrub(text, secrets)
     return ClusterError(f"could not {doing} on {where}: {text}")
 
 

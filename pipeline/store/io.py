@@ -23,25 +23,23 @@ import os
 import posixpath
 import random
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.atomic import atomic_write as _commit_local
 from pipeline.errors import StoreError
+from pipeline.scrub import collect_secrets as _collect_secrets
+from pipeline.scrub import redact as _redact
+from pipeline.scrub import redact_uri as _redact_uri
+from pipeline.scrub import scrub
 from pipeline.store.schema import RECORD_SCHEMA
 from pipeline.store.seal import META_PREFIX, inspect, seal
 
 
-# Option names whose values are secrets, wherever they sit in storage_options (also nested in
-# client_kwargs). Matched case-insensitively as substrings, so e.g. aws_secret_access_key and
-# session_token are covered too.
-_SECRET_NAMES = ("key", "secret", "token", "password", "credential", "signature")
-_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 # Files `check` holds in memory at once (unit files are small: tens of KiB to a few MiB).
 _CHECK_BATCH = 64
 # s3fs switches to a multipart upload at 2 * chunksize; 5 GiB is S3's single-PUT limit, so with
@@ -367,9 +365,7 @@ class Store:
             self.fs.invalidate_cache()
 
     def _scrub(self, text: str) -> str:
-        for secret in sorted(self._secrets | _env_secrets(), key=len, reverse=True):
-            text = text.replace(secret, "***")
-        return text
+        return scrub(text, self._secrets)
 
     def _error(self, exc: BaseException, action: str, rel: str) -> StoreError:
         """A StoreError that says what failed and what to do, without any credential."""
@@ -428,42 +424,6 @@ def _raise_unreachable(blobs: dict) -> dict:
     return blobs
 
 
-def _commit_local(path: str, write: Callable[[Any], Any]) -> None:
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    # Same folder as the target, so os.replace is a rename within one filesystem (atomic); the
-    # dot-name and .tmp suffix keep it out of listings; open(..., "xb") (not mkstemp) so the file
-    # gets the usual umask permissions rather than 0600.
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # data on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(parent)
-
-
-def _fsync_dir(folder: str) -> None:
-    # The rename itself is durable only once the directory entry is flushed (POSIX).
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems (and platforms) refuse fsync on directories
-    finally:
-        os.close(fd)
-
-
 def _rel(*parts: str) -> str:
     """Normalized relative path; StoreError for absolute paths or ".."."""
     pieces = []
@@ -519,46 +479,3 @@ def _deep_copy(obj):
     return obj
 
 
-def _is_secret_name(name: Any) -> bool:
-    n = str(name).lower()
-    return any(s in n for s in _SECRET_NAMES)
-
-
-def _collect_secrets(obj: Any, name: str = "") -> set[str]:
-    if isinstance(obj, dict):
-        return set().union(*(_collect_secrets(v, k) for k, v in obj.items())) if obj else set()
-    if isinstance(obj, str) and _is_secret_name(name) and len(obj) >= 4:
-        return {obj}
-    return set()
-
-
-def _env_secrets() -> set[str]:
-    return {v for k in _SECRET_ENV if len(v := os.environ.get(k, "")) >= 4}
-
-
-def _redact(obj: Any, name: str = "") -> Any:
-    """Options with secret values replaced by "***" (URLs lose any user:password part)."""
-    if isinstance(obj, dict):
-        return {k: _redact(v, k) for k, v in obj.items()}
-    if _is_secret_name(name):
-        return "***"
-    if isinstance(obj, str):
-        return _redact_uri(obj)
-    if isinstance(obj, (int, float, bool, type(None), list, tuple)):
-        return obj
-    return f"<{type(obj).__name__}>"  # e.g. a botocore Config: its repr is not ours to vet
-
-
-def _redact_uri(uri: str) -> str:
-    if "@" not in uri or "://" not in uri:
-        return uri
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return uri
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))

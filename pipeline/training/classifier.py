@@ -24,9 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.checkpoint import save_checkpoint
 from pipeline.config.datasets import dataset_info
+from pipeline.data import load_split
 from pipeline.errors import ConfigError, InputError
+from pipeline.models.checkpoint import save_checkpoint
+from pipeline.models.registry import build_model
+from pipeline.training.progress import progress_bar
 
 METHODS = ("erm", "mixup", "iat", "pgd_at")
 
@@ -156,8 +159,6 @@ def train_classifier(
     it is smaller than 2 (mixup needs a partner). Returns (model in eval mode on CPU, stats)
     with stats {"seconds", "loss" (mean of the last epoch), "epochs", "method"}.
     """
-    from pipeline.models.registry import build_model
-
     if method not in METHODS:
         raise ConfigError(f"unknown training method {method!r}; expected one of {METHODS}")
     if method in ("iat", "pgd_at") and (eps is None or eps <= 0):
@@ -190,9 +191,7 @@ def train_classifier(
         raise ConfigError(f"unknown optimizer {optimizer!r}; expected 'adam' or 'sgd'")
     pgd = PGD(eps, pgd_steps) if method in ("iat", "pgd_at") else None
 
-    from pipeline.training.diffusion import _progress
-
-    bar, task = _progress(progress, f"train {config.get('arch')} ({method})", total_steps)
+    bar, task = progress_bar(progress, f"train {config.get('arch')} ({method})", total_steps)
     start = time.perf_counter()
     epoch_loss = float("nan")
     model.train()
@@ -245,8 +244,6 @@ def train_default_classifier(
 
     Returns (model, meta); meta: dataset, method, seconds, test_accuracy, recipe, seed.
     """
-    from pipeline.data import load_split
-
     if dataset not in DEFAULT_TRAINING:
         raise ConfigError(f"no default classifier training recipe for dataset {dataset!r}; expected one of {sorted(DEFAULT_TRAINING)}")
     if method not in METHODS:

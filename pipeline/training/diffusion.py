@@ -16,14 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.checkpoint import save_checkpoint
-from pipeline.errors import ConfigError, InputError
+from pipeline.data import load_split
 from pipeline.diffusion.schedule import VPSchedule
+from pipeline.errors import ConfigError, InputError
+from pipeline.models.checkpoint import save_checkpoint
+from pipeline.models.registry import build_model
+from pipeline.models.unet import unet_config
+from pipeline.training.progress import progress_bar
 
-# Default training recipe per dataset: what `train_default_diffusion` runs. Digits: ~60 s on
-# 2 CPU cores (1000 steps of 128 = 89 epochs of the 1442 training images); the loss plateaus
-# near 0.075 and the diffusion classifier reaches ~99% test accuracy (800-1500 steps, widths
-# 16-32 and seeds 0-1 all gave 99.2-99.4%), so more steps buy nothing measurable.
+# Default training recipe per dataset: what `train_default_diffusion` runs. Digits: 1000 steps
+# of 128 (89 epochs of the 1442 training images), past the point where the loss plateaus and
+# more steps stopped buying test accuracy (BENCHMARKS.md, "Default models").
 DEFAULT_TRAINING = {
     "digits": {"steps": 1000, "batch_size": 128, "lr": 2e-3, "ema_decay": 0.999, "label_dropout": 0.1, "warmup": 100},
 }
@@ -84,17 +87,6 @@ def _check_data(x: torch.Tensor, y: torch.Tensor) -> None:
         raise InputError(f"expected images in [0, 1], got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]")
 
 
-def _progress(progress: bool, description: str, total: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        disable=not progress, transient=False,
-    )
-    return bar, bar.add_task(description, total=total, info="")
-
-
 def train_diffusion(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -118,8 +110,6 @@ def train_diffusion(
     with replacement. stats: {"seconds", "loss" (mean of the last 100 steps), "steps", "losses"
     (per-step float list)}. The EMA model is returned in eval mode on CPU.
     """
-    from pipeline.models.registry import build_model
-
     _check_data(x, y)
     if steps < 1 or batch_size < 1:
         raise ConfigError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
@@ -138,7 +128,7 @@ def train_diffusion(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
     ema = EMA(model, ema_decay)
     losses: list[float] = []
-    bar, task = _progress(progress, "train diffusion", steps)
+    bar, task = progress_bar(progress, "train diffusion", steps)
     start = time.perf_counter()
     model.train()
     with bar, torch.random.fork_rng(devices=[]):
@@ -169,9 +159,6 @@ def train_default_diffusion(dataset: str, out_dir: str | Path, progress: bool = 
     Only "digits" has a CPU-sized default recipe; CIFAR models are trained elsewhere (DDPM's
     800k steps) and loaded as checkpoints. meta: dataset, seconds, steps, loss, recipe, seed.
     """
-    from pipeline.data import load_split
-    from pipeline.models.unet import unet_config
-
     if dataset not in DEFAULT_TRAINING:
         raise ConfigError(f"no default diffusion training recipe for dataset {dataset!r}; expected one of {sorted(DEFAULT_TRAINING)}")
     recipe = DEFAULT_TRAINING[dataset]

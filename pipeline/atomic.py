@@ -1,0 +1,58 @@
+"""Whole-file commits on local disk: a reader sees no file or the whole file, never a part.
+
+The one writer for every local file the package commits (checkpoints, the store's Parquet and
+JSON files): write a temp file in the target's folder, fsync it, `os.replace` it over the
+target (atomic within one filesystem, which the shared folder guarantees), then fsync the
+folder so that the rename itself survives a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """Commit the bytes `write(f)` puts into the binary file f as `path`, atomically.
+
+    The folder is created if missing. The file gets the usual umask permissions (the temp file
+    is opened with "xb", not mkstemp, which would leave it 0600). On any error the temp file is
+    removed and the target is left as it was.
+    """
+    path = os.fspath(path)
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    # The dot-name and .tmp suffix keep the temp file out of listings.
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # data on disk before the rename makes it visible
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(parent)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Flush a folder's entries: a rename is durable only once its directory is (POSIX)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (and platforms) refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+__all__ = ["atomic_write", "fsync_dir"]
