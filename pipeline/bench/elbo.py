@@ -356,7 +356,7 @@ def bench_edm(preset: str | dict = "edm-cifar10-cond-vp", timesteps: int = 10, e
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
-    load_before = os.getloadavg()
+    load_before = load_average()
     torch.manual_seed(seed)
     net = build_edm({"preset": preset} if isinstance(preset, str) else preset).to(dev).eval().requires_grad_(False)
     C, R, K = net.img_channels, net.img_resolution, net.label_dim
@@ -370,7 +370,7 @@ def bench_edm(preset: str | dict = "edm-cifar10-cond-vp", timesteps: int = 10, e
         with torch.no_grad(), ctx:
             return net(x, sigma, labels)
 
-    timed = best_of({"fp32": lambda: forward(None), "bf16": lambda: forward(torch.bfloat16)}, repeat, dev)
+    forwards = best_of({"fp32": lambda: forward(None), "bf16": lambda: forward(torch.bfloat16)}, repeat, dev)
     with torch.no_grad():
         flops = count_flops(lambda: net(x, sigma, labels))
     schedule = VPSchedule()
@@ -382,30 +382,21 @@ def bench_edm(preset: str | dict = "edm-cifar10-cond-vp", timesteps: int = 10, e
     rdc_fns = {"logits": lambda: rdc.evaluate(images, draw)}
     if grad:
         rdc_fns["logits_and_grads"] = lambda: _engine_grads(rdc, images, draw, w)
-    rdc_timed = {}
-    for k, fn in rdc_fns.items():  # no warm-up round: the forward timings above warmed the network
-        best = float("inf")
-        for _ in range(repeat):
-            _sync(dev)
-            start = time.perf_counter()
-            with torch.no_grad() if k == "logits" else contextlib.nullcontext():
-                fn()
-            _sync(dev)
-            best = min(best, time.perf_counter() - start)
-        rdc_timed[k] = (best, None)
+    with torch.no_grad():  # no warm-up round: the forward timings above warmed the network
+        rdc_timed = best_of({"logits": rdc_fns.pop("logits")}, repeat, dev, warmup=False)
+    rdc_timed.update(best_of(rdc_fns, repeat, dev, warmup=False))
     return {
         "preset": preset if isinstance(preset, str) else "custom", "parameters": sum(p.numel() for p in net.parameters()), "batch": batch,
-        "forward_seconds": {"fp32": timed["fp32"][0], "bf16_autocast": timed["bf16"][0]},
+        "forward_seconds": {"fp32": forwards["fp32"][0], "bf16_autocast": forwards["bf16"][0]},
         "forward_flops": flops,
-        "forward_flops_per_s": {"fp32": flops / timed["fp32"][0], "bf16_autocast": flops / timed["bf16"][0]},
+        "forward_flops_per_s": {"fp32": flops / forwards["fp32"][0], "bf16_autocast": flops / forwards["bf16"][0]},
         # Relative to D - x, the network's part (x itself would hide the rounding at small sigma).
-        "bf16_max_rel_diff": float((timed["bf16"][1] - timed["fp32"][1]).abs().max() / (timed["fp32"][1] - x).abs().max()),
+        "bf16_max_rel_diff": float((forwards["bf16"][1] - forwards["fp32"][1]).abs().max() / (forwards["fp32"][1] - x).abs().max()),
         "rdc": {"timesteps": int(rdc.ts.numel()), "classes": K, "examples": examples,
                 "autocast": autocast, "chunk": chunk_size(rdc.engine, rdc.batch_size, images),
                 **{f"{k}_seconds_per_image": v[0] / examples for k, v in rdc_timed.items()}},
-        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "cpus": os.cpu_count(),
-        "load_before": [round(v, 2) for v in load_before], "load_after": [round(v, 2) for v in os.getloadavg()],
+        **machine_info(dev), "threads": torch.get_num_threads(),
+        "load_before": load_before, "load_after": load_average(),
     }
 
 
