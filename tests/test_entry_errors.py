@@ -22,11 +22,23 @@ def digits():
     return x[:4], y[:4]
 
 
-@pytest.mark.parametrize("table", [{"kind": "rdc", "model": "optimal", "timesteps": 4},
-                                   {"kind": "mi", "mode": "pl", "n_pl": 2}], ids=["rdc-optimal", "mi"])
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    from pipeline.models.checkpoint import save_checkpoint
+    from pipeline.models.registry import build_model
+
+    folder = tmp_path_factory.mktemp("cnn") / "ckpt"
+    model = build_model({"arch": "cnn", "in_channels": 1, "num_classes": 10, "image_size": 8})
+    save_checkpoint(folder, model, model.config, {})
+    return str(folder)
+
+
+@pytest.mark.parametrize("kind", ["rdc-optimal", "mi"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_defense_takes_any_float_dtype_as_float32(table, dtype, digits):
+def test_defense_takes_any_float_dtype_as_float32(kind, dtype, digits, cnn):
     x, _ = digits
+    table = ({"kind": "rdc", "model": "optimal", "timesteps": 4} if kind == "rdc-optimal"
+             else {"kind": "mi", "mode": "pl", "n_pl": 2, "model": cnn})
     defense = build_defense({**table, "dataset": "digits", "seed": 0})
     defense.bind([0, 1, 2, 3], seed=0)
     want = defense(x)
