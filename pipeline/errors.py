@@ -59,3 +59,25 @@ class StoreError(RobustsweepError):
 class ClusterError(RobustsweepError):
     """A Ray cluster cannot be reached, refuses a request, or does not know a submission id; the
     message names the address and what to check (never credentials)."""
+
+
+class RunMismatchError(ConfigError):
+    """A run id is reused with a job other than the one its plan.json records; the message names
+    the fields that differ."""
+
+
+class BadFileError(StoreError):
+    """Files under a run's records/ that are unreadable, truncated, corrupted or not written by
+    robustsweep; the message names each file and why (pass --skip-bad to go on without them)."""
+
+    def __init__(self, message: str, files: dict[str, str] | None = None):
+        super().__init__(message)
+        self.files = dict(files or {})
+
+
+class LeaseHeldError(StoreError):
+    """Another driver holds the run folder's lease; the message says who (host, pid, since)."""
+
+
+class ClusterUnreachableError(ClusterError):
+    """Nothing answers at a Ray cluster's address (after retrying); the message names it."""

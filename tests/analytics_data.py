@@ -89,7 +89,7 @@ def write_sweep(uri: str, storage_options: dict | None = None, images: bool = Tr
         safe = defense.replace("[", "_").replace("]", "_").replace("=", "_")
         rel = f"records/defense={safe}/attack={attack}/unit-{uid}.parquet"
         recs = [record(i, defense, attack, path, norm, eps, passes, wrong, broken) for i in range(N)]
-        table = records_to_table(recs, run_id=RUN_ID, unit_id=uid, worker="w0", config_hash="h")
+        table = records_to_table(recs, run_id=RUN_ID, job_hash="j", unit_id=uid, worker="w0", config_hash="h")
         store.write_table(rel, table, {"unit_id": uid, "run_id": RUN_ID})
         units.append({"unit_id": uid, "defense": defense, "attack": attack, "eps": eps,
                       "defense_table": {**dtable, "dataset": "digits", "seed": 0},

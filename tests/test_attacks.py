@@ -115,11 +115,12 @@ def test_scoring_votes_and_worst_case_are_consistent(data):
         assert r["forward_passes"] > 0 and r["backward_passes"] > 0 and r["seconds"] > 0
 
 
-def test_same_seed_same_records_whatever_the_batch(data):
+def test_per_example_mode_does_not_depend_on_the_batch_and_batched_mode_repeats(data):
     net, xtr, ytr, x, y = data
     mi = MixupInference(net, xtr, ytr, 10, mode="pl", n_pl=4)
     mi.name = "mi-pl"
-    attack = {"kind": "autoattack", "version": "rand", "eps": 0.1, "n_iter": 5, "eot_iter": 2, "passes": 3}
+    attack = {"kind": "autoattack", "version": "rand", "eps": 0.1, "n_iter": 5, "eot_iter": 2, "passes": 3,
+              "batched": False}
     ids = torch.arange(40, 46)
     together = evaluate(mi, attack, x[:6], y[:6], ids, seed=5)
     split = evaluate(mi, attack, x[3:6], y[3:6], ids[3:], seed=5) + evaluate(mi, attack, x[:3], y[:3], ids[:3], seed=5)
@@ -129,6 +130,10 @@ def test_same_seed_same_records_whatever_the_batch(data):
            [{k: v for k, v in r.items() if k not in drop} for r in split]
     other = evaluate(mi, attack, x[:6], y[:6], ids, seed=6)
     assert [r["adv_logits"] for r in other] != [r["adv_logits"] for r in together]
+    batched = {**attack, "batched": True}
+    once, again = (evaluate(mi, batched, x[:6], y[:6], ids, seed=5) for _ in range(2))
+    assert [{k: v for k, v in r.items() if k not in drop} for r in once] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in again]
 
 
 def test_lm_paths_through_evaluate(data):
@@ -168,12 +173,22 @@ def test_attack_tables_are_validated():
 
 
 def test_sweep_flags():
-    def recs(eps, correct):
-        return [{"defense": "d", "attack": "a", "norm": "Linf", "eps": eps, "adv_correct": c} for c in correct]
+    def recs(eps, correct, path="adaptive", attack="a"):
+        return [{"defense": "d", "attack": attack, "path": path, "norm": "Linf", "eps": eps, "adv_vote_correct": c}
+                for c in correct]
 
+    key = ("d", "a", "adaptive", "Linf")
     healthy = recs(0.01, [1] * 80 + [0] * 20) + recs(0.03, [1] * 50 + [0] * 50) + recs(1.0, [0] * 100)
-    assert sweep_flags(healthy)[("d", "a", "Linf")] == []
+    assert sweep_flags(healthy)[key] == []
     rising = recs(0.01, [1] * 30 + [0] * 70) + recs(0.03, [1] * 60 + [0] * 40)
-    assert sweep_flags(rising)[("d", "a", "Linf")] == ["accuracy_rises_with_eps"]
+    assert sweep_flags(rising)[key] == ["accuracy_rises_with_eps"]
     unbounded = recs(1.0, [1] * 50 + [0] * 50)
-    assert sweep_flags(unbounded)[("d", "a", "Linf")] == ["unbounded_attack_leaves_accuracy"]
+    assert sweep_flags(unbounded)[key] == ["unbounded_attack_leaves_accuracy"]
+    # A path that sees less (the base classifier, a surrogate) breaks more: the adaptive row is flagged.
+    masked = recs(0.03, [1] * 70 + [0] * 30) + recs(0.03, [1] * 40 + [0] * 60, path="oblivious") + \
+        recs(0.03, [1] * 68 + [0] * 32, path="transfer:plain", attack="t")
+    flags = sweep_flags(masked)
+    assert flags[key] == ["oblivious_beats_adaptive"]
+    assert flags[("d", "a", "oblivious", "Linf")] == []
+    weak = recs(0.03, [1] * 70 + [0] * 30) + recs(0.03, [1] * 30 + [0] * 70, path="transfer:plain", attack="t")
+    assert sweep_flags(weak)[key] == ["weaker_than_transfer"]

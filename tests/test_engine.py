@@ -98,7 +98,7 @@ def test_engine_equals_the_plain_computation_values_and_gradients(cfg, chunk):
     assert torch.allclose(g_engine, g_plain, atol=1e-10, rtol=1e-8)
     # The recomputing backward (the gang's VJP path) gives the same gradient.
     rdc_vjp = rdc.errors_vjp
-    ev = rdc._cell_evaluations(2, rdc.grid())
+    ev = rdc._cell_evaluations(x, rdc.grid())
     wv = w[ev.ex, ev.cls] * ev.weight
     assert torch.allclose(rdc_vjp(x, ev, draw, wv), g_plain, atol=1e-10, rtol=1e-8)
 

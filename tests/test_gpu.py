@@ -124,3 +124,25 @@ def test_a_ray_worker_with_one_gpu_sees_it():
     task = out["task"]
     assert task["cuda"] and task["count"] == 1 and len(task["gpu_ids"]) == 1, task
     assert out["worker_device"] == "cuda", out
+
+
+@pytest.mark.parametrize("gradient", ["bpda", "exact"])
+def test_likelihood_maximization_on_cuda_equals_the_cpu_result(exact_float32, gradient):
+    """LM draws its timesteps on the CPU and noises images on the GPU: the purified images and
+    their input gradients must match the CPU's."""
+    from pipeline.defenses.lm import LikelihoodMaximization
+
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    draw = Draw(0, torch.arange(2), torch.zeros(2, dtype=torch.int64))
+    w = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    out = {}
+    for device in ("cpu", "cuda"):
+        model = _rdc(device).eps_model
+        lm = LikelihoodMaximization(model, 10, steps=2, samples=2, gradient=gradient).to(device)
+        xg = x.to(device).requires_grad_(True)
+        purified = lm(xg, draw)
+        grad, = torch.autograd.grad((purified * w.to(device)).sum(), xg)
+        out[device] = purified.detach().cpu(), grad.cpu()
+    (p_cpu, g_cpu), (p_gpu, g_gpu) = out["cpu"], out["cuda"]
+    assert float((p_gpu - p_cpu).abs().max()) < 1e-4
+    assert float((g_gpu - g_cpu).abs().max() / g_cpu.abs().max()) < 1e-3

@@ -32,7 +32,7 @@ def rec(i: int, *, defense="rdc", attack="pgd", path="full", norm="Linf", eps=8 
 
 
 def table(records) -> pa.Table:
-    return records_to_table(records, run_id="r", unit_id="u", worker="w", config_hash="h")
+    return records_to_table(records, run_id="r", job_hash="j", unit_id="u", worker="w", config_hash="h")
 
 
 def closed_form(k, n, z=1.959963984540054):
@@ -169,7 +169,7 @@ def test_classes_stages_cost_flags(sweep):
     con = connect([sweep])
     report = build_report(con)
     con.close()
-    assert list(report) == ["summary", "classes", "stages", "cost", "flags"]
+    assert list(report) == ["headline", "summary", "classes", "stages", "cost", "flags"]
 
     classes = by_group(report["classes"], "rdc-optimal[timesteps=20]", 8 / 255)
     assert [c["label"] for c in classes] == list(range(10)) and all(c["n"] == 2 for c in classes)
@@ -202,7 +202,7 @@ def test_report_formats(sweep):
     report = build_report(con)
     con.close()
     md = report_markdown(report)
-    assert md.count("### ") == 5 and "| clean | apgd-ce | apgd-t | square |" in section_markdown(
+    assert md.count("### ") == 6 and "| clean | apgd-ce | apgd-t | square |" in section_markdown(
         "stages", by_group(report["stages"], "plain-erm", 8 / 255))
     # Per-class, pivoted: one column per label; rdc t20 reads 0.0 0.0 50.0 50.0 100.0 ...
     wide = section_markdown("classes", report["classes"]).splitlines()
@@ -223,10 +223,15 @@ def test_report_formats(sweep):
 
 def test_combining_runs_and_missing_folders(sweep, tmp_path):
     other = write_sweep(str(tmp_path / "other-run"), images=False, plan=False)
-    con = connect([sweep, other, sweep])  # the same run twice counts once
+    con = connect([sweep])
+    once = summarize(con)
+    con.close()
+    notes: list[str] = []
+    con = connect([sweep, other, sweep], notes=notes)  # a run given twice, or copied, counts once
     rows = summarize(con)
     con.close()
-    assert all(r["n"] == 40 for r in rows)
+    assert rows == once and all(r["n"] == 20 for r in rows)
+    assert notes and all(n.startswith("read once: ") and "other-run" in n for n in notes)
 
     # A file from a newer writer (an extra column) reads beside the others, in either order.
     import pyarrow.parquet as pq
@@ -234,8 +239,11 @@ def test_combining_runs_and_missing_folders(sweep, tmp_path):
     newer = tmp_path / "newer-run" / "records"
     newer.mkdir(parents=True)
     table = hand_built()
-    pq.write_table(table.append_column("extra", pa.array([1.5] * table.num_rows)), newer / "unit-0.parquet")
-    pq.write_table(table, newer / "unit-1.parquet")
+    from pipeline.store import Store
+
+    Store(str(newer)).write_table("unit-0.parquet", table.append_column("extra", pa.array([1.5] * table.num_rows)),
+                                  {"unit_id": "u0"}, schema=None)
+    Store(str(newer)).write_table("unit-1.parquet", table, {"unit_id": "u1"})
     newer = newer.parent
     con = connect([str(newer)])
     assert sum(r["n"] for r in summarize(con)) == 2 * table.num_rows

@@ -15,7 +15,7 @@ from pipeline.errors import StoreError
 from pipeline.store import COLUMNS, RECORD_SCHEMA, Store, records_to_table
 from pipeline.store import io as store_io
 
-CONSTANTS = {"run_id": "run-1", "unit_id": "u0001", "worker": "worker-0", "config_hash": "cfg-abc"}
+CONSTANTS = {"run_id": "run-1", "job_hash": "job-abc", "unit_id": "u0001", "worker": "worker-0", "config_hash": "cfg-abc"}
 
 
 def fake_records(n: int = 6, *, seed: int = 0, defense: str = "rdc", attack: str = "pgd", eps: float = 8 / 255,
@@ -94,7 +94,7 @@ def test_records_to_table_names_the_bad_field():
     with pytest.raises(StoreError, match="bogus"):
         records_to_table(recs, **CONSTANTS)
     with pytest.raises(StoreError, match="worker"):  # a constant left out is a missing field
-        records_to_table(fake_records(2), run_id="r", unit_id="u", config_hash="c")
+        records_to_table(fake_records(2), run_id="r", job_hash="j", unit_id="u", config_hash="c")
     with pytest.raises(StoreError, match="nonsense"):
         records_to_table(fake_records(2), nonsense=1, **CONSTANTS)
     recs = fake_records(2)
@@ -223,7 +223,8 @@ def test_local_bad_schema_refused_unless_schema_none(tmp_path):
     with pytest.raises(StoreError, match="missing column"):
         st.write_table("t.parquet", other, {})
     st.write_table("t.parquet", other, {"k": "v"}, schema=None)
-    assert st.committed("t.parquet", expected_rows=2)
+    assert st.committed("t.parquet", expected_rows=2, schema=None)
+    assert not st.committed("t.parquet", expected_rows=2)  # sealed, but not a record file
 
 
 # -- S3 ----------------------------------------------------------------------------------------
@@ -274,7 +275,8 @@ def test_endpoint_and_credentials_from_env(s3_server, s3_bucket, monkeypatch):
     assert Store(s3_bucket + "/envrun", storage_options=s3_server.storage_options).read_json("plan.json") == {"ok": True}
 
 
-def test_credentials_never_shown(s3_server, s3_bucket):
+def test_credentials_never_shown(s3_server, s3_bucket, monkeypatch):
+    monkeypatch.setenv("ROBUSTSWEEP_S3_RETRY_SECONDS", "0")  # no backoff: the endpoint stays dead
     key, secret = "AKIADISTINCTIVEKEY42", "Sup3r/S3cret+Value-do-not-leak"
     opts = {**s3_server.storage_options, "key": key, "secret": secret}
     st = Store(f"{s3_bucket}/x", storage_options=opts)

@@ -12,7 +12,7 @@ import html
 import time
 from collections.abc import Mapping, Sequence
 
-from pipeline.analytics.render import TITLES, cells
+from pipeline.analytics.render import TITLES, cells, flagged
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -24,16 +24,19 @@ tbody tr:nth-child(even) { background: #fafafa; }
 figure { display: inline-block; margin: 0.5em; vertical-align: top; }
 figcaption { font-size: 0.8em; color: #555; }
 .notes { color: #855; font-size: 0.9em; }
+tr.flagged td { background: #fde8e8; }
 """
 
 
 def table_html(section: str, rows: Sequence[dict]) -> str:
-    """A <table> of one report section (the same cells as the text formats)."""
+    """A <table> of one report section (the same cells as the text formats); a row whose sweep
+    is flagged gets the class "flagged"."""
     headers, numeric, body = cells(section, rows)
     esc = html.escape
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    lines = ["<tr>" + "".join(f'<td class="num">{esc(c)}</td>' if num else f"<td>{esc(c)}</td>"
-                              for c, num in zip(line, numeric)) + "</tr>" for line in body]
+    marks = [flagged(r) for r in rows] if section in ("headline", "summary") else [False] * len(body)
+    lines = [("<tr class=\"flagged\">" if mark else "<tr>") + "".join(f'<td class="num">{esc(c)}</td>' if num else f"<td>{esc(c)}</td>"
+                              for c, num in zip(line, numeric)) + "</tr>" for line, mark in zip(body, marks)]
     return (f'<table class="report" data-section="{esc(section)}"><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(lines)}</tbody></table>")
 

@@ -15,15 +15,18 @@ from pipeline.analytics.source import connect, open_runs
 
 def analyze(uris: Sequence[str], *, endpoint_url: str | None = None, sections: Sequence[str] = SECTIONS,
             plot_dir: str | Path | None = None, html_path: str | Path | None = None,
-            robustbench_dir: str | None = None, per_defense: int = 6, require: bool = True) -> dict:
+            robustbench_dir: str | None = None, per_defense: int = 6, require: bool = True,
+            skip_bad: bool = False) -> dict:
     """Read the run folders once and produce what is asked.
 
     Always: "report" {section: rows}. plot_dir: PNGs written there ("plots": their paths).
     html_path: the self-contained page written there, with every section and figure ("html").
     robustbench_dir: one JSON per defense, threat model and eps, local or s3:// ("robustbench":
-    the URIs). "notes": what the figures had to leave out (e.g. runs without stored images).
+    the URIs). "notes": record files left out (bad ones with skip_bad, a unit's second copy;
+    see source.connect) and what the figures had to leave out (e.g. runs without stored images).
     """
-    con = connect(uris, endpoint_url=endpoint_url, require=require)
+    read_notes: list[str] = []
+    con = connect(uris, endpoint_url=endpoint_url, require=require, skip_bad=skip_bad, notes=read_notes)
     out: dict = {"plots": [], "notes": [], "robustbench": [], "html": None}
     try:
         wanted = SECTIONS if html_path is not None else sections
@@ -38,6 +41,7 @@ def analyze(uris: Sequence[str], *, endpoint_url: str | None = None, sections: S
         entries = robustbench_entries(con, plans=plans, runs=runs) if (robustbench_dir or html_path) else []
     finally:
         con.close()
+    out["notes"] = read_notes + out["notes"]
     if plot_dir is not None:
         out["plots"] = [str(p) for p in write_plots(plots, plot_dir)]
     if robustbench_dir is not None:

@@ -17,6 +17,7 @@ from rich.table import Table
 from pipeline.analytics.report import SECTIONS, stage_order
 
 TITLES = {
+    "headline": "Robust accuracy, worst case over every attack and path per example (vote over R passes; 95% Wilson)",
     "summary": "Accuracy per defense, attack and budget (95% Wilson intervals)",
     "classes": "Robust accuracy per class (%)",
     "stages": "Attack stage that broke each example",
@@ -52,10 +53,33 @@ def _group_columns() -> list[Column]:
             ("eps", lambda r: format_eps(r["eps"], r["norm"]), True)]
 
 
+FLAG_MARK = "(!) "
+"""Put before the defense of a row whose sweep is flagged (pipeline.flags)."""
+
+
+def flagged(row: Mapping) -> bool:
+    """Whether a headline or summary row carries a sweep flag."""
+    return bool(row.get("sweep_flags"))
+
+
+def _marked(row: Mapping, text: str) -> str:
+    return FLAG_MARK + text if flagged(row) else text
+
+
 def columns(section: str, rows: Sequence[dict]) -> list[Column]:
     """The columns of a section's text rendering (stages: one column per stage seen in rows)."""
     group = _group_columns()
+    if section == "headline":
+        return [
+            ("defense", lambda r: _marked(r, str(r["defense"])), False), ("norm", lambda r: str(r["norm"]), False),
+            ("eps", lambda r: format_eps(r["eps"], r["norm"]), True), ("n", lambda r: str(r["n"]), True),
+            ("robust % [95% CI]", lambda r: _interval(r["robust_acc"], r["robust_lo"], r["robust_hi"]), True),
+            ("single-pass %", lambda r: _pct(r["single_acc"]), True), ("worst %", lambda r: _pct(r["worst_acc"]), True),
+            ("attacks", lambda r: ", ".join(r["attacks"]), False),
+            ("sweep flags", lambda r: ", ".join(r["sweep_flags"]), False),
+        ]
     if section == "summary":
+        group = [("defense", lambda r: _marked(r, str(r["defense"])), False)] + group[1:]
         return group + [
             ("n", lambda r: str(r["n"]), True),
             ("clean % [95% CI]", lambda r: _interval(r["clean_acc"], r["clean_lo"], r["clean_hi"]), True),
@@ -65,6 +89,7 @@ def columns(section: str, rows: Sequence[dict]) -> list[Column]:
             ("bwd/ex", lambda r: f"{r['backward_per_example']:.1f}", True),
             ("s/ex", lambda r: f"{r['seconds_per_example']:.3g}", True),
             ("flags", lambda r: ", ".join(f"{k}: {v}" for k, v in sorted(r["flags"].items())), False),
+            ("sweep flags", lambda r: ", ".join(r.get("sweep_flags", [])), False),
         ]
     if section == "classes":
         return group + [

@@ -1,10 +1,16 @@
 """The report of a sweep, computed by DuckDB over the records (see pipeline.store.schema).
 
-Every section has one row per (defense, attack, path, norm, eps) group, sorted by defense,
-attack, norm, eps, then path (per class: one row per group and label):
+The headline has one row per (defense, norm, eps): the worst case over attacks and paths.
+Every other section has one row per (defense, attack, path, norm, eps) group, sorted by
+defense, attack, norm, eps, then path (per class: one row per group and label):
 
+- headline: the fraction of examples that survive every attack and every gradient path that
+  ran on them (adaptive, oblivious, transfer, BPDA, exact through LM), as AutoAttack's
+  ensemble and adaptive-evaluation practice demand (Croce & Hein 2020; Tramer et al. 2020),
+  by the first pass, the vote over R passes (the headline figure) and all R passes;
 - summary: n, clean and robust accuracy with 95% Wilson intervals, vote and worst-case accuracy,
-  cost per example, sanity flags with counts;
+  cost per example, sanity flags with counts, and the sweep's flags of the group
+  (pipeline.flags: accuracy_rises_with_eps, weaker_than_transfer, oblivious_beats_adaptive, ...);
 - classes: clean and robust accuracy per true label;
 - stages: which attack stage broke each example (`broken_by`: the AutoAttack stage, pgd, or
   clean when the clean input was already wrong), and how many survived every stage;
@@ -26,6 +32,7 @@ import pyarrow as pa
 
 from pipeline.analytics.source import Source, as_connection, columns_of, run_stores
 from pipeline.errors import ConfigError, StoreError
+from pipeline.flags import flags_of
 
 Z95 = 1.959963984540054
 """Two-sided 95% standard normal quantile."""
@@ -33,7 +40,7 @@ Z95 = 1.959963984540054
 GROUP = ("defense", "attack", "path", "norm", "eps")
 ORDER = "defense, attack, norm, eps, path"
 KEYS = ", ".join(GROUP)
-SECTIONS = ("summary", "classes", "stages", "cost", "flags")
+SECTIONS = ("headline", "summary", "classes", "stages", "cost", "flags")
 """The sections of `build_report`, in the order they are shown."""
 
 STAGE_ORDER = ("clean", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square", "pgd")
@@ -41,7 +48,7 @@ STAGE_ORDER = ("clean", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square
 square) with the other versions' stages fitted in; unknown ones follow alphabetically."""
 SURVIVED = "survived"
 
-_NEEDED = GROUP + ("label", "broken_by", "flags", "device", "worker", "clean_correct", "adv_correct",
+_NEEDED = GROUP + ("example_id", "label", "broken_by", "flags", "device", "worker", "clean_correct", "adv_correct",
                    "adv_vote_correct", "adv_worst_correct", "forward_passes", "backward_passes", "queries",
                    "gradients", "seconds")
 
@@ -125,6 +132,7 @@ def _summary(con: duckdb.DuckDBPyConnection, cells: str) -> list[dict]:
         FROM {cells} GROUP BY ALL ORDER BY {ORDER}
     """).fetchall()
     flags = _flag_counts(con, cells)
+    swept = _sweep_flags(groups)
     rows = []
     for *key, n, clean_k, adv_k, vote_k, worst_k, fwd, bwd, sec in groups:
         n, clean_k, adv_k = int(n), int(clean_k), int(adv_k)
@@ -138,8 +146,18 @@ def _summary(con: duckdb.DuckDBPyConnection, cells: str) -> list[dict]:
             "forward_per_example": float(fwd) / n, "backward_per_example": float(bwd) / n,
             "seconds_per_example": float(sec) / n,
             "flags": flags.get(tuple(key), {}),
+            "sweep_flags": swept.get(tuple(key), []),
         })
     return rows
+
+
+def _sweep_flags(groups) -> dict[tuple, list[str]]:
+    """pipeline.flags over the summary's groups, robust accuracy by the vote over R passes."""
+    counts: dict[tuple, dict[float, tuple[int, int]]] = {}
+    for defense, attack, path, norm, eps, n, _, _, vote_k, *_ in groups:
+        counts.setdefault((defense, attack, path, norm), {})[eps] = (int(vote_k), int(n))
+    found = flags_of(counts)
+    return {(d, a, p, nm, e): found[(d, a, p, nm)] for (d, a, p, nm), by_eps in counts.items() for e in by_eps}
 
 
 def summarize(source: Source) -> list[dict]:
@@ -149,9 +167,46 @@ def summarize(source: Source) -> list[dict]:
     adv_correct), robust_lo, robust_hi (Wilson 95%); vote_acc (adv_vote_correct: majority over
     the R passes); worst_acc (adv_worst_correct: all R passes right); forward_per_example,
     backward_per_example (network passes), seconds_per_example (device-seconds); flags {flag:
-    number of rows carrying it}.
+    number of rows carrying it}; sweep_flags [flags of the group's sweep over eps and paths].
     """
     return _with_cells(source, _summary)
+
+
+def _headline(con: duckdb.DuckDBPyConnection, cells: str) -> list[dict]:
+    # Per example, AND over every (attack, path) that ran on it at this (defense, norm, eps).
+    found = con.execute(f"""
+        WITH per AS (
+            SELECT defense, norm, eps, example_id, bool_and(adv_correct) AS s, bool_and(adv_vote_correct) AS v,
+                   bool_and(adv_worst_correct) AS w
+            FROM results WHERE attack <> 'clean' AND eps > 0 GROUP BY ALL),
+        runs AS (
+            SELECT defense, norm, eps, list_sort(list_distinct(list(attack || ' (' || path || ')'))) AS attacks
+            FROM results WHERE attack <> 'clean' AND eps > 0 GROUP BY ALL)
+        SELECT defense, norm, eps, count(*), count_if(s), count_if(v), count_if(w), any_value(attacks)
+        FROM per JOIN runs USING (defense, norm, eps) GROUP BY ALL ORDER BY defense, norm, eps
+    """).fetchall()
+    flagged: dict[tuple, list[str]] = {}
+    for r in _summary(con, cells):
+        flagged.setdefault((r["defense"], r["norm"], r["eps"]), [])
+        flagged[(r["defense"], r["norm"], r["eps"])] += [f for f in r["sweep_flags"]
+                                                         if f not in flagged[(r["defense"], r["norm"], r["eps"])]]
+    rows = []
+    for defense, norm, eps, n, s, v, w, attacks in found:
+        n, v = int(n), int(v)
+        lo, hi = wilson_interval(v, n)
+        rows.append({"defense": defense, "norm": norm, "eps": eps, "n": n, "attacks": list(attacks),
+                     "single_acc": int(s) / n, "robust_acc": v / n, "robust_lo": lo, "robust_hi": hi,
+                     "worst_acc": int(w) / n, "sweep_flags": sorted(flagged.get((defense, norm, eps), []))})
+    return rows
+
+
+def headline(source: Source) -> list[dict]:
+    """The worst case over attacks and paths, one row per (defense, norm, eps > 0): n (examples);
+    attacks ["attack (path)" that ran]; single_acc (first pass right under every attack);
+    robust_acc (the vote over R passes right under every attack: the headline) with robust_lo,
+    robust_hi (Wilson 95%); worst_acc (all R passes right under every attack); sweep_flags (of
+    any of its groups)."""
+    return _with_cells(source, _headline)
 
 
 def _classes(con: duckdb.DuckDBPyConnection, cells: str) -> list[dict]:
@@ -244,7 +299,7 @@ def flags(source: Source) -> list[dict]:
     return _with_cells(source, _flags)
 
 
-_MAKERS = {"summary": _summary, "classes": _classes, "stages": _stages, "cost": _cost, "flags": _flags}
+_MAKERS = {"headline": _headline, "summary": _summary, "classes": _classes, "stages": _stages, "cost": _cost, "flags": _flags}
 
 
 def build_report(source: Source, sections: Sequence[str] = SECTIONS) -> dict[str, list[dict]]:

@@ -3,7 +3,7 @@
     run_sql(["results/demo-759353b7"], "SELECT defense, avg(adv_correct::INT) FROM results GROUP BY ALL")
 
 Local folders and s3:// both work (S3 through the store's fsspec filesystem; see
-pipeline.analytics.source). The result is an Arrow table; `render_arrow`, `arrow_csv` and
+pipeline.analytics.source), read-only unless asked otherwise (`unsafe`). The result is an Arrow table; `render_arrow`, `arrow_csv` and
 `arrow_json` print it.
 """
 
@@ -13,6 +13,7 @@ import csv
 import decimal
 import io
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,11 +42,43 @@ def query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
                          f"schema's: run `DESCRIBE results`)") from None
 
 
-def run_sql(uris: Sequence[str], sql: str, *, endpoint_url: str | None = None,
-            storage_options: Mapping[str, Any] | None = None) -> pa.Table:
-    """`sql` over the records of the run folders `uris` (the view `results`), as an Arrow table."""
-    con = connect(uris, endpoint_url=endpoint_url, storage_options=storage_options)
+READ_ONLY = (duckdb.StatementType.SELECT,)
+_EXPLAIN = re.compile(r"^\s*explain\s+(analyze\s+)?", re.IGNORECASE)
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """InputError unless every statement of `sql` only reads: SELECT (with DESCRIBE, SHOW,
+    SUMMARIZE, FROM-first), or EXPLAIN of one. COPY, ATTACH, CREATE, INSERT, SET, PRAGMA,
+    INSTALL/LOAD, EXPORT and the rest are refused."""
     try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise InputError(f"bad SQL: {exc}") from None
+    for st in statements:
+        kind = st.type
+        if kind == duckdb.StatementType.EXPLAIN:  # EXPLAIN ANALYZE runs its statement: judge that one
+            inner = _EXPLAIN.sub("", st.query, count=1)
+            kinds = [s.type for s in con.extract_statements(inner)] if inner != st.query else [kind]
+            kind = next((k for k in kinds if k not in READ_ONLY), duckdb.StatementType.SELECT)
+        if kind not in READ_ONLY:
+            raise InputError(f"sql is read-only: {kind.name} statements are refused (only SELECT, DESCRIBE, SHOW, "
+                             f"SUMMARIZE and EXPLAIN of those run); pass --unsafe to lift this (it may then write "
+                             f"files with the store's credentials)")
+
+
+def run_sql(uris: Sequence[str], sql: str, *, endpoint_url: str | None = None,
+            storage_options: Mapping[str, Any] | None = None, unsafe: bool = False, skip_bad: bool = False,
+            notes: list[str] | None = None) -> pa.Table:
+    """`sql` over the records of the run folders `uris` (the view `results`), as an Arrow table.
+
+    Read-only unless `unsafe`: only reading statements run (check_read_only), and DuckDB may
+    open no file but the run's checked record files (source.lock_down). skip_bad and notes:
+    see source.connect."""
+    con = connect(uris, endpoint_url=endpoint_url, storage_options=storage_options, skip_bad=skip_bad,
+                  notes=notes, pool_check=False, read_only=not unsafe)
+    try:
+        if not unsafe:
+            check_read_only(con, sql)
         return query(con, sql)
     finally:
         con.close()

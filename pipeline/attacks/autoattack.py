@@ -1,9 +1,9 @@
 """AutoAttack (Croce & Hein 2020) through the `pyautoattack` package, one stage at a time.
 
 The ensemble runs as in `AutoAttack.run_standard_evaluation`: each stage attacks the
-examples still classified correctly, from the clean input. Running the stages here rather
-than inside the package lets us record which stage broke each example, and keeps each
-example's attack a function of its own seed.
+examples still classified correctly, from the clean input, on the whole batch. Running the
+stages here rather than inside the package lets us record which stage broke each example and
+judge a stochastic defense over many fresh passes (selection.py) rather than one.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import logging
 
 import torch
 from torch import nn
+
+from pipeline.attacks.selection import Selection
 
 _QUIET = logging.getLogger("robustsweep.autoattack")
 _QUIET.addHandler(logging.NullHandler())
@@ -73,26 +75,66 @@ def _run_stage(aa, stage: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     raise ValueError(f"unknown AutoAttack stage {stage!r}")
 
 
-def run_autoattack(aa, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[str | None]]:
-    """(x_adv, broken_by): x (B, C, H, W) in [0, 1]; broken_by[i] names the stage that fooled
-    example i in AutoAttack's own single-pass check, or None (robust, or wrong already: "clean")."""
-    x_adv = x.clone()
-    broken: list[str | None] = [None] * x.shape[0]
+def run_autoattack(aa, select: Selection, *, stochastic: bool) -> None:
+    """Run the stages of `aa` on the examples of `select` that some pass still gets right.
+
+    Each stage attacks those examples from their clean input and offers its points to
+    `select`, which keeps a point only where fresh passes say it fools more: a stage never
+    throws a found point away. For a stochastic model the APGD stages are run restart by
+    restart here, so that their best-loss point is offered too, not only a point that fooled
+    one draw, and the first restart starts from the best point so far.
+    """
     with torch.random.fork_rng(devices=[]):  # the stages reseed torch's global generator
-        with torch.no_grad():
-            robust = model(x).argmax(1) == y
-        for i in (~robust).nonzero().flatten().tolist():
-            broken[i] = "clean"
         for stage in aa.attacks_to_run:
-            todo = robust.nonzero().flatten()
+            todo = select.todo()
             if todo.numel() == 0:
                 break
-            adv = _run_stage(aa, stage, x[todo].clone(), y[todo].clone()).to(x.dtype)
-            with torch.no_grad():
-                fooled = model(adv).argmax(1) != y[todo]
-            for k, i in enumerate(todo.tolist()):
-                if fooled[k]:
-                    x_adv[i] = adv[k]
-                    robust[i] = False
-                    broken[i] = stage
-    return x_adv, broken
+            xs, ys = select.x[todo].clone(), select.y[todo].clone()
+            if stochastic and stage.startswith("apgd"):
+                _apgd_stochastic(aa, stage, select, todo)
+            else:
+                select.offer(_run_stage(aa, stage, xs, ys).to(xs.dtype), todo, stage)
+
+
+def _apgd_stochastic(aa, stage: str, select: Selection, rows: torch.Tensor) -> None:
+    """APGD (Croce & Hein 2020, alg. 1) restart by restart: offers each run's best-loss point
+    and, where one draw was fooled, its fooled point."""
+    targeted = stage == "apgd-t"
+    attack = aa.apgd_targeted if targeted else aa.apgd
+    if not targeted:
+        attack.loss = stage.split("-")[1]
+    attack.seed = aa.seed
+    attack.init_hyperparam(select.x[rows])
+    torch.random.manual_seed(aa.seed)
+    targets = range(2, attack.n_target_classes + 2) if targeted else [None]
+    for target_class in targets:
+        for restart in range(attack.n_restarts):
+            todo = rows[(select.acc[rows.cpu()] > 0).to(rows.device)]
+            if todo.numel() == 0:
+                return
+            xs, ys = select.x[todo].clone(), select.y[todo].clone()
+            if targeted:
+                attack.y_target = select.mean_logits(xs, todo).sort(dim=1)[1][:, -target_class].to(ys.device)
+            found = [o is not None for o in (select.origin[i] for i in todo.tolist())]
+            x_init = None
+            if restart == 0 and target_class in (None, 2) and any(found):
+                x_init = torch.where(torch.tensor(found, device=xs.device).view(-1, 1, 1, 1),
+                                     select.best[todo], _apgd_start(attack, xs))
+            best_loss, acc, _, fooled = attack.attack_single_run(xs, ys, x_init=x_init)
+            select.offer(best_loss.to(xs.dtype), todo, stage)
+            hit = (acc == 0).nonzero().flatten()
+            if hit.numel():
+                select.offer(fooled[hit].to(xs.dtype), todo[hit], stage)
+
+
+def _apgd_start(attack, x: torch.Tensor) -> torch.Tensor:
+    """APGD's random start (as in `attack_single_run`): a point of the ball's surface direction."""
+    if attack.norm == "Linf":
+        t = 2 * torch.rand(x.shape).to(x.device) - 1
+    else:
+        t = torch.randn(x.shape).to(x.device)
+    if attack.norm == "L1":
+        from pyautoattack.autopgd_base import L1_projection
+
+        return (x + t + L1_projection(x, t, attack.eps)).clamp(0, 1)
+    return (x + attack.eps * attack.normalize(t)).clamp(0, 1)

@@ -336,3 +336,79 @@ def format_elbo(result: dict) -> list[str]:
                      f"{(rate or 0) / 1e9:.1f} GFLOP/s")
     lines.append(f"load average {result['load_before']} before, {result['load_after']} after")
     return lines
+
+
+def bench_edm(preset: str | dict = "edm-cifar10-cond-vp", timesteps: int = 10, examples: int = 1, batch: int = 64,
+              repeat: int = 1, threads: int | None = 1, device: str = "cpu", autocast: str = "auto",
+              grad: bool = False, seed: int = 0) -> dict:
+    """A full-size EDM network with random weights: one forward at `batch` in float32 and in bf16
+    autocast, and RDC seconds per image through the engine at `timesteps` (logits; with `grad`,
+    logits and input gradients), on random images of the network's shape.
+
+    preset: an EDM preset name, or a build_edm config. Random weights cost the same FLOPs as
+    trained ones; the figures are speed only.
+    """
+    from pipeline.defenses.rdc import RDC
+    from pipeline.diffusion.denoiser import DenoiserEps
+    from pipeline.diffusion.schedule import VPSchedule
+    from pipeline.models.edm import build_edm
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    load_before = load_average()
+    torch.manual_seed(seed)
+    net = build_edm({"preset": preset} if isinstance(preset, str) else preset).to(dev).eval().requires_grad_(False)
+    C, R, K = net.img_channels, net.img_resolution, net.label_dim
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(batch, C, R, R, generator=g) * 2 - 1).to(dev)
+    sigma = torch.exp(torch.randn(batch, generator=g) * 1.2 - 1.2).to(dev)
+    labels = torch.nn.functional.one_hot(torch.arange(batch) % K, K).float().to(dev)
+
+    def forward(dtype):
+        ctx = torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            return net(x, sigma, labels)
+
+    forwards = best_of({"fp32": lambda: forward(None), "bf16": lambda: forward(torch.bfloat16)}, repeat, dev)
+    with torch.no_grad():
+        flops = count_flops(lambda: net(x, sigma, labels))
+    schedule = VPSchedule()
+    rdc = RDC(DenoiserEps(net, schedule, K), K, C, R, schedule=schedule, timesteps=timesteps, batch_size=batch,
+              engine=EngineOptions(autocast=autocast)).to(dev)
+    images = torch.rand(examples, C, R, R, generator=g).to(dev)
+    draw = Draw(seed, torch.arange(examples), torch.zeros(examples, dtype=torch.int64))
+    w = torch.randn(examples, K, generator=g).to(dev)
+    rdc_fns = {"logits": lambda: rdc.evaluate(images, draw)}
+    if grad:
+        rdc_fns["logits_and_grads"] = lambda: _engine_grads(rdc, images, draw, w)
+    with torch.no_grad():  # no warm-up round: the forward timings above warmed the network
+        rdc_timed = best_of({"logits": rdc_fns.pop("logits")}, repeat, dev, warmup=False)
+    rdc_timed.update(best_of(rdc_fns, repeat, dev, warmup=False))
+    return {
+        "preset": preset if isinstance(preset, str) else "custom", "parameters": sum(p.numel() for p in net.parameters()), "batch": batch,
+        "forward_seconds": {"fp32": forwards["fp32"][0], "bf16_autocast": forwards["bf16"][0]},
+        "forward_flops": flops,
+        "forward_flops_per_s": {"fp32": flops / forwards["fp32"][0], "bf16_autocast": flops / forwards["bf16"][0]},
+        # Relative to D - x, the network's part (x itself would hide the rounding at small sigma).
+        "bf16_max_rel_diff": float((forwards["bf16"][1] - forwards["fp32"][1]).abs().max() / (forwards["fp32"][1] - x).abs().max()),
+        "rdc": {"timesteps": int(rdc.ts.numel()), "classes": K, "examples": examples,
+                "autocast": autocast, "chunk": chunk_size(rdc.engine, rdc.batch_size, images),
+                **{f"{k}_seconds_per_image": v[0] / examples for k, v in rdc_timed.items()}},
+        **machine_info(dev), "threads": torch.get_num_threads(),
+        "load_before": load_before, "load_after": load_average(),
+    }
+
+
+def format_edm(r: dict) -> str:
+    """A few lines for a person: forward seconds in fp32 and bf16, RDC seconds per image."""
+    f, rd = r["forward_seconds"], r["rdc"]
+    lines = [f"{r['preset']} ({r['parameters']:,} parameters, random weights) on {r['device']}, {r['threads']} threads",
+             f"  one forward at batch {r['batch']}: fp32 {f['fp32']:.2f} s, bf16 autocast {f['bf16_autocast']:.2f} s "
+             f"({r['forward_flops'] / 1e9:.1f} GFLOP; bf16 max rel diff {r['bf16_max_rel_diff']:.2g})",
+             f"  RDC, {rd['timesteps']} timesteps x {rd['classes']} classes, autocast {rd['autocast']}, chunk {rd['chunk']}: "
+             f"{rd['logits_seconds_per_image']:.1f} s per image (logits)"]
+    if "logits_and_grads_seconds_per_image" in rd:
+        lines.append(f"  with input gradients: {rd['logits_and_grads_seconds_per_image']:.1f} s per image")
+    lines.append(f"  load average before/after: {r['load_before'][0]} / {r['load_after'][0]}")
+    return "\n".join(lines)

@@ -61,6 +61,7 @@ def synthetic_records(n: int, seed: int = 0, classes: int = 10) -> pa.Table:
 
     columns = {
         "run_id": pa.array(np.full(n, "bench", dtype=object), pa.string()),
+        "job_hash": pa.array(np.full(n, "bench", dtype=object), pa.string()),
         "unit_id": names([f"u{i:03d}" for i in range(groups)], g),
         "example_id": example, "label": label,
         "defense": names(DEFENSES, d_i), "attack": names(ATTACKS, a_i),
@@ -83,6 +84,7 @@ def synthetic_records(n: int, seed: int = 0, classes: int = 10) -> pa.Table:
         "device": pa.array(np.full(n, "cuda", dtype=object), pa.string()),
         "config_hash": names([f"h{i}" for i in range(len(DEFENSES))], d_i),
         "flags": pa.array(flags, pa.list_(pa.string())),
+        "iterations": np.full(n, 100, dtype=np.int64), "eot": np.where(d_i == 0, 1, 20),
     }
     arrays = [pa.array(columns[f.name], f.type) if not isinstance(columns[f.name], (pa.Array, pa.ChunkedArray))
               else columns[f.name].cast(f.type) for f in RECORD_SCHEMA]
@@ -92,22 +94,20 @@ def synthetic_records(n: int, seed: int = 0, classes: int = 10) -> pa.Table:
 def write_synthetic_run(folder: str | Path, n: int, seed: int = 0, files: int = 100) -> str:
     """Write `synthetic_records(n, seed)` under `folder`/records/ in the layout of a run:
     records/defense=.../attack=.../unit-{i}.parquet, `files` files of equal size, each within
-    one (defense, attack, eps) group when `files` is a multiple of the 100 groups. Returns the
-    run folder. (Plain Parquet writes: the atomic commit of a real run is not what is timed.)"""
-    import pyarrow.parquet as pq
-
+    one (defense, attack, eps) group when `files` is a multiple of the 100 groups, sealed by the
+    store like a unit's file (so that the report checks them as it checks a run's). Returns the
+    run folder."""
     table = synthetic_records(n, seed)
     groups = len(DEFENSES) * len(ATTACKS) * len(EPS)
     unit = np.arange(n) % groups
     table = table.take(pa.array(np.argsort(unit, kind="stable")))  # each group's rows together
     root = Path(folder)
+    store = Store(str(root))
     bounds = np.linspace(0, n, max(1, min(files, n)) + 1).astype(int)
     for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         part = table.slice(lo, hi - lo)
         d, a = part.column("defense")[0].as_py(), part.column("attack")[0].as_py()
-        path = root / "records" / f"defense={d}" / f"attack={a}" / f"unit-{i:06d}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(part, path)
+        store.write_table(f"records/defense={d}/attack={a}/unit-{i:06d}.parquet", part, {"unit_id": f"bench-{i:06d}"})
     return str(root.resolve())
 
 

@@ -60,7 +60,7 @@ def run_slice(doc: dict, begin: int, end: int, out: str) -> int:
     data = job.spec.data
     x_all, _ = load_split(data.dataset, data.split, root=data.root)
     worker = Worker(f"process-{begin}", "cpu", threads=1)
-    ctx = {"run_id": "by-hand", "out": out, "endpoint_url": None, "seed": job.spec.seed,
+    ctx = {"run_id": "by-hand", "job_hash": job.hash, "out": out, "endpoint_url": None, "seed": job.spec.seed,
            "data": {"dataset": data.dataset, "split": data.split, "root": data.root}}
     return sum(worker.run_unit(u, ctx)["rows"] for u in plan(job, x_all.shape[0])[begin:end])
 

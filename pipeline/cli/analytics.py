@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.common import console, fails_cleanly
+from pipeline.cli.common import SKIP_BAD_HELP, console, fails_cleanly, notes
 from pipeline.errors import ConfigError
 
 REPORT_FORMATS = ("table", "markdown", "csv", "json")
@@ -38,26 +38,30 @@ def emit_report(report: dict, fmt: str) -> None:
 
 
 def print_summary(uris: list[str], endpoint_url: str | None, fmt: str = "table") -> None:
-    """The accuracy summary of runs (what `run` prints at the end); an empty run prints an empty table."""
+    """The headline (worst over attacks and paths) and the accuracy summary of runs (what `run`
+    prints at the end); an empty run prints empty tables."""
     from pipeline.analytics import build_report, connect
 
-    con = connect(uris, endpoint_url=endpoint_url, require=False)
+    left_out: list[str] = []
+    con = connect(uris, endpoint_url=endpoint_url, require=False, notes=left_out)
     try:
-        report = build_report(con, ["summary"])
+        report = build_report(con, ["headline", "summary"])
     finally:
         con.close()
     emit_report(report, fmt)
+    notes(left_out)
 
 
 @fails_cleanly
 def report_cmd(
     uris: list[str] = typer.Argument(..., help="run folders: {out}/{run_id}, local or s3://; several are combined"),
     format: str = typer.Option("table", "--format", help="table, markdown, csv (one section) or json"),
-    section: list[str] = typer.Option([], "--section", help="summary, classes, stages, cost or flags (repeatable; default all, csv: summary)"),
+    section: list[str] = typer.Option([], "--section", help="headline, summary, classes, stages, cost or flags (repeatable; default all, csv: summary)"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write the figures (PNG) into this folder"),
     html: Optional[Path] = typer.Option(None, "--html", help="write one self-contained HTML page (tables and figures inline)"),
     robustbench: Optional[str] = typer.Option(None, "--robustbench", help="write RobustBench-style JSON per defense, threat model and eps into this folder or s3:// prefix"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
 ):
     """Accuracy (95% Wilson), per-class accuracy, the attack stage that broke each example, cost, sanity flags; figures and exports."""
     from pipeline.analytics.outputs import analyze
@@ -71,10 +75,9 @@ def report_cmd(
     if format == "csv" and len(sections) != 1:
         raise ConfigError(f"--format csv writes one table; pick one --section (got {', '.join(sections)})")
     result = analyze(uris, endpoint_url=endpoint_url, sections=sections, plot_dir=plot, html_path=html,
-                     robustbench_dir=robustbench)
+                     robustbench_dir=robustbench, skip_bad=skip_bad)
     emit_report(result["report"], format)
-    for note in result["notes"]:
-        console.print(f"[yellow]note:[/] {note}")
+    notes(result["notes"])
     if plot is not None:
         console.print(f"{len(result['plots'])} figures in {plot}")
     if robustbench is not None:
@@ -94,6 +97,7 @@ def compare_cmd(
     seed: int = typer.Option(0, help="seed of the bootstrap"),
     format: str = typer.Option("table", "--format", help="table, markdown, csv or json"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
 ):
     """Paired A vs B on the same (attack, eps, example): accuracy difference with a bootstrap interval, exact McNemar test."""
     from pipeline.analytics import connect
@@ -102,12 +106,14 @@ def compare_cmd(
     check_format(format)
     if resamples < 1:
         raise ConfigError(f"--resamples must be >= 1, got {resamples}")
-    con = connect(uris, endpoint_url=endpoint_url)
+    left_out: list[str] = []
+    con = connect(uris, endpoint_url=endpoint_url, skip_bad=skip_bad, notes=left_out)
     try:
         rows = compare(con, a, b, metric=metric, attack=attack, resamples=resamples, seed=seed)
     finally:
         con.close()
     emit_report({"compare": rows}, format)
+    notes(left_out)
 
 
 @fails_cleanly
@@ -116,8 +122,10 @@ def sql_cmd(
     format: str = typer.Option("table", "--format", help="table, csv or json"),
     max_rows: int = typer.Option(1000, help="rows shown by --format table"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
+    unsafe: bool = typer.Option(False, "--unsafe", help="lift the read-only lock: any statement (COPY TO, ATTACH, ...) and any file, with the store's credentials"),
 ):
-    """Run SQL (DuckDB) over the records of runs, local or S3: e.g. robustsweep sql results/demo-x "SELECT defense, avg(adv_correct::INT) FROM results GROUP BY ALL"."""
+    """Run SQL (DuckDB, read-only unless --unsafe) over the records of runs, local or S3: e.g. robustsweep sql results/demo-x "SELECT defense, avg(adv_correct::INT) FROM results GROUP BY ALL"."""
     from rich.console import Console as Out
 
     from pipeline.analytics.sql import arrow_csv, arrow_json, render_arrow, run_sql
@@ -125,7 +133,9 @@ def sql_cmd(
     check_format(format, ("table", "csv", "json"))
     if len(args) < 2:
         raise ConfigError('give a run folder and a query: robustsweep sql RUN_URI "SELECT ... FROM results"')
-    table = run_sql(args[:-1], args[-1], endpoint_url=endpoint_url)
+    left_out: list[str] = []
+    table = run_sql(args[:-1], args[-1], endpoint_url=endpoint_url, unsafe=unsafe, skip_bad=skip_bad, notes=left_out)
+    notes(left_out)
     if format == "csv":
         print(arrow_csv(table), end="")
     elif format == "json":

@@ -27,7 +27,8 @@ def positive_ints(text: str, option: str, example: str) -> tuple[int, ...]:
 @bench_app.command("elbo")
 @fails_cleanly
 def bench_elbo_cmd(
-    model: str = typer.Option("default", help="'default' (the digits UNet) or 'optimal'"),
+    model: str = typer.Option("default", help="'default' (the digits UNet), 'optimal', or an EDM preset "
+                              "(e.g. edm-cifar10-cond-vp: full size, random weights, random CIFAR-shaped images)"),
     examples: int = typer.Option(2, help="digits test examples"),
     timesteps: int = typer.Option(1000, help="RDC timesteps (systematic subsample; 1000 = all)"),
     repeat: int = typer.Option(2, help="timed rounds after a warm-up; the best round counts"),
@@ -40,13 +41,24 @@ def bench_elbo_cmd(
     agreement_timesteps: int = typer.Option(100, help="with bf16/fp16: timesteps of the fp32 agreement check on the digits test split"),
     grad: bool = typer.Option(True, "--grad/--no-grad", help="also time input gradients"),
     profile: bool = typer.Option(False, "--profile", help="also profile one example: seconds by kind of operator"),
+    forward_batch: int = typer.Option(64, help="EDM presets: batch of the timed single forward (fp32 and bf16 autocast)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ):
     """RDC logits and gradients: the reference strategy (class loop, 64-timestep chunks, one example at a time) vs the engine,
-    with FLOPs against a matmul peak measured in the same run."""
+    with FLOPs against a matmul peak measured in the same run. With an EDM preset as --model: one forward of the
+    full-size network at --forward-batch in fp32 and bf16, and the engine's RDC seconds per image."""
     compiled = {"off": False, "forward": "forward", "on": True}.get(compile)
     if compiled is None:
         raise ConfigError(f"--compile must be off, forward or on; got {compile!r}")
+    from pipeline.models.edm import EDM_PRESETS
+
+    if model in EDM_PRESETS:
+        from pipeline.bench.elbo import bench_edm, format_edm
+
+        result = bench_edm(model, timesteps, examples=examples, batch=forward_batch, repeat=max(1, repeat - 1),
+                           threads=threads or None, device=device, autocast=autocast, grad=grad)
+        print(json.dumps(result, indent=2)) if as_json else say(format_edm(result))
+        return
     from pipeline.bench.elbo import bench_elbo, format_elbo
 
     result = bench_elbo(model, examples, timesteps, repeat=repeat, threads=threads or None, device=device, chunk=chunk,
@@ -107,7 +119,8 @@ def bench_scaling_cmd(
 @bench_app.command("grid")
 @fails_cleanly
 def bench_grid_cmd(
-    model: str = typer.Option("default", help="'default' (the digits UNet) or 'optimal'"),
+    model: str = typer.Option("default", help="'default' (the digits UNet), 'optimal', or an EDM preset "
+                              "(e.g. edm-cifar10-cond-vp: full size, random weights, random CIFAR-shaped images)"),
     timesteps: int = typer.Option(1000, help="RDC timesteps (systematic subsample)"),
     examples: int = typer.Option(2, help="digits test examples in the batch"),
     gangs: Optional[str] = typer.Option(None, help="gang sizes, comma-separated (default 1,2 and 3 where cores allow)"),
@@ -148,6 +161,27 @@ def bench_report_cmd(
         print(json.dumps(result, indent=2))
     else:
         say(format_report(result))
+
+
+@bench_app.command("attack")
+@fails_cleanly
+def bench_attack_cmd(
+    cases: str = typer.Option("plain,mi-pl,rdc-optimal", help="comma-separated cases: plain, mi-pl, rdc-optimal"),
+    examples: int = typer.Option(64, help="digits test examples in the batch (one unit)"),
+    per_example: int = typer.Option(8, help="examples timed one at a time (scaled to the batch)"),
+    threads: Optional[int] = typer.Option(1, help="torch threads (0: torch's default)"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """A unit attacked as one batch against one example at a time and against pyautoattack on the same batch and model."""
+    from pipeline.bench.attack import bench_attack, format_attack
+
+    result = bench_attack(cases=tuple(c.strip() for c in cases.split(",") if c.strip()), examples=examples,
+                          per_example=per_example, threads=threads or None, device=device)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        say(format_attack(result))
 
 
 @bench_app.command("scheduler")

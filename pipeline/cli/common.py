@@ -14,12 +14,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline.errors import CheckpointError, ConfigError, DatasetError, InputError, RobustsweepError
+from pipeline.errors import (BadFileError, CheckpointError, ClusterUnreachableError, ConfigError, DatasetError, InputError,
+                             LeaseHeldError, RobustsweepError)
 
 console = Console(stderr=True, soft_wrap=True)
 
 # Errors that mean the user's input is wrong (exit 2); any other RobustsweepError is a failure while working (exit 1).
-BAD_INPUT = (ConfigError, InputError, DatasetError, CheckpointError)
+BAD_INPUT = (ConfigError, InputError, DatasetError, CheckpointError, BadFileError, LeaseHeldError, ClusterUnreachableError)
+SKIP_BAD_HELP = "leave out record files that fail their checks (each is listed) instead of refusing them (exit 2)"
 
 F = TypeVar("F", bound=Callable)
 
@@ -40,6 +42,12 @@ def fails_cleanly(command: F) -> F:
             raise typer.Exit(exit_code(exc)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def notes(lines: list[str]) -> None:
+    """Print what a reader left out (bad files skipped, a unit's second copy) as notes on stderr."""
+    for line in lines:
+        console.print(f"[yellow]note:[/] {escape(line)}", highlight=False)
 
 
 def load_job_file(path: Path, files: bool = False):

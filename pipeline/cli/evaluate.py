@@ -28,6 +28,10 @@ def accuracy_cmd(
     from pipeline.defenses import build_defense
     from pipeline.protocol.predict import predict
 
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be >= 1 (or left out for the whole split), got {limit}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     try:
         table = json.loads(defense)
     except json.JSONDecodeError as exc:

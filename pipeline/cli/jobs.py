@@ -10,21 +10,28 @@ import typer
 from rich.markup import escape
 
 from pipeline.cli.analytics import print_summary
-from pipeline.cli.common import console, fails_cleanly, load_job_file
+from pipeline.cli.common import SKIP_BAD_HELP, console, fails_cleanly, load_job_file
 from pipeline.config.run import DEFAULT_OUT, RunOptions
 from pipeline.errors import ConfigError
 
 
 @fails_cleanly
-def validate_cmd(job: Path = typer.Argument(..., help="job file (TOML)")):
-    """Check a job file (and that the model files it names are there) and print what it expands to; writes nothing."""
+def validate_cmd(
+    job: Path = typer.Argument(..., help="job file (TOML)"),
+    out: Optional[str] = typer.Option(None, help="also check this output folder or s3://bucket/prefix"),
+):
+    """Check a job file (everything `run` checks before it starts) and print what it expands to; writes nothing."""
     from pipeline.config.defense import defense_name
     from pipeline.data import load_split
     from pipeline.runtime.plan import plan, run_id_for
+    from pipeline.runtime.preflight import preflight_job, preflight_run
 
     spec = load_job_file(job, files=True)
+    preflight_job(spec) if out is None else preflight_run(spec, out)
     x, _ = load_split(spec.spec.data.dataset, spec.spec.data.split, root=spec.spec.data.root)
     units = plan(spec, x.shape[0])
+    if not units:
+        raise ConfigError("the job selects no examples (data.ids / data.limit): nothing to run")
     console.print(f"[green]ok[/] {escape(str(job))}: run id {run_id_for(spec)}, {len(spec.defenses)} defenses, "
                   f"{len(spec.attacks)} attacks, {len(units)} units")
     # Names carry sweep suffixes such as [temperature=0.5]: printed as text, not as console markup.
@@ -48,6 +55,7 @@ def run_cmd(
     report: bool = typer.Option(True, help="print the report at the end"),
     gpus_per_worker: float = typer.Option(1.0, help="GPUs per worker actor; 0.5 or 0.25 pack small models several to a GPU"),
     min_gpus: int = typer.Option(0, help="wait (up to 10 min) until the cluster has this many GPUs before starting workers"),
+    lease_wait: float = typer.Option(0.0, help="seconds to wait while another driver holds the run folder (default: refuse at once, exit 2)"),
 ):
     """Run a job on a Ray cluster (resuming committed units) and print its report."""
     from pipeline.runtime.run import run_job
@@ -55,7 +63,7 @@ def run_cmd(
     options = RunOptions(out=out, workers=workers, gpus_per_worker=gpus_per_worker, address=address, min_gpus=min_gpus,
                          endpoint_url=endpoint_url, run_id=run_id, fresh=fresh, report=report)
     spec = load_job_file(job, files=True)
-    result = run_job(spec, options, progress=True)
+    result = run_job(spec, options, progress=True, lease_wait=lease_wait)
     console.print(f"run {result.run_id}: {result.done} units done, {result.skipped} already committed, "
                   f"{len(result.failed)} failed; {result.rows} rows in {result.seconds:.1f} s -> {result.uri}")
     if options.report:
@@ -71,6 +79,7 @@ def status_cmd(
                               help="a run folder ({out}/{run_id}, local or s3://), or with --address a submission id"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
     address: Optional[str] = typer.Option(None, help="a cluster's dashboard URL (http://HEAD:8265): the argument is then a submission id"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
 ):
     """Units done / failed / left, rows and throughput of a run; with --address, the state of a submitted job."""
     from pipeline.runtime.status import run_status
@@ -81,5 +90,5 @@ def status_cmd(
     elif uri.startswith("raysubmit_") and not Path(uri).exists():
         raise ConfigError(f"{uri} looks like a submission id: pass --address http://HEAD:8265 to ask its cluster")
     else:
-        st = run_status(uri, endpoint_url=endpoint_url)
+        st = run_status(uri, endpoint_url=endpoint_url, skip_bad=skip_bad)
     print(json.dumps(st, indent=2))

@@ -9,7 +9,11 @@
 Common fields: `passes` (R, the stochastic passes that score a randomized defense, default
 10), `path` ("adaptive": the attacker sees the whole defense; "oblivious": it attacks the
 defense's base classifier, MI only), `lm_gradient` ("bpda" or "exact": how gradients cross
-RDC's likelihood maximization, overriding the defense's own setting).
+RDC's likelihood maximization, overriding the defense's own setting), `selection_passes`
+(S, the fresh passes that decide which candidate point to keep against a stochastic defense;
+default R), `batched` (attack a unit's examples together, default true; false attacks one
+example at a time), `converge` (rerun with doubled iterations and EOT until robust accuracy
+moves by less than one example, at most `converge_cap` doublings, default 3).
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ class _Attack(BaseModel):
     passes: int = Field(10, ge=1)
     path: Literal["adaptive", "oblivious"] = "adaptive"
     lm_gradient: Literal["bpda", "exact"] | None = None
+    selection_passes: int | None = Field(None, ge=1)
+    batched: bool = True
+    converge: bool = False
+    converge_cap: int = Field(3, ge=0)
 
 
 class NoAttack(_Attack):

@@ -104,6 +104,7 @@ class RDCSpec(_Spec):
     lm: LMSpec | None = None
     batch_size: int = Field(4096, ge=1)
     engine: EngineSpec | None = None
+    elbo: Literal["vp", "edm"] = "vp"
 
     @field_validator("model")
     @classmethod
@@ -133,7 +134,7 @@ def defense_name(spec) -> str:
     if spec.kind == "mi":
         return f"mi-{spec.mode}"
     model = {"optimal": "optimal", "edm": "edm"}.get(parse_model_ref(spec.model).kind, "unet")
-    return f"rdc-{model}" + ("-lm" if spec.lm else "")
+    return f"rdc-{model}" + ("-edmw" if spec.elbo == "edm" else "") + ("-lm" if spec.lm else "")
 
 
 def surrogate_spec(table: dict, attacked, where: str = "attack.surrogate") -> PlainSpec | MISpec | RDCSpec:

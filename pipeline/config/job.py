@@ -47,7 +47,8 @@ from pipeline.errors import ConfigError, config_error
 
 
 class DataSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a boolean or a string is not a number (lax pydantic takes true as 1 and "4" as 4)
+    model_config = ConfigDict(extra="forbid", strict=True)
     dataset: DatasetName
     split: Literal["train", "test"] = "test"
     root: str | None = Field(None, description="folder or s3:// URI of a CIFAR dataset")
@@ -66,9 +67,9 @@ class DataSpec(BaseModel):
 class JobSpec(BaseModel):
     """A validated job, before its sweeps are expanded."""
 
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field("job", pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = Field(0, ge=0)
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field("job", pattern=r"^[A-Za-z0-9_.+-]+$", max_length=100)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
     data: DataSpec
     defenses: list[dict] = Field(min_length=1)
     attacks: list[dict] = Field(min_length=1)
@@ -189,13 +190,19 @@ def expand(spec: JobSpec, source: str = "<job>") -> Job:
                 raise _reprefix(exc, "attack.", f"{where}.") from None
             name = attack_name(parsed) + ("" if parsed.name else suffix)
             if any(a.name == name and a.table.get("eps") == table.get("eps") and set(a.defenses) & set(targets)
-                   for a in attacks):
+                   and a.table.get("path", "adaptive") == table.get("path", "adaptive") for a in attacks):
                 raise ConfigError(f"{where}.name: two attacks are named {name!r} at the same eps; give them distinct names")
             surrogates = {}
             if parsed.kind == "transfer":
                 by_name = {d.name: d.spec for d in defenses}
                 surrogates = {t: surrogate_spec(parsed.surrogate, by_name[t], f"{where}.surrogate") for t in targets}
             attacks.append(Attack(name, table, parsed, targets, surrogates))
+            # MI's adaptive gradient is partly masked (the mixing label is drawn without one), so an
+            # attack on MI that names no path also runs on its base classifier (oblivious).
+            mixup = tuple(d.name for d in defenses if d.name in targets and d.spec.kind == "mi")
+            if mixup and "path" not in table and parsed.kind in ("autoattack", "pgd"):
+                oblivious = {**table, "path": "oblivious"}
+                attacks.append(Attack(name, oblivious, parse_attack(oblivious), mixup))
     return Job(spec, tuple(defenses), tuple(attacks), source)
 
 
@@ -212,9 +219,11 @@ def load_job(path: str | Path) -> Job:
     """Read and validate a TOML job file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read job file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"job file {path} is not text (UTF-8 TOML): byte {exc.start} is {exc.object[exc.start]:#04x}") from None
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

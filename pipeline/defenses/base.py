@@ -44,6 +44,19 @@ def check_input(x: torch.Tensor, channels: int, size: int | None, who: str) -> N
         raise InputError(f"{who}: input values must lie in [0, 1], found range [{lo:.4g}, {hi:.4g}]")
 
 
+def check_labels(y: torch.Tensor, n: int, num_classes: int, who: str) -> None:
+    """Raise InputError unless y is an integer tensor (n,) of classes in [0, num_classes)."""
+    if not isinstance(y, torch.Tensor):
+        raise InputError(f"{who}: labels must be a torch.Tensor, got {type(y).__name__}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise InputError(f"{who}: labels must be an integer tensor, got dtype {y.dtype}")
+    if tuple(y.shape) != (n,):
+        raise InputError(f"{who}: labels must have shape ({n},), one per image, got {tuple(y.shape)}")
+    if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise InputError(f"{who}: labels must lie in [0, {num_classes}) for a {num_classes}-class defense, found "
+                         f"range [{int(y.min())}, {int(y.max())}]")
+
+
 def _vjp(fn, x: torch.Tensor, cells: torch.Tensor, draw: Draw, grad_total: torch.Tensor) -> torch.Tensor:
     """grad_total^T d fn(x, cells, draw) / dx by autograd, zeros where fn does not depend on x."""
     with torch.enable_grad():
@@ -165,7 +178,13 @@ class Defense(nn.Module):
         return self.finish(x, self.partial(x, cells, draw), draw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits float32 (B, K) of images x (B, C, H, W) in [0, 1]. Any float dtype is taken:
+        float16, bfloat16 and float64 are cast to float32 (differentiably), the precision the
+        defense computes in (the engine's autocast is its own, inside); integer images (uint8)
+        are refused with InputError, since their scale is not [0, 1]."""
         check_input(x, self.in_channels, self.image_size, type(self).__name__)
+        if x.dtype != torch.float32:
+            x = x.float()
         if x.shape[0] == 0:
             return x.new_zeros(0, self.num_classes)
         return self.evaluate(x, self.next_draw(x.shape[0]))

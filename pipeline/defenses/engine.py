@@ -5,8 +5,8 @@ depend on (example, t) only, and so does every layer of the UNet before the clas
 enters (diffusion/unet.py: `shared`). The engine therefore orders evaluations by
 (example, t) "pair", cuts them into chunks of whole pairs, and per chunk forms x_t and the
 class-independent features once per pair and runs the class-dependent rest once per
-evaluation. Models without `shared` / `conditional` (any eps_theta(x_t, t, y)) run per
-evaluation on the shared x_t.
+evaluation. Models that are not `ClassSharing` (any eps_theta(x_t, t, y), e.g. an EDM
+denoiser through diffusion/denoiser.py) run per evaluation on the shared x_t.
 
 Device options (EngineOptions): chunk size (network inputs per call), channels_last,
 autocast (bf16 / fp16), torch.compile, CUDA graphs. None of them changes what is computed;
@@ -24,6 +24,7 @@ import platform
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -199,35 +200,63 @@ def prepare(model: nn.Module, options: EngineOptions, device: torch.device, grad
 
 
 # --- the network split into class-independent and class-dependent calls ----------------
+@runtime_checkable
+class ClassSharing(Protocol):
+    """An eps-model whose class-independent work can run once per (example, t) pair:
+    conditional(shared(x_t, t), rows, y) == model(x_t[rows], t[rows], y)."""
+
+    def shared(self, x_t: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+    def conditional(self, shared: dict[str, torch.Tensor], rows: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class LinearStem(Protocol):
+    """An eps-model that starts with a linear map: model(x_t, t, y) == trunk(stem(x_t), t, y), with
+    stem_adjoint the transpose of stem (gradients are taken at the stem's output)."""
+
+    def stem(self, x_t: torch.Tensor) -> torch.Tensor: ...
+
+    def trunk(self, h: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+    def stem_adjoint(self, g: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class AllClasses(Protocol):
+    """An eps-model that gives every class of a pair in one call (the optimal model):
+    all_classes(x_t (M, C, H, W), t (M,)) -> (M, K, C, H, W)."""
+
+    def all_classes(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+
 def shared_fn(model: nn.Module):
     """features(x_t (M, C, H, W), t (M,)) -> dict of M-row tensors free of the class."""
-    if hasattr(model, "shared") and hasattr(model, "conditional"):
+    if isinstance(model, ClassSharing):
         return model.shared
     return lambda x_t, t: {"x_t": x_t, "t": t}
 
 
 def conditional_fn(model: nn.Module):
     """eps(features, rows (E,), y (E,)) -> (E, C, H, W): evaluation e on pair rows[e] with class y[e]."""
-    if hasattr(model, "shared") and hasattr(model, "conditional"):
+    if isinstance(model, ClassSharing):
         return model.conditional
     return lambda f, rows, y: model(f["x_t"].index_select(0, rows), f["t"].index_select(0, rows), y)
 
 
 def trunk_fn(model: nn.Module):
     """eps(h (E, ...), t (E,), y (E,)) after the stem: h is stem(x_t) for the UNet, x_t itself otherwise."""
-    if hasattr(model, "stem") and hasattr(model, "trunk") and hasattr(model, "stem_adjoint"):
-        return model.trunk
-    return model
+    return model.trunk if isinstance(model, LinearStem) else model
 
 
 def stem(model: nn.Module, x_t: torch.Tensor) -> torch.Tensor:
     """The linear map the engine differentiates per evaluation through: the UNet's stem, else the identity."""
-    return model.stem(x_t) if hasattr(model, "stem_adjoint") else x_t
+    return model.stem(x_t) if isinstance(model, LinearStem) else x_t
 
 
 def stem_adjoint(model: nn.Module, g: torch.Tensor) -> torch.Tensor:
     """The transpose of `stem` applied to g."""
-    return model.stem_adjoint(g) if hasattr(model, "stem_adjoint") else g
+    return model.stem_adjoint(g) if isinstance(model, LinearStem) else g
 
 
 def flat_rows(g: torch.Tensor):

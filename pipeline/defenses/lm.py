@@ -18,14 +18,15 @@ import torch
 from torch import nn
 
 from pipeline import rng
-from pipeline.diffusion.schedule import VPSchedule
+from pipeline.diffusion.schedule import NoiseSchedule, VPSchedule
 from pipeline.errors import ConfigError
 from pipeline.rng import Draw
 
 
-def diffusion_loss(eps_model: nn.Module, schedule: VPSchedule, x: torch.Tensor, t: torch.Tensor,
+def diffusion_loss(eps_model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor, t: torch.Tensor,
                    noise: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-example ||eps_theta(x_t, t, y) - eps||^2 averaged over m timesteps (DDPM eq. 14).
+    """Per-example w_t ||eps_theta(x_t, t, y) - eps||^2 averaged over m timesteps (DDPM eq. 14),
+    w_t the schedule's ELBO weight (1 for VP): the loss RDC's logits are made of.
 
     x (B, C, H, W) in [0, 1]; t (B, m) int64; noise (B, m, C, H, W); y (B,) class or null.
     Returns (B,), squared error summed over pixels.
@@ -35,7 +36,8 @@ def diffusion_loss(eps_model: nn.Module, schedule: VPSchedule, x: torch.Tensor, 
     x_t = schedule.add_noise(x0, t.reshape(-1), noise.reshape(B * m, *x.shape[1:]))
     eps = eps_model(x_t, t.reshape(-1).to(x.device), y.repeat_interleave(m).to(x.device))
     err = (eps - noise.reshape_as(eps)).pow(2).flatten(1).sum(1)
-    return err.view(B, m).mean(1)
+    w_t = schedule.weight(t.reshape(-1), x[0].numel()).to(err)
+    return (w_t * err).view(B, m).mean(1)
 
 
 class LikelihoodMaximization(nn.Module):
@@ -46,7 +48,7 @@ class LikelihoodMaximization(nn.Module):
     gradient: "bpda" or "exact", the path attacks see.
     """
 
-    def __init__(self, eps_model: nn.Module, null_class: int, schedule: VPSchedule | None = None, *,
+    def __init__(self, eps_model: nn.Module, null_class: int, schedule: NoiseSchedule | None = None, *,
                  steps: int = 10, mu: float = 1.0, eta: float = 8 / 255, gamma: float | None = None,
                  timesteps: str | int = "random", samples: int = 1, gradient: str = "bpda"):
         super().__init__()

@@ -5,7 +5,9 @@ By Bayes' rule with the diffusion ELBO as log p(x | y) (paper eq. 4-5):
     logit_y(x) = -(1/|S|) sum_{t in S} w_t || eps_theta(sqrt(a_t) x + s_t e_t, t, y) - e_t ||^2 / tau + log p(y)
 
 with w_t = 1, S all T timesteps or a systematic subsample, one noise e_t per (example, t)
-shared by all classes, tau a temperature (1 in the paper). Likelihood maximization (lm.py)
+shared by all classes, tau a temperature (1 in the paper). The schedule gives a_t, s_t and
+w_t (diffusion/schedule.py): DDPM's VP schedule with w_t = 1, or the RDC authors' EDM
+weighting on a grid of noise levels for EDM denoisers (diffusion/denoiser.py). Likelihood maximization (lm.py)
 may run first. Adaptive class pruning (Li et al. 2023) spends few timesteps on every class,
 keeps the best, and spends the rest on those.
 
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from pipeline import rng
-from pipeline.diffusion.schedule import VPSchedule
+from pipeline.diffusion.schedule import NoiseSchedule, VPSchedule
 from pipeline.models.unet import gather_rows
 from pipeline.errors import ConfigError
 from pipeline.rng import Draw
@@ -84,7 +86,8 @@ class _ElboSum(torch.autograd.Function):
 class RDC(Defense):
     """RDC logits (B, K) for x (B, C, H, W) in [0, 1].
 
-    eps_model(x_t, t, y) -> eps, with class `num_classes` the null class; timesteps: None
+    eps_model(x_t, t, y) -> eps, with class `num_classes` the null class; schedule: the
+    noise schedule and ELBO weights (default DDPM's VP schedule, w_t = 1); timesteps: None
     (all T), an int (systematic subsample) or an explicit list; prior: K probabilities or
     None (uniform); pruning: stages [(n_timesteps, keep), ...]; lm: a LikelihoodMaximization
     or None; batch_size: network inputs per call (the memory budget); engine: how the
@@ -95,7 +98,7 @@ class RDC(Defense):
     cell_columns = 2  # (class, timestep)
 
     def __init__(self, eps_model: nn.Module, num_classes: int, in_channels: int, image_size: int, *,
-                 schedule: VPSchedule | None = None, timesteps=None, prior=None, temperature: float = 1.0,
+                 schedule: NoiseSchedule | None = None, timesteps=None, prior=None, temperature: float = 1.0,
                  pruning=None, prune_margin: float = 1.0, lm: LikelihoodMaximization | None = None,
                  batch_size: int = 4096, seed: int = 0, engine: EngineOptions | None = None):
         super().__init__(num_classes, in_channels, image_size, seed)
@@ -178,7 +181,7 @@ class RDC(Defense):
 
     def elbo_partial(self, x_lm: torch.Tensor, cells: torch.Tensor, draw: Draw) -> torch.Tensor:
         """The ELBO part of `partial` at an already purified input x_lm (B, C, H, W), shape (B, K)."""
-        ev = self._cell_evaluations(x_lm.shape[0], cells)
+        ev = self._cell_evaluations(x_lm, cells)
         n_total = self.ts.numel()
         out = _ElboSum.apply(x_lm, self, ev, draw)
         prior = torch.zeros(self.num_classes, dtype=torch.float64).index_add_(
@@ -188,16 +191,17 @@ class RDC(Defense):
     def grid_partial_vjp(self, x_p: torch.Tensor, cells: torch.Tensor, draw: Draw, grad_total: torch.Tensor) -> torch.Tensor:
         """grad_total^T d grid_partial / dx_p straight from the engine's backward (one recompute, not two)."""
         self.check_cells(cells)
-        ev = self._cell_evaluations(x_p.shape[0], cells)
+        ev = self._cell_evaluations(x_p, cells)
         w = grad_total[ev.ex.to(grad_total.device), ev.cls.to(grad_total.device)] * ev.weight.to(grad_total)
         return self.errors_vjp(x_p.detach(), ev, draw, w)
 
-    def _cell_evaluations(self, B: int, cells: torch.Tensor) -> Evaluations:
-        """Every (row, class, timestep) of `cells` for B rows, weighted -1 / (|S| tau)."""
+    def _cell_evaluations(self, x: torch.Tensor, cells: torch.Tensor) -> Evaluations:
+        """Every (row, class, timestep) of `cells` for the rows of x, weighted -w_t / (|S| tau)."""
         ts, j = torch.unique(cells[:, 1], return_inverse=True)
-        n = cells.shape[0]
+        B, n = x.shape[0], cells.shape[0]
+        w_t = self.schedule.weight(ts, x[0].numel())[j]
         return Evaluations(ex=torch.arange(B).repeat_interleave(n), cls=cells[:, 0].repeat(B), j=j.repeat(B), ts=ts,
-                           weight=torch.full((B * n,), -1.0 / (self.ts.numel() * self.temperature), dtype=torch.float64))
+                           weight=(-w_t / (self.ts.numel() * self.temperature)).repeat(B))
 
     # --- the engine ------------------------------------------------------------------
     def noise(self, draw: Draw, ts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -206,7 +210,7 @@ class RDC(Defense):
 
     def _network(self) -> bool:
         """Whether eps_model is a network evaluated per class (not the optimal model's all_classes)."""
-        return not hasattr(self.eps_model, "all_classes")
+        return not isinstance(self.eps_model, engine.AllClasses)
 
     def _chunks(self, ev: Evaluations, x: torch.Tensor) -> engine.Plan:
         """The evaluations in (example, t) order, cut into chunks of whole pairs."""
@@ -348,9 +352,10 @@ class RDC(Defense):
         for n, keep in self.pruning:
             ts = self.schedule.subsample(n)
             ex_c = active.nonzero()  # (A, 2) rows (example, class)
+            w_t = self.schedule.weight(ts, x[0].numel())
             ev = Evaluations(ex=ex_c[:, 0].repeat_interleave(n), cls=ex_c[:, 1].repeat_interleave(n),
                              j=torch.searchsorted(all_ts, ts).repeat(ex_c.shape[0]), ts=all_ts,
-                             weight=torch.full((ex_c.shape[0] * n,), -1.0 / (n * self.temperature), dtype=torch.float64))
+                             weight=(-w_t / (n * self.temperature)).repeat(ex_c.shape[0]))
             est = _ElboSum.apply(x_lm, self, ev, draw) + prior
             raw = torch.where(active.to(x.device), est, raw)
             ranked = est.detach().cpu().masked_fill(~active, float("-inf"))

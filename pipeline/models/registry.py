@@ -13,10 +13,46 @@ from pipeline.errors import ConfigError
 ARCHS = ("unet", "cnn", "resnet18", "wrn", "preact-resnet18", "edm")
 
 
-def build_model(config: dict) -> nn.Module:
-    """A fresh (randomly initialised) model from `config`, a dict with "arch" and the kwargs of its class."""
+# Bounds on a config's sizes (widths, channels, classes, blocks): far above any model here, far
+# below what would allocate gigabytes before a shape check could object.
+SIZE_MAX = 4096
+PARAMETERS_MAX = 500_000_000
+DROPOUT_FIELDS = ("dropout",)
+
+
+def check_config(config: dict) -> None:
+    """ConfigError naming the field unless every size in `config` is an integer in [1, SIZE_MAX]
+    (lists of them too), every rate in [0, 1), and the model it builds has at most
+    PARAMETERS_MAX parameters; nothing is allocated (the model is built on the meta device)."""
     if not isinstance(config, dict) or "arch" not in config:
         raise ConfigError(f"model config needs an 'arch' field (one of {ARCHS}), got {config!r}")
+    for key, value in config.items():
+        if key == "arch":
+            continue
+        if key in DROPOUT_FIELDS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ConfigError(f"model config {key}: expected a rate in [0, 1), got {value!r}")
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= SIZE_MAX:
+                raise ConfigError(f"model config {key}: expected integers in [1, {SIZE_MAX}], got {value!r}")
+    import torch
+
+    with torch.device("meta"):
+        model = _build(config)
+    n = sum(p.numel() for p in model.parameters())
+    if n > PARAMETERS_MAX:
+        raise ConfigError(f"model config builds {n:,} parameters, more than {PARAMETERS_MAX:,}; check its sizes")
+
+
+def build_model(config: dict) -> nn.Module:
+    """A fresh (randomly initialised) model from `config`, a dict with "arch" and the kwargs of
+    its class, range-checked first (check_config)."""
+    check_config(config)
+    return _build(config)
+
+
+def _build(config: dict) -> nn.Module:
     arch = config["arch"]
     if arch == "edm":
         # EDM's own constructor arguments (pipeline.models.edm.config), checked there.
@@ -38,8 +74,8 @@ def build_model(config: dict) -> nn.Module:
         raise ConfigError(f"model config: unknown arch {arch!r}; expected one of {ARCHS}")
     try:
         return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"model config for arch {arch!r} has invalid fields: {exc}") from exc
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"model config for arch {arch!r} has invalid fields: {exc}") from None
 
 
-__all__ = ["build_model", "ARCHS"]
+__all__ = ["build_model", "check_config", "ARCHS"]

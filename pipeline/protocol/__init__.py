@@ -1,6 +1,7 @@
 """The evaluation protocol: how a unit's examples are attacked and judged, one record per example."""
 
-from pipeline.protocol.evaluate import check_perturbation, evaluate, sweep_flags
+from pipeline.protocol.checks import check_perturbation, sweep_flags
+from pipeline.protocol.evaluate import evaluate
 from pipeline.protocol.predict import predict
 
 __all__ = ["evaluate", "sweep_flags", "check_perturbation", "predict"]

@@ -1,7 +1,8 @@
 """Fault injection for tests of the queue: ROBUSTSWEEP_FAULTS names units that fail on purpose.
 
 The variable holds JSON: {"dir": folder for once-markers, "raise_once": [unit ids],
-"raise_always": [...], "crash_once": [...] (the worker process exits: a lost actor)}.
+"raise_always": [...], "crash_once": [...] (the worker process exits: a lost actor),
+"sleep_s": seconds every unit waits first (a slow driver, for tests of two drivers)}.
 Unset, this does nothing. It is read by the workers, so it travels with their environment.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 ENV = "ROBUSTSWEEP_FAULTS"
@@ -35,6 +37,8 @@ def inject(unit_id: str) -> None:
         return
     plan = json.loads(raw)
     folder = plan.get("dir", ".")
+    if plan.get("sleep_s"):
+        time.sleep(float(plan["sleep_s"]))
     if unit_id in plan.get("raise_always", []):
         raise InjectedFault(f"unit {unit_id} fails on purpose (raise_always)")
     if unit_id in plan.get("raise_once", []) and _once(folder, "raise", unit_id):

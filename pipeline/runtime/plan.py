@@ -16,7 +16,7 @@ from pipeline.config.job import Job, content_hash
 from pipeline.data import make_shards
 from pipeline.names import safe_name as _safe
 
-FORMAT = 1  # bump when the meaning of a unit's rows changes
+FORMAT = 2  # bump when the meaning of a unit's rows changes (2: batched attacks, decisions over fresh passes)
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,10 @@ def plan(job: Job, n_examples: int) -> list[Unit]:
     return units
 
 
-def run_id_for(job: Job, fresh: bool = False) -> str:
-    """The run id: the job's name and hash; `fresh` adds the time so nothing is reused."""
-    base = f"{job.spec.name}-{job.hash[:8]}"
+def run_id_for(job: Job, fresh: bool = False, run_id: str | None = None) -> str:
+    """The run id: `run_id` if given, else the job's name and hash; `fresh` adds the time so
+    nothing is reused (to either)."""
+    base = run_id or f"{job.spec.name}-{job.hash[:8]}"
     return base + time.strftime("-%Y%m%d-%H%M%S") if fresh else base
 
 

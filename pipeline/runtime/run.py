@@ -10,6 +10,7 @@ resumes for free. This module is the Ray side: `RayActors` is the scheduler's `A
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -18,12 +19,17 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayActorError, RayTaskError, WorkerCrashedError
 
 from pipeline.data import load_split
-from pipeline.errors import ClusterError
+from pipeline.errors import ClusterError, ConfigError
 from pipeline.store import Store
+from pipeline.store.binding import PLAN, check_binding
+from pipeline.store.lease import RunLease
+from pipeline.store.unit import check_units
 from pipeline.models.zoo import model_card
 from pipeline.runtime import faults
 from pipeline.training.defaults import prepare_defaults, role_of
 from pipeline.runtime.plan import Unit, plan, plan_document, run_id_for
+from pipeline.runtime.preflight import preflight_run
+from pipeline.runtime.reach import check_reachable
 from pipeline.runtime.scheduler import Failed, Outcome, Scheduler, gang_size
 from pipeline.config.job import Job
 from pipeline.config.run import RunOptions
@@ -43,6 +49,7 @@ class RunResult:
     rows: int = 0
     seconds: float = 0.0
     workers: int = 0
+    redone: dict = field(default_factory=dict)  # unit id -> why its committed file was redone
     lost: int = 0  # actors lost on the way (their units or gang calls were redone elsewhere)
 
     @property
@@ -93,26 +100,49 @@ def model_cards(job: Job) -> dict[str, dict]:
                      **({"method": d.spec.method} if d.spec.kind != "rdc" else {})} for d in job.defenses}
 
 
-def run_job(job: Job, options: RunOptions = RunOptions(), *, progress: bool = True, wait_s: float = 600.0) -> RunResult:
+def run_job(job: Job, options: RunOptions = RunOptions(), *, progress: bool = True, wait_s: float = 600.0,
+            lease_wait: float = 0.0) -> RunResult:
     """Run (or resume) `job`, writing under `{options.out}/{run_id}/`. See the module docstring.
+
+    Everything a run could trip over is checked first (runtime/preflight.py). The run folder is
+    bound to the job (another job under the same run id: RunMismatchError) and leased to this
+    driver while it runs (another driver on it: LeaseHeldError, after waiting up to
+    `lease_wait` seconds); a unit whose file fails its checks is redone.
 
     options.min_gpus: wait up to `wait_s` seconds for the cluster to hold that many GPUs before
     sizing the pool (GPU nodes of a fresh cluster join after the head; without it the pool is sized
     by what is there at the start, CPUs if no GPU has joined yet).
     """
+    preflight_run(job, options.out, workers=options.workers, run_id=options.run_id)
     start = time.perf_counter()
-    run_id = options.run_id or run_id_for(job, options.fresh)
+    run_id = run_id_for(job, options.fresh, options.run_id)
     store = Store(options.out, endpoint_url=options.endpoint_url)
     data = job.spec.data
     x, _ = load_split(data.dataset, data.split, root=data.root)
     units = plan(job, x.shape[0])
-    plan_path = f"{run_id}/plan.json"
-    todo = [u for u in units if not store.committed(f"{run_id}/{u.path}", len(u.example_ids))]
+    if not units:
+        raise ConfigError("the job selects no examples (data.ids / data.limit): nothing to run")
+    if options.address is not None and not ray.is_initialized():
+        check_reachable(options.address)  # before the lease, the checks and any model training
+    with RunLease(store, run_id, wait=lease_wait):
+        return _run_leased(job, options, store, units, run_id, start, progress=progress, wait_s=wait_s)
+
+
+def _run_leased(job: Job, options: RunOptions, store: Store, units: list[Unit], run_id: str, start: float, *,
+                progress: bool, wait_s: float) -> RunResult:
+    """run_job once this driver holds the run folder's lease: bind, check, dispatch."""
+    data = job.spec.data
+    stored = check_binding(store, run_id, job.hash, job.spec.model_dump(mode="json"))
+    found = check_units(store, run_id, units)
+    todo = [u for u in units if found[u.unit_id] is not None]
     result = RunResult(run_id, store.join(run_id), len(units), len(units) - len(todo), 0)
+    result.redone = {u: r for u, r in found.items() if r not in (None, "missing")}
+    for unit_id, reason in result.redone.items() if progress else ():
+        print(f"unit {unit_id}: its records file fails its checks ({reason}); redoing it", file=sys.stderr)
     if todo:
         prepare_models(job, progress)  # first, so that plan.json can say what each model is
-    if not store.exists(plan_path):
-        store.write_json(plan_path, plan_document(job, units, run_id, models=model_cards(job)))
+    if stored is None:
+        store.write_json(f"{run_id}/{PLAN}", plan_document(job, units, run_id, models=model_cards(job)))
     if not todo:
         result.seconds = time.perf_counter() - start
         return result
@@ -122,7 +152,7 @@ def run_job(job: Job, options: RunOptions = RunOptions(), *, progress: bool = Tr
         n, use_gpu = default_workers(options.gpus_per_worker)
         n = options.workers or n
         result.workers = n
-        ctx = {"run_id": run_id, "out": options.out, "endpoint_url": options.endpoint_url, "seed": job.spec.seed,
+        ctx = {"run_id": run_id, "job_hash": job.hash, "out": options.out, "endpoint_url": options.endpoint_url, "seed": job.spec.seed,
                "data": {"dataset": data.dataset, "split": data.split, "root": data.root}}
         _drain(todo, ctx, store, result, n, use_gpu, options.gpus_per_worker, progress)
     finally:

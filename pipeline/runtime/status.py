@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 from pipeline.store import Store
+from pipeline.store.lease import current_holder
+from pipeline.store.verify import verify_runs
 
 
-def run_status(uri: str, endpoint_url: str | None = None) -> dict:
-    """{"run_id", "units", "done", "failed", "left", "rows", "worker_seconds", "examples_per_worker_second"}."""
+def run_status(uri: str, endpoint_url: str | None = None, *, skip_bad: bool = False) -> dict:
+    """{"run_id", "units", "done", "failed", "left", "rows", "worker_seconds", "examples_per_worker_second",
+    "skipped", "driver"}; driver: who holds the run folder's lease (host, pid, since), None when no
+    driver is running it. Every record file is checked (pipeline.store.verify): a bad one raises
+    BadFileError naming it unless skip_bad, and is then listed in "skipped" and not done."""
     store = Store(uri, endpoint_url=endpoint_url)
     doc = store.read_json("plan.json")
-    units = doc["units"]  # as plan.json keeps them: the path and the example count are all this needs
+    units = doc["units"]  # as plan.json keeps them: the path is all this needs
     failed = {p.rsplit("unit-", 1)[1][:-5] for p in store.list("failures", ".json")}
-    done = [u for u in units if store.committed(u["path"], len(u["example_ids"]))]
-    table = store.read_records("records", columns=["seconds"])
+    verified = verify_runs([store], skip_bad=skip_bad)
+    good = {rel for _, rel in verified.files}
+    done_ids = {u["unit_id"] for u in units if u["path"] in good}
+    table = store.read_records("records", columns=["unit_id", "seconds"], rels=sorted(good))
     rows = table.num_rows
     seconds = float(sum(v for v in table.column("seconds").to_pylist() if v is not None)) if rows else 0.0
-    done_ids = {u["unit_id"] for u in done}
-    return {"run_id": doc["run_id"], "units": len(units), "done": len(done), "failed": len(failed - done_ids),
-            "left": len(units) - len(done), "rows": rows, "worker_seconds": round(seconds, 2),
-            "examples_per_worker_second": round(rows / seconds, 3) if seconds else None}
+    return {"run_id": doc["run_id"], "units": len(units), "done": len(done_ids), "failed": len(failed - done_ids),
+            "left": len(units) - len(done_ids), "rows": rows, "worker_seconds": round(seconds, 2),
+            "examples_per_worker_second": round(rows / seconds, 3) if seconds else None,
+            "skipped": verified.notes(), "driver": current_holder(store)}

@@ -85,10 +85,10 @@ class Worker:
                                ctx["seed"], attack_name=u.attack, surrogate=surrogate, extras=extras)
         finally:
             shard(defense, None)
-        table = records_to_table(records, run_id=ctx["run_id"], unit_id=u.unit_id, worker=self.name,
-                                 config_hash=content_hash(u.defense_table))
+        table = records_to_table(records, run_id=ctx["run_id"], job_hash=ctx["job_hash"], unit_id=u.unit_id,
+                                 worker=self.name, config_hash=content_hash(u.defense_table))
         store = Store(ctx["out"], endpoint_url=ctx.get("endpoint_url"))
         commit_unit(store, f"{ctx['run_id']}/{u.path}", table, u.example_ids, extras, unit_id=u.unit_id,
-                    run_id=ctx["run_id"])
+                    run_id=ctx["run_id"], job_hash=ctx["job_hash"])
         return {"unit_id": u.unit_id, "rows": table.num_rows, "seconds": time.perf_counter() - start,
                 "worker": self.name, "lost_peers": gang.lost() if gang else [], "gang": gang.size if gang else 1}

@@ -7,6 +7,10 @@ its upload completes. A reader therefore sees either no file or the whole file, 
 Parquet file existing with a valid footer and the row count it promises means the unit is done
 (`Store.committed`); resume relies on that.
 
+Transient faults: while an S3 endpoint is unreachable, every call is retried with exponential
+backoff and jitter for a bounded time (`retry_seconds`) before the error goes up naming the
+endpoint; a unit's tries are only spent after that.
+
 Credentials: for S3 they come from the usual AWS sources (env vars, profile, instance role)
 unless given in `storage_options`. They never appear in `repr(store)` nor in a StoreError: the
 options are redacted, and messages of underlying exceptions are scrubbed of secret values.
@@ -17,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import random
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,13 +37,11 @@ from pipeline.scrub import redact as _redact
 from pipeline.scrub import redact_uri as _redact_uri
 from pipeline.scrub import scrub
 from pipeline.store.schema import RECORD_SCHEMA
+from pipeline.store.seal import META_PREFIX, inspect, seal
 
-META_PREFIX = "robustsweep."
-"""Prefix of the Parquet footer keys the store writes (`robustsweep.rows`, ...)."""
 
-# Footer reads fetch this many trailing bytes first: the footer of a unit file (tens of columns,
-# a few row groups) fits, so `committed` costs one small range request on S3.
-_TAIL_BYTES = 64 * 1024
+# Files `check` holds in memory at once (unit files are small: tens of KiB to a few MiB).
+_CHECK_BATCH = 64
 # s3fs switches to a multipart upload at 2 * chunksize; 5 GiB is S3's single-PUT limit, so with
 # this chunksize every object S3 accepts in one request goes up as exactly one PUT.
 _S3_CHUNKSIZE = 5 * 2**30
@@ -46,6 +50,7 @@ _S3_CHUNKSIZE = 5 * 2**30
 _UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionError",
                 "ClientConnectorError", "ServerDisconnectedError", "ConnectionClosedError",
                 "TimeoutError", "FSTimeoutError", "gaierror"}
+RETRY_ENV = "ROBUSTSWEEP_S3_RETRY_SECONDS"
 _NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
 
 
@@ -122,10 +127,11 @@ class Store:
 
     def write_table(self, rel: str, table: pa.Table, metadata: Mapping[str, Any] | None = None, *,
                     schema: pa.Schema | None = RECORD_SCHEMA) -> None:
-        """Commit `table` as one Parquet file at `rel`, atomically (whole file or nothing).
+        """Commit `table` as one sealed Parquet file at `rel`, atomically (whole file or nothing).
 
         metadata: footer key-values; keys get the prefix "robustsweep." unless they have it,
-            values are str()-ed. "robustsweep.rows" (the row count) is always written.
+            values are str()-ed. The row count, the schema's fingerprint and the checksum of
+            the content are always written (pipeline.store.seal).
         schema: the table must have these column names and types (RECORD_SCHEMA by default;
             None writes any table). Checked before anything is written.
         Raises StoreError (nothing is left behind) when the table does not fit or the write fails.
@@ -133,47 +139,53 @@ class Store:
         if schema is not None:
             table = _conform(table, schema, f"table for {rel!r}")
         kv = {k if k.startswith(META_PREFIX) else META_PREFIX + k: str(v) for k, v in (metadata or {}).items()}
-        kv[META_PREFIX + "rows"] = str(table.num_rows)
-        merged = dict(table.schema.metadata or {})
-        merged.update({k.encode(): v.encode() for k, v in kv.items()})
-        table = table.replace_schema_metadata(merged)
-        # zstd: logits and repeated strings compress several times better than with snappy, and
-        # DuckDB, Spark and pandas all read it.
-        self._commit(rel, lambda f: pq.write_table(table, f, compression="zstd"))
-
-    def committed(self, rel: str, expected_rows: int | None = None) -> bool:
-        """True iff `rel` is a whole Parquet file written by the store: its footer parses and its
-        row count equals the footer's "robustsweep.rows" (and `expected_rows` when given).
-
-        A missing, truncated or corrupt file gives False; an unreachable store raises StoreError
-        (so that an outage never reads as "nothing done yet").
-        """
-        path = self._path(rel)
         try:
-            self.fs.invalidate_cache(path)  # s3fs caches listings; another worker may have written
-            size = self.fs.size(path)
-            if size is None or size < 12:  # 12: "PAR1" header + footer length + "PAR1" trailer
-                return False
-            start = max(0, size - _TAIL_BYTES)
-            tail = self.fs.cat_file(path, start=start, end=size)
-            if tail[-4:] != b"PAR1":
-                return False
-            need = int.from_bytes(tail[-8:-4], "little") + 8
-            if need + 4 > size:
-                return False
-            if need > len(tail):
-                tail = self.fs.cat_file(path, start=size - need, end=size)
-        except (FileNotFoundError, IsADirectoryError):
-            return False
+            data = seal(table, kv)
+        except StoreError:
+            raise
         except Exception as exc:
-            raise self._error(exc, "check", rel) from None
-        try:
-            # Only the footer is parsed; the leading magic makes the buffer look like a file.
-            md = pq.read_metadata(pa.BufferReader(b"PAR1" + tail[-need:]))
-            promised = int((md.metadata or {})[(META_PREFIX + "rows").encode()])
-        except Exception:  # ArrowInvalid, OSError, KeyError, ValueError: not a committed file
-            return False
-        return md.num_rows == promised and (expected_rows is None or md.num_rows == expected_rows)
+            raise StoreError(f"cannot serialize {self.join(rel)}: {type(exc).__name__}: "
+                             f"{self._scrub(str(exc))}") from None
+        self._commit(rel, lambda f: f.write(data))
+
+    def committed(self, rel: str, expected_rows: int | None = None, *,
+                  schema: pa.Schema | None = RECORD_SCHEMA) -> bool:
+        """True iff `rel` is a whole sealed file: footer, row count (and `expected_rows`), schema
+        (RECORD_SCHEMA unless given; None: any) and checksum of the content check out (`check`)."""
+        rows = {rel: expected_rows} if expected_rows is not None else None
+        return self.check([rel], rows, schema=schema)[rel] is None
+
+    def check(self, rels: list[str], expected_rows: Mapping[str, int] | None = None, *,
+              schema: pa.Schema | None = RECORD_SCHEMA, expect: Mapping[str, Mapping[str, str]] | None = None,
+              keep: bool = False) -> dict[str, Any]:
+        """{rel: None when the file is whole and matches, else the reason ("missing", "truncated
+        ...", "content does not match its checksum (corrupted)", ...)}; with keep, {rel: (reason,
+        footer)} instead. Files are read whole, in batches fetched concurrently on S3.
+
+        expected_rows / expect: per file, the rows it must hold / footer values it must carry.
+        An unreachable store raises StoreError (an outage never reads as "nothing done yet").
+        """
+        out: dict[str, Any] = {}
+        for begin in range(0, len(rels), _CHECK_BATCH):
+            batch = rels[begin:begin + _CHECK_BATCH]
+            paths = {self._path(r): r for r in batch}
+            try:
+                for p in paths:
+                    self.fs.invalidate_cache(p)  # s3fs caches listings; another worker may have written
+                blobs = self._patient(lambda: _raise_unreachable(self.fs.cat(list(paths), on_error="return")))
+            except Exception as exc:
+                raise self._error(exc, "check", batch[0]) from None
+            for path, rel in paths.items():
+                blob = blobs.get(path) if isinstance(blobs, dict) else blobs
+                if blob is None or isinstance(blob, (FileNotFoundError, IsADirectoryError)):
+                    found = ("missing", None)
+                elif isinstance(blob, BaseException):
+                    raise self._error(blob, "check", rel) from None
+                else:
+                    found = inspect(blob, schema=schema, expected_rows=(expected_rows or {}).get(rel),
+                                    expect=dict((expect or {}).get(rel) or {}))
+                out[rel] = found if keep else found[0]
+        return out
 
     def read_table(self, rel: str) -> pa.Table:
         """One Parquet file as a table (footer metadata kept). StoreError if missing or unreadable."""
@@ -184,24 +196,31 @@ class Store:
             raise StoreError(f"{self.join(rel)} is not a readable Parquet file "
                              f"({type(exc).__name__}: {exc}); delete it to have its unit rerun") from None
 
-    def read_records(self, rel_prefix: str = "records", columns: list[str] | None = None) -> pa.Table:
-        """All Parquet files below `rel_prefix`, concatenated into one table with RECORD_SCHEMA
-        (only `columns` when given, in that order); an empty table when there are none.
+    def read_records(self, rel_prefix: str = "records", columns: list[str] | None = None, *,
+                     rels: list[str] | None = None) -> pa.Table:
+        """All Parquet files below `rel_prefix` (or the files `rels`), concatenated into one table
+        with RECORD_SCHEMA (only `columns` when given, in that order); an empty table when there
+        are none.
 
-        Raises StoreError naming the file when one does not read or does not fit the schema.
+        Raises StoreError naming the file when one fails its seal, does not read or does not
+        fit the schema (pipeline.store.verify picks the files to read and skips bad ones).
         """
         schema = RECORD_SCHEMA if columns is None else _subschema(columns)
-        rels = self.list(rel_prefix, ".parquet")
+        rels = self.list(rel_prefix, ".parquet") if rels is None else list(rels)
         if not rels:
             return schema.empty_table()
         paths = [self._path(r) for r in rels]
         try:
             # One call for all files: s3fs fetches them concurrently.
-            blobs = self.fs.cat(paths, on_error="raise")
+            blobs = self._patient(lambda: self.fs.cat(paths, on_error="raise"))
         except Exception as exc:
             raise self._error(exc, "read", rel_prefix) from None
         tables, bad = [], []
         for rel, path in zip(rels, paths):
+            reason, _ = inspect(blobs[path], schema=RECORD_SCHEMA)
+            if reason is not None:
+                bad.append(f"{self.join(rel)} ({reason})")
+                continue
             try:
                 pf = pq.ParquetFile(pa.BufferReader(blobs[path]))
                 present = set(pf.schema_arrow.names)
@@ -242,7 +261,7 @@ class Store:
         path = self._path(rel)
         try:
             self.fs.invalidate_cache(path)
-            return bool(self.fs.exists(path))
+            return bool(self._patient(lambda: self.fs.exists(path)))
         except Exception as exc:
             raise self._error(exc, "check", rel) from None
 
@@ -252,7 +271,7 @@ class Store:
         base = self._path(rel_prefix)
         try:
             self.fs.invalidate_cache(base)
-            found = self.fs.find(base)
+            found = self._patient(lambda: self.fs.find(base))
         except FileNotFoundError as exc:
             if self._is_s3 and "bucket" in str(exc).lower():
                 raise self._error(exc, "list", rel_prefix) from None
@@ -295,7 +314,7 @@ class Store:
     def _read_bytes(self, rel: str) -> bytes:
         path = self._path(rel)
         try:
-            return self.fs.cat_file(path)
+            return self._patient(lambda: self.fs.cat_file(path))
         except Exception as exc:
             raise self._error(exc, "read", rel) from None
 
@@ -321,11 +340,29 @@ class Store:
                              f"{self._scrub(str(exc))}") from None
         try:
             if self._is_s3:
-                self.fs.pipe_file(path, data, chunksize=_S3_CHUNKSIZE)
+                self._patient(lambda: self.fs.pipe_file(path, data, chunksize=_S3_CHUNKSIZE))
             else:
                 self.fs.pipe_file(path, data)
         except Exception as exc:
             raise self._error(exc, "write", rel) from None
+
+    def _patient(self, call: Callable[[], Any]) -> Any:
+        """call(), retried while an S3 endpoint is unreachable: exponential backoff (0.5 s
+        doubling to 8 s, each with +-50% jitter so that many workers do not return in step) for
+        at most `retry_seconds()` in all; then the last error goes up (and _error names the
+        endpoint). Other errors, and local stores, are not retried."""
+        if not self._is_s3:
+            return call()
+        deadline, delay = time.monotonic() + retry_seconds(), 0.5
+        while True:
+            try:
+                return call()
+            except Exception as exc:
+                if not _unreachable(exc) or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(2 * delay, 8.0)
+            self.fs.invalidate_cache()
 
     def _scrub(self, text: str) -> str:
         return scrub(text, self._secrets)
@@ -350,11 +387,41 @@ class Store:
             msg = (f"cannot {action} {where}: no usable AWS credentials; set AWS_ACCESS_KEY_ID and "
                    f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass key/secret in storage_options")
         elif self._is_s3 and names & _UNREACHABLE:
-            msg = (f"cannot {action} {where}: S3 endpoint {endpoint} is unreachable; check endpoint_url "
-                   f"/ AWS_ENDPOINT_URL and the network")
+            msg = (f"cannot {action} {where}: S3 endpoint {endpoint} is unreachable (retried for up to "
+                   f"{retry_seconds():g} s, {RETRY_ENV}); check endpoint_url / AWS_ENDPOINT_URL and the network")
         else:
             msg = f"cannot {action} {where}"
         return StoreError(f"{msg} {detail}")
+
+
+def retry_seconds() -> float:
+    """How long S3 calls are retried while the endpoint is unreachable: env
+    ROBUSTSWEEP_S3_RETRY_SECONDS, else 60."""
+    raw = os.environ.get(RETRY_ENV)
+    try:
+        return max(0.0, float(raw)) if raw else 60.0
+    except ValueError:
+        raise StoreError(f"{RETRY_ENV} must be a number of seconds, got {raw!r}") from None
+
+
+def _unreachable(exc: BaseException) -> bool:
+    seen = exc
+    for _ in range(4):  # the error, and what it wraps (s3fs and aiobotocore chain theirs)
+        if seen is None:
+            return False
+        if {c.__name__ for c in type(seen).__mro__} & _UNREACHABLE:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _raise_unreachable(blobs: dict) -> dict:
+    """fs.cat(on_error="return") hands errors back per path; an unreachable endpoint is raised
+    so that the whole batch is retried."""
+    for value in blobs.values():
+        if isinstance(value, BaseException) and _unreachable(value):
+            raise value
+    return blobs
 
 
 def _rel(*parts: str) -> str:

@@ -3,11 +3,12 @@
 `COLUMNS` is the single source of truth (name, type, meaning); `RECORD_SCHEMA` is built from it
 so the README table and the Parquet files can never disagree. Every column is required
 (non-null) except `broken_by` and `attack_success`, which are null when no attack ran or when
-the attack does not report them.
+the attack does not report them, and the later additions in `OPTIONAL`, which a record may omit.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
@@ -17,6 +18,7 @@ from pipeline.errors import StoreError
 # (name, type, meaning). Types use the short names of `_TYPES`; "?" marks a nullable column.
 COLUMNS: list[tuple[str, str, str]] = [
     ("run_id", "string", "Run the record belongs to (one job execution; the output folder name)."),
+    ("job_hash", "string", "Hash of the job the run executes (plan.json's job_hash); rows of two jobs are never pooled under one label."),
     ("unit_id", "string", "Content hash of the unit (defense, attack, eps, example shard) that produced the row."),
     ("example_id", "int64", "Index of the example in its dataset split."),
     ("label", "int64", "True class of the example."),
@@ -54,8 +56,13 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("worker", "string", "Worker (actor / host) that ran the unit."),
     ("device", "string", "Torch device the unit ran on (cpu, cuda)."),
     ("config_hash", "string", "Hash of the unit's defense table (models are cached by it)."),
-    ("flags", "list<string>", "Sanity flags: zero_gradient, nan_gradient, stochastic_without_eot, square_beat_whitebox; sorted, unique."),
+    ("flags", "list<string>", "Sanity flags: zero_gradient, nan_gradient, stochastic_without_eot, square_beat_whitebox, returned_clean, single_pass_optimistic, budget_not_converged; sorted, unique."),
+    ("iterations", "int64?", "Attack iterations per run (PGD steps, APGD/FAB iterations) actually used, after any convergence doubling; null in records written before it existed."),
+    ("eot", "int64?", "EOT draws per gradient actually used; null in records written before it existed."),
 ]
+
+OPTIONAL = frozenset({"iterations", "eot"})
+"""Columns added after the first release: a record may leave them out (they are then null)."""
 
 _TYPES: dict[str, pa.DataType] = {
     "string": pa.string(),
@@ -74,6 +81,23 @@ def _field(name: str, type_name: str) -> pa.Field:
 
 RECORD_SCHEMA: pa.Schema = pa.schema([_field(name, type_name) for name, type_name, _ in COLUMNS])
 """Arrow schema of a records table / Parquet file, in column order of `COLUMNS`."""
+
+
+def schema_fingerprint(schema: pa.Schema) -> str:
+    """A short hash of a schema's names, types and nullability (not its metadata): the footer
+    key `robustsweep.schema`, so a file written under another schema is known before it is read."""
+    text = ";".join(f"{f.name}:{_type_key(f.type)}{'' if f.nullable else '!'}" for f in schema)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _type_key(t: pa.DataType) -> str:
+    # Parquet names a list's child "element" where Arrow says "item": the same column either way.
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"list<{_type_key(t.value_type)}>"
+    return str(t)
+
+
+RECORD_FINGERPRINT = schema_fingerprint(RECORD_SCHEMA)
 
 _NAMES = tuple(RECORD_SCHEMA.names)
 
@@ -94,11 +118,11 @@ def records_to_table(records: Sequence[Mapping], **constant_columns) -> pa.Table
     expected = set(_NAMES) - set(constant_columns)
     columns: dict[str, list] = {name: [] for name in expected}
     for i, rec in enumerate(records):
-        keys = set(rec)
+        keys = set(rec) | (OPTIONAL & expected)
         if keys != expected:
             _raise_key_mismatch(i, keys, expected, constant_columns, rec)
         for name in expected:
-            columns[name].append(rec[name])
+            columns[name].append(rec.get(name))
     n = len(records)
     arrays = []
     for field in RECORD_SCHEMA:

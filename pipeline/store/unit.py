@@ -9,13 +9,24 @@ from pipeline.store.io import Store
 
 
 def commit_unit(store: Store, path: str, table: pa.Table, example_ids, extras: dict, *, unit_id: str,
-                run_id: str) -> None:
+                run_id: str, job_hash: str) -> None:
     """Write a unit at `path` (its records file, relative to `store`).
 
     The adversarial images go first (`extras` from attacks.evaluate: x_adv (N, C, H, W) and
     forward_per_prediction), so that every unit whose records are committed has them; the
-    records file follows, one atomic commit with unit_id and run_id in its footer.
+    records file follows, one atomic commit with unit_id, run_id and job_hash in its footer
+    (and the seal: rows, schema, checksum; see pipeline.store.seal).
     """
     write_adversarial(store, adversarial_path(path), example_ids, extras["x_adv"].cpu().numpy(),
                       extras["forward_per_prediction"])
-    store.write_table(path, table, {"unit_id": unit_id, "run_id": run_id})
+    store.write_table(path, table, {"unit_id": unit_id, "run_id": run_id, "job_hash": job_hash})
+
+
+def check_units(store: Store, run_id: str, units) -> dict[str, str | None]:
+    """{unit_id: None when the unit's records file under `{run_id}/` is whole and its own (see
+    Store.check), "missing" when absent, else why it must be redone}. `units`: objects with
+    unit_id, path and example_ids (runtime.plan.Unit)."""
+    rels = {f"{run_id}/{u.path}": u for u in units}
+    found = store.check(list(rels), {rel: len(u.example_ids) for rel, u in rels.items()},
+                        expect={rel: {"unit_id": u.unit_id} for rel, u in rels.items()})
+    return {rels[rel].unit_id: reason for rel, reason in found.items()}
