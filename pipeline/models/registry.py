@@ -23,11 +23,13 @@ DROPOUT_FIELDS = ("dropout",)
 def check_config(config: dict) -> None:
     """ConfigError naming the field unless every size in `config` is an integer in [1, SIZE_MAX]
     (lists of them too), every rate in [0, 1), and the model it builds has at most
-    PARAMETERS_MAX parameters; nothing is allocated (the model is built on the meta device)."""
+    PARAMETERS_MAX parameters; nothing is allocated (the model is built on the meta device).
+    Named options and switches (strings, booleans) are the class's to check; EDM configs are checked field by field
+    by build_edm itself."""
     if not isinstance(config, dict) or "arch" not in config:
         raise ConfigError(f"model config needs an 'arch' field (one of {ARCHS}), got {config!r}")
     for key, value in config.items():
-        if key == "arch":
+        if key == "arch" or config["arch"] == "edm" or isinstance(value, (str, bool)):
             continue
         if key in DROPOUT_FIELDS:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
