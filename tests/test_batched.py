@@ -23,7 +23,8 @@ PGD = {"kind": "pgd", "eps": 24 / 255, "steps": 10, "loss": "dlr"}
 
 
 @pytest.mark.slow
-def test_batched_and_per_example_agree_within_the_wilson_interval():
+def test_batched_and_per_example_agree_within_the_wilson_interval(default_models):
+    default_models("erm")
     cnn = build_defense({"kind": "plain", "dataset": "digits"})
     x, y = load_split("digits", "test")
     x, y, ids = x[:128], y[:128], torch.arange(128)

@@ -88,7 +88,7 @@ def test_the_worker_builds_the_surrogate_once_on_its_device(cnn, tmp_path):
     job = parse_job(transfer_doc(cnn))
     units = plan(job, 355)
     worker = Worker("w0", "cpu")
-    ctx = {"data": job.spec.data.model_dump(), "seed": job.spec.seed, "run_id": "r", "out": str(tmp_path)}
+    ctx = {"data": job.spec.data.model_dump(), "seed": job.spec.seed, "run_id": "r", "job_hash": job.hash, "out": str(tmp_path)}
     for u in units:
         worker.run_unit(u, ctx)
     built = list(worker.defenses.values())

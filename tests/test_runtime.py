@@ -65,11 +65,25 @@ def test_local_and_s3_give_the_same_rows_and_duckdb_reads_s3(ray_cluster, cnn, t
     assert n == 32 and robust == sum(b.column("adv_correct").to_pylist())
 
 
+def per_example(doc):
+    """The job with its attacks run one example at a time (`batched = false`)."""
+    doc["attacks"] = [{**a, "batched": False} for a in doc["attacks"]]
+    return doc
+
+
 def test_workers_and_shard_sizes_do_not_change_predictions(ray_cluster, cnn, tmp_path):
+    # A batched attack's draws are keyed by its unit, so the shard size (part of the job) may
+    # change them; the worker count may not. One example at a time, neither may.
     one = run_job(parse_job(job_doc(cnn, shard_size=4)), RunOptions(out=str(tmp_path / "a"), workers=1), progress=False)
-    two = run_job(parse_job(job_doc(cnn, shard_size=3)), RunOptions(out=str(tmp_path / "b"), workers=2), progress=False)
-    assert one.units == 8 and two.units == 12
+    two = run_job(parse_job(job_doc(cnn, shard_size=4)), RunOptions(out=str(tmp_path / "b"), workers=2), progress=False)
+    assert one.units == two.units == 8
     assert rows(Store(one.uri).read_records()) == rows(Store(two.uri).read_records())
+    three = run_job(parse_job(per_example(job_doc(cnn, shard_size=4))), RunOptions(out=str(tmp_path / "c"), workers=1),
+                    progress=False)
+    four = run_job(parse_job(per_example(job_doc(cnn, shard_size=3))), RunOptions(out=str(tmp_path / "d"), workers=2),
+                   progress=False)
+    assert three.units == 8 and four.units == 12
+    assert rows(Store(three.uri).read_records()) == rows(Store(four.uri).read_records())
 
 
 def test_resume_skips_committed_units(ray_cluster, cnn, tmp_path):

@@ -37,7 +37,7 @@ def sweep():
         rows.append(rec(i, "transfer-pgd-ce", "transfer:plain", adv=i != 9))
         rows.append(rec(i, "clean", "adaptive", eps=0.0, adv=False))
         rows.append(rec(i, "aa-rand", "adaptive", eps=32 / 255, adv=i % 2 == 0))
-    return records_to_table(rows, run_id="r", unit_id="u", worker="w", config_hash="h")
+    return records_to_table(rows, run_id="r", job_hash="j", unit_id="u", worker="w", config_hash="h")
 
 
 def test_headline_is_the_per_example_worst_over_attacks_and_paths():
@@ -70,8 +70,9 @@ def test_a_path_that_sees_less_breaking_more_flags_and_marks_the_rows():
     for r in rows:
         if r["path"] == "oblivious":
             r["adv_vote_correct"] = False  # the oblivious attack breaks all 7 examples it ran on
-    con = connect_table(records_to_table([{k: v for k, v in r.items() if k not in ("run_id", "unit_id", "worker", "config_hash")}
-                                          for r in rows], run_id="r", unit_id="u", worker="w", config_hash="h"))
+    con = connect_table(records_to_table([{k: v for k, v in r.items() if k not in ("run_id", "job_hash", "unit_id", "worker", "config_hash")}
+                                          for r in rows], run_id="r", job_hash="j", unit_id="u", worker="w",
+                                         config_hash="h"))
     report = build_report(con)
     con.close()
     adaptive = next(r for r in report["summary"] if r["attack"] == "aa-rand" and r["eps"] == 16 / 255)

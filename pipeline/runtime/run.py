@@ -122,8 +122,10 @@ def run_job(job: Job, options: RunOptions = RunOptions(), *, progress: bool = Tr
     units = plan(job, x.shape[0])
     if not units:
         raise ConfigError("the job selects no examples (data.ids / data.limit): nothing to run")
-    if options.address is not None and not ray.is_initialized():
-        check_reachable(options.address)  # before the lease, the checks and any model training
+    if options.address is not None:
+        # Before the lease, the checks and any model training; also when this process already
+        # holds a Ray connection, so that a wrong address is never silently replaced by it.
+        check_reachable(options.address)
     with RunLease(store, run_id, wait=lease_wait):
         return _run_leased(job, options, store, units, run_id, start, progress=progress, wait_s=wait_s)
 
