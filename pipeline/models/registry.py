@@ -6,6 +6,8 @@ Checkpoints store only a config and tensors (see pipeline.models.checkpoint); th
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 from pipeline.errors import ConfigError
@@ -24,12 +26,13 @@ def check_config(config: dict) -> None:
     """ConfigError naming the field unless every size in `config` is an integer in [1, SIZE_MAX]
     (lists of them too), every rate in [0, 1), and the model it builds has at most
     PARAMETERS_MAX parameters; nothing is allocated (the model is built on the meta device).
-    Named options and switches (strings, booleans) are the class's to check; EDM configs are checked field by field
-    by build_edm itself."""
+    A field whose default in the class's signature is a string or a boolean is a named option or
+    a switch, the class's to check; EDM configs are checked field by field by build_edm itself."""
     if not isinstance(config, dict) or "arch" not in config:
         raise ConfigError(f"model config needs an 'arch' field (one of {ARCHS}), got {config!r}")
+    options = _options(config["arch"])
     for key, value in config.items():
-        if key == "arch" or config["arch"] == "edm" or isinstance(value, (str, bool)):
+        if key == "arch" or config["arch"] == "edm" or key in options:
             continue
         if key in DROPOUT_FIELDS:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
@@ -54,6 +57,14 @@ def build_model(config: dict) -> nn.Module:
     return _build(config)
 
 
+def _options(arch: str) -> set[str]:
+    """The keyword arguments of `arch`'s class whose defaults are strings or booleans."""
+    if arch == "edm":
+        return set()
+    params = inspect.signature(_class(arch)).parameters.values()
+    return {p.name for p in params if isinstance(p.default, (str, bool))}
+
+
 def _build(config: dict) -> nn.Module:
     arch = config["arch"]
     if arch == "edm":
@@ -62,6 +73,14 @@ def _build(config: dict) -> nn.Module:
 
         return build_edm(config)
     kwargs = {k: v for k, v in config.items() if k != "arch"}
+    cls = _class(arch)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"model config for arch {arch!r} has invalid fields: {exc}") from None
+
+
+def _class(arch: str) -> type[nn.Module]:
     if arch == "unet":
         from pipeline.models.unet import UNet as cls
     elif arch == "cnn":
@@ -74,10 +93,7 @@ def _build(config: dict) -> nn.Module:
         from pipeline.models.preact_resnet import PreActResNet18 as cls
     else:
         raise ConfigError(f"model config: unknown arch {arch!r}; expected one of {ARCHS}")
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise ConfigError(f"model config for arch {arch!r} has invalid fields: {exc}") from None
+    return cls
 
 
 __all__ = ["build_model", "check_config", "ARCHS"]
