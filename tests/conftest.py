@@ -126,6 +126,22 @@ def digits() -> Digits:
 
     return Digits(*load_split("digits", "train"), *load_split("digits", "test"))
 
+
+@pytest.fixture(scope="session")
+def cnn(tmp_path_factory) -> str:
+    """A checkpoint folder of a randomly initialised digits SmallCNN (seed 0): a plain model that
+    builds in milliseconds, for tests of the runtime and the store rather than of the model."""
+    import torch
+
+    from pipeline.models.checkpoint import save_checkpoint
+    from pipeline.models.registry import build_model
+
+    folder = tmp_path_factory.mktemp("cnn") / "ckpt"
+    torch.manual_seed(0)
+    model = build_model({"arch": "cnn", "in_channels": 1, "num_classes": 10, "image_size": 8})
+    save_checkpoint(folder, model, model.config, {})
+    return str(folder)
+
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 REGION = "us-east-1"
 

@@ -3,7 +3,6 @@ records that depend only on (seed, unit): not on the workers, the order of the u
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +12,6 @@ from pipeline.config.job import parse_job
 from pipeline.config.run import RunOptions
 from pipeline.data import load_split, select
 from pipeline.defenses import build_defense
-from pipeline.models.checkpoint import save_checkpoint
-from pipeline.models.registry import build_model
 from pipeline.protocol import evaluate
 from pipeline.runtime import plan, run_job
 from pipeline.store import Store
@@ -38,15 +35,6 @@ def test_batched_and_per_example_agree_within_the_wilson_interval(default_models
     assert [r["clean_correct"] for r in batched] == [r["clean_correct"] for r in single]
 
 
-@pytest.fixture(scope="module")
-def cnn_checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cnn") / "ckpt"
-    torch.manual_seed(0)
-    model = build_model({"arch": "cnn", "in_channels": 1, "num_classes": 10, "image_size": 8})
-    save_checkpoint(folder, model, model.config, {})
-    return str(folder)
-
-
 def job_doc(cnn):
     return {
         "name": "batched", "seed": 3,
@@ -67,8 +55,8 @@ def rows(table) -> list[tuple]:
 
 
 @pytest.mark.slow
-def test_batched_records_do_not_depend_on_workers_order_or_resume(ray_cluster, cnn_checkpoint, tmp_path):
-    job = parse_job(job_doc(cnn_checkpoint))
+def test_batched_records_do_not_depend_on_workers_order_or_resume(ray_cluster, cnn, tmp_path):
+    job = parse_job(job_doc(cnn))
     one = run_job(job, RunOptions(out=str(tmp_path / "one"), workers=1), progress=False)
     two = run_job(job, RunOptions(out=str(tmp_path / "two"), workers=2), progress=False)
     assert one.ok and two.ok and one.units == 4

@@ -13,8 +13,6 @@ from pipeline.config.job import parse_job
 from pipeline.config.run import RunOptions
 from pipeline.data import load_split
 from pipeline.errors import ConfigError, DatasetError
-from pipeline.models.checkpoint import save_checkpoint
-from pipeline.models.registry import build_model
 from pipeline.runtime import plan, run_job
 from pipeline.runtime.worker import Worker
 from pipeline.store import Store
@@ -33,13 +31,6 @@ def test_digits_images_have_the_registered_shape_and_classes():
     assert int(y.max()) + 1 == info.classes
     assert not info.needs_root
 
-
-@pytest.fixture(scope="module")
-def cnn(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cnn") / "ckpt"
-    model = build_model({"arch": "cnn", "in_channels": 1, "num_classes": 10, "image_size": 8})
-    save_checkpoint(folder, model, model.config, {})
-    return str(folder)
 
 
 def transfer_doc(cnn, surrogate=None, seed=3):

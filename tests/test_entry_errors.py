@@ -22,16 +22,6 @@ def digits():
     return x[:4], y[:4]
 
 
-@pytest.fixture(scope="module")
-def cnn(tmp_path_factory):
-    from pipeline.models.checkpoint import save_checkpoint
-    from pipeline.models.registry import build_model
-
-    folder = tmp_path_factory.mktemp("cnn") / "ckpt"
-    model = build_model({"arch": "cnn", "in_channels": 1, "num_classes": 10, "image_size": 8})
-    save_checkpoint(folder, model, model.config, {})
-    return str(folder)
-
 
 @pytest.mark.parametrize("kind", ["rdc-optimal", "mi"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])

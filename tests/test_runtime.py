@@ -12,8 +12,6 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.models.checkpoint import save_checkpoint
-from pipeline.models.registry import build_model
 from pipeline.config.job import load_job, parse_job
 from pipeline.config.run import RunOptions
 from pipeline.runtime import plan, run_job
@@ -24,13 +22,6 @@ from pipeline.store import Store
 KEY = ["defense", "attack", "eps", "example_id"]
 SAME = ["clean_pred", "adv_pred", "clean_correct", "adv_correct", "adv_vote_pred", "adv_worst_correct", "linf"]
 
-
-@pytest.fixture(scope="module")
-def cnn(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cnn") / "ckpt"
-    model = build_model({"arch": "cnn", "in_channels": 1, "num_classes": 10, "image_size": 8})
-    save_checkpoint(folder, model, model.config, {})
-    return str(folder)
 
 
 def job_doc(cnn, shard_size=4, limit=8, name="mini"):

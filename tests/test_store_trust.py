@@ -273,16 +273,6 @@ def test_lease_of_a_killed_holder_expires(kind, tmp_path, request):
 # -- drivers on a real cluster ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cnn(tmp_path_factory):
-    from pipeline.models.checkpoint import save_checkpoint
-    from pipeline.models.registry import build_model
-
-    folder = tmp_path_factory.mktemp("cnn") / "ckpt"
-    model = build_model({"arch": "cnn", "in_channels": 1, "num_classes": 10, "image_size": 8})
-    save_checkpoint(folder, model, model.config, {})
-    return str(folder)
-
 
 def job_text(cnn: str, limit: int = 8, steps: int = 2, name: str = "trust") -> str:
     return textwrap.dedent(f"""
