@@ -394,33 +394,15 @@ def unet_config(dataset: str) -> dict:
     wider models (32, 48 channels) score the same and cost 2-3x more per forward pass.
     cifar10/cifar100: the DDPM CIFAR-10 model (Ho et al. 2020, appendix B), 35.7M parameters.
     """
+    if dataset not in ("digits", "cifar10", "cifar100"):
+        raise ConfigError(f"no default unet config for dataset {dataset!r}; expected 'digits', 'cifar10' or 'cifar100'")
+    info = dataset_info(dataset)
+    shape = {"arch": "unet", "in_channels": info.channels, "image_size": info.size, "num_classes": info.classes}
     if dataset == "digits":
-        info = dataset_info(dataset)
-        return {
-            "arch": "unet",
-            "in_channels": info.channels,
-            "image_size": info.size,
-            "num_classes": info.classes,
-            "base_channels": 24,
-            "channel_mult": [1, 2],
-            "num_res_blocks": 1,
-            "attn_resolutions": [],
-            "dropout": 0.0,
-        }
-    if dataset in ("cifar10", "cifar100"):
-        info = dataset_info(dataset)
-        return {
-            "arch": "unet",
-            "in_channels": info.channels,
-            "image_size": info.size,
-            "num_classes": info.classes,
-            "base_channels": 128,
-            "channel_mult": [1, 2, 2, 2],
-            "num_res_blocks": 2,
-            "attn_resolutions": [16],
-            "dropout": 0.1,
-        }
-    raise ConfigError(f"no default unet config for dataset {dataset!r}; expected 'digits', 'cifar10' or 'cifar100'")
+        return {**shape, "base_channels": 24, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
+                "dropout": 0.0}
+    return {**shape, "base_channels": 128, "channel_mult": [1, 2, 2, 2], "num_res_blocks": 2, "attn_resolutions": [16],
+            "dropout": 0.1}
 
 
 __all__ = ["UNet", "unet_config", "gather_rows", "channels_last", "group_norm", "GroupNorm", "TimestepEmbedding", "ResBlock", "AttentionBlock"]
