@@ -109,3 +109,23 @@ def test_the_prepare_step_knows_which_default_model_a_table_uses():
     assert of({"kind": "rdc", "model": "default"}) == ("digits", "diffusion")
     assert of({"kind": "rdc", "model": "optimal"}) is None
     assert of({"kind": "plain", "model": "/some/checkpoint"}) is None
+
+
+def test_each_mi_mode_keeps_its_name_from_the_plan_to_the_records(cnn, digits):
+    from pipeline.config.job import parse_job
+    from pipeline.protocol import evaluate
+    from pipeline.runtime.plan import plan
+
+    job = parse_job({"name": "modes", "data": {"dataset": "digits", "split": "test", "limit": 3},
+                     "defenses": [{"kind": "mi", "mode": m, "model": cnn} for m in ("pl", "ol", "combined")],
+                     "attacks": [{"kind": "none", "passes": 2}]})
+    seen = {}
+    for u in plan(job, len(digits.y_test)):
+        mi = build_defense(u.defense_spec, name=u.defense)
+        ids = list(u.example_ids)
+        extras = {}
+        recs = evaluate(mi, u.attack_spec, digits.x_test[ids], digits.y_test[ids], ids, 0, attack_name=u.attack, extras=extras)
+        seen[u.defense] = ({r["defense"] for r in recs}, mi.mode, (mi.n_pl, mi.n_ol), extras["forward_per_prediction"])
+    # Draws per prediction: y^, the mixes, and F(x) again for Combined's gap.
+    assert seen == {"mi-pl": ({"mi-pl"}, "pl", (10, 0), 11), "mi-ol": ({"mi-ol"}, "ol", (0, 30), 31),
+                    "mi-combined": ({"mi-combined"}, "combined", (5, 15), 22)}

@@ -1,5 +1,7 @@
 """Mixup Inference: its draws, its limits and its switch, on a small classifier trained here."""
 
+import math
+
 import pytest
 import torch
 
@@ -83,6 +85,67 @@ def test_combined_switches_at_the_threshold(setup):
             assert torch.allclose(comb.evaluate(x, draw)[k], torch.log(p_pl[k]), atol=1e-5)
             comb.threshold = float(gap[k]) - 1e-4  # at or above: MI-OL
             assert torch.allclose(comb.evaluate(x, draw)[k], torch.log(p_ol[k]), atol=1e-5)
+
+
+class Ramp(torch.nn.Module):
+    """Two classes on constant images of value v: logits (0, w (v - 1/2)), so max softmax F = sigmoid(w |v - 1/2|)."""
+
+    def __init__(self, w: float):
+        super().__init__()
+        self.w = w
+        self.batches: list[int] = []  # rows of each call, to count the draws
+
+    def forward(self, x):
+        self.batches.append(x.shape[0])
+        v = x.mean((1, 2, 3))
+        return torch.stack([torch.zeros_like(v), self.w * (v - 0.5)], 1)
+
+
+def ramp_mi(w=8.0, **kw):
+    """MI on Ramp with a crossed pool: every class-0 image is 1, every class-1 image is 0, so each
+    mix is one closed-form point: m = v/2 + s/2 with s the partner's value, whatever the draw."""
+    pool_x = torch.cat([torch.ones(6, 1, 2, 2), torch.zeros(6, 1, 2, 2)])
+    pool_y = torch.tensor([0] * 6 + [1] * 6)
+    return MixupInference(Ramp(w), pool_x, pool_y, 2, mode="combined", **kw)
+
+
+def sigmoid(t):
+    return 1 / (1 + math.exp(-t))
+
+
+def test_combined_is_pl_below_the_threshold_and_ol_above_per_example():
+    w = 8.0
+    mi = ramp_mi(w)
+    v = [0.02, 0.1, 0.25, 0.4, 0.6, 0.7, 0.75, 0.85, 0.9, 0.98]
+    x = torch.tensor(v).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
+    out = mi.evaluate(x, draw_for(torch.arange(len(v))))
+    chose = []
+    for i, vi in enumerate(v):
+        y_hat = int(vi > 0.5)
+        s_pl, s_ol = (0.0, 1.0) if y_hat == 1 else (1.0, 0.0)  # partners: the predicted class, the other
+        m_pl, m_ol = vi / 2 + s_pl / 2, vi / 2 + s_ol / 2  # MI eq. (5), lambda 1/2
+        gap = sigmoid(w * abs(vi - 0.5)) - sigmoid(w * abs(m_pl - 0.5))
+        log_p = {m: torch.log_softmax(torch.tensor([0.0, w * (mix - 0.5)]), 0) for m, mix in (("pl", m_pl), ("ol", m_ol))}
+        assert (log_p["pl"] - log_p["ol"]).abs().max() > 0.1  # the two answers are told apart
+        chose.append("pl" if gap < 0.2 else "ol")
+        assert torch.allclose(out[i], log_p[chose[-1]], atol=1e-5), (vi, gap, out[i], log_p)
+        assert abs(float(mi.gap(x[i:i + 1], mi.partial(x[i:i + 1], mi.grid(), draw_for([i])))) - gap) < 1e-5
+    assert chose == ["ol", "ol", "pl", "pl", "pl", "pl", "pl", "ol", "ol", "ol"]
+
+
+def test_combined_spends_five_pl_and_fifteen_ol_draws():
+    mi = ramp_mi()
+    kind = mi.grid()[:, 0]
+    assert (int((kind == 0).sum()), int((kind == 1).sum())) == (5, 15)
+    x = torch.rand(3, 1, 2, 2)
+    mi.classifier.batches.clear()
+    mi.cost.reset()
+    out = mi.evaluate(x, draw_for([0, 1, 2]))
+    # y^ on x, 20 mixed inputs per example, F(x) once more for the gap.
+    assert mi.classifier.batches == [3, 60, 3] and mi.cost.forward == 66
+    assert torch.allclose(out.exp().sum(1), torch.ones(3), atol=1e-5)  # p_PL / 5 and p_OL / 15 are distributions
+    other = ramp_mi(n_pl=2, n_ol=7)
+    assert tuple(other.grid().shape) == (9, 2) and int((other.grid()[:, 0] == 0).sum()) == 2
 
 
 def test_output_is_a_log_probability_with_gradients(setup):

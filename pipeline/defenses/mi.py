@@ -102,6 +102,11 @@ class MixupInference(Defense):
             return torch.log(p_pl.clamp_min(tiny))
         if self.mode == "ol":
             return torch.log(p_ol.clamp_min(tiny))
-        gap = torch.softmax(self.cost.count(self.classifier(x), x.shape[0]), 1).max(1).values - p_pl.max(1).values
-        use_pl = (gap < self.threshold)[:, None]
+        use_pl = (self.gap(x, total) < self.threshold)[:, None]
         return torch.log(torch.where(use_pl, p_pl, p_ol).clamp_min(tiny))
+
+    def gap(self, x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        """MI-Combined's switch, (B,): max softmax F(x) - max p_PL(x), from the partial sums `total`
+        (B, 2, K) of the grid; below the threshold Combined answers MI-PL, else MI-OL."""
+        p_pl = total[:, PL] / max(self.n_pl, 1)
+        return torch.softmax(self.cost.count(self.classifier(x), x.shape[0]), 1).max(1).values - p_pl.max(1).values
