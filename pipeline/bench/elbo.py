@@ -143,12 +143,12 @@ def profile_kinds(fn, device: torch.device, flops_fn=None) -> dict:
 def _uncompiled(rdc):
     """The engine without torch.compile for a while: the FLOP counter is a dispatch mode, and a
     compiled call traced under it is cached as a graph of plain aten calls, slow ever after."""
-    saved = rdc.engine
-    rdc.engine = replace(saved, compile=False)
+    saved = rdc.elbo.options
+    rdc.elbo.options = replace(saved, compile=False)
     try:
         yield
     finally:
-        rdc.engine = saved
+        rdc.elbo.options = saved
 
 
 def _uncompiled_call(rdc, fn):
@@ -193,7 +193,7 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
     spec = parse_defense({"kind": "rdc", "model": model, "dataset": "digits", "timesteps": timesteps})
     prepare_defaults([spec], progress=False)  # building a defense never trains
     rdc = build_defense(spec, device=dev)
-    rdc.engine = options
+    rdc.elbo.options = options
     reference_model = copy.deepcopy(rdc.eps_model)  # the model as loaded, whatever the engine does to its copy
     x, _ = load_split("digits", "test")
     x = x[:examples].to(dev)
@@ -275,7 +275,7 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
                                                           options=EngineOptions(chunk=chunk, channels_last=channels_last,
                                                                                 compile=compile))
     result.update({
-        "engine": {"chunk": chunk_size(options, rdc.batch_size, x), "channels_last": channels_last is not False,
+        "engine": {"chunk": chunk_size(options, rdc.elbo.batch_size, x), "channels_last": channels_last is not False,
                    "autocast": autocast, "compile": compile, "compile_seconds": compile_s},
         **machine_info(dev), "threads": torch.get_num_threads(), "dtype": str(dtype)[6:], "load_before": load_before, "load_after": load_average(),
     })
@@ -299,9 +299,9 @@ def autocast_agreement(model: str = "default", timesteps: int = 10, dtype: str =
     draw = Draw(0, torch.arange(x.shape[0]), torch.zeros(x.shape[0], dtype=torch.int64))
     with torch.no_grad():
         options = options or EngineOptions()
-        rdc.engine = replace(options, autocast="off")
+        rdc.elbo.options = replace(options, autocast="off")
         full = rdc.evaluate(x, draw)
-        rdc.engine = replace(options, autocast=dtype)
+        rdc.elbo.options = replace(options, autocast=dtype)
         low = rdc.evaluate(x, draw)
     agree = (full.argmax(1) == low.argmax(1)).double().mean()
     result = {"n": x.shape[0], "dtype": dtype, "device": str(dev), "timesteps": int(rdc.ts.numel()),
@@ -393,7 +393,7 @@ def bench_edm(preset: str | dict = "edm-cifar10-cond-vp", timesteps: int = 10, e
         # Relative to D - x, the network's part (x itself would hide the rounding at small sigma).
         "bf16_max_rel_diff": float((forwards["bf16"][1] - forwards["fp32"][1]).abs().max() / (forwards["fp32"][1] - x).abs().max()),
         "rdc": {"timesteps": int(rdc.ts.numel()), "classes": K, "examples": examples,
-                "autocast": autocast, "chunk": chunk_size(rdc.engine, rdc.batch_size, images),
+                "autocast": autocast, "chunk": chunk_size(rdc.elbo.options, rdc.elbo.batch_size, images),
                 **{f"{k}_seconds_per_image": v[0] / examples for k, v in rdc_timed.items()}},
         **machine_info(dev), "threads": torch.get_num_threads(),
         "load_before": load_before, "load_after": load_average(),
