@@ -42,7 +42,7 @@ CPU_CHUNK_ELEMENTS = 512 * 64
 AUTOCAST = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Processor flags (/proc/cpuinfo) of native bf16 matrix units: Intel AMX and AVX512-BF16. Without
-# them bf16 is emulated, and the engine in bf16 measured 1.8x slower than the float32 reference.
+# them bf16 is emulated and slower than float32 (BENCHMARKS.md, "The engine in bf16").
 BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 # The share of RDC predictions that must agree with float32 (bench.autocast_agreement) before
 # "auto" trusts bf16 on a CPU, and the fewest timesteps of a check that counts.
@@ -176,8 +176,8 @@ def prepare(model: nn.Module, options: EngineOptions, device: torch.device, grad
     Converts the model's weights to channels_last once (same values, another layout) and,
     with `compile`, wraps the calls in torch.compile (cached per model and per kind of call,
     built on first use). Calls that take gradients (grad=True) are compiled only with
-    compile=True: in float32 on CPU, compiled forward-and-backward graphs measured slower than
-    eager ones, in bf16 faster (BENCHMARKS.md, "ELBO engine").
+    compile=True: in float32 on CPU compiled forward-and-backward graphs are slower than eager
+    ones, in bf16 faster (BENCHMARKS.md, "ELBO engine").
     """
     if options.channels_last is not False and not all(
             p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4):
@@ -188,8 +188,8 @@ def prepare(model: nn.Module, options: EngineOptions, device: torch.device, grad
     if grad and device.type == "cpu" and autocast_dtype(options, device) is not None:
         raise ConfigError(
             f"engine: compile = true with {options.autocast} autocast on CPU gives wrong input gradients with this "
-            "torch (inductor's bf16 backward of the UNet was 16-49% off float32, eager bf16 0.8%; BENCHMARKS.md, "
-            "\"ELBO engine\"); use compile = \"forward\" (compiled logits, eager gradients)")
+            "torch (inductor's low-precision backward of the UNet; BENCHMARKS.md, \"The engine in bf16\"); "
+            "use compile = \"forward\" (compiled logits, eager gradients) or autocast = \"off\"")
     mode = "reduce-overhead" if options.cuda_graphs and device.type == "cuda" else None
     cache = _COMPILED.setdefault(model, {})
     key = (mode, grad)
