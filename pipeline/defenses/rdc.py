@@ -39,6 +39,7 @@ class RDC(Defense):
     None (uniform); pruning: stages [(n_timesteps, keep), ...]; lm: a LikelihoodMaximization
     or None; batch_size: network inputs per call (the memory budget); engine: how the
     network runs (EngineOptions: chunk, channels_last, autocast, compile, CUDA graphs).
+    batch_size and engine belong to the ELBO engine, `self.elbo` (its `options`).
     """
 
     stochastic = True
