@@ -19,9 +19,8 @@ def _bench(*args):
 
 
 @pytest.mark.slow
-def test_bench_elbo_json_on_the_digits_unet(default_models):
-    default_models("diffusion")  # the subprocess finds it in the session's cache
-    result = _bench("--examples", "1", "--timesteps", "3", "--repeat", "1")
+def test_bench_elbo_json_on_the_digits_unet(unet):
+    result = _bench("--model", unet, "--examples", "1", "--timesteps", "3", "--repeat", "1")
     for key in KEYS:
         assert key in result, key
     assert result["timesteps"] == 3 and result["classes"] == 10 and result["threads"] == 1
@@ -34,9 +33,8 @@ def test_bench_elbo_json_on_the_digits_unet(default_models):
 
 
 @pytest.mark.slow
-def test_bench_elbo_in_bf16_checks_predictions_against_float32(default_models):
-    default_models("diffusion")  # the subprocess finds it in the session's cache
-    result = _bench("--examples", "1", "--timesteps", "2", "--repeat", "1", "--no-grad", "--autocast", "bf16",
+def test_bench_elbo_in_bf16_checks_predictions_against_float32(unet):
+    result = _bench("--model", unet, "--examples", "1", "--timesteps", "2", "--repeat", "1", "--no-grad", "--autocast", "bf16",
                     "--agreement-timesteps", "2")
     assert result["dtype"] == "bfloat16" and result["engine"]["autocast"] == "bf16"
     # Held to the bf16 peak, with the float32 one beside it; the reference stays float32.
@@ -73,12 +71,11 @@ def test_hand_split_covers_every_unit_once():
 
 
 @pytest.mark.slow
-def test_bench_scaling_json_ray_and_processes_agree(default_models):
-    default_models("diffusion")  # the subprocess finds it in the session's cache
+def test_bench_scaling_json_ray_and_processes_agree(unet):
     """The whole bench on a tiny job: a local Ray cluster of its own, 1 and 2 workers against the
     hand split; it raises unless both give the same predictions and logits for every example."""
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "scaling", "--examples", "4", "--shard-size", "2",
-                           "--timesteps", "2", "--steps", "1", "--passes", "1", "--json"],
+                           "--timesteps", "2", "--steps", "1", "--passes", "1", "--model", unet, "--json"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)

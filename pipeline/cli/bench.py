@@ -27,8 +27,9 @@ def positive_ints(text: str, option: str, example: str) -> tuple[int, ...]:
 @bench_app.command("elbo")
 @fails_cleanly
 def bench_elbo_cmd(
-    model: str = typer.Option("default", help="'default' (the digits UNet), 'optimal', or an EDM preset "
-                              "(e.g. edm-cifar10-cond-vp: full size, random weights, random CIFAR-shaped images)"),
+    model: str = typer.Option("default", help="'default' (the digits UNet), 'optimal', a checkpoint folder of a "
+                              "digits UNet, or an EDM preset (e.g. edm-cifar10-cond-vp: full size, random weights, "
+                              "random CIFAR-shaped images)"),
     examples: int = typer.Option(2, help="digits test examples"),
     timesteps: int = typer.Option(1000, help="RDC timesteps (systematic subsample; 1000 = all)"),
     repeat: int = typer.Option(2, help="timed rounds after a warm-up; the best round counts"),
@@ -96,7 +97,9 @@ def bench_draws_cmd(
 def bench_scaling_cmd(
     examples: int = typer.Option(48, help="digits test examples in the job"),
     shard_size: int = typer.Option(4, help="examples per unit"),
-    timesteps: int = typer.Option(10, help="RDC timesteps of the job's defense (the digits UNet)"),
+    timesteps: int = typer.Option(10, help="RDC timesteps of the job's defense"),
+    model: str = typer.Option("default", help="the defense's diffusion model: 'default' (the digits UNet) or a "
+                              "checkpoint folder of a digits UNet"),
     steps: int = typer.Option(5, help="PGD steps of the job's attack"),
     passes: int = typer.Option(2, help="scoring passes"),
     workers: str = typer.Option("1,2", help="worker counts, comma-separated"),
@@ -109,7 +112,7 @@ def bench_scaling_cmd(
         raise ConfigError("--examples, --shard-size, --timesteps, --steps, --passes and --repeat must be >= 1")
     from pipeline.bench.scaling import bench_scaling, format_scaling
 
-    result = bench_scaling(examples, shard_size, timesteps, steps, passes, workers=counts, repeat=repeat)
+    result = bench_scaling(examples, shard_size, timesteps, steps, passes, workers=counts, repeat=repeat, model=model)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
