@@ -124,3 +124,29 @@ def test_bench_draws_rejects_an_unknown_device():
 
     result = CliRunner().invoke(app, ["bench", "draws", "--device", "tpu"])
     assert result.exit_code == 2 and "--device cpu or cuda; got 3 and 'tpu'" in result.output
+
+
+def test_bench_edm_times_pruned_rdc_beside_full_rdc():
+    """bench_edm on a tiny DDPM++ (the code path of the full-size presets): full and pruned RDC,
+    logits and input gradients, each timed, the stages recorded as given."""
+    from edm_cases import TINY
+
+    from pipeline.bench.elbo import bench_edm
+
+    result = bench_edm(dict(TINY["ddpmpp-vp"]), timesteps=6, batch=2, grad=True, pruning=[(3, 2), (6, 1)])
+    rdc = result["rdc"]
+    assert rdc["pruning"] == [[3, 2], [6, 1]] and rdc["timesteps"] == 6 and rdc["classes"] == 4
+    for key in ("logits", "logits_and_grads", "pruned_logits", "pruned_logits_and_grads"):
+        assert rdc[f"{key}_seconds_per_image"] > 0, key
+    assert result["parameters"] > 0 and result["forward_flops"] > 0
+
+
+def test_bench_elbo_pruning_is_parsed_once_and_refused_off_the_edm_presets():
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    bad = CliRunner().invoke(app, ["bench", "elbo", "--model", "edm-cifar10-cond-vp", "--pruning", "50:5,500"])
+    assert bad.exit_code == 2 and "--pruning: expected stages timesteps:keep" in " ".join(bad.output.split())
+    digits = CliRunner().invoke(app, ["bench", "elbo", "--pruning", "50:5,500:1"])
+    assert digits.exit_code == 2 and "--pruning is timed on the EDM presets" in " ".join(digits.output.split())
