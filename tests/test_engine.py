@@ -279,17 +279,15 @@ def test_flop_counter_counts_a_known_layer():
     assert count_flops(lambda: lin(torch.randn(4, 7))) == 2 * 4 * 7 * 11
 
 
-@pytest.mark.slow  # on the trained default UNet, which a fresh session trains first
-def test_autocast_bf16_predictions_match_float32_on_the_digits_test_split(default_models):
+@pytest.mark.slow  # on a trained digits UNet, which the session trains first
+def test_autocast_bf16_predictions_match_float32_on_the_digits_test_split(unet):
     """The check that autocast must pass before a GPU sweep uses it; on a CPU-only machine it
     runs in bf16 on the CPU (a GPU, where present, is checked in bf16 and fp16)."""
     from pipeline.bench.elbo import autocast_agreement
 
-    default_models("diffusion")
-
     devices = [("cpu", "bf16")] + ([("cuda", "bf16"), ("cuda", "fp16")] if torch.cuda.is_available() else [])
     for device, dtype in devices:
-        result = autocast_agreement(timesteps=4, dtype=dtype, device=device)
+        result = autocast_agreement(unet, timesteps=4, dtype=dtype, device=device)
         assert result["n"] == 355
         assert result["agreement"] >= 0.99, result
 
