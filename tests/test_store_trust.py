@@ -29,7 +29,6 @@ from pipeline.store import Store
 from pipeline.store.binding import check_binding, differences
 from pipeline.store.lease import RunLease, current_holder
 from pipeline.store.seal import inspect
-from pipeline.store.verify import verify_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -385,7 +384,7 @@ def test_s3_server_restarted_between_unit_commits(ray_cluster, cnn, tmp_path):
     moto comes to a restart on the same data folder."""
     from moto.server import ThreadedMotoServer
 
-    from conftest import FAKE_CREDENTIALS, REGION
+    from conftest import FAKE_CREDENTIALS
     from pipeline.config.job import load_job
     from pipeline.runtime import run_job
 
