@@ -13,7 +13,9 @@ naming them. Steps, in order, within a budget of GPU_CHECK_BUDGET seconds (defau
 3. `python3 -m pipeline.cli bench elbo --device cuda --json` (the digits UNet, every timestep)
    -> bench_elbo_cuda.json;
 4. the same with `--model edm-cifar10-cond-vp` (the full-size CIFAR-10 DDPM++, random weights),
-   where the checkout's bench has the EDM networks (`bench_edm`) -> bench_elbo_cuda_ddpmpp.json.
+   where the checkout's bench has the EDM networks (`bench_edm`) -> bench_elbo_cuda_ddpmpp.json;
+5. that network again with input gradients, full and under Li et al.'s pruning (`--grad
+   --pruning 50:5,500:1`) -> bench_elbo_cuda_ddpmpp_grads.json.
 
 summary.json lists every step: command, status (ok, failed, skipped, timeout), seconds, reason.
 Exit status: 0 when every step that ran passed, 1 when one failed, 2 when there is no CUDA device.
@@ -55,6 +57,14 @@ STEPS = [
      "args": ["-m", "pipeline.cli", "bench", "elbo", "--device", "cuda", "--model", "edm-cifar10-cond-vp",
               "--examples", "1", "--timesteps", "1000", "--forward-batch", "64", "--no-grad", "--threads", "0", "--json"],
      "json": "bench_elbo_cuda_ddpmpp.json"},
+    # The same network with input gradients, full and under Li et al.'s pruning (50 timesteps for
+    # every class, keep 5, then 500 timesteps, keep 1): seconds per image of what an attack pays.
+    {"name": "bench_elbo_cuda_ddpmpp_grads", "needs": CORE, "timeout": 240,
+     "requires": "from pipeline.cli.bench import pruning_stages",
+     "args": ["-m", "pipeline.cli", "bench", "elbo", "--device", "cuda", "--model", "edm-cifar10-cond-vp",
+              "--examples", "1", "--timesteps", "1000", "--forward-batch", "64", "--grad", "--pruning", "50:5,500:1",
+              "--threads", "0", "--json"],
+     "json": "bench_elbo_cuda_ddpmpp_grads.json"},
 ]
 
 

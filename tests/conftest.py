@@ -60,9 +60,9 @@ def pytest_collection_modifyitems(config, items) -> None:
         fixtures = set(getattr(item, "fixturenames", ()))
         if SLOW_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
-        # The first test to ask for a default model trains it (minutes on a busy machine) within
+        # The first test to ask for a default model (or the session's UNet) trains it (minutes on a busy machine) within
         # its own time limit; give those tests room unless they set a limit themselves.
-        if "default_models" in fixtures and item.get_closest_marker("timeout") is None:
+        if fixtures & {"default_models", "unet"} and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(TRAINING_TIMEOUT_S))
 
 
@@ -141,6 +141,26 @@ def cnn(tmp_path_factory) -> str:
     model = build_model({"arch": "cnn", "in_channels": 1, "num_classes": 10, "image_size": 8})
     save_checkpoint(folder, model, model.config, {})
     return str(folder)
+
+@pytest.fixture(scope="session")
+def unet(tmp_path_factory) -> str:
+    """A checkpoint folder of the digits UNet (the default architecture, `unet_config("digits")`)
+    trained briefly (300 steps; the default recipe runs 1000): a real, classifying diffusion model
+    for tests of the engine, the benchmarks and the runtime, at a fraction of the default's
+    training time. Tests of the default model itself use `default_models`."""
+    from pipeline.data import load_split
+    from pipeline.models.checkpoint import save_checkpoint
+    from pipeline.models.unet import unet_config
+    from pipeline.training.diffusion import train_diffusion
+
+    folder = tmp_path_factory.mktemp("unet") / "ckpt"
+    x, y = load_split("digits", "train")
+    config = unet_config("digits")
+    model, stats = train_diffusion(x, y, config, steps=300, batch_size=128, lr=2e-3, ema_decay=0.99, warmup=50,
+                                   progress=False)
+    save_checkpoint(folder, model, config, {"kind": "diffusion", "dataset": "digits", "steps": stats["steps"]})
+    return str(folder)
+
 
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 REGION = "us-east-1"

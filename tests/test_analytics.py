@@ -245,10 +245,10 @@ def test_compare_command(sweep):
 
 
 def test_bench_report_small():
-    result = invoke("bench", "report", "--rows", 20_000, "--files", 200, "--repeats", 1, "--json")
+    result = invoke("bench", "report", "--rows", 5_000, "--files", 50, "--repeats", 1, "--json")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["rows"] == 20_000 and out["files"] == 200
+    assert out["rows"] == 5_000 and out["files"] == 50
     assert out["report_seconds"] > 0 and out["report_seconds"] == min(out["runs"])
     sections = out["sections"]
     assert (sections["summary"], sections["classes"], sections["stages"], sections["cost"]) == (100, 1000, 100, 100)

@@ -19,9 +19,8 @@ def _bench(*args):
 
 
 @pytest.mark.slow
-def test_bench_elbo_json_on_the_digits_unet(default_models):
-    default_models("diffusion")  # the subprocess finds it in the session's cache
-    result = _bench("--examples", "1", "--timesteps", "3", "--repeat", "1")
+def test_bench_elbo_json_on_the_digits_unet(unet):
+    result = _bench("--model", unet, "--examples", "1", "--timesteps", "3", "--repeat", "1")
     for key in KEYS:
         assert key in result, key
     assert result["timesteps"] == 3 and result["classes"] == 10 and result["threads"] == 1
@@ -34,16 +33,15 @@ def test_bench_elbo_json_on_the_digits_unet(default_models):
 
 
 @pytest.mark.slow
-def test_bench_elbo_in_bf16_checks_predictions_against_float32(default_models):
-    default_models("diffusion")  # the subprocess finds it in the session's cache
-    result = _bench("--examples", "1", "--timesteps", "2", "--repeat", "1", "--no-grad", "--autocast", "bf16",
-                    "--agreement-timesteps", "2")
+def test_bench_elbo_in_bf16_checks_predictions_against_float32(unet):
+    result = _bench("--model", unet, "--examples", "1", "--timesteps", "2", "--repeat", "1", "--no-grad", "--autocast", "bf16",
+                    "--agreement-timesteps", "1")
     assert result["dtype"] == "bfloat16" and result["engine"]["autocast"] == "bf16"
     # Held to the bf16 peak, with the float32 one beside it; the reference stays float32.
     assert result["peak"].endswith("bfloat16 matmul, best of 10, before and after the runs")
     assert result["float32_peak_flops"] > 0
     a = result["autocast_agreement"]
-    assert a["n"] == 355 and a["timesteps"] == 2 and a["dtype"] == "bf16"
+    assert a["n"] == 355 and a["timesteps"] == 1 and a["dtype"] == "bf16"
     assert a["agreement"] == 1 - a["disagreements"] / 355 and a["agreement"] >= 0.95
     assert 0 < result["logits_max_rel_diff"] < 2e-2
 
@@ -73,16 +71,16 @@ def test_hand_split_covers_every_unit_once():
 
 
 @pytest.mark.slow
-def test_bench_scaling_json_ray_and_processes_agree(default_models):
-    default_models("diffusion")  # the subprocess finds it in the session's cache
-    """The whole bench on a tiny job: a local Ray cluster of its own, 1 and 2 workers against the
-    hand split; it raises unless both give the same predictions and logits for every example."""
+def test_bench_scaling_json_ray_and_processes_agree(unet):
+    """The whole bench on a tiny job: a local Ray cluster of its own, 2 workers against the hand
+    split into 2 processes; it raises unless both give the same predictions and logits for every
+    example."""
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "scaling", "--examples", "4", "--shard-size", "2",
-                           "--timesteps", "2", "--steps", "1", "--passes", "1", "--json"],
+                           "--timesteps", "2", "--steps", "1", "--passes", "1", "--workers", "2", "--model", unet, "--json"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert result["units"] == 2 and [r["workers"] for r in result["runs"]] == [1, 2]
+    assert result["units"] == 2 and [r["workers"] for r in result["runs"]] == [2]
     for r in result["runs"]:
         assert r["same_predictions"] is True
         for key in ("ray_seconds", "processes_seconds", "ratio", "overhead_per_unit_s", "ray_examples_per_s"):
@@ -127,3 +125,29 @@ def test_bench_draws_rejects_an_unknown_device():
 
     result = CliRunner().invoke(app, ["bench", "draws", "--device", "tpu"])
     assert result.exit_code == 2 and "--device cpu or cuda; got 3 and 'tpu'" in result.output
+
+
+def test_bench_edm_times_pruned_rdc_beside_full_rdc():
+    """bench_edm on a tiny DDPM++ (the code path of the full-size presets): full and pruned RDC,
+    logits and input gradients, each timed, the stages recorded as given."""
+    from edm_cases import TINY
+
+    from pipeline.bench.elbo import bench_edm
+
+    result = bench_edm(dict(TINY["ddpmpp-vp"]), timesteps=6, batch=2, grad=True, pruning=[(3, 2), (6, 1)])
+    rdc = result["rdc"]
+    assert rdc["pruning"] == [[3, 2], [6, 1]] and rdc["timesteps"] == 6 and rdc["classes"] == 4
+    for key in ("logits", "logits_and_grads", "pruned_logits", "pruned_logits_and_grads"):
+        assert rdc[f"{key}_seconds_per_image"] > 0, key
+    assert result["parameters"] > 0 and result["forward_flops"] > 0
+
+
+def test_bench_elbo_pruning_is_parsed_once_and_refused_off_the_edm_presets():
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    bad = CliRunner().invoke(app, ["bench", "elbo", "--model", "edm-cifar10-cond-vp", "--pruning", "50:5,500"])
+    assert bad.exit_code == 2 and "--pruning: expected stages timesteps:keep" in " ".join(bad.output.split())
+    digits = CliRunner().invoke(app, ["bench", "elbo", "--pruning", "50:5,500:1"])
+    assert digits.exit_code == 2 and "--pruning is timed on the EDM presets" in " ".join(digits.output.split())

@@ -9,7 +9,6 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
 import ray
 import yaml
 from typer.testing import CliRunner

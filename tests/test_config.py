@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config.datasets import DATASETS, DatasetName, dataset_info
-from pipeline.config.defense import PlainSpec, RDCSpec, parse_defense
+from pipeline.config.defense import PlainSpec, RDCSpec
 from pipeline.config.job import parse_job
 from pipeline.config.run import RunOptions
 from pipeline.data import load_split

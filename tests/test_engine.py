@@ -5,10 +5,14 @@ import json
 import pytest
 import torch
 
+from pipeline import rng
 from pipeline.bench.elbo import count_flops
-from pipeline.defenses.engine import EngineOptions, plan
+from pipeline.defenses.base import Cost
+from pipeline.defenses.elbo import ElboEngine, Evaluations, plan
+from pipeline.defenses.engine import EngineOptions
 from pipeline.defenses.rdc import RDC
 from pipeline.defenses.reference import reference_logits
+from pipeline.diffusion.schedule import VPSchedule
 from pipeline.models.unet import UNet, unet_config
 from pipeline.errors import ConfigError
 from pipeline.rng import Draw
@@ -97,10 +101,72 @@ def test_engine_equals_the_plain_computation_values_and_gradients(cfg, chunk):
     assert g_engine.abs().max() > 0
     assert torch.allclose(g_engine, g_plain, atol=1e-10, rtol=1e-8)
     # The recomputing backward (the gang's VJP path) gives the same gradient.
-    rdc_vjp = rdc.errors_vjp
-    ev = rdc._cell_evaluations(x, rdc.grid())
-    wv = w[ev.ex, ev.cls] * ev.weight
-    assert torch.allclose(rdc_vjp(x, ev, draw, wv), g_plain, atol=1e-10, rtol=1e-8)
+    ev = rdc.cell_evaluations(x, rdc.grid())
+    assert torch.allclose(rdc.elbo.weighted_sum_vjp(x, ev, draw, w), g_plain, atol=1e-10, rtol=1e-8)
+
+
+class _NoSharing(torch.nn.Module):
+    """eps(x_t, t, y) with no class-independent split and no stem: the engine's generic path."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+        self.scale = torch.nn.Embedding(num_classes + 1, 1)
+
+    def forward(self, x_t, t, y):
+        return torch.tanh(self.conv(x_t)) * self.scale(y).view(-1, 1, 1, 1) + t.to(x_t).view(-1, 1, 1, 1) / 1000
+
+
+@pytest.mark.parametrize("kind", ["unet", "no-sharing"])
+def test_the_engine_alone_equals_a_loop_over_evaluations_and_its_two_backwards_agree(kind):
+    """ElboEngine without RDC: squared errors of hand-made evaluations (pairs in any order, not
+    every class, chunks cutting pairs) against ||eps(x_t, t, y) - e_t||^2 one at a time; the
+    input gradient of `weighted_sum` taken in forward, recomputed in backward, and by autograd
+    through the loop."""
+    K = 3
+    torch.manual_seed(0)
+    if kind == "unet":
+        model = _unet({"in_channels": 1, "image_size": 8, "num_classes": K, "base_channels": 8, "channel_mult": [1],
+                       "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0})
+    else:
+        model = _NoSharing(K).double()
+    schedule, ts = VPSchedule(), torch.tensor([5, 300, 999])
+    ex, cls = torch.tensor([1, 0, 0, 1, 1, 0, 1]), torch.tensor([2, 0, 1, 1, 0, 2, 0])
+    j = torch.tensor([0, 2, 2, 1, 0, 0, 2])
+    weight = torch.randn(7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ev = Evaluations(ex=ex, cls=cls, j=j, ts=ts, weight=weight)
+    cost = Cost()
+    elbo = ElboEngine(model, schedule, K, batch_size=4096, options=EngineOptions(chunk=2), cost=cost)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    draw = _draw([3, 11])
+
+    xr = x.clone().requires_grad_(True)
+    noise = draw.normal(rng.ELBO_NOISE, ts, (1, 8, 8), dtype=torch.float64)  # the e_t the engine draws
+    loop = []
+    for b, y, i in zip(ex.tolist(), cls.tolist(), j.tolist()):
+        t = ts[i:i + 1]
+        sqrt_a, s = schedule.coefficients(t, torch.float64)
+        x_t = sqrt_a * (2 * xr[b:b + 1] - 1) + s * noise[b, i]
+        loop.append((model(x_t, t, torch.tensor([y])) - noise[b, i]).pow(2).sum())
+    loop = torch.stack(loop)
+
+    assert torch.allclose(elbo.errors(x, ev, draw), loop.detach(), rtol=1e-10, atol=1e-12)
+    assert (cost.forward, cost.backward) == (7, 0)
+
+    up = torch.randn(2, K, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    (g_loop,) = torch.autograd.grad((weight * loop * up[ex, cls]).sum(), xr)
+    xg = x.clone().requires_grad_(True)
+    assert elbo.grads_in_forward(xg)
+    out = elbo.weighted_sum(xg, ev, draw)
+    want = torch.zeros(2, K, dtype=torch.float64).index_put_((ex, cls), weight * loop.detach(), accumulate=True)
+    assert torch.allclose(out, want, rtol=1e-10, atol=1e-12)
+    (g_fwd,) = torch.autograd.grad((out * up).sum(), xg)
+    elbo.JACOBIAN_VALUES = 0  # no budget for per-(example, class) gradients: backward recomputes
+    assert not elbo.grads_in_forward(xg)
+    (g_rec,) = torch.autograd.grad((elbo.weighted_sum(xg, ev, draw) * up).sum(), xg)
+    assert g_loop.abs().max() > 0
+    for g in (g_fwd, g_rec, elbo.weighted_sum_vjp(x, ev, draw, up)):
+        assert torch.allclose(g, g_loop, rtol=1e-8, atol=1e-10)
 
 
 def test_gradients_in_forward_equal_recomputed_gradients_under_pruning():
@@ -113,7 +179,7 @@ def test_gradients_in_forward_equal_recomputed_gradients_under_pruning():
     w = torch.randn(3, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
 
     def grad(budget):
-        rdc.JACOBIAN_VALUES = budget
+        rdc.elbo.JACOBIAN_VALUES = budget
         xg = x.clone().requires_grad_(True)
         out = rdc.evaluate(xg, draw)
         return out.detach(), torch.autograd.grad((out * w).sum(), xg)[0]
@@ -174,12 +240,12 @@ def test_engine_spec_takes_forward_only_compilation_and_defenses_come_frozen(tmp
     spec = {"kind": "rdc", "model": str(tmp_path / "unet"), "dataset": "digits", "timesteps": 2,
             "engine": {"compile": "forward", "autocast": "bf16"}}
     rdc = build_defense(spec)
-    assert rdc.engine.compile == "forward" and rdc.engine.autocast == "bf16"
+    assert rdc.elbo.options.compile == "forward" and rdc.elbo.options.autocast == "bf16"
     # No weight takes a gradient (compiled backward graphs would otherwise compute them all),
     # while the input gradient still flows.
     assert not any(p.requires_grad for p in rdc.parameters())
     x = torch.rand(1, 1, 8, 8, requires_grad=True)
-    rdc.engine = EngineOptions()
+    rdc.elbo.options = EngineOptions()
     rdc.evaluate(x, _draw([0])).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="compile"):
@@ -213,17 +279,15 @@ def test_flop_counter_counts_a_known_layer():
     assert count_flops(lambda: lin(torch.randn(4, 7))) == 2 * 4 * 7 * 11
 
 
-@pytest.mark.slow  # on the trained default UNet, which a fresh session trains first
-def test_autocast_bf16_predictions_match_float32_on_the_digits_test_split(default_models):
+@pytest.mark.slow  # on a trained digits UNet, which the session trains first
+def test_autocast_bf16_predictions_match_float32_on_the_digits_test_split(unet):
     """The check that autocast must pass before a GPU sweep uses it; on a CPU-only machine it
     runs in bf16 on the CPU (a GPU, where present, is checked in bf16 and fp16)."""
     from pipeline.bench.elbo import autocast_agreement
 
-    default_models("diffusion")
-
     devices = [("cpu", "bf16")] + ([("cuda", "bf16"), ("cuda", "fp16")] if torch.cuda.is_available() else [])
     for device, dtype in devices:
-        result = autocast_agreement(timesteps=4, dtype=dtype, device=device)
+        result = autocast_agreement(unet, timesteps=4, dtype=dtype, device=device)
         assert result["n"] == 355
         assert result["agreement"] >= 0.99, result
 

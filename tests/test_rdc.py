@@ -112,7 +112,7 @@ def test_rdc_unet_path_matches_the_formula():
 
 def test_rdc_optimal_classifies_digits(digits, optimal):
     xte, yte = digits.x_test, digits.y_test
-    rdc = RDC(optimal, 10, 1, 8, timesteps=50)
+    rdc = RDC(optimal, 10, 1, 8, timesteps=20)
     with torch.no_grad():
         acc = (rdc(xte).argmax(1) == yte).float().mean().item()
     assert acc >= 0.95, acc

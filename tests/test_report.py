@@ -125,8 +125,8 @@ def test_markdown_and_rich_render():
 
 from analytics_data import write_sweep  # noqa: E402
 
-from pipeline.analytics import (build_report, connect, cost, flags, per_class, report_markdown,  # noqa: E402
-                                section_markdown, stages, to_csv, to_json)
+from pipeline.analytics import (build_report, connect, report_markdown, section_markdown, to_csv,  # noqa: E402
+                                to_json)
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +234,6 @@ def test_combining_runs_and_missing_folders(sweep, tmp_path):
     assert notes and all(n.startswith("read once: ") and "other-run" in n for n in notes)
 
     # A file from a newer writer (an extra column) reads beside the others, in either order.
-    import pyarrow.parquet as pq
 
     newer = tmp_path / "newer-run" / "records"
     newer.mkdir(parents=True)

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import duckdb
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config.job import load_job, parse_job

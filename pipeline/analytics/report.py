@@ -174,7 +174,7 @@ def summarize(source: Source) -> list[dict]:
 
 def _headline(con: duckdb.DuckDBPyConnection, cells: str) -> list[dict]:
     # Per example, AND over every (attack, path) that ran on it at this (defense, norm, eps).
-    found = con.execute(f"""
+    found = con.execute("""
         WITH per AS (
             SELECT defense, norm, eps, example_id, bool_and(adv_correct) AS s, bool_and(adv_vote_correct) AS v,
                    bool_and(adv_worst_correct) AS w

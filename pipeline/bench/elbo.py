@@ -143,12 +143,12 @@ def profile_kinds(fn, device: torch.device, flops_fn=None) -> dict:
 def _uncompiled(rdc):
     """The engine without torch.compile for a while: the FLOP counter is a dispatch mode, and a
     compiled call traced under it is cached as a graph of plain aten calls, slow ever after."""
-    saved = rdc.engine
-    rdc.engine = replace(saved, compile=False)
+    saved = rdc.elbo.options
+    rdc.elbo.options = replace(saved, compile=False)
     try:
         yield
     finally:
-        rdc.engine = saved
+        rdc.elbo.options = saved
 
 
 def _uncompiled_call(rdc, fn):
@@ -193,7 +193,7 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
     spec = parse_defense({"kind": "rdc", "model": model, "dataset": "digits", "timesteps": timesteps})
     prepare_defaults([spec], progress=False)  # building a defense never trains
     rdc = build_defense(spec, device=dev)
-    rdc.engine = options
+    rdc.elbo.options = options
     reference_model = copy.deepcopy(rdc.eps_model)  # the model as loaded, whatever the engine does to its copy
     x, _ = load_split("digits", "test")
     x = x[:examples].to(dev)
@@ -275,7 +275,7 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
                                                           options=EngineOptions(chunk=chunk, channels_last=channels_last,
                                                                                 compile=compile))
     result.update({
-        "engine": {"chunk": chunk_size(options, rdc.batch_size, x), "channels_last": channels_last is not False,
+        "engine": {"chunk": chunk_size(options, rdc.elbo.batch_size, x), "channels_last": channels_last is not False,
                    "autocast": autocast, "compile": compile, "compile_seconds": compile_s},
         **machine_info(dev), "threads": torch.get_num_threads(), "dtype": str(dtype)[6:], "load_before": load_before, "load_after": load_average(),
     })
@@ -299,9 +299,9 @@ def autocast_agreement(model: str = "default", timesteps: int = 10, dtype: str =
     draw = Draw(0, torch.arange(x.shape[0]), torch.zeros(x.shape[0], dtype=torch.int64))
     with torch.no_grad():
         options = options or EngineOptions()
-        rdc.engine = replace(options, autocast="off")
+        rdc.elbo.options = replace(options, autocast="off")
         full = rdc.evaluate(x, draw)
-        rdc.engine = replace(options, autocast=dtype)
+        rdc.elbo.options = replace(options, autocast=dtype)
         low = rdc.evaluate(x, draw)
     agree = (full.argmax(1) == low.argmax(1)).double().mean()
     result = {"n": x.shape[0], "dtype": dtype, "device": str(dev), "timesteps": int(rdc.ts.numel()),
@@ -340,10 +340,11 @@ def format_elbo(result: dict) -> list[str]:
 
 def bench_edm(preset: str | dict = "edm-cifar10-cond-vp", timesteps: int = 10, examples: int = 1, batch: int = 64,
               repeat: int = 1, threads: int | None = 1, device: str = "cpu", autocast: str = "auto",
-              grad: bool = False, seed: int = 0) -> dict:
+              grad: bool = False, pruning: list[tuple[int, int]] | None = None, seed: int = 0) -> dict:
     """A full-size EDM network with random weights: one forward at `batch` in float32 and in bf16
     autocast, and RDC seconds per image through the engine at `timesteps` (logits; with `grad`,
-    logits and input gradients), on random images of the network's shape.
+    logits and input gradients), on random images of the network's shape. pruning: also the same
+    under adaptive class pruning with these (timesteps, keep) stages (`pruned_*` keys).
 
     preset: an EDM preset name, or a build_edm config. Random weights cost the same FLOPs as
     trained ones; the figures are speed only.
@@ -382,8 +383,15 @@ def bench_edm(preset: str | dict = "edm-cifar10-cond-vp", timesteps: int = 10, e
     rdc_fns = {"logits": lambda: rdc.evaluate(images, draw)}
     if grad:
         rdc_fns["logits_and_grads"] = lambda: _engine_grads(rdc, images, draw, w)
+    if pruning:
+        pruned = RDC(DenoiserEps(net, schedule, K), K, C, R, schedule=schedule, pruning=pruning, batch_size=batch,
+                     engine=EngineOptions(autocast=autocast)).to(dev)
+        rdc_fns["pruned_logits"] = lambda: pruned.evaluate(images, draw)
+        if grad:
+            rdc_fns["pruned_logits_and_grads"] = lambda: _engine_grads(pruned, images, draw, w)
+    logits_only = {k: rdc_fns.pop(k) for k in ("logits", "pruned_logits") if k in rdc_fns}
     with torch.no_grad():  # no warm-up round: the forward timings above warmed the network
-        rdc_timed = best_of({"logits": rdc_fns.pop("logits")}, repeat, dev, warmup=False)
+        rdc_timed = best_of(logits_only, repeat, dev, warmup=False)
     rdc_timed.update(best_of(rdc_fns, repeat, dev, warmup=False))
     return {
         "preset": preset if isinstance(preset, str) else "custom", "parameters": sum(p.numel() for p in net.parameters()), "batch": batch,
@@ -393,7 +401,8 @@ def bench_edm(preset: str | dict = "edm-cifar10-cond-vp", timesteps: int = 10, e
         # Relative to D - x, the network's part (x itself would hide the rounding at small sigma).
         "bf16_max_rel_diff": float((forwards["bf16"][1] - forwards["fp32"][1]).abs().max() / (forwards["fp32"][1] - x).abs().max()),
         "rdc": {"timesteps": int(rdc.ts.numel()), "classes": K, "examples": examples,
-                "autocast": autocast, "chunk": chunk_size(rdc.engine, rdc.batch_size, images),
+                "autocast": autocast, "chunk": chunk_size(rdc.elbo.options, rdc.elbo.batch_size, images),
+                "pruning": [list(st) for st in pruning] if pruning else None,
                 **{f"{k}_seconds_per_image": v[0] / examples for k, v in rdc_timed.items()}},
         **machine_info(dev), "threads": torch.get_num_threads(),
         "load_before": load_before, "load_after": load_average(),
@@ -410,5 +419,10 @@ def format_edm(r: dict) -> str:
              f"{rd['logits_seconds_per_image']:.1f} s per image (logits)"]
     if "logits_and_grads_seconds_per_image" in rd:
         lines.append(f"  with input gradients: {rd['logits_and_grads_seconds_per_image']:.1f} s per image")
+    if rd.get("pruning"):
+        stages = ", ".join(f"{t} timesteps keep {k}" for t, k in rd["pruning"])
+        lines.append(f"  pruned ({stages}): {rd['pruned_logits_seconds_per_image']:.1f} s per image (logits)"
+                     + (f", {rd['pruned_logits_and_grads_seconds_per_image']:.1f} s with input gradients"
+                        if "pruned_logits_and_grads_seconds_per_image" in rd else ""))
     lines.append(f"  load average before/after: {r['load_before'][0]} / {r['load_after'][0]}")
     return "\n".join(lines)

@@ -34,14 +34,15 @@ from pipeline.config.job import parse_job
 from pipeline.config.run import RunOptions
 
 
-def scaling_job(examples: int = 48, shard_size: int = 4, timesteps: int = 10, steps: int = 5, passes: int = 2) -> dict:
-    """The job both sides run: RDC on the digits UNet (`timesteps` timesteps) under PGD
-    (`steps` steps, Linf 8/255), scored over `passes` passes, on `examples` digits test
-    images in units of `shard_size`."""
+def scaling_job(examples: int = 48, shard_size: int = 4, timesteps: int = 10, steps: int = 5, passes: int = 2,
+                model: str = "default") -> dict:
+    """The job both sides run: RDC on a digits diffusion model (`model`: "default", the digits
+    UNet, or a checkpoint folder) with `timesteps` timesteps under PGD (`steps` steps, Linf
+    8/255), scored over `passes` passes, on `examples` digits test images in units of `shard_size`."""
     return {
         "name": "bench-scaling", "seed": 0,
         "data": {"dataset": "digits", "split": "test", "limit": examples, "shard_size": shard_size},
-        "defenses": [{"kind": "rdc", "model": "default", "timesteps": timesteps}],
+        "defenses": [{"kind": "rdc", "model": model, "timesteps": timesteps}],
         "attacks": [{"kind": "pgd", "steps": steps, "eps": 8 / 255, "passes": passes}],
     }
 
@@ -106,7 +107,7 @@ def predictions(folder: str | Path) -> dict[int, tuple]:
 
 
 def bench_scaling(examples: int = 48, shard_size: int = 4, timesteps: int = 10, steps: int = 5, passes: int = 2,
-                  workers: tuple[int, ...] = (1, 2), repeat: int = 1) -> dict:
+                  workers: tuple[int, ...] = (1, 2), repeat: int = 1, model: str = "default") -> dict:
     """Throughput of the job through Ray (run_job, `workers` actors) and split by hand into as many
     independent processes, side by side; best of `repeat` rounds, the two sides alternating.
 
@@ -116,7 +117,7 @@ def bench_scaling(examples: int = 48, shard_size: int = 4, timesteps: int = 10, 
     """
     import ray
 
-    doc = scaling_job(examples, shard_size, timesteps, steps, passes)
+    doc = scaling_job(examples, shard_size, timesteps, steps, passes, model)
     job = parse_job(doc)
     x, _ = load_split("digits", "test")
     n_units = len(plan(job, x.shape[0]))

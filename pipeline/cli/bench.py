@@ -24,11 +24,23 @@ def positive_ints(text: str, option: str, example: str) -> tuple[int, ...]:
     return values
 
 
+def pruning_stages(text: str) -> list[tuple[int, int]]:
+    """Parse --pruning "T1:K1,T2:K2" (timesteps:keep per stage) into [(T1, K1), (T2, K2)]."""
+    try:
+        stages = [tuple(int(v) for v in stage.split(":")) for stage in text.split(",")]
+        if not stages or any(len(st) != 2 or min(st) < 1 for st in stages):
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"--pruning: expected stages timesteps:keep, e.g. 50:5,500:1 (Li et al.); got {text!r}") from None
+    return stages
+
+
 @bench_app.command("elbo")
 @fails_cleanly
 def bench_elbo_cmd(
-    model: str = typer.Option("default", help="'default' (the digits UNet), 'optimal', or an EDM preset "
-                              "(e.g. edm-cifar10-cond-vp: full size, random weights, random CIFAR-shaped images)"),
+    model: str = typer.Option("default", help="'default' (the digits UNet), 'optimal', a checkpoint folder of a "
+                              "digits UNet, or an EDM preset (e.g. edm-cifar10-cond-vp: full size, random weights, "
+                              "random CIFAR-shaped images)"),
     examples: int = typer.Option(2, help="digits test examples"),
     timesteps: int = typer.Option(1000, help="RDC timesteps (systematic subsample; 1000 = all)"),
     repeat: int = typer.Option(2, help="timed rounds after a warm-up; the best round counts"),
@@ -42,6 +54,8 @@ def bench_elbo_cmd(
     grad: bool = typer.Option(True, "--grad/--no-grad", help="also time input gradients"),
     profile: bool = typer.Option(False, "--profile", help="also profile one example: seconds by kind of operator"),
     forward_batch: int = typer.Option(64, help="EDM presets: batch of the timed single forward (fp32 and bf16 autocast)"),
+    pruning: Optional[str] = typer.Option(None, help="EDM presets: also time RDC with adaptive class pruning, stages "
+                                          "timesteps:keep (Li et al.: 50:5,500:1)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ):
     """RDC logits and gradients: the reference strategy (class loop, 64-timestep chunks, one example at a time) vs the engine,
@@ -52,11 +66,14 @@ def bench_elbo_cmd(
         raise ConfigError(f"--compile must be off, forward or on; got {compile!r}")
     from pipeline.models.edm import EDM_PRESETS
 
+    stages = pruning_stages(pruning) if pruning is not None else None
+    if stages is not None and model not in EDM_PRESETS:
+        raise ConfigError(f"--pruning is timed on the EDM presets ({', '.join(EDM_PRESETS)}), not on {model!r}")
     if model in EDM_PRESETS:
         from pipeline.bench.elbo import bench_edm, format_edm
 
         result = bench_edm(model, timesteps, examples=examples, batch=forward_batch, repeat=max(1, repeat - 1),
-                           threads=threads or None, device=device, autocast=autocast, grad=grad)
+                           threads=threads or None, device=device, autocast=autocast, grad=grad, pruning=stages)
         print(json.dumps(result, indent=2)) if as_json else say(format_edm(result))
         return
     from pipeline.bench.elbo import bench_elbo, format_elbo
@@ -96,7 +113,9 @@ def bench_draws_cmd(
 def bench_scaling_cmd(
     examples: int = typer.Option(48, help="digits test examples in the job"),
     shard_size: int = typer.Option(4, help="examples per unit"),
-    timesteps: int = typer.Option(10, help="RDC timesteps of the job's defense (the digits UNet)"),
+    timesteps: int = typer.Option(10, help="RDC timesteps of the job's defense"),
+    model: str = typer.Option("default", help="the defense's diffusion model: 'default' (the digits UNet) or a "
+                              "checkpoint folder of a digits UNet"),
     steps: int = typer.Option(5, help="PGD steps of the job's attack"),
     passes: int = typer.Option(2, help="scoring passes"),
     workers: str = typer.Option("1,2", help="worker counts, comma-separated"),
@@ -109,7 +128,7 @@ def bench_scaling_cmd(
         raise ConfigError("--examples, --shard-size, --timesteps, --steps, --passes and --repeat must be >= 1")
     from pipeline.bench.scaling import bench_scaling, format_scaling
 
-    result = bench_scaling(examples, shard_size, timesteps, steps, passes, workers=counts, repeat=repeat)
+    result = bench_scaling(examples, shard_size, timesteps, steps, passes, workers=counts, repeat=repeat, model=model)
     if as_json:
         print(json.dumps(result, indent=2))
     else:

@@ -1,12 +1,13 @@
-"""How RDC's ELBO evaluations run on the network: batching, class sharing, device options.
+"""How the ELBO engine (elbo.py) runs the network: the class-sharing split and the device options.
 
-RDC needs ||eps_theta(x_t, t, y) - e_t||^2 for every (example, class, timestep). x_t and e_t
-depend on (example, t) only, and so does every layer of the UNet before the class embedding
-enters (diffusion/unet.py: `shared`). The engine therefore orders evaluations by
-(example, t) "pair", cuts them into chunks of whole pairs, and per chunk forms x_t and the
-class-independent features once per pair and runs the class-dependent rest once per
-evaluation. Models that are not `ClassSharing` (any eps_theta(x_t, t, y), e.g. an EDM
-denoiser through diffusion/denoiser.py) run per evaluation on the shared x_t.
+The engine needs ||eps_theta(x_t, t, y) - e_t||^2 for many (example, class, timestep). x_t and
+e_t depend on (example, t) only, and so does every layer of the UNet before the class embedding
+enters (models/unet.py: `shared`). A `ClassSharing` model therefore offers
+`shared(x_t, t)`, computed once per (example, t) pair, and `conditional(shared, rows, y)`, run
+once per evaluation; a `LinearStem` model offers the linear first layer the engine takes input
+gradients at; an `AllClasses` model (the optimal one) gives every class of a pair in one call.
+Other models (any eps_theta(x_t, t, y), e.g. an EDM denoiser through diffusion/denoiser.py) run
+per evaluation on the shared x_t. `prepare` returns the network calls for a model.
 
 Device options (EngineOptions): chunk size (network inputs per call), channels_last,
 autocast (bf16 / fp16), torch.compile, CUDA graphs. None of them changes what is computed;
@@ -41,7 +42,7 @@ CPU_CHUNK_ELEMENTS = 512 * 64
 AUTOCAST = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Processor flags (/proc/cpuinfo) of native bf16 matrix units: Intel AMX and AVX512-BF16. Without
-# them bf16 is emulated, and the engine in bf16 measured 1.8x slower than the float32 reference.
+# them bf16 is emulated and slower than float32 (BENCHMARKS.md, "The engine in bf16").
 BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 # The share of RDC predictions that must agree with float32 (bench.autocast_agreement) before
 # "auto" trusts bf16 on a CPU, and the fewest timesteps of a check that counts.
@@ -175,8 +176,8 @@ def prepare(model: nn.Module, options: EngineOptions, device: torch.device, grad
     Converts the model's weights to channels_last once (same values, another layout) and,
     with `compile`, wraps the calls in torch.compile (cached per model and per kind of call,
     built on first use). Calls that take gradients (grad=True) are compiled only with
-    compile=True: in float32 on CPU, compiled forward-and-backward graphs measured slower than
-    eager ones, in bf16 faster (BENCHMARKS.md, "ELBO engine").
+    compile=True: in float32 on CPU compiled forward-and-backward graphs are slower than eager
+    ones, in bf16 faster (BENCHMARKS.md, "ELBO engine").
     """
     if options.channels_last is not False and not all(
             p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4):
@@ -187,8 +188,8 @@ def prepare(model: nn.Module, options: EngineOptions, device: torch.device, grad
     if grad and device.type == "cpu" and autocast_dtype(options, device) is not None:
         raise ConfigError(
             f"engine: compile = true with {options.autocast} autocast on CPU gives wrong input gradients with this "
-            "torch (inductor's bf16 backward of the UNet was 16-49% off float32, eager bf16 0.8%; BENCHMARKS.md, "
-            "\"ELBO engine\"); use compile = \"forward\" (compiled logits, eager gradients)")
+            "torch (inductor's low-precision backward of the UNet; BENCHMARKS.md, \"The engine in bf16\"); "
+            "use compile = \"forward\" (compiled logits, eager gradients) or autocast = \"off\"")
     mode = "reduce-overhead" if options.cuda_graphs and device.type == "cuda" else None
     cache = _COMPILED.setdefault(model, {})
     key = (mode, grad)
@@ -270,45 +271,3 @@ def flat_rows(g: torch.Tensor):
         return g.permute(0, 2, 3, 1).reshape(g.shape[0], -1), lambda f: f.view(-1, H, W, C).permute(0, 3, 1, 2)
     shape = tuple(g.shape[1:])
     return g.reshape(g.shape[0], -1), lambda f: f.view(-1, *shape)
-
-
-# --- the order of evaluations ---------------------------------------------------------------
-@dataclass(frozen=True)
-class Plan:
-    """Evaluations in (example, t) pair order, cut into chunks of whole pairs.
-
-    order (E,): evaluation indices sorted by pair; pair (P,): the distinct pair ids
-    ex * n_ts + j, ascending; first (P + 1,): where each pair's evaluations start in
-    `order`; bounds: chunks as (first pair, end pair).
-    """
-
-    order: torch.Tensor
-    pair: torch.Tensor
-    first: torch.Tensor
-    bounds: list[tuple[int, int]]
-
-    def members(self, p0: int, p1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The evaluations of pairs [p0, p1): idx (E_c,) into the evaluations, and rows (E_c,),
-        the pair of each counted from p0."""
-        idx = self.order[self.first[p0]:self.first[p1]]
-        rows = torch.repeat_interleave(torch.arange(p1 - p0), self.first[p0 + 1:p1 + 1] - self.first[p0:p1])
-        return idx, rows
-
-
-def plan(ex: torch.Tensor, j: torch.Tensor, n_ts: int, step: int, per_pair: int | None = None) -> Plan:
-    """Chunks of whole pairs of the evaluations (ex (E,), j (E,)), each of at most `step`
-    network inputs and at least one pair. A pair costs its number of evaluations, or
-    `per_pair` inputs for a model that computes all classes of a pair in one call."""
-    key = ex * n_ts + j
-    order = torch.argsort(key, stable=True)
-    pair, counts = torch.unique_consecutive(key[order], return_counts=True)
-    first = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
-    cost = first if per_pair is None else torch.arange(pair.numel() + 1) * per_pair
-    bounds, p, n = [], 0, pair.numel()
-    while p < n:
-        # The last pair boundary within `step` inputs of this chunk's start.
-        end = int(torch.searchsorted(cost, cost[p] + step, right=True)) - 1
-        end = min(max(end, p + 1), n)
-        bounds.append((p, end))
-        p = end
-    return Plan(order, pair, first, bounds)

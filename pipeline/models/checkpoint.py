@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 from typing import Callable
 
-import torch
 from torch import nn
 
 from pipeline.atomic import atomic_write

@@ -388,10 +388,9 @@ def unet_config(dataset: str) -> dict:
     """The default UNet config of a dataset: a tiny CPU-trainable one for digits, DDPM's for CIFAR.
 
     digits (8x8, 1 channel): two levels (8x8 at 24 channels, 4x4 at 48), one ResBlock a level,
-    attention only in the 4x4 middle block; 0.37M parameters, 17 MFLOP a forward pass. With the
-    recipe in diffusion.train.DEFAULT_TRAINING it trains in about a minute on 2 CPU cores and,
-    as a diffusion classifier (100 systematic timesteps), scores ~99% on the digits test split;
-    wider models (32, 48 channels) score the same and cost 2-3x more per forward pass.
+    attention only in the 4x4 middle block: small enough to train on a CPU with the recipe in
+    training/diffusion.py (DEFAULT_TRAINING), and as a diffusion classifier as accurate as wider
+    ones, which only cost more per forward pass (BENCHMARKS.md, "Default models (training)").
     cifar10/cifar100: the DDPM CIFAR-10 model (Ho et al. 2020, appendix B), 35.7M parameters.
     """
     if dataset not in ("digits", "cifar10", "cifar100"):
