@@ -8,8 +8,8 @@ directly). A trained copy is reused across sessions only under a key that hashes
 file that decides its weights (see `models_key`), so a change to the training code, the
 architectures, the data, the draws or torch trains it afresh.
 
-Tiers: `slow` marks tests that start Ray, an S3 server or a subprocess CLI, or train a model for
-many steps; tests that ask for the Ray, S3 or head fixtures are marked here, the others carry
+Tiers: `slow` marks tests that start Ray, an S3 server or a subprocess CLI, run torch.compile
+(the C compiler in subprocesses), or train a model for many steps; tests that ask for the Ray, S3 or head fixtures are marked here, the others carry
 `@pytest.mark.slow`. `gpu` marks
 tests that need CUDA. `make test-fast` runs `-m "not slow and not gpu"`.
 

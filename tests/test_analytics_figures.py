@@ -109,6 +109,7 @@ def test_adversarial_side_file_round_trip(outputs):
     assert adversarial_path("records/defense=a/attack=b/unit-1.parquet") == "adversarial/defense=a/attack=b/unit-1.parquet"
 
 
+@pytest.mark.slow  # the whole `report --plot --html` path again, every figure rendered a second time
 def test_report_command_writes_plots_and_page(outputs, tmp_path):
     run, _, _ = outputs
     result = CliRunner().invoke(app, ["report", run, "--plot", str(tmp_path / "p"), "--html",

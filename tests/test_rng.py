@@ -71,6 +71,7 @@ def test_uniforms_and_integers_equal_the_reference_bit_for_bit():
         assert torch.equal(d.integers(rng.MI_SAMPLE, index, h), reference_integers(d, rng.MI_SAMPLE, index, h))
 
 
+@pytest.mark.slow  # torch.compile runs the C compiler in subprocesses (seconds on a fresh cache)
 def test_the_compiled_cpu_kernel_gives_the_eager_and_reference_bits(monkeypatch):
     """Large fields go through the compiled kernel and small ones run eager: a draw's bits must
     not depend on which (a batch decides), so both equal the reference exactly."""
