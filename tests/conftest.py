@@ -1,7 +1,8 @@
 """Shared pytest fixtures and the test tiers.
 
 Hermetic: the session gets its own model cache, $ROBUSTSWEEP_CACHE set to a folder under pytest's
-temp dir before any test module is imported and restored when the session ends, so nothing
+temp dir before any test module is imported and restored when the session ends (so is
+OMP_NUM_THREADS, 1 for the session: see THREAD_ENV), so nothing
 depends on the home folder or on the order of the files. A default model is trained once per
 session into it by `default_models` (the `prepare` step of a run, for tests that build defenses
 directly). A trained copy is reused across sessions only under a key that hashes every source
@@ -27,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,19 +42,28 @@ CACHE_ENV = "ROBUSTSWEEP_CACHE"
 # Tests asking for one of these fixtures start Ray, an S3 server or a Ray head: the slow tier.
 SLOW_FIXTURES = {"ray_nodes", "ray_cluster", "s3_server", "s3_bucket", "head"}
 TRAINING_TIMEOUT_S = 1800  # the time limit of a test that may train a default model first
-_saved_cache: list[str | None] = []
+# One torch thread in the test process and everything it starts (CLI subprocesses, Ray nodes):
+# the suite runs Ray actors and subprocesses beside the test process on few cores, where OpenMP
+# threads of several processes contend and tiny networks slow down many times over. Results do
+# not depend on it (the tests compare within one process or across equal settings).
+THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+_saved_env: list[dict[str, str | None]] = []
 
 
 def pytest_sessionstart(session) -> None:
-    """Point the model cache at a fresh folder of this session, before any test module is imported."""
-    _saved_cache.append(os.environ.get(CACHE_ENV))
+    """Point the model cache at a fresh folder of this session and give torch one thread, before
+    any test module is imported (torch reads OMP_NUM_THREADS when it loads)."""
+    _saved_env.append({k: os.environ.get(k) for k in (CACHE_ENV, *THREAD_ENV)})
     folder = session.config._tmp_path_factory.mktemp("model-cache", numbered=True)
     os.environ[CACHE_ENV] = str(folder)
+    os.environ.update(THREAD_ENV)
+    if "torch" in sys.modules:  # loaded already by a plugin: tell it too
+        sys.modules["torch"].set_num_threads(1)
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
-    if _saved_cache:
-        _restore_env({CACHE_ENV: _saved_cache.pop()})
+    if _saved_env:
+        _restore_env(_saved_env.pop())
 
 
 def pytest_collection_modifyitems(config, items) -> None:

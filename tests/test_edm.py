@@ -27,12 +27,6 @@ PUBLISHED = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    # Tiny networks: one thread is faster, and immune to a busy machine's thread contention.
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
 def reference():
     return load_file(str(FIXTURES / "edm_tiny.safetensors"))

@@ -20,11 +20,6 @@ SMALL_CIFAR_UNET = {"arch": "unet", "in_channels": 3, "image_size": 32, "num_cla
                     "channel_mult": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [16], "dropout": 0.1}
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(2)
-
-
 def _unet_inputs(cfg, B=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, cfg["in_channels"], cfg["image_size"], cfg["image_size"], generator=g)

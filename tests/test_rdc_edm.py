@@ -23,12 +23,6 @@ from pipeline.rng import Draw
 K = 4
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    # Tiny networks: one thread is faster, and immune to a busy machine's thread contention.
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
 def net():
     net = build_edm(TINY["ddpmpp-vp"]).eval().requires_grad_(False)
