@@ -16,12 +16,16 @@ setup: $(BIN)/robustsweep
 run: setup
 	$(BIN)/robustsweep run jobs/demo.toml
 
+# Two pytest-xdist workers, a test file each at a time: the suite mostly waits on Ray, S3 and
+# subprocesses, so two sessions overlap their waits on two cores.
+PYTEST_WORKERS ?= 2
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 # The unit tests: no Ray, no S3 server, no subprocess CLI, no GPU.
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow and not gpu"
 
 # Headless Chromium (Debian's package) for the test that opens the HTML report; skipped when present.
 setup-browser:

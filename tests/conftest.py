@@ -9,6 +9,10 @@ directly). A trained copy is reused across sessions only under a key that hashes
 file that decides its weights (see `models_key`), so a change to the training code, the
 architectures, the data, the draws or torch trains it afresh.
 
+Sessions: `make test` runs two pytest-xdist workers (`-n 2 --dist loadfile`), each its own pytest
+session with its own model cache, Ray cluster and S3 server, started on first use; a test file
+runs whole in one worker. The briefly trained `unet` is trained once and shared by the workers.
+
 Tiers: `slow` marks tests that start Ray, an S3 server or a subprocess CLI, run torch.compile
 (the C compiler in subprocesses), or train a model for many steps; tests that ask for the Ray, S3 or head fixtures are marked here, the others carry
 `@pytest.mark.slow`. `gpu` marks
@@ -159,17 +163,25 @@ def unet(tmp_path_factory) -> str:
     trained briefly (300 steps; the default recipe runs 1000): a real, classifying diffusion model
     for tests of the engine, the benchmarks and the runtime, at a fraction of the default's
     training time. Tests of the default model itself use `default_models`."""
+    from filelock import FileLock
+
     from pipeline.data import load_split
     from pipeline.models.checkpoint import save_checkpoint
     from pipeline.models.unet import unet_config
     from pipeline.training.diffusion import train_diffusion
 
-    folder = tmp_path_factory.mktemp("unet") / "ckpt"
-    x, y = load_split("digits", "train")
-    config = unet_config("digits")
-    model, stats = train_diffusion(x, y, config, steps=300, batch_size=128, lr=2e-3, ema_decay=0.99, warmup=50,
-                                   progress=False)
-    save_checkpoint(folder, model, config, {"kind": "diffusion", "dataset": "digits", "steps": stats["steps"]})
+    # Under pytest-xdist (make test: -n 2) the workers share the parent of their temp folders:
+    # the first to get the lock trains, the others load its checkpoint.
+    root = tmp_path_factory.getbasetemp()
+    shared = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    folder = shared / "session-unet"
+    with FileLock(str(shared / "session-unet.lock")):
+        if not (folder / "config.json").is_file():
+            x, y = load_split("digits", "train")
+            config = unet_config("digits")
+            model, stats = train_diffusion(x, y, config, steps=300, batch_size=128, lr=2e-3, ema_decay=0.99,
+                                           warmup=50, progress=False)
+            save_checkpoint(folder, model, config, {"kind": "diffusion", "dataset": "digits", "steps": stats["steps"]})
     return str(folder)
 
 
