@@ -20,11 +20,15 @@ run: setup
 # subprocesses, so two sessions overlap their waits on two cores.
 PYTEST_WORKERS ?= 2
 
+# Bytecode first: every Ray worker and CLI subprocess of the suite imports the package, and
+# where PYTHONDONTWRITEBYTECODE is set none of them would keep what it compiled.
 test: setup
+	$(BIN)/python -m compileall -q pipeline tests
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 # The unit tests: no Ray, no S3 server, no subprocess CLI, no GPU.
 test-fast: setup
+	$(BIN)/python -m compileall -q pipeline tests
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow and not gpu"
 
 # Headless Chromium (Debian's package) for the test that opens the HTML report; skipped when present.
