@@ -24,6 +24,14 @@ def positive_ints(text: str, option: str, example: str) -> tuple[int, ...]:
     return values
 
 
+def show(result: dict, as_json: bool, format_lines) -> None:
+    """A benchmark's result: JSON with --json, else its formatter's lines for a person."""
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        say(format_lines(result))
+
+
 def pruning_stages(text: str) -> list[tuple[int, int]]:
     """Parse --pruning "T1:K1,T2:K2" (timesteps:keep per stage) into [(T1, K1), (T2, K2)]."""
     try:
@@ -74,17 +82,14 @@ def bench_elbo_cmd(
 
         result = bench_edm(model, timesteps, examples=examples, batch=forward_batch, repeat=max(1, repeat - 1),
                            threads=threads or None, device=device, autocast=autocast, grad=grad, pruning=stages)
-        print(json.dumps(result, indent=2)) if as_json else say(format_edm(result))
+        show(result, as_json, format_edm)
         return
     from pipeline.bench.elbo import bench_elbo, format_elbo
 
     result = bench_elbo(model, examples, timesteps, repeat=repeat, threads=threads or None, device=device, chunk=chunk,
                         channels_last=channels_last, compile=compiled, autocast=autocast, grad=grad, profile=profile,
                         agreement_timesteps=agreement_timesteps)
-    if as_json:
-        print(json.dumps(result, indent=2))
-    else:
-        say(format_elbo(result))
+    show(result, as_json, format_elbo)
 
 
 @bench_app.command("draws")
@@ -102,10 +107,7 @@ def bench_draws_cmd(
     from pipeline.bench.draws import bench_draws, format_draws
 
     result = bench_draws(device=device, threads=threads or None, repeat=repeat)
-    if as_json:
-        print(json.dumps(result, indent=2))
-    else:
-        say(format_draws(result))
+    show(result, as_json, format_draws)
 
 
 @bench_app.command("scaling")
@@ -129,10 +131,7 @@ def bench_scaling_cmd(
     from pipeline.bench.scaling import bench_scaling, format_scaling
 
     result = bench_scaling(examples, shard_size, timesteps, steps, passes, workers=counts, repeat=repeat, model=model)
-    if as_json:
-        print(json.dumps(result, indent=2))
-    else:
-        say(format_scaling(result))
+    show(result, as_json, format_scaling)
 
 
 @bench_app.command("grid")
@@ -156,10 +155,7 @@ def bench_grid_cmd(
 
     result = bench_grid(model=model, timesteps=timesteps, examples=examples, gangs=sizes, repeat=repeat,
                         progress=None if as_json else lambda *step: say([format_grid_step(*step)]))
-    if as_json:
-        print(json.dumps(result, indent=2))
-    else:
-        say(format_grid(result))
+    show(result, as_json, format_grid)
 
 
 @bench_app.command("report")
@@ -176,10 +172,7 @@ def bench_report_cmd(
     from pipeline.bench.report import bench_report, format_report
 
     result = bench_report(rows, repeats=repeats, files=files)
-    if as_json:
-        print(json.dumps(result, indent=2))
-    else:
-        say(format_report(result))
+    show(result, as_json, format_report)
 
 
 @bench_app.command("attack")
@@ -197,10 +190,7 @@ def bench_attack_cmd(
 
     result = bench_attack(cases=tuple(c.strip() for c in cases.split(",") if c.strip()), examples=examples,
                           per_example=per_example, threads=threads or None, device=device)
-    if as_json:
-        print(json.dumps(result, indent=2))
-    else:
-        say(format_attack(result))
+    show(result, as_json, format_attack)
 
 
 @bench_app.command("scheduler")
@@ -219,7 +209,4 @@ def bench_scheduler_cmd(
     from pipeline.bench.scheduler import bench_scheduler, format_scheduler
 
     result = bench_scheduler(units=units, actors=actors, gangs=sizes, seed=seed)
-    if as_json:
-        print(json.dumps(result, indent=2))
-    else:
-        say(format_scheduler(result))
+    show(result, as_json, format_scheduler)
