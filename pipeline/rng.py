@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import warnings
 from dataclasses import dataclass
 
@@ -73,9 +74,40 @@ def _absorb(h: torch.Tensor, word: torch.Tensor | int) -> torch.Tensor:
     return h
 
 
+# --- the same mixer on Python integers (scalar words: derived seeds, a draw's seed and stream) --
+_START = 0x2545F491
+
+
+def _mix_int(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _absorb_int(h: int, word: int) -> int:
+    """_absorb on a Python integer state and word (Python's >> on a negative int is
+    arithmetic, as torch's is on int64, so the halves are the same)."""
+    h = _mix_int(h ^ (word & _M32))
+    return _mix_int(((h + _GOLDEN) & _M32) ^ ((word >> 32) & _M32))
+
+
+def _leading_ints(words: tuple) -> tuple[int, tuple]:
+    """The hash state after the leading Python-integer words, and the words left (tensors).
+
+    A dozen tensor operations cost far more than the arithmetic on a scalar, and every draw
+    starts from scalar words (the seed, the stream), so those are absorbed in Python."""
+    h, i = _START, 0
+    while i < len(words) and not isinstance(words[i], torch.Tensor):
+        h = _absorb_int(h, operator.index(words[i]))
+        i += 1
+    return h, words[i:]
+
+
 def hash_words(*words: torch.Tensor | int) -> torch.Tensor:
     """A 32-bit hash (int64 tensor in [0, 2**32)) of the broadcast of the words, on CPU."""
-    h = torch.tensor(0x2545F491, dtype=torch.int64)
+    h = torch.tensor(_START, dtype=torch.int64)
     for w in words:
         h = _absorb(h, torch.as_tensor(w, dtype=torch.int64).cpu())
     return h
@@ -83,7 +115,8 @@ def hash_words(*words: torch.Tensor | int) -> torch.Tensor:
 
 def _hash_on(device: torch.device, *words: torch.Tensor | int) -> torch.Tensor:
     """hash_words computed on `device` (the same integers)."""
-    h = torch.tensor(0x2545F491, dtype=torch.int64, device=device)
+    start, words = _leading_ints(words)
+    h = torch.tensor(start, dtype=torch.int64, device=device)
     for w in words:
         h = _absorb(h, torch.as_tensor(w, dtype=torch.int64).to(device))
     return h
@@ -177,8 +210,10 @@ def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def seed_of(*words: int) -> int:
     """A derived 63-bit seed for a sub-task (a pass, a restart) from integer words."""
-    hi = int(hash_words(*words, 1))
-    lo = int(hash_words(*words, 2))
+    h = _START
+    for w in words:
+        h = _absorb_int(h, operator.index(w))
+    hi, lo = _absorb_int(h, 1), _absorb_int(h, 2)
     return ((hi << 32) | lo) & 0x7FFFFFFFFFFFFFFF
 
 
@@ -262,6 +297,8 @@ def reference_normal(draw: Draw, stream: int, index: torch.Tensor, shape: tuple[
 def uniform(*words: torch.Tensor | int) -> torch.Tensor:
     """float64 in (0, 1), one per element of the broadcast words, on CPU."""
     return (hash_words(*words).double() + 0.5) / 2.0**32
+
+
 class DrawCounter:
     """Hands out Draws and counts the calls of each example, so that EOT sees fresh noise.
 

@@ -45,6 +45,18 @@ def test_the_reference_hash_is_lowbias32_merkle_damgard():
             assert u[r, j].item() == (_hash(5, 3, ex, call, i) + 0.5) / 2**32
 
 
+def test_scalar_words_hashed_in_python_integers_equal_the_tensor_hash():
+    words = [(0,), (1, 2, 3), (2**40 + 17, -1, 7), (-(2**62), 2**63 - 1)]
+    for w in words:
+        hi, lo = int(rng.hash_words(*w, 1)), int(rng.hash_words(*w, 2))
+        assert rng.seed_of(*w) == ((hi << 32) | lo) & (2**63 - 1), w
+        assert rng.seed_of(*(torch.tensor(v) for v in w)) == rng.seed_of(*w)
+        ids = torch.tensor([0, 5, -3, 2**41])
+        assert torch.equal(rng._hash_on(torch.device("cpu"), *w, ids), rng.hash_words(*w, ids)), w
+    with pytest.raises(TypeError):
+        rng.seed_of(1, 2.5)
+
+
 def test_the_int32_mixer_gives_the_int64_mixers_bits():
     x = torch.cat([torch.arange(0, 70000), torch.randint(0, 2**32, (200000,), generator=torch.Generator().manual_seed(1)),
                    torch.tensor([2**31 - 1, 2**31, 2**32 - 1])])
