@@ -35,12 +35,15 @@ class SmallCNN(nn.Module):
         )
         flat = 2 * w * (image_size // 4) ** 2
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, 4 * w), nn.ReLU(), nn.Linear(4 * w, num_classes))
+        # Channels-last: on a CPU the NCHW max-pool dominates a large batch (BENCHMARKS.md,
+        # "The digits CNN's memory format"); the state dict is the same either way.
+        self.features.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
             raise InputError(f"cnn expects x of shape (B, {self.in_channels}, {self.image_size}, {self.image_size}), got {tuple(x.shape)}")
         # Centre [0, 1] inputs on 0 inside the model, so every caller passes plain images.
-        return self.head(self.features(2.0 * x - 1.0))
+        return self.head(self.features((2.0 * x - 1.0).contiguous(memory_format=torch.channels_last)))
 
 
 __all__ = ["SmallCNN"]
