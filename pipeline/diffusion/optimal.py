@@ -54,6 +54,7 @@ class OptimalEps(nn.Module):
         self.register_buffer("sq_norm", (data * data).sum(1))  # ||x_i||^2
         self.register_buffer("class_index", torch.where(valid, index, 0))
         self.register_buffer("class_valid", valid)
+        self.register_buffer("class_data", data[self.class_index])  # (K, N_max, P), gathered once
 
     def _logits(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Softmax logits over D, (M, N), and the (M, 1) coefficients sqrt(a_t), s_t."""
@@ -86,6 +87,6 @@ class OptimalEps(nn.Module):
         logits, sqrt_a, s = self._logits(x_t, t)
         per_class = logits[:, self.class_index].masked_fill(~self.class_valid, float("-inf"))  # (M, K, N_max)
         weights = torch.softmax(per_class, dim=2)
-        x0_hat = torch.einsum("mkn,knp->mkp", weights, self.data.to(self.precision)[self.class_index])
+        x0_hat = torch.einsum("mkn,knp->mkp", weights, self.class_data)
         eps = (x_t.flatten(1)[:, None, :] - sqrt_a[:, :, None] * x0_hat) / s[:, :, None]
         return eps.view(x_t.shape[0], self.num_classes, *self.image_shape).to(out_dtype)
