@@ -122,7 +122,13 @@ def test_per_example_mode_does_not_depend_on_the_batch_and_batched_mode_repeats(
     attack = {"kind": "autoattack", "version": "rand", "eps": 0.1, "n_iter": 5, "eot_iter": 2, "passes": 3,
               "batched": False}
     ids = torch.arange(40, 44)
-    together = evaluate(mi, attack, x[:4], y[:4], ids, seed=5)
+    extras = {}
+    together = evaluate(mi, attack, x[:4], y[:4], ids, seed=5, extras=extras)
+    # The attack's evaluations are the records' less the 3 clean and 3 adversarial scoring passes.
+    scoring = 4 * 2 * 3 * extras["forward_per_prediction"]
+    assert extras["attack_evaluations"] == {"forward": sum(r["forward_passes"] for r in together) - scoring,
+                                            "backward": sum(r["backward_passes"] for r in together)}
+    assert extras["attack_evaluations"]["backward"] > 0
     split = evaluate(mi, attack, x[2:4], y[2:4], ids[2:], seed=5) + evaluate(mi, attack, x[:2], y[:2], ids[:2], seed=5)
     split = split[2:] + split[:2]
     drop = ("seconds",)

@@ -151,3 +151,36 @@ def test_bench_elbo_pruning_is_parsed_once_and_refused_off_the_edm_presets():
     assert bad.exit_code == 2 and "--pruning: expected stages timesteps:keep" in " ".join(bad.output.split())
     digits = CliRunner().invoke(app, ["bench", "elbo", "--pruning", "50:5,500:1"])
     assert digits.exit_code == 2 and "--pruning is timed on the EDM presets" in " ".join(digits.output.split())
+
+
+@pytest.mark.slow
+def test_bench_attack_times_three_modes_interleaved_and_reports_the_fastest_of_each():
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "attack", "--cases", "rdc-optimal",
+                           "--examples", "4", "--per-example", "2", "--repeat", "2", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["threads"] == 1 and result["processor"]
+    (row,) = result["cases"]
+    assert (row["case"], row["examples"], row["per_example_examples"], row["repeat"]) == ("rdc-optimal", 4, 2, 2)
+    for mode in ("batched", "per_example", "library"):
+        assert len(row["runs"][mode]) == 2 and row[f"{mode}_seconds"] == min(row["runs"][mode]) > 0
+    assert row["speedup_vs_per_example"] == pytest.approx(row["per_example_seconds"] / row["batched_seconds"])
+    assert row["overhead_vs_library"] == pytest.approx(row["batched_seconds"] / row["library_seconds"])
+    assert 0 <= row["robust_acc"] <= 1
+    assert set(row["us_per_evaluation"]) == {"batched", "per_example"} and row["network_us_per_evaluation"]["batched"] is None
+    assert row["evaluations_per_example"]["batched"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cases", "rdc-optimal,magic"], "unknown case(s) ['magic']"),
+    (["--repeat", "0"], "--repeat >= 1"),
+    (["--examples", "1"], "--examples must be >= 2"),
+])
+def test_bench_attack_refuses_bad_options_before_any_work(args, message):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "attack", *args])
+    assert result.exit_code == 2 and message in result.output, result.output

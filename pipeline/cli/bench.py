@@ -181,6 +181,7 @@ def bench_attack_cmd(
     cases: str = typer.Option("plain,mi-pl,rdc-optimal", help="comma-separated cases: plain, mi-pl, rdc-optimal"),
     examples: int = typer.Option(64, help="digits test examples in the batch (one unit)"),
     per_example: int = typer.Option(8, help="examples timed one at a time (scaled to the batch)"),
+    repeat: int = typer.Option(3, help="interleaved timed runs of each mode (the fastest counts)"),
     threads: Optional[int] = typer.Option(1, help="torch threads (0: torch's default)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
@@ -189,7 +190,7 @@ def bench_attack_cmd(
     from pipeline.bench.attack import bench_attack, format_attack
 
     result = bench_attack(cases=tuple(c.strip() for c in cases.split(",") if c.strip()), examples=examples,
-                          per_example=per_example, threads=threads or None, device=device)
+                          per_example=per_example, repeat=repeat, threads=threads or None, device=device)
     show(result, as_json, format_attack)
 
 

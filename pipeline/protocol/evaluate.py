@@ -252,8 +252,9 @@ def evaluate(defense: Defense, attack: AttackSpec | dict, x: torch.Tensor, y: to
     and the attack `attack_name` (default: the spec's), the names the job planned. surrogate: the
     crafting model of a transfer attack, built by the caller on x's device (runtime/worker.py).
     progress: optional callable(n_done). extras: optional dict, filled with "x_adv" (B, C, H, W), the adversarial inputs as scored,
-    "forward_per_prediction", the network evaluations of one scoring pass on one input, and
-    "attack_seconds", the wall-clock seconds of the attack (scoring excluded).
+    "forward_per_prediction", the network evaluations of one scoring pass on one input,
+    "attack_seconds", the wall-clock seconds of the attack (scoring excluded) and
+    "attack_evaluations", the attack's network evaluations of all rows ({"forward", "backward"}).
     """
     spec = parse_attack(attack) if isinstance(attack, dict) else attack
     if spec.kind == "transfer" and surrogate is None:
@@ -275,6 +276,7 @@ def evaluate(defense: Defense, attack: AttackSpec | dict, x: torch.Tensor, y: to
     per_example: list[dict] = [{}] * x.shape[0]
     groups = [list(range(x.shape[0]))] if spec.batched else [[i] for i in range(x.shape[0])]
     done = 0
+    network = [0.0, 0.0]  # the attack's network evaluations (forward, backward), all rows
     attack_start = time.perf_counter()
     for rows in groups:
         if not rows:
@@ -288,6 +290,8 @@ def evaluate(defense: Defense, attack: AttackSpec | dict, x: torch.Tensor, y: to
         x_adv[rows] = adv.detach().to(x.dtype)
         for i, info in zip(rows, infos):
             per_example[i] = info
+            network[0] += info["forward_passes"]
+            network[1] += info["backward_passes"]
         done += len(rows)
         if progress is not None:
             progress(done)
@@ -304,6 +308,7 @@ def evaluate(defense: Defense, attack: AttackSpec | dict, x: torch.Tensor, y: to
         extras["x_adv"] = x_adv.detach()
         extras["forward_per_prediction"] = score_cost / (2 * passes)  # R clean + R adversarial passes
         extras["attack_seconds"] = attack_seconds
+        extras["attack_evaluations"] = {"forward": round(network[0]), "backward": round(network[1])}
     sizes = norms(x_adv - x)
     records = []
     for i in range(x.shape[0]):
