@@ -59,9 +59,10 @@ def test_validate_lists_swept_names_with_their_suffix(tmp_path):
     job.write_text('[data]\ndataset = "digits"\nlimit = 2\n'
                    '[[defenses]]\nkind = "rdc"\nmodel = "optimal"\ntimesteps = 2\n'
                    '[defenses.sweep]\ntemperature = [0.5, 1.0]\n'
-                   '[[attacks]]\nkind = "transfer"\nsurrogate = { kind = "plain" }\nattack = { kind = "pgd" }\n')
+                   '[[attacks]]\nkind = "transfer"\nsurrogate = { kind = "plain" }\nattack = { kind = "pgd", eps = 0.25 }\n')
     result = CliRunner().invoke(app, ["validate", str(job)])
     assert result.exit_code == 0
+    assert "attack  transfer-pgd-ce eps=0.25 on" in result.output  # the crafting attack's eps
     assert "defense rdc-optimal[temperature=0.5]" in result.output
     assert "defense rdc-optimal[temperature=1.0]" in result.output
     assert "(surrogate plain-erm)" in result.output

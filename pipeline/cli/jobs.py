@@ -21,6 +21,7 @@ def validate_cmd(
     out: Optional[str] = typer.Option(None, help="also check this output folder or s3://bucket/prefix"),
 ):
     """Check a job file (everything `run` checks before it starts) and print what it expands to; writes nothing."""
+    from pipeline.config.attack import crafting
     from pipeline.config.defense import defense_name
     from pipeline.data import load_split
     from pipeline.runtime.plan import plan, run_id_for
@@ -39,7 +40,8 @@ def validate_cmd(
         console.print(f"  defense {d.name}", markup=False)
     for a in spec.attacks:
         surrogates = sorted({defense_name(s) for s in a.surrogates.values()})
-        console.print(f"  attack  {a.name} eps={a.table.get('eps', 0):.6g} on {', '.join(a.defenses)}"
+        eps = crafting(a.spec).eps if a.spec.kind != "none" else 0.0
+        console.print(f"  attack  {a.name} eps={eps:.6g} on {', '.join(a.defenses)}"
                       + (f" (surrogate {', '.join(surrogates)})" if surrogates else ""), markup=False)
 
 

@@ -112,6 +112,11 @@ def parse_attack(config: dict):
     return validate_table(_ADAPTER, config, "attack", KINDS)
 
 
+def crafting(spec):
+    """The attack that crafts the points: a transfer's inner attack (parsed), else spec itself."""
+    return parse_attack(spec.attack) if spec.kind == "transfer" else spec
+
+
 def attack_name(spec) -> str:
     """A short stable name: the spec's `name`, else kind and version/preset."""
     if spec.name:
@@ -121,5 +126,5 @@ def attack_name(spec) -> str:
     if spec.kind == "pgd":
         return "pgd-" + (spec.preset or (f"eot{spec.eot}" if spec.eot > 1 else spec.loss))
     if spec.kind == "transfer":
-        return "transfer-" + attack_name(parse_attack(spec.attack))
+        return "transfer-" + attack_name(crafting(spec))
     return "clean"

@@ -28,7 +28,7 @@ from pipeline import rng
 from pipeline.attacks.autoattack import build_autoattack, eot_iterations, run_autoattack
 from pipeline.attacks.pgd import pgd_attack
 from pipeline.attacks.selection import Selection, model_score
-from pipeline.config.attack import AttackSpec, attack_name as spec_name, parse_attack
+from pipeline.config.attack import AttackSpec, attack_name as spec_name, crafting, parse_attack
 from pipeline.defenses.base import Defense, check_input, check_labels
 from pipeline.defenses.plain import Plain
 from pipeline.errors import ConfigError
@@ -261,7 +261,7 @@ def evaluate(defense: Defense, attack: AttackSpec | dict, x: torch.Tensor, y: to
         raise ConfigError("a transfer attack needs its surrogate: pass surrogate=, a defense built from the spec's "
                           "`surrogate` table (pipeline.config.defense.surrogate_spec)")
     name = attack_name or spec_name(spec)
-    inner = parse_attack(spec.attack) if spec.kind == "transfer" else spec
+    inner = crafting(spec)
     ids = torch.as_tensor(example_ids, dtype=torch.int64).reshape(-1)
     if ids.numel() != x.shape[0] or y.shape != (x.shape[0],):
         raise ConfigError(f"evaluate: x has {x.shape[0]} rows, y {tuple(y.shape)}, example_ids {ids.numel()}")
