@@ -54,7 +54,9 @@ class OptimalEps(nn.Module):
         self.register_buffer("sq_norm", (data * data).sum(1))  # ||x_i||^2
         self.register_buffer("class_index", torch.where(valid, index, 0))
         self.register_buffer("class_valid", valid)
-        self.register_buffer("class_data", data[self.class_index])  # (K, N_max, P), gathered once
+        # The data padded per class, (K, N_max, P) with zero rows in the padding, and its norms.
+        self.register_buffer("class_data", torch.where(valid[:, :, None], data[self.class_index], 0.0))
+        self.register_buffer("class_sq_norm", (self.class_data * self.class_data).sum(2))
 
     def _logits(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Softmax logits over D, (M, N), and the (M, 1) coefficients sqrt(a_t), s_t."""
@@ -80,13 +82,16 @@ class OptimalEps(nn.Module):
     def all_classes(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """eps* for every class at once: x_t (M, C, H, W), t (M,) -> (M, K, C, H, W).
 
-        One distance matmul per noisy input, shared by all classes; the per-class softmax
-        runs over a padded (K, N_max) layout of the data.
+        One distance matmul per noisy input against the data padded per class (K, N_max), so
+        that each class's softmax and posterior mean are one batched reduction.
         """
         out_dtype, x_t = x_t.dtype, x_t.to(self.precision)
-        logits, sqrt_a, s = self._logits(x_t, t)
-        per_class = logits[:, self.class_index].masked_fill(~self.class_valid, float("-inf"))  # (M, K, N_max)
-        weights = torch.softmax(per_class, dim=2)
-        x0_hat = torch.einsum("mkn,knp->mkp", weights, self.class_data)
-        eps = (x_t.flatten(1)[:, None, :] - sqrt_a[:, :, None] * x0_hat) / s[:, :, None]
+        sqrt_a, s = self.schedule.coefficients(t, x_t.dtype)
+        sqrt_a, s = sqrt_a[:, None, None], s[:, None, None]
+        K, n_max, P = self.class_data.shape
+        inner = (x_t.flatten(1) @ self.class_data.view(K * n_max, P).T).view(-1, K, n_max)
+        per_class = (2.0 * sqrt_a * inner - sqrt_a**2 * self.class_sq_norm) / (2.0 * s**2)
+        weights = torch.softmax(per_class.masked_fill(~self.class_valid, float("-inf")), dim=2)
+        x0_hat = torch.einsum("mkn,knp->mkp", weights, self.class_data)  # E[x_0 | x_t, y] per class
+        eps = (x_t.flatten(1)[:, None, :] - sqrt_a * x0_hat) / s
         return eps.view(x_t.shape[0], self.num_classes, *self.image_shape).to(out_dtype)
