@@ -52,10 +52,9 @@ class OptimalEps(nn.Module):
         self.register_buffer("data", data)  # (N, P) in [-1, 1]
         self.register_buffer("labels", labels)
         self.register_buffer("sq_norm", (data * data).sum(1))  # ||x_i||^2
-        self.register_buffer("class_index", torch.where(valid, index, 0))
         self.register_buffer("class_valid", valid)
         # The data padded per class, (K, N_max, P) with zero rows in the padding, and its norms.
-        self.register_buffer("class_data", torch.where(valid[:, :, None], data[self.class_index], 0.0))
+        self.register_buffer("class_data", torch.where(valid[:, :, None], data[torch.where(valid, index, 0)], 0.0))
         self.register_buffer("class_sq_norm", (self.class_data * self.class_data).sum(2))
 
     def _logits(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
