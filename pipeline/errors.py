@@ -79,5 +79,10 @@ class LeaseHeldError(StoreError):
     """Another driver holds the run folder's lease; the message says who (host, pid, since)."""
 
 
+class LeaseLostError(StoreError):
+    """Another driver took the run folder's lease over while this one ran (this one had stopped
+    renewing it, cut off from S3 past its expiry); this driver stopped handing out units."""
+
+
 class ClusterUnreachableError(ClusterError):
     """Nothing answers at a Ray cluster's address (after retrying); the message names it."""

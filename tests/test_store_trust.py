@@ -359,6 +359,42 @@ def test_two_drivers_on_one_run_folder(kind, ray_cluster, cnn, tmp_path, request
 
 
 @pytest.mark.slow
+def test_a_driver_whose_s3_lease_is_taken_over_stops_handing_out_units(ray_cluster, cnn, tmp_path, request):
+    job = tmp_path / "job.toml"
+    job.write_text(job_text(cnn, name="lost"))
+    server = request.getfixturevalue("s3_server")
+    out = f"{request.getfixturevalue('s3_bucket')}/out"
+    env = {"ROBUSTSWEEP_LEASE_SECONDS": "3", "ROBUSTSWEEP_FAULTS": json.dumps({"dir": str(tmp_path), "sleep_s": 4})}
+    args = ["run", job, "--out", out, "--run-id", "r", "--address", ray_cluster, "--workers", "1", "--no-report",
+            "--endpoint-url", server.endpoint_url]
+    store = Store(out, endpoint_url=server.endpoint_url)
+    first = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    try:
+        deadline = time.monotonic() + 120
+        while not (store.exists("r/lease.json") and store.exists("r/plan.json")):
+            assert time.monotonic() < deadline and first.poll() is None, first.stderr.read() if first.poll() else ""
+            time.sleep(0.5)
+        # Another driver's lease, as if this one had been cut off past its expiry and lost it.
+        store.write_json("r/lease.json", {"host": "elsewhere", "pid": 4242, "since": "2026-11-26T00:00:00Z",
+                                          "renewed": "2026-11-26T00:00:00Z", "expires": time.time() + 3600,
+                                          "token": "another"})
+        _, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    text = " ".join(err.split())
+    assert first.returncode == 1, err
+    assert "was taken over by another driver (host elsewhere, pid 4242" in text and "stopped handing out units" in text
+    committed = store.list("r/records", ".parquet")
+    assert len(committed) < 4  # 4 units of 4 s each on one worker: it stopped well before the end
+    time.sleep(5)  # its workers were stopped with it: nothing more is committed
+    assert store.list("r/records", ".parquet") == committed
+    assert json.loads(store._read_bytes("r/lease.json"))["token"] == "another"  # the new holder's lease stays
+
+
+@pytest.mark.slow
 def test_corrupted_unit_is_redone_and_the_report_is_unchanged(ray_cluster, cnn, tmp_path):
     job = tmp_path / "job.toml"
     job.write_text(job_text(cnn))

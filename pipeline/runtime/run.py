@@ -126,12 +126,12 @@ def run_job(job: Job, options: RunOptions = RunOptions(), *, progress: bool = Tr
         # Before the lease, the checks and any model training; also when this process already
         # holds a Ray connection, so that a wrong address is never silently replaced by it.
         check_reachable(options.address)
-    with RunLease(store, run_id, wait=lease_wait):
-        return _run_leased(job, options, store, units, run_id, start, progress=progress, wait_s=wait_s)
+    with RunLease(store, run_id, wait=lease_wait) as lease:
+        return _run_leased(job, options, store, units, run_id, start, lease, progress=progress, wait_s=wait_s)
 
 
-def _run_leased(job: Job, options: RunOptions, store: Store, units: list[Unit], run_id: str, start: float, *,
-                progress: bool, wait_s: float) -> RunResult:
+def _run_leased(job: Job, options: RunOptions, store: Store, units: list[Unit], run_id: str, start: float,
+                lease: RunLease, *, progress: bool, wait_s: float) -> RunResult:
     """run_job once this driver holds the run folder's lease: bind, check, dispatch."""
     data = job.spec.data
     stored = check_binding(store, run_id, job.hash, job.spec.model_dump(mode="json"))
@@ -156,7 +156,7 @@ def _run_leased(job: Job, options: RunOptions, store: Store, units: list[Unit], 
         result.workers = n
         ctx = {"run_id": run_id, "job_hash": job.hash, "out": options.out, "endpoint_url": options.endpoint_url, "seed": job.spec.seed,
                "data": {"dataset": data.dataset, "split": data.split, "root": data.root}}
-        _drain(todo, ctx, store, result, n, use_gpu, options.gpus_per_worker, progress)
+        _drain(todo, ctx, store, result, n, use_gpu, options.gpus_per_worker, progress, lease)
     finally:
         if started:
             ray.shutdown()
@@ -207,8 +207,9 @@ class RayActors:
 
 
 def _drain(todo: list[Unit], ctx: dict, store: Store, result: RunResult, n: int, use_gpu: bool,
-           gpus_per_worker: float, progress: bool) -> None:
-    """Hand the units to the pool until every one is committed or failed (module docstring)."""
+           gpus_per_worker: float, progress: bool, lease: RunLease) -> None:
+    """Hand the units to the pool until every one is committed or failed (module docstring), or
+    until another driver takes the run folder's lease over (LeaseLostError; the pool is stopped)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -223,6 +224,7 @@ def _drain(todo: list[Unit], ctx: dict, store: Store, result: RunResult, n: int,
         with bar:
             task = bar.add_task(f"{result.run_id}", total=len(todo), rate="")
             while scheduler.pending:
+                lease.check()
                 for event in scheduler.step():
                     unit = event.unit
                     failure = f"{result.run_id}/failures/unit-{unit.unit_id}.json"

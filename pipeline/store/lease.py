@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 
-from pipeline.errors import LeaseHeldError, StoreError
+from pipeline.errors import LeaseHeldError, LeaseLostError, StoreError
 from pipeline.store.io import Store
 
 LEASE = "lease.json"
@@ -186,6 +186,20 @@ class RunLease:
                 # else: a transient fault; the next renewal tries again well before expiry
         else:
             self.store._commit(self.rel, lambda f: f.write(self._doc()))
+
+    def check(self) -> None:
+        """Raise LeaseLostError, naming the new holder, once another driver has taken the lease over."""
+        if not self.lost:
+            return
+        try:
+            h = current_holder(self.store, self.rel.rsplit("/", 1)[0]) or {}
+        except (StoreError, OSError):  # the message still says what happened
+            h = {}
+        raise LeaseLostError(
+            f"the lease of run folder {self.store.join(self.rel.rsplit('/', 1)[0])} was taken over by another driver "
+            f"(host {h.get('host', '?')}, pid {h.get('pid', '?')}, since {h.get('since', '?')}) while this run was "
+            f"going: this driver stopped handing out units. Committed units stay; run again (with --lease-wait) "
+            f"to resume once the other driver is done")
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl / 3):
