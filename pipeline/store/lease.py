@@ -56,7 +56,7 @@ class RunLease:
     """
 
     def __init__(self, store: Store, run_id: str, *, ttl: float | None = None, wait: float = 0.0):
-        self.store, self.rel = store, f"{run_id}/{LEASE}"
+        self.store, self.run_id, self.rel = store, run_id, f"{run_id}/{LEASE}"
         self.ttl = default_ttl() if ttl is None else float(ttl)
         self.wait = float(wait)
         self.token = uuid.uuid4().hex
@@ -78,7 +78,7 @@ class RunLease:
     def _held(self, holder: dict | None) -> LeaseHeldError:
         h = holder or {}
         return LeaseHeldError(
-            f"run folder {self.store.join(self.rel.rsplit('/', 1)[0])} is in use by another driver: host "
+            f"run folder {self.store.join(self.run_id)} is in use by another driver: host "
             f"{h.get('host', '?')}, pid {h.get('pid', '?')}, since {h.get('since', '?')} (lease {self.store.join(self.rel)}"
             f", renewed {h.get('renewed', '?')}). Wait for it to finish, or stop it; a killed driver's lease "
             f"expires {'at once' if self._kind == 'local' else f'within {self.ttl:.0f} s'}")
@@ -192,11 +192,11 @@ class RunLease:
         if not self.lost:
             return
         try:
-            h = current_holder(self.store, self.rel.rsplit("/", 1)[0]) or {}
+            h = current_holder(self.store, self.run_id) or {}
         except (StoreError, OSError):  # the message still says what happened
             h = {}
         raise LeaseLostError(
-            f"the lease of run folder {self.store.join(self.rel.rsplit('/', 1)[0])} was taken over by another driver "
+            f"the lease of run folder {self.store.join(self.run_id)} was taken over by another driver "
             f"(host {h.get('host', '?')}, pid {h.get('pid', '?')}, since {h.get('since', '?')}) while this run was "
             f"going: this driver stopped handing out units. Committed units stay; run again (with --lease-wait) "
             f"to resume once the other driver is done")
