@@ -318,6 +318,22 @@ def test_a_run_id_reused_with_an_edited_job_is_refused(ray_cluster, cnn, tmp_pat
     assert fresh.run_id.startswith("r-") and fresh.rows == 12
 
 
+def slow_driver(args, store: Store, tmp_path) -> subprocess.Popen:
+    """`robustsweep run args` in a subprocess with a 3 s lease and 4 s units, returned once it
+    holds the run folder's lease and has written plan.json."""
+    env = {"ROBUSTSWEEP_LEASE_SECONDS": "3", "ROBUSTSWEEP_FAULTS": json.dumps({"dir": str(tmp_path), "sleep_s": 4})}
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    deadline = time.monotonic() + 120
+    while not (store.exists("r/lease.json") and store.exists("r/plan.json")):
+        if time.monotonic() >= deadline or driver.poll() is not None:
+            driver.kill()
+            _, err = driver.communicate()
+            pytest.fail(f"the driver never took the lease: {err}")
+        time.sleep(0.5)
+    return driver
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_two_drivers_on_one_run_folder(kind, ray_cluster, cnn, tmp_path, request):
@@ -332,14 +348,8 @@ def test_two_drivers_on_one_run_folder(kind, ray_cluster, cnn, tmp_path, request
     args = ["run", job, "--out", out, "--run-id", "r", "--address", ray_cluster, "--workers", "1", "--no-report"]
     args += ["--endpoint-url", endpoint] if endpoint else []
     store = Store(out, endpoint_url=endpoint)
-    first = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    first = slow_driver(args, store, tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while not (store.exists("r/lease.json") and store.exists("r/plan.json")):
-            assert time.monotonic() < deadline and first.poll() is None, first.stderr.read() if first.poll() else ""
-            time.sleep(0.5)
         second = cli(*args, env=env)
         assert second.returncode == 2, second.stderr
         text = " ".join(second.stderr.split())
@@ -364,17 +374,11 @@ def test_a_driver_whose_s3_lease_is_taken_over_stops_handing_out_units(ray_clust
     job.write_text(job_text(cnn, name="lost"))
     server = request.getfixturevalue("s3_server")
     out = f"{request.getfixturevalue('s3_bucket')}/out"
-    env = {"ROBUSTSWEEP_LEASE_SECONDS": "3", "ROBUSTSWEEP_FAULTS": json.dumps({"dir": str(tmp_path), "sleep_s": 4})}
     args = ["run", job, "--out", out, "--run-id", "r", "--address", ray_cluster, "--workers", "1", "--no-report",
             "--endpoint-url", server.endpoint_url]
     store = Store(out, endpoint_url=server.endpoint_url)
-    first = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    first = slow_driver(args, store, tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while not (store.exists("r/lease.json") and store.exists("r/plan.json")):
-            assert time.monotonic() < deadline and first.poll() is None, first.stderr.read() if first.poll() else ""
-            time.sleep(0.5)
         # Another driver's lease, as if this one had been cut off past its expiry and lost it.
         store.write_json("r/lease.json", {"host": "elsewhere", "pid": 4242, "since": "2026-11-26T00:00:00Z",
                                           "renewed": "2026-11-26T00:00:00Z", "expires": time.time() + 3600,
