@@ -276,7 +276,6 @@ def evaluate(defense: Defense, attack: AttackSpec | dict, x: torch.Tensor, y: to
     per_example: list[dict] = [{}] * x.shape[0]
     groups = [list(range(x.shape[0]))] if spec.batched else [[i] for i in range(x.shape[0])]
     done = 0
-    network = [0.0, 0.0]  # the attack's network evaluations (forward, backward), all rows
     attack_start = time.perf_counter()
     for rows in groups:
         if not rows:
@@ -290,8 +289,6 @@ def evaluate(defense: Defense, attack: AttackSpec | dict, x: torch.Tensor, y: to
         x_adv[rows] = adv.detach().to(x.dtype)
         for i, info in zip(rows, infos):
             per_example[i] = info
-            network[0] += info["forward_passes"]
-            network[1] += info["backward_passes"]
         done += len(rows)
         if progress is not None:
             progress(done)
@@ -308,7 +305,8 @@ def evaluate(defense: Defense, attack: AttackSpec | dict, x: torch.Tensor, y: to
         extras["x_adv"] = x_adv.detach()
         extras["forward_per_prediction"] = score_cost / (2 * passes)  # R clean + R adversarial passes
         extras["attack_seconds"] = attack_seconds
-        extras["attack_evaluations"] = {"forward": round(network[0]), "backward": round(network[1])}
+        extras["attack_evaluations"] = {k: round(sum(info[f"{k}_passes"] for info in per_example))
+                                        for k in ("forward", "backward")}
     sizes = norms(x_adv - x)
     records = []
     for i in range(x.shape[0]):
