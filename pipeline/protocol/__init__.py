@@ -3,5 +3,6 @@
 from pipeline.protocol.checks import check_perturbation, sweep_flags
 from pipeline.protocol.evaluate import evaluate
 from pipeline.protocol.predict import predict
+from pipeline.protocol.result import Batch, Evaluation, Record, Spent
 
-__all__ = ["evaluate", "sweep_flags", "check_perturbation", "predict"]
+__all__ = ["evaluate", "Batch", "Evaluation", "Record", "Spent", "sweep_flags", "check_perturbation", "predict"]
