@@ -62,11 +62,11 @@ class Record:
     gradients: int
     forward_passes: int
     backward_passes: int
-    iterations: int
-    eot: int
     seconds: float
     device: str
     flags: list[str]
+    iterations: int
+    eot: int
 
     def as_dict(self) -> dict:
         """The record as store/schema.py `records_to_table` takes it."""
