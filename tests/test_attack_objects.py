@@ -126,6 +126,11 @@ def test_a_transfer_eps_sweep_attacks_at_each_planned_eps(cnn, tmp_path):
     assert all(r["eps"] == by_unit[r["unit_id"]] and r["linf"] <= r["eps"] + 1e-6 for r in rows)
     keys = [(r["attack"], r["eps"], r["example_id"]) for r in rows]
     assert len(keys) == len(set(keys)) == 6
+    # The crafting attack's eps is the one checked against the image's size.
+    from pipeline.config.preflight import preflight
+
+    with pytest.raises(ConfigError, match="attack 'transfer-pgd-ce\[eps=2.0\]'.eps: 2 exceeds the largest Linf"):
+        preflight(parse_job({**doc, "attacks": [{**doc["attacks"][0], "eps": [0.01, 2.0]}]}))
     # The case, an inner eps beside a swept one, is refused before any work.
     doc["attacks"][0]["attack"]["eps"] = 0.03
     with pytest.raises(ConfigError, match="attacks\\[0\\].*eps is set twice"):
