@@ -129,7 +129,7 @@ def test_a_transfer_eps_sweep_attacks_at_each_planned_eps(cnn, tmp_path):
     # The crafting attack's eps is the one checked against the image's size.
     from pipeline.config.preflight import preflight
 
-    with pytest.raises(ConfigError, match="attack 'transfer-pgd-ce\[eps=2.0\]'.eps: 2 exceeds the largest Linf"):
+    with pytest.raises(ConfigError, match="attack 'transfer-pgd-ce'.eps: 2 exceeds the largest Linf"):
         preflight(parse_job({**doc, "attacks": [{**doc["attacks"][0], "eps": [0.01, 2.0]}]}))
     # The case, an inner eps beside a swept one, is refused before any work.
     doc["attacks"][0]["attack"]["eps"] = 0.03
