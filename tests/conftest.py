@@ -317,9 +317,8 @@ def linear_classifier(digits):
 
 def evaluate_table(defense, table: dict, x, y, ids, seed: int, *, surrogate=None, **options):
     """evaluate() of an attack table on (x, y, ids): the table parsed and built as a worker does."""
-    from pipeline.attacks import build_attack
     from pipeline.config import spec
-    from pipeline.protocol import Batch, evaluate
+    from pipeline.protocol import Batch, build_attack, evaluate
 
     attack = build_attack(spec(table), defense.num_classes, surrogate=surrogate)
     return evaluate(defense, attack, Batch(x, y, ids), seed, **options)

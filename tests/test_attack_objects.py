@@ -11,7 +11,7 @@ import pytest
 import torch
 from pyautoattack import AutoAttack as Library
 
-from pipeline.attacks import PGD, AutoAttack, Transfer, build_attack
+from pipeline.attacks import PGD, AutoAttack, Transfer
 from pipeline.attacks.autoattack import build_autoattack
 from pipeline.config import spec
 from pipeline.config.attack import PGDSpec, TransferSpec
@@ -21,7 +21,8 @@ from pipeline.defenses import MixupInference, Plain, RDC, build_defense
 from pipeline.defenses.lm import LikelihoodMaximization
 from pipeline.diffusion.optimal import OptimalEps
 from pipeline.errors import ConfigError
-from pipeline.protocol import Record
+from pipeline.protocol import Record, build_attack
+from pipeline.protocol.attacking import attacked_model
 from pipeline.runtime.plan import plan
 from pipeline.runtime.worker import UnitResult, Worker, WorkerContext
 from pipeline.store import RECORD_SCHEMA, Store
@@ -97,7 +98,8 @@ def test_a_transfer_attack_is_its_crafting_attack_on_a_surrogate(linear_classifi
     assert (parsed.eps, parsed.norm, parsed.attack.eps, parsed.attack.norm) == (0.2, "L2", 0.2, "L2")
     attack = build_attack(parsed, 10, surrogate=surrogate)
     assert isinstance(attack, Transfer) and (attack.eps, attack.norm, attack.name) == (0.2, "L2", "transfer-pgd-eot2")
-    assert attack.target(Plain(torch.nn.Flatten(), 10, 1, 8)) == (surrogate, "transfer:surrogate")
+    assert attack.surrogate is surrogate
+    assert attacked_model(Plain(torch.nn.Flatten(), 10, 1, 8), attack) == (surrogate, "transfer:surrogate")
     assert attack.scaled(2).surrogate is surrogate and attack.scaled(2).stages[0].iterations == 10
     with pytest.raises(ConfigError, match="eps is set twice, on the transfer \\(0.2\\) and on its crafting attack"):
         spec({**table, "attack": {"kind": "pgd", "eps": 0.03}})

@@ -12,9 +12,8 @@ from pipeline.config.job import parse_job
 from pipeline.config.run import RunOptions
 from pipeline.data import load_split, select
 from pipeline.defenses import build_defense
-from pipeline.attacks import build_attack
 from pipeline.config import spec
-from pipeline.protocol import Batch, evaluate
+from pipeline.protocol import Batch, build_attack, evaluate
 from pipeline.runtime import plan, run_job
 from pipeline.store import Store
 

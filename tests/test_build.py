@@ -115,8 +115,7 @@ def test_the_prepare_step_knows_which_default_model_a_table_uses():
 
 def test_each_mi_mode_keeps_its_name_from_the_plan_to_the_records(cnn, digits):
     from pipeline.config.job import parse_job
-    from pipeline.attacks import build_attack
-    from pipeline.protocol import Batch, evaluate
+    from pipeline.protocol import Batch, build_attack, evaluate
     from pipeline.runtime.plan import plan
 
     job = parse_job({"name": "modes", "data": {"dataset": "digits", "split": "test", "limit": 3},

@@ -11,9 +11,8 @@ from pipeline.cli import app
 from pipeline.data import load_split
 from pipeline.defenses import build_defense
 from pipeline.errors import ConfigError, InputError
-from pipeline.attacks import build_attack
 from pipeline.config import spec
-from pipeline.protocol import Batch, evaluate
+from pipeline.protocol import Batch, build_attack, evaluate
 
 PGD = {"kind": "pgd", "eps": 0.03, "steps": 1}
 

@@ -19,15 +19,15 @@ from torch import nn
 
 from pipeline.attacks.base import Attack, Stage
 from pipeline.attacks.selection import Selection
-from pipeline.config.attack import AutoAttackSpec, attack_name
 
 _QUIET = logging.getLogger("robustsweep.autoattack")
 _QUIET.addHandler(logging.NullHandler())
 _QUIET.propagate = False
 
 
-def build_autoattack(model: nn.Module | None, spec: AutoAttackSpec, num_classes: int, seed: int, device):
-    """A configured `pyautoattack.AutoAttack`: version, norm, eps and the budget overrides of spec.
+def build_autoattack(model: nn.Module | None, spec, num_classes: int, seed: int, device):
+    """A configured `pyautoattack.AutoAttack`: version, norm, eps and the budget overrides of spec
+    (a parsed pipeline.config.attack.AutoAttackSpec).
 
     Target classes are the version's own (spec.n_target_classes overrides them), at most the
     K - 1 classes there are. model may be None to read the budget without attacking.
@@ -79,8 +79,8 @@ def stages_of(aa) -> tuple[Stage, ...]:
 class AutoAttack(Attack):
     """AutoAttack through pyautoattack, its stages and budget read from the configured object."""
 
-    def __init__(self, spec: AutoAttackSpec, num_classes: int, name: str | None = None):
-        self.spec, self.num_classes, self.name = spec, num_classes, name or attack_name(spec)
+    def __init__(self, spec, num_classes: int, name: str):
+        self.spec, self.num_classes, self.name = spec, num_classes, name
         aa = build_autoattack(None, spec, num_classes, 0, "cpu")
         self.stages = stages_of(aa)
         # What `scaled` multiplies: APGD's iterations and the EOT draws of its gradient stages.

@@ -8,7 +8,10 @@ false: Square) spends one forward per iteration. So the network evaluations an a
 on one example follow from its stages alone, before anything runs.
 
 The spec's protocol settings (passes, path, lm_gradient, selection_passes, batched, converge)
-stay on `attack.spec`; the protocol (pipeline.protocol) reads them there.
+stay on `attack.spec`; the protocol (pipeline.protocol) reads them there, and decides from the
+threat model what the attacker differentiates: the defense, its base classifier, or the
+attack's `surrogate` (a transfer's). Attacks know neither specs' parsing nor defenses: an
+attack is built from a parsed spec by `pipeline.protocol.build_attack`.
 """
 
 from __future__ import annotations
@@ -19,9 +22,6 @@ from dataclasses import dataclass
 from torch import nn
 
 from pipeline.attacks.selection import Selection
-from pipeline.config.attack import attack_name
-from pipeline.defenses.base import Defense
-from pipeline.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class Attack(ABC):
     spec: object  # the parsed spec (pipeline.config.attack) it was built from
     name: str  # its name in records (the job's planned name)
     stages: tuple[Stage, ...]
+    surrogate: nn.Module | None = None  # the model it crafts on instead of the defense (a transfer's)
 
     @property
     @abstractmethod
@@ -90,17 +91,6 @@ class Attack(ABC):
         the run's draws. stochastic: whether a scorer of the points draws afresh per pass (the
         attacked model or the defense behind it), so that best-loss points are offered too."""
 
-    def target(self, defense: Defense) -> tuple[Defense, str]:
-        """The model the attacker differentiates, and the record's `path` for it."""
-        if self.spec.path == "oblivious":
-            base = defense.base_classifier()
-            if base is None:
-                raise ConfigError(f"attack.path: 'oblivious' attacks a defense's base classifier; "
-                                  f"{type(defense).__name__} has none")
-            return base, "oblivious"
-        lm = defense.likelihood_maximization()
-        return defense, "adaptive" if lm is None else "adaptive+" + (self.spec.lm_gradient or lm.gradient)
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.norm} eps={self.eps:g}, stages={list(self.stages)})"
 
@@ -108,8 +98,8 @@ class Attack(ABC):
 class Clean(Attack):
     """No attack (kind "none"): the defense is scored on the clean inputs only."""
 
-    def __init__(self, spec, name: str | None = None):
-        self.spec, self.name, self.stages = spec, name or attack_name(spec), ()
+    def __init__(self, spec, name: str):
+        self.spec, self.name, self.stages = spec, name, ()
 
     @property
     def eps(self) -> float:

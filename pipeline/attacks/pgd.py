@@ -17,7 +17,6 @@ from torch import nn
 
 from pipeline.attacks.base import Attack, Stage
 from pipeline.attacks.selection import Selection, model_score
-from pipeline.config.attack import PGDSpec, attack_name
 
 
 def margin_losses(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
@@ -114,8 +113,9 @@ def _best_iterate(model, xs, ys, delta, *, eps, norm, steps, alpha, eot, loss):
 class PGD(Attack):
     """PGD with EOT and restarts, as its spec configures it: one stage "pgd"."""
 
-    def __init__(self, spec: PGDSpec, name: str | None = None):
-        self.spec, self.name = spec, name or attack_name(spec)
+    def __init__(self, spec, name: str):
+        """spec: a parsed PGD spec (pipeline.config.attack.PGDSpec)."""
+        self.spec, self.name = spec, name
         self.stages = (Stage("pgd", spec.steps, restarts=spec.restarts, eot=spec.eot),)
 
     @property

@@ -7,14 +7,12 @@ from torch import nn
 
 from pipeline.attacks.base import Attack
 from pipeline.attacks.selection import Selection
-from pipeline.config.attack import TransferSpec, attack_name
-from pipeline.defenses.base import Defense
 
 
 class Transfer(Attack):
-    def __init__(self, spec: TransferSpec, crafting: Attack, surrogate: Defense, name: str | None = None):
-        self.spec, self.crafting, self.surrogate = spec, crafting, surrogate
-        self.name = name or attack_name(spec)
+    def __init__(self, spec, crafting: Attack, surrogate: nn.Module, name: str):
+        """spec: a parsed TransferSpec; surrogate: the defense the points are crafted on."""
+        self.spec, self.crafting, self.surrogate, self.name = spec, crafting, surrogate, name
         self.stages = crafting.stages
 
     @property
@@ -30,6 +28,3 @@ class Transfer(Attack):
 
     def run(self, model: nn.Module, select: Selection, seed: int, *, stochastic: bool) -> None:
         self.crafting.run(model, select, seed, stochastic=stochastic)
-
-    def target(self, defense: Defense) -> tuple[Defense, str]:
-        return self.surrogate, "transfer:" + self.surrogate.name

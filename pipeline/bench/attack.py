@@ -28,13 +28,13 @@ import time
 
 import torch
 
-from pipeline.attacks import Attack, build_attack
+from pipeline.attacks import Attack
 from pipeline.attacks.autoattack import build_autoattack
 from pipeline.config import spec
 from pipeline.data import load_split
 from pipeline.defenses import build_defense
 from pipeline.errors import ConfigError
-from pipeline.protocol import Batch, evaluate
+from pipeline.protocol import Batch, build_attack, evaluate
 
 CASES = {
     "plain": ({"kind": "plain"},

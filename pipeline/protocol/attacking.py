@@ -14,6 +14,7 @@ from pipeline import rng
 from pipeline.attacks.base import Attack
 from pipeline.attacks.selection import Selection, model_score
 from pipeline.defenses.base import Defense
+from pipeline.errors import ConfigError
 from pipeline.protocol.checks import gradient_flags
 from pipeline.protocol.predict import predict
 from pipeline.protocol.seeds import SELECT
@@ -33,6 +34,22 @@ class _Counted(nn.Module):
                 self.gradients += x.shape[0]
             out.register_hook(count)
         return out
+
+
+def attacked_model(defense: Defense, attack: Attack) -> tuple[Defense, str]:
+    """What the threat model lets the attacker differentiate, and the record's `path` for it: the
+    attack's surrogate (transfer), the defense's base classifier (oblivious), or the defense itself
+    (adaptive; through its LM with the spec's gradient mode, else the LM's own)."""
+    if attack.surrogate is not None:
+        return attack.surrogate, "transfer:" + attack.surrogate.name
+    if attack.spec.path == "oblivious":
+        base = defense.base_classifier()
+        if base is None:
+            raise ConfigError(f"attack.path: 'oblivious' attacks a defense's base classifier; "
+                              f"{type(defense).__name__} has none")
+        return base, "oblivious"
+    lm = defense.likelihood_maximization()
+    return defense, "adaptive" if lm is None else "adaptive+" + (attack.spec.lm_gradient or lm.gradient)
 
 
 @contextlib.contextmanager

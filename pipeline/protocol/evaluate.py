@@ -5,8 +5,8 @@ The protocol for stochastic defenses (Carlini et al. 2019; Croce et al. 2022; Le
 1. a unit's examples are attacked together (or one at a time, `batched = false`), the attack's
    and the defense's draws seeded by (seed, the unit's example ids), so a record depends on
    the job and its unit, never on the worker, the order or a resume;
-2. the attacker sees what the attack targets (`Attack.target`): the whole defense (adaptive;
-   through LM by BPDA or exactly), its base classifier (oblivious), or a surrogate (transfer);
+2. the attacker sees what its threat model allows (`attacked_model`): the whole defense
+   (adaptive; through LM by BPDA or exactly), its base classifier (oblivious), or a surrogate (transfer);
 3. every decision of the attack (is an example still correct, did a stage break it, which
    point to keep) is taken over S fresh passes of the model it attacks, never one
    (pipeline.attacks.selection); with `converge` the attack reruns as `attack.scaled(2**k)`;
@@ -25,7 +25,7 @@ import torch
 from pipeline.attacks.base import Attack
 from pipeline.defenses.base import Defense, check_input, check_labels
 from pipeline.errors import ConfigError
-from pipeline.protocol.attacking import Row, attack_group, lm_gradient
+from pipeline.protocol.attacking import Row, attack_group, attacked_model, lm_gradient
 from pipeline.protocol.checks import check_perturbation, norms, record_flags
 from pipeline.protocol.predict import predict
 from pipeline.protocol.result import Batch, Evaluation, Record, Spent
@@ -37,7 +37,7 @@ def evaluate(defense: Defense, attack: Attack, batch: Batch, seed: int, *, batch
              progress=None) -> Evaluation:
     """Attack and score `defense` on `batch` (pipeline.protocol.result.Batch); one Record per example.
 
-    attack: built by pipeline.attacks.build_attack from a parsed spec, against this defense's
+    attack: built by pipeline.protocol.build_attack from a parsed spec, against this defense's
     classes (a transfer attack with its surrogate on the batch's device). The records name the
     defense `defense.name` and the attack `attack.name`. progress: optional callable(n_done).
     """
@@ -49,7 +49,7 @@ def evaluate(defense: Defense, attack: Attack, batch: Batch, seed: int, *, batch
     x = x.float()  # any float dtype is scored as float32, like Defense.forward does
     spec = attack.spec
     passes = spec.passes if defense.stochastic else 1
-    attacked, path = attack.target(defense)
+    attacked, path = attacked_model(defense, attack)
     x_adv, rows = x.clone(), [None] * x.shape[0]
     groups = [list(range(x.shape[0]))] if spec.batched else [[i] for i in range(x.shape[0])]
     done, attack_start = 0, time.perf_counter()

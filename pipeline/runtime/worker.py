@@ -12,12 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.attacks import build_attack
 from pipeline.config.defense import DefenseSpec
 from pipeline.config.job import DataSpec, content_hash
 from pipeline.data import load_split, select
 from pipeline.defenses import build_defense
-from pipeline.protocol import Batch, evaluate
+from pipeline.protocol import Batch, build_attack, evaluate
 from pipeline.runtime import faults
 from pipeline.runtime.grid import Gang, member_call, shard
 from pipeline.runtime.plan import Unit

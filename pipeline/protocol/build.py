@@ -1,13 +1,11 @@
-"""build_attack: a parsed attack spec (pipeline.config.attack) -> an Attack, as build_defense
-turns a defense spec into a module."""
+"""build_attack: a parsed attack spec (pipeline.config.attack) -> an Attack (pipeline.attacks), as
+build_defense turns a defense spec into a module. It sits in the protocol, the layer that knows
+both the specs and the attacks; the attacks themselves know neither parsing nor defenses."""
 
 from __future__ import annotations
 
-from pipeline.attacks.autoattack import AutoAttack
-from pipeline.attacks.base import Attack, Clean
-from pipeline.attacks.pgd import PGD
-from pipeline.attacks.transfer import Transfer
-from pipeline.config.attack import AutoAttackSpec, NoAttack, PGDSpec, TransferSpec
+from pipeline.attacks import PGD, Attack, AutoAttack, Clean, Transfer
+from pipeline.config.attack import AutoAttackSpec, NoAttack, PGDSpec, TransferSpec, attack_name
 from pipeline.defenses.base import Defense
 from pipeline.errors import ConfigError
 
@@ -25,6 +23,7 @@ def build_attack(spec, num_classes: int, *, surrogate: Defense | None = None, na
         raise ConfigError("a transfer attack needs its surrogate: pass surrogate=, a defense built from the spec's "
                           "`surrogate` table (pipeline.config.defense.surrogate_spec)" if surrogate is None else
                           f"surrogate: only a transfer attack takes one, not {spec.kind!r}")
+    name = name or attack_name(spec)
     if isinstance(spec, TransferSpec):
         return Transfer(spec, build_attack(spec.attack, num_classes), surrogate, name)
     if isinstance(spec, PGDSpec):
