@@ -24,7 +24,7 @@ def test_load_split_contract():
 
 def test_build_rdc_on_the_optimal_model():
     d = build_defense(spec({"kind": "rdc", "model": "optimal", "dataset": "digits", "timesteps": 100,
-                       "lm": {"steps": 5, "timesteps": 10, "gradient": "exact"}, "seed": 3}))
+                            "lm": {"steps": 5, "timesteps": 10, "gradient": "exact"}, "seed": 3}))
     assert isinstance(d, RDC) and d.name == "rdc-optimal-lm"
     assert d.ts.numel() == 100 and d.lm.steps == 5 and d.lm.gradient == "exact" and d.draws.seed == 3
     assert d.lm.fixed_t.numel() == 10

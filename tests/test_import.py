@@ -473,7 +473,7 @@ def test_a_robustbench_file_is_mis_base_classifier(tmp_path):
     src = tmp_path / "Wong2020Fast.pt"
     torch.save(state, src)
     mi = build_defense(spec({"kind": "mi", "mode": "pl", "dataset": "cifar10", "data_root": str(tmp_path / "cifar10"),
-                        "model": f"robustbench:preact-resnet-18:{src}"}))
+                             "model": f"robustbench:preact-resnet-18:{src}"}))
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(mi.classifier(x), model(x))

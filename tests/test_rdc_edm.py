@@ -138,7 +138,7 @@ def test_defense_table_takes_an_edm_checkpoint_folder(tmp_path):
     x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(7))
     for elbo in ("vp", "edm"):
         rdc = build_defense(spec({"kind": "rdc", "model": str(folder), "dataset": "digits", "timesteps": 3,
-                             "elbo": elbo, "lm": {"steps": 1, "timesteps": 2}}))
+                                  "elbo": elbo, "lm": {"steps": 1, "timesteps": 2}}))
         assert isinstance(rdc.eps_model, DenoiserEps) and rdc.name.startswith("rdc-unet")
         with torch.no_grad():
             logits = rdc(x)
