@@ -19,6 +19,7 @@ from pipeline.protocol.checks import gradient_flags
 from pipeline.protocol.predict import predict
 from pipeline.protocol.seeds import SELECT
 
+
 class _Counted(nn.Module):
     """The model an attack sees: counts its calls (queries) and the gradients taken through it."""
 
@@ -97,7 +98,7 @@ def _selection(counted: _Counted, attacked: Defense, x, y, ids, group_seed: int,
 
 
 def attack_group(defense: Defense, attack: Attack, attacked: Defense, x, y, ids, seed: int, passes: int,
-                  batch_size: int) -> tuple[torch.Tensor, list[Row]]:
+                 batch_size: int) -> tuple[torch.Tensor, list[Row]]:
     """Attack the rows x (b, ...) together; returns (x_adv, one Row per row)."""
     b, modules = x.shape[0], {defense, attacked}
     for module in modules:
@@ -127,7 +128,7 @@ def attack_group(defense: Defense, attack: Attack, attacked: Defense, x, y, ids,
     seconds = (time.perf_counter() - start) / b
     forward, backward = (sum(getattr(m.cost, k) for m in modules) / b for k in ("forward", "backward"))
     rows = [Row(flags[i] + group_flags + (["square_beat_whitebox"] if broken[i] == "square" and attack.whitebox else []),
-                 broken[i], None if not attack.stages else broken[i] is not None, counted.queries / b,
-                 counted.gradients / b, forward, backward, seconds, ran.iterations, ran.eot, attacked_rows[i])
+                broken[i], None if not attack.stages else broken[i] is not None, counted.queries / b,
+                counted.gradients / b, forward, backward, seconds, ran.iterations, ran.eot, attacked_rows[i])
             for i in range(b)]
     return x_adv, rows
