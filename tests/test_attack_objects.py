@@ -177,3 +177,20 @@ def test_specs_are_the_only_way_in():
         build_defense({"kind": "plain"})
     with pytest.raises(ConfigError, match="build_attack takes a parsed spec"):
         build_attack({"kind": "pgd"}, 10)
+
+
+def test_the_stages_predict_the_evaluations_a_pgd_run_spends(linear_classifier, digits):
+    plain = Plain(linear_classifier, 10, 1, 8)
+    x, y = digits.x_test[:6], digits.y_test[:6]
+    keep = (linear_classifier(x).argmax(1) == y).nonzero().flatten()[:4]  # clean-correct: every restart runs on them
+    table = {"kind": "pgd", "eps": 1e-4, "steps": 3, "eot": 2, "restarts": 2}
+    attack = build_attack(spec(table), 10)
+    (stage,) = attack.stages
+    records = attack_records(plain, table, x[keep], y[keep], keep.tolist(), 0)
+    assert all(r["adv_correct"] for r in records)  # at this eps nothing breaks, so nothing stops early
+    # Backward: one input gradient for the masking check, then `eot` per step of every run.
+    assert {r["backward_passes"] for r in records} == {1 + stage.runs * stage.iterations * stage.eot}
+    # Forward: the masking check, the selection's first judgement, per run its steps plus the last
+    # iterate's loss (eot each) and the judgement of incumbent and candidate, then two scoring passes.
+    per_run = (stage.iterations + 1) * stage.eot + 2
+    assert {r["forward_passes"] for r in records} == {2 + stage.runs * per_run + 2}
