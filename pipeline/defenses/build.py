@@ -74,7 +74,11 @@ def _build_lm(spec: RDCSpec, eps_model, schedule, channels: int, size: int, K: i
     if lm is None:
         return None
     if lm.variant == "authors":
-        denoiser = _edm_denoiser(lm.model, spec.dataset, channels, size, 0, "defense.lm.model")
+        try:
+            denoiser = _edm_denoiser(lm.model, spec.dataset, channels, size, 0, "defense.lm.model")
+        except CheckpointError as exc:
+            raise CheckpointError(f"defense.lm.model: the authors' LM runs an unconditional EDM network "
+                                  f"(label_dim 0): {exc}") from None
         options = EngineOptions(**spec.engine.model_dump()) if spec.engine else None
         return AuthorsLM(denoiser, steps=lm.steps, lr=lm.lr, sigma=lm.sigma, options=options)
     return LikelihoodMaximization(eps_model, K, schedule, steps=lm.steps, mu=lm.mu, eta=lm.eta, gamma=lm.gamma,

@@ -169,7 +169,6 @@ class AuthorsLM(nn.Module):
         z <- z - lr / (1 - b1^k) * m / (sqrt(v) / sqrt(1 - b2^k) + eps)
     """
 
-    gradient = "bpda"
     samples = 1  # one noise level per step and example
     BETAS = (0.9, 0.999)
     EPS = 1e-8
@@ -222,6 +221,17 @@ class AuthorsLM(nn.Module):
             denom = v.sqrt() / math.sqrt(1 - b2**k) + self.EPS
             z = z - (self.lr / (1 - b1**k)) * m / denom
         return ((z + 1.0) / 2.0).clamp(0, 1)
+
+    @property
+    def gradient(self) -> str:
+        """How attacks cross it: BPDA only (the authors' identity backward)."""
+        return "bpda"
+
+    @gradient.setter
+    def gradient(self, mode: str) -> None:
+        if mode != "bpda":
+            raise ConfigError(f"lm_gradient = {mode!r}: the authors' LM (lm.variant = \"authors\") is crossed by BPDA "
+                              "only; leave lm_gradient out or set it to \"bpda\"")
 
     def needs_graph(self, x: torch.Tensor) -> bool:
         return False
