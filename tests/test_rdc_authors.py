@@ -112,6 +112,13 @@ def test_gradient_path_logits_and_input_gradient_equal_the_authors(fx, cond):
     (g,) = torch.autograd.grad((logits * fx["grad_w"]).sum(), x)
     _close(logits.detach(), fx["grad_logits"], 2e-6)
     _close(g, fx["grad_x"], 1e-5)
+    rdc.elbo.JACOBIAN_VALUES = 0  # the recomputing backward draws the same per-class noise
+    (g_rec,) = torch.autograd.grad((rdc.evaluate(x, _draw(1)) * fx["grad_w"]).sum(), x)
+    _close(g_rec, fx["grad_x"], 1e-5)
+    # A gang's backward (the sum of its members' VJPs) is the same gradient.
+    shards = rdc.shards(3)
+    g_gang = sum(rdc.grid_partial_vjp(x.detach(), cells, _draw(1), fx["grad_w"]) for cells in shards)
+    _close(g_gang, fx["grad_x"], 1e-5)
     # The prediction path of the same defense still shares its noise.
     _supply_elbo_noise(rdc, shared=fx["pred_noise"][:1])
     with torch.no_grad():
