@@ -247,3 +247,17 @@ def test_authors_lm_from_a_table_loads_its_own_unconditional_network(tmp_path):
     with pytest.raises(CheckpointError, match=r"defense.lm.model: the authors' LM runs an unconditional EDM network "
                                               r"\(label_dim 0\): .*'label_dim' is 10, expected 0"):
         build_defense({**table, "lm": {"variant": "authors", "model": cond10}})
+
+
+def test_a_job_asking_the_exact_lm_gradient_of_the_authors_lm_is_refused():
+    from pipeline.config.job import parse_job
+
+    doc = {"name": "j", "data": {"dataset": "digits"},
+           "defenses": [{"kind": "rdc", "model": "optimal", "elbo": "edm", "timesteps": "authors:4",
+                         "lm": {"variant": "authors", "model": "edm:rdc-cifar10-uncond-edm:u.pt"}}],
+           "attacks": [{"kind": "pgd", "lm_gradient": "exact"}]}
+    with pytest.raises(ConfigError, match=r"attacks\[0\].lm_gradient: \"exact\" .* defense 'rdc-optimal-edmw-alm' "
+                                          r"runs the authors' LM, which attacks cross by BPDA only"):
+        parse_job(doc)
+    doc["attacks"][0]["lm_gradient"] = "bpda"
+    assert parse_job(doc).attacks[0].spec.lm_gradient == "bpda"
