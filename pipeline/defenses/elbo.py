@@ -208,8 +208,8 @@ class ElboEngine:
     def errors_vjp(self, x: torch.Tensor, ev: Evaluations, draw: Draw, w: torch.Tensor) -> torch.Tensor:
         """d/dx sum_e w_e err_e for known weights w (E,), chunk by chunk so memory stays bounded.
 
-        The class-independent part of the network runs once per (example, t) and receives
-        the sum of its classes' gradients.
+        The class-independent part of the network runs once per (example, t) (per (example,
+        class, t) with per-class noise) and receives the sum of its classes' gradients.
         """
         noise = self.noise(draw, ev.ts, x, ev.per_class)
         chunks = self.chunks(ev, x)

@@ -201,18 +201,19 @@ class AuthorsLM(nn.Module):
             denoised = self.denoiser(noised, sigma)
         return (denoised.to(z.dtype) - z).pow(2).flatten(1).mean(1)
 
-    def step_gradient(self, x_prime: torch.Tensor, draw: Draw, step: int, samples=None, create_graph: bool = False):
-        """d/dz of step `step`'s loss at z = x_prime (here z, in [-1, 1] space); one sample per step."""
-        sigma, noise = self.step_draws(draw, step, tuple(x_prime.shape[1:]), x_prime.dtype, x_prime.device)
+    def step_gradient(self, z: torch.Tensor, draw: Draw, step: int) -> torch.Tensor:
+        """d/dz of step `step`'s loss at z (B, C, H, W) in [-1, 1] space. One sample per step, so a
+        gang never splits it (runtime/grid.py splits only LMs with samples >= 2)."""
+        sigma, noise = self.step_draws(draw, step, tuple(z.shape[1:]), z.dtype, z.device)
         with torch.enable_grad():
-            z = x_prime.detach().requires_grad_(True)
+            z = z.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(self.loss(z, sigma, noise).sum(), z)
         return grad
 
     def run(self, x: torch.Tensor, draw: Draw) -> torch.Tensor:
         """x' from x (B, C, H, W) in [0, 1], without a graph."""
         b1, b2 = self.BETAS
-        z = (2.0 * x.detach() - 1.0)
+        z = 2.0 * x.detach() - 1.0
         m, v = torch.zeros_like(z), torch.zeros_like(z)
         for k in range(1, self.steps + 1):
             g = self.step_gradient(z, draw, k - 1)

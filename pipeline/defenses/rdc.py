@@ -6,9 +6,10 @@ By Bayes' rule with the diffusion ELBO as log p(x | y) (paper eq. 4-5):
 
 with w_t = 1, S all T timesteps or a systematic subsample, one noise e_t per (example, t)
 shared by all classes (under attack, optionally one per (example, class, t), as the RDC
-authors' gradient path draws it: `attack_noise`), tau a temperature (1 in the paper). The schedule gives a_t, s_t and
-w_t (diffusion/schedule.py): DDPM's VP schedule with w_t = 1, or the RDC authors' EDM
-weighting on a grid of noise levels for EDM denoisers (diffusion/denoiser.py). Likelihood maximization (lm.py)
+authors' gradient path draws it: `attack_noise`), tau a temperature (1 in the paper). The
+schedule gives a_t, s_t and w_t (diffusion/schedule.py): DDPM's VP schedule with w_t = 1, or
+the RDC authors' EDM weighting on a grid of noise levels for EDM denoisers
+(diffusion/denoiser.py). Likelihood maximization (lm.py: the paper's, or the authors' code's)
 may run first. With `draws = "fixed"` every call draws the same numbers, whatever the example
 or the call (the authors' code reseeds before every LM and ELBO), so the defense is a
 deterministic function of its input and reports itself as not stochastic. Adaptive class
@@ -31,7 +32,7 @@ from pipeline.rng import Draw
 from pipeline.defenses.base import Defense
 from pipeline.defenses.elbo import ElboEngine, Evaluations
 from pipeline.defenses.engine import EngineOptions
-from pipeline.defenses.lm import LikelihoodMaximization
+from pipeline.defenses.lm import AuthorsLM, LikelihoodMaximization
 
 
 class RDC(Defense):
@@ -53,7 +54,7 @@ class RDC(Defense):
 
     def __init__(self, eps_model: nn.Module, num_classes: int, in_channels: int, image_size: int, *,
                  schedule: NoiseSchedule | None = None, timesteps=None, prior=None, temperature: float = 1.0,
-                 pruning=None, prune_margin: float = 1.0, lm: LikelihoodMaximization | None = None,
+                 pruning=None, prune_margin: float = 1.0, lm: LikelihoodMaximization | AuthorsLM | None = None,
                  batch_size: int = 4096, seed: int = 0, engine: EngineOptions | None = None,
                  draws: str = "fresh", attack_noise: str = "shared"):
         super().__init__(num_classes, in_channels, image_size, seed)
