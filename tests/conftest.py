@@ -313,3 +313,17 @@ def linear_classifier(digits):
         torch.nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
     return net.eval()
+
+
+def evaluate_table(defense, table: dict, x, y, ids, seed: int, *, surrogate=None, **options):
+    """evaluate() of an attack table on (x, y, ids): the table parsed and built as a worker does."""
+    from pipeline.config import spec
+    from pipeline.protocol import Batch, build_attack, evaluate
+
+    attack = build_attack(spec(table), defense.num_classes, surrogate=surrogate)
+    return evaluate(defense, attack, Batch(x, y, ids), seed, **options)
+
+
+def attack_records(defense, table: dict, x, y, ids, seed: int, **kwargs) -> list[dict]:
+    """The records of `evaluate_table`, as the dicts a unit's table is made of."""
+    return [r.as_dict() for r in evaluate_table(defense, table, x, y, ids, seed, **kwargs).records]

@@ -196,7 +196,7 @@ def test_worker_keeps_adversarial_images(tmp_path):
     exactly as scored, and the analytics use them: the image grid and the forward passes."""
     from pipeline.runtime.plan import plan, plan_document, run_id_for
     from pipeline.config.job import load_job
-    from pipeline.runtime.worker import Worker
+    from pipeline.runtime.worker import Worker, WorkerContext
 
     spec = tmp_path / "tiny.toml"
     spec.write_text('name = "tiny"\n[data]\ndataset = "digits"\nlimit = 2\nshard_size = 2\n'
@@ -206,8 +206,7 @@ def test_worker_keeps_adversarial_images(tmp_path):
     (unit,) = plan(job, 355)
     run_id, out = run_id_for(job), str(tmp_path / "out")
     Store(out).write_json(f"{run_id}/plan.json", plan_document(job, [unit], run_id))
-    Worker("w0", "cpu").run_unit(unit, {"data": job.spec.data.model_dump(), "seed": 0, "run_id": run_id,
-                                        "job_hash": job.hash, "out": out})
+    Worker("w0", "cpu").run_unit(unit, WorkerContext(run_id, job.hash, out, 0, job.spec.data))
     run = Store(out).join(run_id)
     store = Store(run)
     ids, images, forward = read_adversarial(store, adversarial_path(unit.path))

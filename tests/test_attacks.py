@@ -4,11 +4,13 @@ import pytest
 import torch
 
 from pipeline.config.attack import parse_attack
-from pipeline.protocol import check_perturbation, evaluate, sweep_flags
+from pipeline.protocol import check_perturbation, sweep_flags
 from pipeline.defenses import MixupInference, Plain, RDC
 from pipeline.defenses.lm import LikelihoodMaximization
 from pipeline.diffusion.optimal import OptimalEps
 from pipeline.errors import AttackError, ConfigError
+
+from conftest import attack_records, evaluate_table
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ FAST_AA = {"n_iter": 20, "square_queries": 100}
 ])
 def test_every_attack_breaks_a_linear_model_at_large_eps(data, attack):
     net, _, _, x, y = data
-    records = evaluate(plain(net), attack, x, y, torch.arange(12), seed=0)
+    records = attack_records(plain(net), attack, x, y, torch.arange(12), seed=0)
     assert len(records) == 12
     assert sum(r["adv_correct"] for r in records) <= 1
     eps = attack["eps"]
@@ -50,7 +52,7 @@ def test_every_attack_breaks_a_linear_model_at_large_eps(data, attack):
 
 def test_small_eps_leaves_accuracy_and_records_the_stage(data):
     net, _, _, x, y = data
-    records = evaluate(plain(net), {"kind": "autoattack", "eps": 1 / 255, "n_target_classes": 2, **FAST_AA}, x, y, torch.arange(12), seed=0)
+    records = attack_records(plain(net), {"kind": "autoattack", "eps": 1 / 255, "n_target_classes": 2, **FAST_AA}, x, y, torch.arange(12), seed=0)
     clean = sum(r["clean_correct"] for r in records)
     assert sum(r["adv_correct"] for r in records) >= clean - 2
     stages = {r["broken_by"] for r in records}
@@ -75,10 +77,10 @@ def test_gradient_masking_raises_the_zero_gradient_flag(data):
         def forward(self, x):
             return net(torch.round(x * 4) / 4)  # piecewise constant: no gradient anywhere
 
-    records = evaluate(plain(Rounded(), "rounded"), {"kind": "pgd", "eps": 0.1, "steps": 5}, x[:3], y[:3], [0, 1, 2], seed=0)
+    records = attack_records(plain(Rounded(), "rounded"), {"kind": "pgd", "eps": 0.1, "steps": 5}, x[:3], y[:3], [0, 1, 2], seed=0)
     assert all("zero_gradient" in r["flags"] for r in records)
     # With no gradient to follow, the black-box Square breaks what APGD could not: flagged.
-    records = evaluate(plain(Rounded(), "rounded"), {"kind": "autoattack", "version": "custom", "attacks": ["apgd-ce", "square"],
+    records = attack_records(plain(Rounded(), "rounded"), {"kind": "autoattack", "version": "custom", "attacks": ["apgd-ce", "square"],
                                                      "eps": 0.3, "n_iter": 10, "square_queries": 300}, x[:6], y[:6], range(6), seed=0)
     by_square = [r for r in records if r["broken_by"] == "square"]
     assert len(by_square) >= 2
@@ -89,15 +91,15 @@ def test_randomized_defense_without_eot_is_flagged_and_with_eot_is_not(data):
     net, xtr, ytr, x, y = data
     mi = MixupInference(net, xtr, ytr, 10, mode="pl")
     mi.name = "mi-pl"
-    no_eot = evaluate(mi, {"kind": "pgd", "eps": 0.1, "steps": 3, "passes": 3}, x[:2], y[:2], [0, 1], seed=0)
+    no_eot = attack_records(mi, {"kind": "pgd", "eps": 0.1, "steps": 3, "passes": 3}, x[:2], y[:2], [0, 1], seed=0)
     assert all("stochastic_without_eot" in r["flags"] for r in no_eot)
     assert all(r["passes"] == 3 for r in no_eot)
-    eot = evaluate(mi, {"kind": "pgd", "eps": 0.1, "steps": 3, "eot": 2, "passes": 3}, x[:2], y[:2], [0, 1], seed=0)
+    eot = attack_records(mi, {"kind": "pgd", "eps": 0.1, "steps": 3, "eot": 2, "passes": 3}, x[:2], y[:2], [0, 1], seed=0)
     assert all("stochastic_without_eot" not in r["flags"] for r in eot)
-    aa_rand = evaluate(mi, {"kind": "autoattack", "version": "rand", "eps": 0.1, "n_iter": 3, "eot_iter": 2, "passes": 3},
+    aa_rand = attack_records(mi, {"kind": "autoattack", "version": "rand", "eps": 0.1, "n_iter": 3, "eot_iter": 2, "passes": 3},
                        x[:2], y[:2], [0, 1], seed=0)
     assert all("stochastic_without_eot" not in r["flags"] for r in aa_rand)
-    oblivious = evaluate(mi, {"kind": "pgd", "eps": 0.1, "steps": 3, "path": "oblivious"}, x[:2], y[:2], [0, 1], seed=0)
+    oblivious = attack_records(mi, {"kind": "pgd", "eps": 0.1, "steps": 3, "path": "oblivious"}, x[:2], y[:2], [0, 1], seed=0)
     assert all(r["path"] == "oblivious" and r["flags"] == [] for r in oblivious)
 
 
@@ -105,7 +107,7 @@ def test_scoring_votes_and_worst_case_are_consistent(data):
     net, xtr, ytr, x, y = data
     mi = MixupInference(net, xtr, ytr, 10, mode="ol", n_ol=3)
     mi.name = "mi-ol"
-    records = evaluate(mi, {"kind": "pgd", "eps": 0.05, "steps": 3, "eot": 2, "passes": 7}, x, y, torch.arange(12), seed=1)
+    records = attack_records(mi, {"kind": "pgd", "eps": 0.05, "steps": 3, "eot": 2, "passes": 7}, x, y, torch.arange(12), seed=1)
     for r in records:
         assert r["passes"] == 7
         assert r["adv_worst_correct"] <= r["adv_vote_correct"] or r["adv_pass_accuracy"] == 1.0
@@ -122,22 +124,22 @@ def test_per_example_mode_does_not_depend_on_the_batch_and_batched_mode_repeats(
     attack = {"kind": "autoattack", "version": "rand", "eps": 0.1, "n_iter": 5, "eot_iter": 2, "passes": 3,
               "batched": False}
     ids = torch.arange(40, 44)
-    extras = {}
-    together = evaluate(mi, attack, x[:4], y[:4], ids, seed=5, extras=extras)
+    result = evaluate_table(mi, attack, x[:4], y[:4], ids, seed=5)
+    together = [r.as_dict() for r in result.records]
     # The attack's evaluations are the records' less the 3 clean and 3 adversarial scoring passes.
-    scoring = 4 * 2 * 3 * extras["forward_per_prediction"]
-    assert extras["attack_evaluations"] == {"forward": sum(r["forward_passes"] for r in together) - scoring,
-                                            "backward": sum(r["backward_passes"] for r in together)}
-    assert extras["attack_evaluations"]["backward"] > 0
-    split = evaluate(mi, attack, x[2:4], y[2:4], ids[2:], seed=5) + evaluate(mi, attack, x[:2], y[:2], ids[:2], seed=5)
+    scoring = 4 * 2 * 3 * result.forward_per_prediction
+    assert (result.attack.forward, result.attack.backward) == (sum(r["forward_passes"] for r in together) - scoring,
+                                                               sum(r["backward_passes"] for r in together))
+    assert result.attack.backward > 0
+    split = attack_records(mi, attack, x[2:4], y[2:4], ids[2:], seed=5) + attack_records(mi, attack, x[:2], y[:2], ids[:2], seed=5)
     split = split[2:] + split[:2]
     drop = ("seconds",)
     assert [{k: v for k, v in r.items() if k not in drop} for r in together] == \
            [{k: v for k, v in r.items() if k not in drop} for r in split]
-    other = evaluate(mi, attack, x[:4], y[:4], ids, seed=6)
+    other = attack_records(mi, attack, x[:4], y[:4], ids, seed=6)
     assert [r["adv_logits"] for r in other] != [r["adv_logits"] for r in together]
     batched = {**attack, "batched": True}
-    once, again = (evaluate(mi, batched, x[:4], y[:4], ids, seed=5) for _ in range(2))
+    once, again = (attack_records(mi, batched, x[:4], y[:4], ids, seed=5) for _ in range(2))
     assert [{k: v for k, v in r.items() if k not in drop} for r in once] == \
            [{k: v for k, v in r.items() if k not in drop} for r in again]
 
@@ -148,7 +150,7 @@ def test_lm_paths_through_evaluate(data):
     rdc = RDC(model, 10, 1, 8, timesteps=4, lm=LikelihoodMaximization(model, 10, steps=2))
     rdc.name = "rdc-optimal-lm"
     for mode in ("bpda", "exact"):
-        records = evaluate(rdc, {"kind": "pgd", "eps": 0.1, "steps": 2, "eot": 2, "passes": 2, "lm_gradient": mode},
+        records = attack_records(rdc, {"kind": "pgd", "eps": 0.1, "steps": 2, "eot": 2, "passes": 2, "lm_gradient": mode},
                            x[:1], y[:1], [0], seed=0)
         assert records[0]["path"] == f"adaptive+{mode}"
         assert records[0]["flags"] == []
@@ -159,7 +161,7 @@ def test_lm_paths_through_evaluate(data):
 def test_transfer_from_a_surrogate(data):
     net, _, _, x, y = data
     target = plain(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), "target")
-    records = evaluate(target, {"kind": "transfer", "surrogate": {"kind": "plain"}, "attack": {"kind": "pgd", "eps": 0.2, "steps": 5}},
+    records = attack_records(target, {"kind": "transfer", "surrogate": {"kind": "plain"}, "attack": {"kind": "pgd", "eps": 0.2, "steps": 5}},
                        x[:3], y[:3], [0, 1, 2], seed=0, surrogate=plain(net, "surrogate"))
     assert all(r["path"] == "transfer:surrogate" and r["attack"] == "transfer-pgd-ce" for r in records)
 

@@ -12,9 +12,12 @@ from pipeline.config.job import parse_job
 from pipeline.config.run import RunOptions
 from pipeline.data import load_split, select
 from pipeline.defenses import build_defense
-from pipeline.protocol import evaluate
+from pipeline.config import spec
+from pipeline.protocol import Batch, build_attack, evaluate
 from pipeline.runtime import plan, run_job
 from pipeline.store import Store
+
+from conftest import attack_records
 
 PGD = {"kind": "pgd", "eps": 24 / 255, "steps": 10, "loss": "dlr"}
 # AutoAttack rand with the smallest budgets that still break many: each case costs seconds, not minutes.
@@ -33,12 +36,12 @@ def test_batched_and_per_example_agree_within_the_wilson_interval(default_models
     table, role, attack = AGREEMENT_CASES[case]
     if role is not None:
         default_models(role)
-    defense = build_defense({**table, "dataset": "digits"})
+    defense = build_defense(spec({**table, "dataset": "digits"}))
     x, y = load_split("digits", "test")
     n = 128
     x, y, ids = x[:n], y[:n], torch.arange(n)
-    batched = evaluate(defense, attack, x, y, ids, seed=0)
-    single = evaluate(defense, {**attack, "batched": False}, x, y, ids, seed=0)
+    batched = attack_records(defense, attack, x, y, ids, seed=0)
+    single = attack_records(defense, {**attack, "batched": False}, x, y, ids, seed=0)
     # Scoring passes are seeded by (seed, pass, example id): the clean answers cannot depend on the mode.
     assert [r["clean_correct"] for r in batched] == [r["clean_correct"] for r in single]
     clean = sum(r["clean_correct"] for r in batched)
@@ -85,9 +88,10 @@ def test_batched_records_do_not_depend_on_workers_order_or_resume(ray_cluster, c
     by_hand = []
     for u in reversed(units):
         x, y = select(x_all, y_all, list(u.example_ids))
-        recs = evaluate(build_defense(u.defense_spec, name=u.defense), u.attack_spec, x, y, list(u.example_ids),
-                        job.spec.seed, attack_name=u.attack)
-        by_hand += [(r["defense"], r["example_id"], r["adv_logits"], r["linf"], r["broken_by"]) for r in recs]
+        defense = build_defense(u.defense_spec, name=u.defense)
+        recs = evaluate(defense, build_attack(u.attack_spec, defense.num_classes, name=u.attack),
+                        Batch(x, y, u.example_ids), job.spec.seed).records
+        by_hand += [(r.defense, r.example_id, r.adv_logits, r.linf, r.broken_by) for r in recs]
     ran = sorted(zip(*(a.column(c).to_pylist() for c in ("defense", "example_id", "adv_logits", "linf", "broken_by"))))
     assert sorted(by_hand) == ran
     # A resume recomputes one lost unit and writes the same rows.

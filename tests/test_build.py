@@ -11,6 +11,8 @@ from pipeline.models.checkpoint import save_checkpoint
 from pipeline.data import load_split
 from pipeline.defenses import MixupInference, Plain, RDC, build_defense
 from pipeline.errors import CheckpointError, ConfigError
+from pipeline.config import spec
+from pipeline.config.defense import parse_defense
 
 
 def test_load_split_contract():
@@ -21,12 +23,12 @@ def test_load_split_contract():
 
 
 def test_build_rdc_on_the_optimal_model():
-    d = build_defense({"kind": "rdc", "model": "optimal", "dataset": "digits", "timesteps": 100,
-                       "lm": {"steps": 5, "timesteps": 10, "gradient": "exact"}, "seed": 3})
+    d = build_defense(spec({"kind": "rdc", "model": "optimal", "dataset": "digits", "timesteps": 100,
+                            "lm": {"steps": 5, "timesteps": 10, "gradient": "exact"}, "seed": 3}))
     assert isinstance(d, RDC) and d.name == "rdc-optimal-lm"
     assert d.ts.numel() == 100 and d.lm.steps == 5 and d.lm.gradient == "exact" and d.draws.seed == 3
     assert d.lm.fixed_t.numel() == 10
-    assert build_defense({"kind": "rdc", "model": "optimal"}).ts.numel() == 1000
+    assert build_defense(spec({"kind": "rdc", "model": "optimal"})).ts.numel() == 1000
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +42,9 @@ def cnn_checkpoint(tmp_path_factory):
 
 
 def test_build_plain_and_mi_from_a_checkpoint(cnn_checkpoint):
-    plain = build_defense({"kind": "plain", "model": str(cnn_checkpoint)})
+    plain = build_defense(spec({"kind": "plain", "model": str(cnn_checkpoint)}))
     assert isinstance(plain, Plain) and plain.name == "plain-erm"
-    mi = build_defense({"kind": "mi", "mode": "combined", "model": str(cnn_checkpoint), "name": "mine"})
+    mi = build_defense(spec({"kind": "mi", "mode": "combined", "model": str(cnn_checkpoint), "name": "mine"}))
     assert isinstance(mi, MixupInference) and mi.name == "mine" and (mi.n_pl, mi.n_ol) == (5, 15)
     assert len(mi.pool_y) == 1442  # the pool is the training split
     out = mi(torch.rand(2, 1, 8, 8))
@@ -51,9 +53,9 @@ def test_build_plain_and_mi_from_a_checkpoint(cnn_checkpoint):
 
 def test_a_checkpoint_for_another_dataset_is_refused(cnn_checkpoint):
     with pytest.raises(CheckpointError, match="num_classes"):
-        build_defense({"kind": "plain", "model": str(cnn_checkpoint), "dataset": "cifar100"})
+        build_defense(spec({"kind": "plain", "model": str(cnn_checkpoint), "dataset": "cifar100"}))
     with pytest.raises(CheckpointError, match="does not exist"):
-        build_defense({"kind": "plain", "model": "/nonexistent/ckpt"})
+        build_defense(spec({"kind": "plain", "model": "/nonexistent/ckpt"}))
 
 
 @pytest.mark.parametrize("table, field", [
@@ -66,7 +68,7 @@ def test_a_checkpoint_for_another_dataset_is_refused(cnn_checkpoint):
 ])
 def test_bad_tables_name_the_field(table, field):
     with pytest.raises(ConfigError) as info:
-        build_defense(table)
+        parse_defense(table)
     assert str(info.value).startswith(field)
 
 
@@ -87,12 +89,12 @@ def test_building_a_defense_never_trains(tmp_path, monkeypatch):
     cache = tmp_path / "empty-cache"
     monkeypatch.setenv("ROBUSTSWEEP_CACHE", str(cache))
     with pytest.raises(CheckpointError) as info:
-        build_defense({"kind": "plain"})
+        build_defense(spec({"kind": "plain"}))
     message = str(info.value)
     assert str(cache / "models" / "digits-erm") in message
     assert "robustsweep train classifier --method erm --dataset digits --out" in message
     with pytest.raises(CheckpointError, match="robustsweep train diffusion --dataset digits"):
-        build_defense({"kind": "rdc", "model": "default", "timesteps": 2})
+        build_defense(spec({"kind": "rdc", "model": "default", "timesteps": 2}))
     assert not (cache / "models" / "digits-erm").exists()  # nothing was trained
 
 
@@ -113,7 +115,7 @@ def test_the_prepare_step_knows_which_default_model_a_table_uses():
 
 def test_each_mi_mode_keeps_its_name_from_the_plan_to_the_records(cnn, digits):
     from pipeline.config.job import parse_job
-    from pipeline.protocol import evaluate
+    from pipeline.protocol import Batch, build_attack, evaluate
     from pipeline.runtime.plan import plan
 
     job = parse_job({"name": "modes", "data": {"dataset": "digits", "split": "test", "limit": 3},
@@ -123,9 +125,9 @@ def test_each_mi_mode_keeps_its_name_from_the_plan_to_the_records(cnn, digits):
     for u in plan(job, len(digits.y_test)):
         mi = build_defense(u.defense_spec, name=u.defense)
         ids = list(u.example_ids)
-        extras = {}
-        recs = evaluate(mi, u.attack_spec, digits.x_test[ids], digits.y_test[ids], ids, 0, attack_name=u.attack, extras=extras)
-        seen[u.defense] = ({r["defense"] for r in recs}, mi.mode, (mi.n_pl, mi.n_ol), extras["forward_per_prediction"])
+        result = evaluate(mi, build_attack(u.attack_spec, mi.num_classes, name=u.attack),
+                          Batch(digits.x_test[ids], digits.y_test[ids], ids), 0)
+        seen[u.defense] = ({r.defense for r in result.records}, mi.mode, (mi.n_pl, mi.n_ol), result.forward_per_prediction)
     # Draws per prediction: y^, the mixes, and F(x) again for Combined's gap.
     assert seen == {"mi-pl": ({"mi-pl"}, "pl", (10, 0), 11), "mi-ol": ({"mi-ol"}, "ol", (0, 30), 31),
                     "mi-combined": ({"mi-combined"}, "combined", (5, 15), 22)}

@@ -14,7 +14,7 @@ from pipeline.config.run import RunOptions
 from pipeline.data import load_split
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.runtime import plan, run_job
-from pipeline.runtime.worker import Worker
+from pipeline.runtime.worker import Worker, WorkerContext
 from pipeline.store import Store
 
 
@@ -79,7 +79,7 @@ def test_the_worker_builds_the_surrogate_once_on_its_device(cnn, tmp_path):
     job = parse_job(transfer_doc(cnn))
     units = plan(job, 355)
     worker = Worker("w0", "cpu")
-    ctx = {"data": job.spec.data.model_dump(), "seed": job.spec.seed, "run_id": "r", "job_hash": job.hash, "out": str(tmp_path)}
+    ctx = WorkerContext("r", job.hash, str(tmp_path), job.spec.seed, job.spec.data)
     for u in units:
         worker.run_unit(u, ctx)
     built = list(worker.defenses.values())

@@ -233,13 +233,14 @@ def test_engine_options_are_checked():
 
 def test_engine_spec_takes_forward_only_compilation_and_defenses_come_frozen(tmp_path):
     from pipeline.defenses import build_defense
+    from pipeline.config import spec
     from pipeline.models.checkpoint import save_checkpoint
 
     unet = _unet(unet_config("digits")).float()  # untrained: what is checked is the spec and the frozen weights
     save_checkpoint(tmp_path / "unet", unet, unet_config("digits"))
-    spec = {"kind": "rdc", "model": str(tmp_path / "unet"), "dataset": "digits", "timesteps": 2,
-            "engine": {"compile": "forward", "autocast": "bf16"}}
-    rdc = build_defense(spec)
+    table = {"kind": "rdc", "model": str(tmp_path / "unet"), "dataset": "digits", "timesteps": 2,
+             "engine": {"compile": "forward", "autocast": "bf16"}}
+    rdc = build_defense(spec(table))
     assert rdc.elbo.options.compile == "forward" and rdc.elbo.options.autocast == "bf16"
     # No weight takes a gradient (compiled backward graphs would otherwise compute them all),
     # while the input gradient still flows.
@@ -249,7 +250,7 @@ def test_engine_spec_takes_forward_only_compilation_and_defenses_come_frozen(tmp
     rdc.evaluate(x, _draw([0])).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="compile"):
-        build_defense({**spec, "engine": {"compile": "backward"}})
+        build_defense(spec({**table, "engine": {"compile": "backward"}}))
 
 
 @pytest.mark.parametrize("size", [4, 8, 16])

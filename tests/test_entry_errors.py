@@ -11,7 +11,8 @@ from pipeline.cli import app
 from pipeline.data import load_split
 from pipeline.defenses import build_defense
 from pipeline.errors import ConfigError, InputError
-from pipeline.protocol import evaluate
+from pipeline.config import spec
+from pipeline.protocol import Batch, build_attack, evaluate
 
 PGD = {"kind": "pgd", "eps": 0.03, "steps": 1}
 
@@ -29,7 +30,7 @@ def test_defense_takes_any_float_dtype_as_float32(kind, dtype, digits, cnn):
     x, _ = digits
     table = ({"kind": "rdc", "model": "optimal", "timesteps": 4} if kind == "rdc-optimal"
              else {"kind": "mi", "mode": "pl", "n_pl": 2, "model": cnn})
-    defense = build_defense({**table, "dataset": "digits", "seed": 0})
+    defense = build_defense(spec({**table, "dataset": "digits", "seed": 0}))
     defense.bind([0, 1, 2, 3], seed=0)
     want = defense(x)
     defense.bind([0, 1, 2, 3], seed=0)
@@ -40,7 +41,7 @@ def test_defense_takes_any_float_dtype_as_float32(kind, dtype, digits, cnn):
 
 
 def test_defense_refuses_uint8_images(digits):
-    defense = build_defense({"kind": "rdc", "model": "optimal", "timesteps": 4, "dataset": "digits"})
+    defense = build_defense(spec({"kind": "rdc", "model": "optimal", "timesteps": 4, "dataset": "digits"}))
     with pytest.raises(InputError, match="float tensor of images in \\[0, 1\\], got dtype torch.uint8"):
         defense((digits[0] * 255).to(torch.uint8))
 
@@ -52,18 +53,18 @@ def test_defense_refuses_uint8_images(digits):
 ])
 def test_evaluate_checks_labels(labels, words, digits):
     x, _ = digits
-    defense = build_defense({"kind": "rdc", "model": "optimal", "timesteps": 4, "dataset": "digits"})
+    defense = build_defense(spec({"kind": "rdc", "model": "optimal", "timesteps": 4, "dataset": "digits"}))
     with pytest.raises(InputError, match=words):
-        evaluate(defense, PGD, x, torch.tensor(labels), [0, 1, 2, 3], 0)
+        evaluate(defense, build_attack(spec(PGD), 10), Batch(x, torch.tensor(labels), [0, 1, 2, 3]), 0)
 
 
 def test_evaluate_checks_images(digits):
     x, y = digits
-    defense = build_defense({"kind": "rdc", "model": "optimal", "timesteps": 4, "dataset": "digits"})
+    defense = build_defense(spec({"kind": "rdc", "model": "optimal", "timesteps": 4, "dataset": "digits"}))
     with pytest.raises(InputError, match="evaluate: input must be a float tensor"):
-        evaluate(defense, PGD, (x * 255).to(torch.uint8), y, [0, 1, 2, 3], 0)
+        evaluate(defense, build_attack(spec(PGD), 10), Batch((x * 255).to(torch.uint8), y, [0, 1, 2, 3]), 0)
     with pytest.raises(ConfigError, match="evaluate: x has 4 rows"):
-        evaluate(defense, PGD, x, y[:3], [0, 1, 2, 3], 0)
+        evaluate(defense, build_attack(spec(PGD), 10), Batch(x, y[:3], [0, 1, 2, 3]), 0)
 
 
 @pytest.mark.parametrize("option, value", [("--limit", -3), ("--limit", 0), ("--batch-size", 0)])

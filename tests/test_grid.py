@@ -8,7 +8,7 @@ import pytest
 import ray
 import torch
 
-from pipeline.protocol import evaluate
+from pipeline.config import spec
 from pipeline.defenses import build_defense
 from pipeline.config.job import parse_job
 from pipeline.config.run import RunOptions
@@ -18,7 +18,7 @@ from pipeline.runtime.run import default_workers
 from pipeline.runtime.worker import Worker
 from pipeline.store import Store
 
-from conftest import GPU_NODES
+from conftest import GPU_NODES, attack_records
 
 TABLES = {
     "rdc": {"kind": "rdc", "dataset": "digits", "model": "optimal", "timesteps": 30},
@@ -57,7 +57,7 @@ def logits_and_grad(defense, x):
 @pytest.mark.parametrize("with_leader", [False, True])
 def test_gang_equals_one_actor(ray_cluster, mixup_model, digits, name, with_leader):
     x = digits.x_test[:3]
-    table = TABLES[name]
+    table = spec(TABLES[name])
     defense = build_defense(table)
     ref_out, ref_grad = logits_and_grad(defense, x)
     actors = gpu_actors(2 if with_leader else 3)
@@ -82,7 +82,7 @@ def test_gang_equals_one_actor(ray_cluster, mixup_model, digits, name, with_lead
 def test_lm_steps_are_split_across_the_gang(ray_cluster, mixup_model, digits):
     """RDC+LM with BPDA: every LM step's samples are spread, one gang call per step and member."""
     x = digits.x_test[:3]
-    table = TABLES["rdc+lm"]
+    table = spec(TABLES["rdc+lm"])
     defense = build_defense(table)
     actors = gpu_actors(2)
     gang = Gang(actors, table, local=defense)
@@ -102,16 +102,16 @@ ATTACK = {"kind": "pgd", "eps": 0.1, "steps": 6, "eot": 2, "passes": 2, "loss": 
 COLUMNS = ["clean_pred", "adv_pred", "adv_correct", "adv_vote_pred", "linf", "l2"]
 
 
-def attack_records(defense, x, y):
-    records = evaluate(defense, ATTACK, x, y, [7, 8], seed=3)
+def attack_columns(defense, x, y):
+    records = attack_records(defense, ATTACK, x, y, [7, 8], seed=3)
     return [{k: r[k] for k in COLUMNS} | {"adv_logits": r["adv_logits"]} for r in records]
 
 
 def test_member_killed_mid_attack_gives_the_same_result(ray_cluster, mixup_model, digits):
     x, y = digits.x_test[:2], digits.y_test[:2]
-    table = TABLES["rdc+lm"]
+    table = spec(TABLES["rdc+lm"])
     defense = build_defense(table)
-    undisturbed = attack_records(defense, x, y)
+    undisturbed = attack_columns(defense, x, y)
     actors = gpu_actors(2)
     gang = Gang(actors, table, local=defense)
     shard(defense, gang)
@@ -127,7 +127,7 @@ def test_member_killed_mid_attack_gives_the_same_result(ray_cluster, mixup_model
     killer = threading.Thread(target=kill_after_some_calls)
     killer.start()
     try:
-        disturbed = attack_records(defense, x, y)
+        disturbed = attack_columns(defense, x, y)
     finally:
         killer.join()
         shard(defense, None)

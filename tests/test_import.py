@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.config import spec
 from pipeline.config.job import load_job, parse_job
 from pipeline.config.model_ref import parse_model_ref
 from pipeline.defenses import build_defense
@@ -449,12 +450,12 @@ def test_a_robustbench_file_is_a_plain_defense(tmp_path):
     model, state = _rb_state({"arch": "resnet18", "normalization": "none", "num_classes": 10})
     src = tmp_path / "Modas2021PRIMEResNet18.pt"
     torch.save(state, src)
-    defense = build_defense({"kind": "plain", "dataset": "cifar10", "model": f"robustbench:resnet-18:{src}"})
+    defense = build_defense(spec({"kind": "plain", "dataset": "cifar10", "model": f"robustbench:resnet-18:{src}"}))
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(defense(x), model(x))
     with pytest.raises(ConfigError, match="cannot be a classifier"):
-        build_defense({"kind": "plain", "dataset": "cifar10", "model": f"edm:{src}.pkl"})
+        build_defense(spec({"kind": "plain", "dataset": "cifar10", "model": f"edm:{src}.pkl"}))
 
 
 def test_a_robustbench_file_is_mis_base_classifier(tmp_path):
@@ -471,8 +472,8 @@ def test_a_robustbench_file_is_mis_base_classifier(tmp_path):
     model, state = _rb_state({"arch": "preact-resnet18", "normalization": "mu_sigma", "num_classes": 10}, mu_sigma=True)
     src = tmp_path / "Wong2020Fast.pt"
     torch.save(state, src)
-    mi = build_defense({"kind": "mi", "mode": "pl", "dataset": "cifar10", "data_root": str(tmp_path / "cifar10"),
-                        "model": f"robustbench:preact-resnet-18:{src}"})
+    mi = build_defense(spec({"kind": "mi", "mode": "pl", "dataset": "cifar10", "data_root": str(tmp_path / "cifar10"),
+                             "model": f"robustbench:preact-resnet-18:{src}"}))
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(mi.classifier(x), model(x))

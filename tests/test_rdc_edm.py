@@ -10,6 +10,7 @@ import torch
 
 from edm_cases import TINY, fill_weights
 from pipeline import rng
+from pipeline.config import spec
 from pipeline.defenses.build import build_defense
 from pipeline.defenses.lm import LikelihoodMaximization
 from pipeline.defenses.rdc import RDC
@@ -136,21 +137,21 @@ def test_defense_table_takes_an_edm_checkpoint_folder(tmp_path):
     folder = _edm_digits_checkpoint(tmp_path / "edm")
     x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(7))
     for elbo in ("vp", "edm"):
-        rdc = build_defense({"kind": "rdc", "model": str(folder), "dataset": "digits", "timesteps": 3,
-                             "elbo": elbo, "lm": {"steps": 1, "timesteps": 2}})
+        rdc = build_defense(spec({"kind": "rdc", "model": str(folder), "dataset": "digits", "timesteps": 3,
+                                  "elbo": elbo, "lm": {"steps": 1, "timesteps": 2}}))
         assert isinstance(rdc.eps_model, DenoiserEps) and rdc.name.startswith("rdc-unet")
         with torch.no_grad():
             logits = rdc(x)
         assert logits.shape == (2, 10) and torch.isfinite(logits).all()
     bad = _edm_digits_checkpoint(tmp_path / "bad", label_dim=7)
     with pytest.raises(CheckpointError, match="label_dim"):
-        build_defense({"kind": "rdc", "model": str(bad), "dataset": "digits"})
+        build_defense(spec({"kind": "rdc", "model": str(bad), "dataset": "digits"}))
 
 
 def test_optimal_model_under_the_edm_weighting_classifies_digits():
     from pipeline.data import load_split
 
-    rdc = build_defense({"kind": "rdc", "model": "optimal", "dataset": "digits", "timesteps": 20, "elbo": "edm"})
+    rdc = build_defense(spec({"kind": "rdc", "model": "optimal", "dataset": "digits", "timesteps": 20, "elbo": "edm"}))
     assert rdc.name == "rdc-optimal-edmw"
     x, y = load_split("digits", "test")
     with torch.no_grad():

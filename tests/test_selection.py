@@ -5,7 +5,8 @@ import torch
 from pipeline.attacks.pgd import pgd_attack
 from pipeline.attacks.selection import Selection, margins, model_score
 from pipeline.defenses.base import Defense
-from pipeline.protocol import evaluate
+
+from conftest import attack_records
 
 EPS = 0.25
 
@@ -38,7 +39,7 @@ def clean_inputs(n=8):
 
 def test_a_point_that_fools_half_the_draws_is_kept_by_autoattack():
     x, y = clean_inputs()
-    records = evaluate(HalfFooled(), {"kind": "autoattack", "version": "rand", "eps": EPS, "n_iter": 5, "eot_iter": 2,
+    records = attack_records(HalfFooled(), {"kind": "autoattack", "version": "rand", "eps": EPS, "n_iter": 5, "eot_iter": 2,
                                       "passes": 16}, x, y, torch.arange(8), seed=0)
     # The old protocol let one fresh draw decide, and scored the clean input for about half.
     assert all(r["linf"] > EPS / 2 for r in records)
@@ -49,7 +50,7 @@ def test_a_point_that_fools_half_the_draws_is_kept_by_autoattack():
 
 def test_a_point_that_fools_half_the_draws_is_kept_by_pgd_and_per_example():
     x, y = clean_inputs(4)
-    records = evaluate(HalfFooled(), {"kind": "pgd", "eps": EPS, "steps": 5, "eot": 2, "restarts": 2, "passes": 16,
+    records = attack_records(HalfFooled(), {"kind": "pgd", "eps": EPS, "steps": 5, "eot": 2, "restarts": 2, "passes": 16,
                                       "batched": False}, x, y, torch.arange(4), seed=0)
     assert all(abs(r["linf"] - EPS) < 1e-6 for r in records)  # the eps-corner: the largest margin
     assert all(0.1 < r["adv_pass_accuracy"] < 0.9 for r in records)
@@ -123,10 +124,10 @@ class CleanIsBest(HalfFooled):
 
 def test_returned_clean_flags_a_real_run_that_scores_the_clean_input():
     x, y = clean_inputs(3)
-    records = evaluate(CleanIsBest(), {"kind": "pgd", "eps": EPS, "steps": 3, "eot": 2, "passes": 4}, x, y,
+    records = attack_records(CleanIsBest(), {"kind": "pgd", "eps": EPS, "steps": 3, "eot": 2, "passes": 4}, x, y,
                        torch.arange(3), seed=0)
     assert all(r["linf"] == 0.0 and "returned_clean" in r["flags"] for r in records)
-    none = evaluate(CleanIsBest(), {"kind": "none", "passes": 4}, x, y, torch.arange(3), seed=0)
+    none = attack_records(CleanIsBest(), {"kind": "none", "passes": 4}, x, y, torch.arange(3), seed=0)
     assert not any("returned_clean" in r["flags"] for r in none)  # no attack ran
 
 

@@ -20,7 +20,7 @@ CONSTANTS = {"run_id": "run-1", "job_hash": "job-abc", "unit_id": "u0001", "work
 
 def fake_records(n: int = 6, *, seed: int = 0, defense: str = "rdc", attack: str = "pgd", eps: float = 8 / 255,
                  K: int = 10, passes: int = 3) -> list[dict]:
-    """Records shaped like pipeline.protocol.evaluate._record's (all columns but CONSTANTS),
+    """Records shaped like pipeline.protocol.Record.as_dict()'s (all columns but CONSTANTS),
     with consistent values: predictions are argmaxes of the logits, correctness follows."""
     rng = np.random.default_rng(seed)
     out = []

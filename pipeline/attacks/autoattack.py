@@ -4,6 +4,10 @@ The ensemble runs as in `AutoAttack.run_standard_evaluation`: each stage attacks
 examples still classified correctly, from the clean input, on the whole batch. Running the
 stages here rather than inside the package lets us record which stage broke each example and
 judge a stochastic defense over many fresh passes (selection.py) rather than one.
+
+The budget is pyautoattack's own for the version and norm (e.g. L1 "standard": APGD with 5
+restarts, APGD-T on 5 target classes, FAB-T on 9), with the spec's overrides applied on top;
+`AutoAttack.stages` reads it back from the configured object, never from a copy of its defaults.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import torch
 from torch import nn
 
+from pipeline.attacks.base import Attack, Stage
 from pipeline.attacks.selection import Selection
 
 _QUIET = logging.getLogger("robustsweep.autoattack")
@@ -20,12 +25,17 @@ _QUIET.addHandler(logging.NullHandler())
 _QUIET.propagate = False
 
 
-def build_autoattack(model: nn.Module, spec, num_classes: int, seed: int, device):
-    """A configured `pyautoattack.AutoAttack`: version, norm, eps and the budget overrides of spec."""
-    from pyautoattack import AutoAttack
+def build_autoattack(model: nn.Module | None, spec, num_classes: int, seed: int, device):
+    """A configured `pyautoattack.AutoAttack`: version, norm, eps and the budget overrides of spec
+    (a parsed pipeline.config.attack.AutoAttackSpec).
+
+    Target classes are the version's own (spec.n_target_classes overrides them), at most the
+    K - 1 classes there are. model may be None to read the budget without attacking.
+    """
+    from pyautoattack import AutoAttack as Library
 
     custom = spec.version == "custom"
-    aa = AutoAttack(model, attacks=list(spec.attacks) if custom else None, device=device, eps=spec.eps,
+    aa = Library(model, attacks=list(spec.attacks) if custom else None, device=device, eps=spec.eps,
                     norm=spec.norm, seed=seed, version=spec.version)
     aa.verbose = False
     aa.logger = _QUIET
@@ -45,14 +55,55 @@ def build_autoattack(model: nn.Module, spec, num_classes: int, seed: int, device
         aa.apgd.eot_iter = aa.apgd_targeted.eot_iter = spec.eot_iter
     if spec.square_queries is not None:
         aa.square.n_queries = spec.square_queries
-    targets = min(spec.n_target_classes or 9, num_classes - 1)
-    aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = targets
+    for attack in (aa.apgd_targeted, aa.fab):
+        attack.n_target_classes = min(spec.n_target_classes or attack.n_target_classes, num_classes - 1)
     return aa
 
 
-def eot_iterations(aa) -> int:
-    """The EOT iterations the gradient-based stages of `aa` use."""
-    return max(aa.apgd.eot_iter, aa.apgd_targeted.eot_iter)
+def stages_of(aa) -> tuple[Stage, ...]:
+    """The stages `aa` runs, each with the budget its configured sub-attack holds."""
+    apgd, targeted, fab, square = aa.apgd, aa.apgd_targeted, aa.fab, aa.square
+    budget = {
+        "apgd-ce": lambda: Stage("apgd-ce", apgd.n_iter, apgd.n_restarts, 1, apgd.eot_iter),
+        "apgd-dlr": lambda: Stage("apgd-dlr", apgd.n_iter, apgd.n_restarts, 1, apgd.eot_iter),
+        "apgd-t": lambda: Stage("apgd-t", targeted.n_iter, targeted.n_restarts, targeted.n_target_classes,
+                                targeted.eot_iter),
+        "fab": lambda: Stage("fab", fab.n_iter, fab.n_restarts),
+        # FAB-T runs one restart per target class (_run_stage), whatever fab.n_restarts says.
+        "fab-t": lambda: Stage("fab-t", fab.n_iter, 1, fab.n_target_classes),
+        "square": lambda: Stage("square", square.n_queries, square.n_restarts, gradients=False),
+    }
+    return tuple(budget[name]() for name in aa.attacks_to_run)
+
+
+class AutoAttack(Attack):
+    """AutoAttack through pyautoattack, its stages and budget read from the configured object."""
+
+    def __init__(self, spec, num_classes: int, name: str):
+        self.spec, self.num_classes, self.name = spec, num_classes, name
+        aa = build_autoattack(None, spec, num_classes, 0, "cpu")
+        self.stages = stages_of(aa)
+        # What `scaled` multiplies: APGD's iterations and the EOT draws of its gradient stages.
+        self._apgd = (aa.apgd.n_iter, max(aa.apgd.eot_iter, aa.apgd_targeted.eot_iter))
+
+    @property
+    def eps(self) -> float:
+        return self.spec.eps
+
+    @property
+    def norm(self) -> str:
+        return self.spec.norm
+
+    def scaled(self, k: int, *, eot: bool = True) -> "AutoAttack":
+        if k == 1:
+            return self
+        n_iter, eot_iter = self._apgd
+        update = {"n_iter": n_iter * k, "eot_iter": eot_iter * k if eot else self.spec.eot_iter}
+        return AutoAttack(self.spec.model_copy(update=update), self.num_classes, self.name)
+
+    def run(self, model: nn.Module, select: Selection, seed: int, *, stochastic: bool) -> None:
+        run_autoattack(build_autoattack(model, self.spec, self.num_classes, seed, select.x.device), select,
+                       stochastic=stochastic)
 
 
 def _run_stage(aa, stage: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.attacks.base import Attack, Stage
 from pipeline.attacks.selection import Selection, model_score
 
 
@@ -107,3 +108,31 @@ def _best_iterate(model, xs, ys, delta, *, eps, norm, steps, alpha, eot, loss):
             step = alpha * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         delta = _project(delta.detach() + step, xs, eps, norm)
     return best, best_loss
+
+
+class PGD(Attack):
+    """PGD with EOT and restarts, as its spec configures it: one stage "pgd"."""
+
+    def __init__(self, spec, name: str):
+        """spec: a parsed PGD spec (pipeline.config.attack.PGDSpec)."""
+        self.spec, self.name = spec, name
+        self.stages = (Stage("pgd", spec.steps, restarts=spec.restarts, eot=spec.eot),)
+
+    @property
+    def eps(self) -> float:
+        return self.spec.eps
+
+    @property
+    def norm(self) -> str:
+        return self.spec.norm
+
+    def scaled(self, k: int, *, eot: bool = True) -> "PGD":
+        if k == 1:
+            return self
+        return PGD(self.spec.model_copy(update={"steps": self.spec.steps * k,
+                                                "eot": self.spec.eot * (k if eot else 1)}), self.name)
+
+    def run(self, model: nn.Module, select: Selection, seed: int, *, stochastic: bool) -> None:
+        s = self.spec
+        pgd_attack(model, select.x, select.y, eps=s.eps, norm=s.norm, steps=s.steps, step_size=s.step_size, eot=s.eot,
+                   restarts=s.restarts, loss=s.loss, random_start=s.random_start, seed=seed, select=select)

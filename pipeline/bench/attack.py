@@ -28,12 +28,13 @@ import time
 
 import torch
 
+from pipeline.attacks import Attack
 from pipeline.attacks.autoattack import build_autoattack
-from pipeline.config.attack import parse_attack
+from pipeline.config import spec
 from pipeline.data import load_split
 from pipeline.defenses import build_defense
 from pipeline.errors import ConfigError
-from pipeline.protocol import evaluate
+from pipeline.protocol import Batch, build_attack, evaluate
 
 CASES = {
     "plain": ({"kind": "plain"},
@@ -64,11 +65,10 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _library_seconds(defense, table: dict, x: torch.Tensor, y: torch.Tensor, seed: int) -> float:
+def _library_seconds(defense, attack: Attack, x: torch.Tensor, y: torch.Tensor, seed: int) -> float:
     """pyautoattack's own run of the same attack on the same batch (no selection, no scoring)."""
-    spec = parse_attack(table)
     defense.bind(None, seed=seed)
-    aa = build_autoattack(defense, spec, defense.num_classes, seed, x.device)
+    aa = build_autoattack(defense, attack.spec, defense.num_classes, seed, x.device)
     _sync(x.device)
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
@@ -77,11 +77,10 @@ def _library_seconds(defense, table: dict, x: torch.Tensor, y: torch.Tensor, see
     return time.perf_counter() - start
 
 
-def _attack_seconds(defense, table: dict, x, y, ids, seed: int) -> tuple[float, int]:
+def _attack_seconds(defense, attack: Attack, x, y, ids, seed: int) -> tuple[float, int]:
     """evaluate's attack phase on (x, y): seconds, and network evaluations (forward + backward)."""
-    extras: dict = {}
-    evaluate(defense, table, x, y, ids, seed, extras=extras)
-    return extras["attack_seconds"], sum(extras["attack_evaluations"].values())
+    result = evaluate(defense, attack, Batch(x, y, ids), seed)
+    return result.attack_seconds, result.attack.forward + result.attack.backward
 
 
 def _network_seconds(defense, x: torch.Tensor, images: int, repeat: int) -> float | None:
@@ -112,25 +111,26 @@ def bench_case(name: str, *, examples: int = 64, per_example: int = 8, repeat: i
     shared machine falls on all three; each mode's time is its fastest run, as timeit's.
     """
     defense_table, table = CASES[name]
-    defense = build_defense({**defense_table, "dataset": "digits"}, device=device)
+    defense = build_defense(spec({**defense_table, "dataset": "digits"}), device=device)
     x, y = load_split("digits", "test")
     x, y = x[:examples].to(device), y[:examples].to(device)
     ids = torch.arange(examples)
     k = min(per_example, examples)
-    one = {**table, "batched": False}
-    _attack_seconds(defense, table, x[:2], y[:2], ids[:2], seed)
+    attack = build_attack(spec(table), defense.num_classes)
+    one = build_attack(spec({**table, "batched": False}), defense.num_classes)
+    _attack_seconds(defense, attack, x[:2], y[:2], ids[:2], seed)
     _attack_seconds(defense, one, x[:2], y[:2], ids[:2], seed)
-    _library_seconds(defense, table, x[:2], y[:2], seed)
+    _library_seconds(defense, attack, x[:2], y[:2], seed)
     times: dict[str, list[float]] = {"batched": [], "per_example": [], "library": []}
     evaluations = {}
     for _ in range(repeat):
-        seconds, evaluations["batched"] = _attack_seconds(defense, table, x, y, ids, seed)
+        seconds, evaluations["batched"] = _attack_seconds(defense, attack, x, y, ids, seed)
         times["batched"].append(seconds)
         seconds, count = _attack_seconds(defense, one, x[:k], y[:k], ids[:k], seed)
         times["per_example"].append(seconds * examples / k)
         evaluations["per_example"] = count * examples / k
-        times["library"].append(_library_seconds(defense, table, x, y, seed))
-    records = evaluate(defense, table, x, y, ids, seed)
+        times["library"].append(_library_seconds(defense, attack, x, y, seed))
+    records = evaluate(defense, attack, Batch(x, y, ids), seed).records
     if progress is not None:
         progress(name)
     batched, per_example_seconds, library = (min(times[m]) for m in ("batched", "per_example", "library"))
@@ -141,7 +141,7 @@ def bench_case(name: str, *, examples: int = 64, per_example: int = 8, repeat: i
         "case": name, "device": str(device), "examples": examples, "per_example_examples": k, "repeat": repeat,
         "batched_seconds": batched, "per_example_seconds": per_example_seconds, "library_seconds": library,
         "speedup_vs_per_example": per_example_seconds / batched, "overhead_vs_library": batched / library,
-        "runs": times, "robust_acc": sum(r["adv_vote_correct"] for r in records) / examples,
+        "runs": times, "robust_acc": sum(r.adv_vote_correct for r in records) / examples,
         "evaluations_per_example": {m: c / examples for m, c in evaluations.items()},
         "us_per_evaluation": {m: 1e6 * t / max(evaluations[m], 1) for m, t in
                               (("batched", batched), ("per_example", per_example_seconds))},

@@ -37,7 +37,7 @@ def bench_grid(*, model: str = "default", timesteps: int = 1000, examples: int =
     ids = list(range(examples))
     torch.set_num_threads(1)
     prepare_defaults([parse_defense(table)], progress=False)  # before any actor asks: building never trains
-    defense = build_defense(table)
+    defense = build_defense(parse_defense(table))
     out: dict = {"model": model, "timesteps": timesteps, "examples": examples, "gangs": list(gangs),
                  "threads_per_actor": 1, "cores": cores, **machine_info("cpu"), "ray": ray.__version__,
                  "repeat": repeat, "load_before": load_average()}

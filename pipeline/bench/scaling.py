@@ -29,7 +29,7 @@ from pipeline.bench.common import load_average, local_ray, machine_info, timed
 from pipeline.data import load_split
 from pipeline.runtime.plan import plan
 from pipeline.runtime.run import prepare_models, run_job
-from pipeline.runtime.worker import Worker
+from pipeline.runtime.worker import Worker, WorkerContext
 from pipeline.config.job import parse_job
 from pipeline.config.run import RunOptions
 
@@ -61,9 +61,8 @@ def run_slice(doc: dict, begin: int, end: int, out: str) -> int:
     data = job.spec.data
     x_all, _ = load_split(data.dataset, data.split, root=data.root)
     worker = Worker(f"process-{begin}", "cpu", threads=1)
-    ctx = {"run_id": "by-hand", "job_hash": job.hash, "out": out, "endpoint_url": None, "seed": job.spec.seed,
-           "data": {"dataset": data.dataset, "split": data.split, "root": data.root}}
-    return sum(worker.run_unit(u, ctx)["rows"] for u in plan(job, x_all.shape[0])[begin:end])
+    ctx = WorkerContext("by-hand", job.hash, out, job.spec.seed, data)
+    return sum(worker.run_unit(u, ctx).rows for u in plan(job, x_all.shape[0])[begin:end])
 
 
 def _by_hand(doc: dict, n_units: int, processes: int, out: Path) -> float:

@@ -6,6 +6,10 @@
     {"kind": "transfer", "surrogate": {"kind": "plain"}, "attack": {"kind": "pgd", "eps": 8/255}}
     {"kind": "none"}                                             # clean evaluation only
 
+A transfer attack's eps and norm are its crafting attack's (`attack`): an eps or norm written on
+the transfer table itself (as a job's eps sweep writes it) is moved into the crafting attack, and
+one written in both places is refused.
+
 Common fields: `passes` (R, the stochastic passes that score a randomized defense, default
 10), `path` ("adaptive": the attacker sees the whole defense; "oblivious": it attacks the
 defense's base classifier, MI only), `lm_gradient` ("bpda" or "exact": how gradients cross
@@ -28,11 +32,11 @@ AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 KINDS = ("autoattack", "pgd", "transfer", "none")
 
 
-class _Attack(BaseModel):
+class _Protocol(BaseModel):
+    """How the protocol runs any attack: scoring passes, path, selection, batching, convergence."""
+
     model_config = ConfigDict(extra="forbid")
     name: str | None = None
-    norm: Literal["Linf", "L2", "L1"] = "Linf"
-    eps: float = Field(8 / 255, ge=0)
     passes: int = Field(10, ge=1)
     path: Literal["adaptive", "oblivious"] = "adaptive"
     lm_gradient: Literal["bpda", "exact"] | None = None
@@ -40,6 +44,11 @@ class _Attack(BaseModel):
     batched: bool = True
     converge: bool = False
     converge_cap: int = Field(3, ge=0)
+
+
+class _Attack(_Protocol):
+    norm: Literal["Linf", "L2", "L1"] = "Linf"
+    eps: float = Field(8 / 255, ge=0)
 
 
 class NoAttack(_Attack):
@@ -86,21 +95,42 @@ class PGDSpec(_Attack):
         return data
 
 
-class TransferSpec(_Attack):
-    """Craft on a surrogate, score on the defense. `surrogate` is a defense table; it is parsed with
-    the job (config/defense.py `surrogate_spec`), where it takes the attacked defense's dataset,
-    data root and seed."""
+CraftingSpec = Annotated[Union[AutoAttackSpec, PGDSpec], Field(discriminator="kind")]
+
+
+class TransferSpec(_Protocol):
+    """Craft on a surrogate, score on the defense. `attack` crafts the points: its eps and norm
+    are the transfer's. `surrogate` is a defense table; it is parsed with the job
+    (config/defense.py `surrogate_spec`), where it takes the attacked defense's dataset, data
+    root and seed."""
 
     kind: Literal["transfer"]
     surrogate: dict
-    attack: dict
+    attack: CraftingSpec
 
-    @model_validator(mode="after")
-    def _inner(self):
-        inner = parse_attack(self.attack)
-        if inner.kind in ("transfer", "none"):
-            raise ValueError("the inner attack of a transfer must be 'pgd' or 'autoattack'")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _budget_in_the_crafting_attack(cls, data):
+        # A job's eps sweep writes eps on the outer table; the crafting attack is what uses it.
+        if not isinstance(data, dict) or not isinstance(data.get("attack"), dict):
+            return data
+        moved = {k: data[k] for k in ("eps", "norm") if k in data}
+        both = sorted(k for k in moved if k in data["attack"])
+        if both:
+            raise ValueError(f"{both[0]} is set twice, on the transfer ({moved[both[0]]!r}) and on its crafting attack "
+                             f"({data['attack'][both[0]]!r}); set it once (a swept eps goes to the crafting attack)")
+        if not moved:
+            return data
+        rest = {k: v for k, v in data.items() if k not in moved}
+        return {**rest, "attack": {**data["attack"], **moved}}
+
+    @property
+    def eps(self) -> float:
+        return self.attack.eps
+
+    @property
+    def norm(self) -> str:
+        return self.attack.norm
 
 
 AttackSpec = Annotated[Union[NoAttack, AutoAttackSpec, PGDSpec, TransferSpec], Field(discriminator="kind")]
@@ -113,8 +143,8 @@ def parse_attack(config: dict):
 
 
 def crafting(spec):
-    """The attack that crafts the points: a transfer's inner attack (parsed), else spec itself."""
-    return parse_attack(spec.attack) if spec.kind == "transfer" else spec
+    """The attack that crafts the points: a transfer's crafting attack, else spec itself."""
+    return spec.attack if spec.kind == "transfer" else spec
 
 
 def attack_name(spec) -> str:

@@ -140,7 +140,11 @@ def _sweep(table: dict, where: str, extra_lists: tuple[str, ...] = ()) -> list[t
 
 
 def _reprefix(exc: ConfigError, old: str, new: str) -> ConfigError:
-    return ConfigError("; ".join(p.replace(old, new, 1) if p.startswith(old) else p for p in str(exc).split("; ")))
+    """The error with its field paths under `new` instead of `old` ("attack." -> "attacks[0]."); a
+    clause about the whole table ("attack: ...") is moved the same way."""
+    whole, under = old.rstrip(".") + ":", new.rstrip(".") + ":"
+    return ConfigError("; ".join(p.replace(old, new, 1) if p.startswith(old) else
+                                 p.replace(whole, under, 1) if p.startswith(whole) else p for p in str(exc).split("; ")))
 
 
 def _grid_workers(value, where: str) -> int | str:

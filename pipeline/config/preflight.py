@@ -53,7 +53,7 @@ def preflight(job: Job) -> None:
         where = f"attack {a.name!r}"
         _long_name(a.name, where)
         _numbers_are_numbers(a.table, a.spec.model_dump(), where)
-        _budget(a.spec.model_dump(), size, where)
+        _budget({"eps": a.spec.eps, "norm": a.spec.norm}, size, where)  # a transfer's: its crafting attack's
 
 
 def check_output(out: str) -> None:

@@ -95,6 +95,9 @@ class Defense(nn.Module):
     Randomness: a stochastic defense numbers the calls of each example, so repeated calls
     (EOT) see fresh draws that a rerun reproduces. The example ids of the rows come from
     `bind(ids)`; unbound, row i is example i.
+
+    What an attacker may see is declared here, not probed: `name` (the records' name; build_defense
+    sets the planned one), `stochastic`, `likelihood_maximization()` and `base_classifier()`.
     """
 
     stochastic = False
@@ -107,6 +110,18 @@ class Defense(nn.Module):
         self.draws = DrawCounter(seed)
         self.cost = Cost()
         self._bound: torch.Tensor | None = None
+        self.name = type(self).__name__
+
+    # --- what an attacker may see ---------------------------------------------------------
+    def likelihood_maximization(self) -> nn.Module | None:
+        """The purification step whose gradient mode an attack may set (its `gradient`:
+        "bpda" or "exact"); None for a defense without one."""
+        return None
+
+    def base_classifier(self) -> "Defense | None":
+        """The classifier under the defense, as a deterministic defense of its own (what an
+        oblivious attack differentiates); None for a defense that has none."""
+        return None
 
     # --- randomness -------------------------------------------------------------------
     def bind(self, example_ids, seed: int | None = None) -> "Defense":

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.config.datasets import dataset_info
-from pipeline.config.defense import AuthorsGrid, DefenseSpec, RDCSpec, defense_name, parse_defense
+from pipeline.config.defense import AuthorsGrid, DefenseSpec, RDCSpec, defense_name
 from pipeline.data import load_split
 from pipeline.defenses.base import Defense
 from pipeline.defenses.engine import EngineOptions
@@ -32,13 +32,13 @@ from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models.zoo import load_model
 
 
-def build_defense(spec: DefenseSpec | dict, device: str | torch.device | None = None, name: str | None = None) -> Defense:
-    """The defense of a parsed spec (a table is parsed first), on `device` (default CPU).
+def build_defense(spec: DefenseSpec, device: str | torch.device | None = None, name: str | None = None) -> Defense:
+    """The defense of a parsed spec (pipeline.config.spec(table) parses a table), on `device` (default CPU).
 
     name: its name in records, as the job planned it (with any sweep suffix); default: the spec's.
     """
     if isinstance(spec, dict):
-        spec = parse_defense(spec)
+        raise ConfigError("build_defense takes a parsed spec; parse a table with pipeline.config.spec(table)")
     info = dataset_info(spec.dataset)
     channels, size, K = info.channels, info.size, info.classes
     if spec.kind == "plain":

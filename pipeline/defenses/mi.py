@@ -20,6 +20,7 @@ from pipeline import rng
 from pipeline.errors import ConfigError
 from pipeline.rng import Draw
 from pipeline.defenses.base import Defense
+from pipeline.defenses.plain import Plain
 
 PL, OL = 0, 1
 MODES = ("pl", "ol", "combined")
@@ -58,6 +59,9 @@ class MixupInference(Defense):
         self.register_buffer("pool_y", pool_y[order].contiguous(), persistent=False)
         self.register_buffer("class_start", (torch.cumsum(counts, 0) - counts), persistent=False)
         self.register_buffer("class_count", counts, persistent=False)
+
+    def base_classifier(self) -> Defense:
+        return Plain(self.classifier, self.num_classes, self.in_channels, self.image_size)
 
     def grid(self) -> torch.Tensor:
         """Cells (N_PL + N_OL, 2): rows (kind, n), kind 0 = PL draw, 1 = OL draw."""

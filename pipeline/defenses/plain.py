@@ -19,3 +19,6 @@ class Plain(Defense):
     def partial(self, x: torch.Tensor, cells: torch.Tensor, draw: Draw) -> torch.Tensor:
         self.check_cells(cells)
         return self.cost.count(self.classifier(x), x.shape[0]) * cells.shape[0]
+
+    def base_classifier(self) -> Defense:
+        return Plain(self.classifier, self.num_classes, self.in_channels, self.image_size)

@@ -129,6 +129,9 @@ class RDC(Defense):
         by_t = torch.tensor_split(self.ts, min(parts, self.ts.numel()))
         return [torch.cartesian_prod(torch.arange(self.num_classes), ts) for ts in by_t]
 
+    def likelihood_maximization(self) -> LikelihoodMaximization | None:
+        return self.lm
+
     def purify(self, x: torch.Tensor, draw: Draw, gradient=None) -> torch.Tensor:
         """LM(x), or x without LM; each LM step costs one forward and backward per sample.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from pipeline.config.attack import AttackSpec, parse_attack
+from pipeline.config.attack import AttackSpec, TransferSpec, parse_attack
 from pipeline.config.defense import DefenseSpec, parse_defense, surrogate_spec
 from pipeline.config.job import Job, content_hash
 from pipeline.data import make_shards
@@ -51,7 +51,7 @@ class Unit:
     def from_dict(cls, d: dict) -> "Unit":
         """A unit read back from plan.json: its tables are parsed again, as when the job was planned."""
         defense_spec, attack_spec = parse_defense(d["defense_table"]), parse_attack(d["attack_table"])
-        surrogate = surrogate_spec(attack_spec.surrogate, defense_spec) if attack_spec.kind == "transfer" else None
+        surrogate = surrogate_spec(attack_spec.surrogate, defense_spec) if isinstance(attack_spec, TransferSpec) else None
         return cls(d["unit_id"], d["defense"], d["attack"], d["eps"], d["defense_table"], d["attack_table"],
                    tuple(d["example_ids"]), d.get("grid_workers", 1), defense_spec=defense_spec,
                    attack_spec=attack_spec, surrogate_spec=surrogate)
@@ -69,7 +69,8 @@ def plan(job: Job, n_examples: int) -> list[Unit]:
             for shard in shards:
                 key = {"defense": d.table, "attack": a.table, "dataset": data.dataset, "split": data.split,
                        "root": data.root, "ids": list(shard.example_ids), "seed": job.spec.seed, "format": FORMAT}
-                units.append(Unit(content_hash(key), d.name, a.name, float(a.table.get("eps", 0.0)), d.table, a.table,
+                # The eps the attack runs at: a transfer's is its crafting attack's.
+                units.append(Unit(content_hash(key), d.name, a.name, float(a.spec.eps), d.table, a.table,
                                   tuple(shard.example_ids), d.grid_workers, defense_spec=d.spec, attack_spec=a.spec,
                                   surrogate_spec=a.surrogates.get(d.name)))
     return units

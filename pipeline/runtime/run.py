@@ -33,7 +33,7 @@ from pipeline.runtime.reach import check_reachable
 from pipeline.runtime.scheduler import Failed, Outcome, Scheduler, gang_size
 from pipeline.config.job import Job
 from pipeline.config.run import RunOptions
-from pipeline.runtime.worker import Worker
+from pipeline.runtime.worker import UnitResult, Worker, WorkerContext
 
 LOST = (RayActorError, ActorDiedError, ActorUnavailableError, NodeDiedError, WorkerCrashedError)
 
@@ -154,8 +154,7 @@ def _run_leased(job: Job, options: RunOptions, store: Store, units: list[Unit], 
         n, use_gpu = default_workers(options.gpus_per_worker)
         n = options.workers or n
         result.workers = n
-        ctx = {"run_id": run_id, "job_hash": job.hash, "out": options.out, "endpoint_url": options.endpoint_url, "seed": job.spec.seed,
-               "data": {"dataset": data.dataset, "split": data.split, "root": data.root}}
+        ctx = WorkerContext(run_id, job.hash, options.out, job.spec.seed, data, endpoint_url=options.endpoint_url)
         _drain(todo, ctx, store, result, n, use_gpu, options.gpus_per_worker, progress, lease)
     finally:
         if started:
@@ -167,7 +166,7 @@ def _run_leased(job: Job, options: RunOptions, store: Store, units: list[Unit], 
 class RayActors:
     """The scheduler's `Actors` (runtime/scheduler.py) as Ray worker actors (runtime/worker.py)."""
 
-    def __init__(self, ctx: dict, use_gpu: bool, gpus_per_worker: float):
+    def __init__(self, ctx: WorkerContext, use_gpu: bool, gpus_per_worker: float):
         self.ctx, self.use_gpu, self.gpus_per_worker = ctx, use_gpu, gpus_per_worker
         self.resource = "GPU" if use_gpu else "CPU"
 
@@ -199,14 +198,13 @@ class RayActors:
             return Outcome(error="worker lost", trace=traceback.format_exc(), lost=True)
         except RayTaskError as exc:
             return Outcome(error=str(exc.cause if exc.cause else exc), trace=traceback.format_exc())
-        lost_peers = tuple(value.get("lost_peers", ())) if isinstance(value, dict) else ()
-        return Outcome(value=value, lost_peers=lost_peers)
+        return Outcome(value=value, lost_peers=value.lost_peers if isinstance(value, UnitResult) else ())
 
     def kill(self, handle) -> None:
         ray.kill(handle)
 
 
-def _drain(todo: list[Unit], ctx: dict, store: Store, result: RunResult, n: int, use_gpu: bool,
+def _drain(todo: list[Unit], ctx: WorkerContext, store: Store, result: RunResult, n: int, use_gpu: bool,
            gpus_per_worker: float, progress: bool, lease: RunLease) -> None:
     """Hand the units to the pool until every one is committed or failed (module docstring), or
     until another driver takes the run folder's lease over (LeaseLostError; the pool is stopped)."""
@@ -234,7 +232,7 @@ def _drain(todo: list[Unit], ctx: dict, store: Store, result: RunResult, n: int,
                                                    "traceback": event.trace})
                         continue
                     result.done += 1
-                    result.rows += event.value["rows"]
+                    result.rows += event.value.rows
                     examples += len(unit.example_ids)
                     if failure in stale:
                         store.remove(failure)

@@ -8,19 +8,44 @@ Parquet commit), so results never travel through the driver.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
-from pipeline.config.defense import DefenseSpec, parse_defense
-from pipeline.protocol import evaluate
+from pipeline.config.defense import DefenseSpec
+from pipeline.config.job import DataSpec, content_hash
 from pipeline.data import load_split, select
 from pipeline.defenses import build_defense
-from pipeline.store import Store, records_to_table
-from pipeline.store.unit import commit_unit
+from pipeline.protocol import Batch, build_attack, evaluate
 from pipeline.runtime import faults
 from pipeline.runtime.grid import Gang, member_call, shard
 from pipeline.runtime.plan import Unit
-from pipeline.config.job import content_hash
+from pipeline.store import Store, records_to_table
+from pipeline.store.unit import commit_unit
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What every unit of a run shares, sent to the workers with each unit."""
+
+    run_id: str
+    job_hash: str
+    out: str  # the results folder or s3:// prefix
+    seed: int
+    data: DataSpec  # the job's data: dataset, split, root
+    endpoint_url: str | None = None
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    """What a worker reports of a committed unit (its rows are in the store, not here)."""
+
+    unit_id: str
+    rows: int
+    seconds: float
+    worker: str
+    lost_peers: tuple[int, ...] = ()  # positions, in the unit's peer list, of gang members lost on the way
+    gang: int = 1
 
 
 def visible_device(want_gpu: bool) -> str:
@@ -42,32 +67,30 @@ class Worker:
         self.defenses: dict[str, torch.nn.Module] = {}
         self.splits: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _defense(self, spec: DefenseSpec | dict, name: str | None = None):
-        """The defense of `spec` (a table is parsed first) on this actor's device, built once."""
-        if isinstance(spec, dict):
-            spec = parse_defense(spec)
+    def _defense(self, spec: DefenseSpec, name: str | None = None):
+        """The defense of a parsed spec on this actor's device, built once."""
         key = content_hash([spec.model_dump(), name])
         if key not in self.defenses:
             self.defenses[key] = build_defense(spec, device=self.device, name=name)
         return self.defenses[key]
 
-    def _split(self, data: dict):
-        key = (data["dataset"], data["split"], data.get("root"))
+    def _split(self, data: DataSpec):
+        key = (data.dataset, data.split, data.root)
         if key not in self.splits:
-            self.splits[key] = load_split(data["dataset"], data["split"], root=data.get("root"))
+            self.splits[key] = load_split(data.dataset, data.split, root=data.root)
         return self.splits[key]
 
     def ping(self) -> str:
         return self.name
 
-    def grid_call(self, spec: DefenseSpec | dict, kind: str, x: torch.Tensor, cells: torch.Tensor, draw, extra):
+    def grid_call(self, spec: DefenseSpec, kind: str, x: torch.Tensor, cells: torch.Tensor, draw, extra):
         """One gang call (runtime/grid.py `member_call`) on this actor's copy of the defense."""
         defense = self._defense(spec)
         return member_call(defense, kind, x.to(self.device), cells, draw,
                            extra.to(self.device) if isinstance(extra, torch.Tensor) else extra)
 
-    def run_unit(self, u: Unit, ctx: dict, peers: list | None = None) -> dict:
-        """Evaluate one unit and commit its Parquet file; returns a summary (rows, seconds, lost peers).
+    def run_unit(self, u: Unit, ctx: WorkerContext, peers: list | None = None) -> UnitResult:
+        """Evaluate one unit and commit its Parquet file.
 
         peers: actor handles reserved for this unit; with them the defense's grid is sharded
         over a gang of this actor and its peers.
@@ -76,19 +99,19 @@ class Worker:
         faults.inject(u.unit_id)
         defense = self._defense(u.defense_spec, u.defense)
         surrogate = self._defense(u.surrogate_spec) if u.surrogate_spec is not None else None
-        x, y = select(*self._split(ctx["data"]), list(u.example_ids))
+        attack = build_attack(u.attack_spec, defense.num_classes, surrogate=surrogate, name=u.attack)
+        x, y = select(*self._split(ctx.data), list(u.example_ids))
         gang = Gang(peers, u.defense_spec, local=defense) if peers else None
         shard(defense, gang)
-        extras: dict = {}
         try:
-            records = evaluate(defense, u.attack_spec, x.to(self.device), y.to(self.device), list(u.example_ids),
-                               ctx["seed"], attack_name=u.attack, surrogate=surrogate, extras=extras)
+            result = evaluate(defense, attack, Batch(x.to(self.device), y.to(self.device), u.example_ids), ctx.seed)
         finally:
             shard(defense, None)
-        table = records_to_table(records, run_id=ctx["run_id"], job_hash=ctx["job_hash"], unit_id=u.unit_id,
-                                 worker=self.name, config_hash=content_hash(u.defense_table))
-        store = Store(ctx["out"], endpoint_url=ctx.get("endpoint_url"))
-        commit_unit(store, f"{ctx['run_id']}/{u.path}", table, u.example_ids, extras, unit_id=u.unit_id,
-                    run_id=ctx["run_id"], job_hash=ctx["job_hash"])
-        return {"unit_id": u.unit_id, "rows": table.num_rows, "seconds": time.perf_counter() - start,
-                "worker": self.name, "lost_peers": gang.lost() if gang else [], "gang": gang.size if gang else 1}
+        table = records_to_table([r.as_dict() for r in result.records], run_id=ctx.run_id, job_hash=ctx.job_hash,
+                                 unit_id=u.unit_id, worker=self.name, config_hash=content_hash(u.defense_table))
+        store = Store(ctx.out, endpoint_url=ctx.endpoint_url)
+        commit_unit(store, f"{ctx.run_id}/{u.path}", table, u.example_ids,
+                    {"x_adv": result.x_adv, "forward_per_prediction": result.forward_per_prediction},
+                    unit_id=u.unit_id, run_id=ctx.run_id, job_hash=ctx.job_hash)
+        return UnitResult(u.unit_id, table.num_rows, time.perf_counter() - start, self.name,
+                          tuple(gang.lost()) if gang else (), gang.size if gang else 1)

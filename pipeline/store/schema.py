@@ -105,7 +105,7 @@ _NAMES = tuple(RECORD_SCHEMA.names)
 def records_to_table(records: Sequence[Mapping], **constant_columns) -> pa.Table:
     """A table with `RECORD_SCHEMA` from record dicts (one per row).
 
-    records: dicts as made by `pipeline.protocol.evaluate` (every column except the constants).
+    records: dicts as `pipeline.protocol.Record.as_dict` makes them (every column except the constants).
     constant_columns: columns with one value for every row (run_id, unit_id, worker,
         config_hash, ...). A column given both ways must hold the same value in every record.
     Raises StoreError naming the field when a field is missing, unknown, null where the schema
