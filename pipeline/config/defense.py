@@ -18,7 +18,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from pipeline.config.datasets import DatasetName
-from pipeline.config.model_ref import parse_model_ref
+from pipeline.config.model_ref import ModelRef, ModelRefField
 from pipeline.config.tables import validate_table
 from pipeline.errors import ConfigError
 
@@ -56,11 +56,13 @@ class EngineSpec(BaseModel):
     cuda_graphs: bool = False
 
 
-def _model_ref(value: str, kinds: tuple[str, ...], what: str) -> str:
-    ref = parse_model_ref(value)
+def _model_ref(ref: ModelRef, kinds: tuple[str, ...], what: str) -> ModelRef:
     if ref.kind not in kinds:
-        raise ValueError(f"{ref.kind} model {value!r} cannot be {what}; expected one of {kinds}")
-    return value
+        raise ValueError(f"{ref.kind} model {str(ref)!r} cannot be {what}; expected one of {kinds}")
+    return ref
+
+
+DEFAULT_MODEL = ModelRef("default")
 
 
 CLASSIFIER_REFS = ("default", "folder", "robustbench")
@@ -69,7 +71,7 @@ DIFFUSION_REFS = ("default", "optimal", "folder", "edm")
 
 class PlainSpec(_Spec):
     kind: Literal["plain"]
-    model: str = "default"
+    model: ModelRefField = DEFAULT_MODEL
     method: Literal["erm", "mixup", "iat", "pgd_at"] = "erm"
 
     @field_validator("model")
@@ -81,7 +83,7 @@ class PlainSpec(_Spec):
 class MISpec(_Spec):
     kind: Literal["mi"]
     mode: Literal["pl", "ol", "combined"] = "pl"
-    model: str = "default"
+    model: ModelRefField = DEFAULT_MODEL
     method: Literal["erm", "mixup", "iat", "pgd_at"] = "mixup"
     lam: float = Field(0.5, ge=0, le=1)
     n_pl: int | None = Field(None, ge=0)
@@ -96,7 +98,7 @@ class MISpec(_Spec):
 
 class RDCSpec(_Spec):
     kind: Literal["rdc"]
-    model: str = "default"
+    model: ModelRefField = DEFAULT_MODEL
     timesteps: Literal["all"] | Annotated[int, Field(ge=1, le=1000)] | list[int] = "all"
     prior: list[Annotated[float, Field(gt=0)]] | None = None
     temperature: float = Field(1.0, gt=0)
@@ -133,7 +135,7 @@ def defense_name(spec) -> str:
         return f"plain-{spec.method}"
     if spec.kind == "mi":
         return f"mi-{spec.mode}"
-    model = {"optimal": "optimal", "edm": "edm"}.get(parse_model_ref(spec.model).kind, "unet")
+    model = {"optimal": "optimal", "edm": "edm"}.get(spec.model.kind, "unet")
     return f"rdc-{model}" + ("-edmw" if spec.elbo == "edm" else "") + ("-lm" if spec.lm else "")
 
 

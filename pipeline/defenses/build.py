@@ -57,7 +57,7 @@ def build_defense(spec: DefenseSpec | dict, device: str | torch.device | None = 
 
 def _build_rdc(spec: RDCSpec, channels: int, size: int, K: int) -> Defense:
     schedule = SCHEDULES[spec.elbo]()
-    if spec.model == "optimal":
+    if spec.model.kind == "optimal":
         x, y = load_split(spec.dataset, "train", root=spec.data_root)
         eps_model = OptimalEps(x, y, K, schedule=schedule)
     else:
