@@ -10,6 +10,7 @@ from pipeline.cli import app
 from pipeline.config.datasets import DATASETS, DatasetName, dataset_info
 from pipeline.config.defense import PlainSpec, RDCSpec
 from pipeline.config.job import parse_job
+from pipeline.config.model_ref import ModelRef
 from pipeline.config.run import RunOptions
 from pipeline.data import load_split
 from pipeline.errors import ConfigError, DatasetError
@@ -51,7 +52,7 @@ def test_units_carry_parsed_specs_and_the_surrogate_inherits_from_the_attacked_d
         assert isinstance(u.defense_spec, RDCSpec) and u.defense_spec.temperature == 1.0
         assert u.attack_spec.kind == "transfer"
         assert isinstance(u.surrogate_spec, PlainSpec)
-        assert (u.surrogate_spec.dataset, u.surrogate_spec.seed, u.surrogate_spec.model) == ("digits", 3, cnn)
+        assert (u.surrogate_spec.dataset, u.surrogate_spec.seed, u.surrogate_spec.model) == ("digits", 3, ModelRef("folder", cnn))
     # Its own seed wins over the inherited one.
     (u, _) = plan(parse_job(transfer_doc(cnn, {"kind": "plain", "model": cnn, "seed": 9})), 355)
     assert u.surrogate_spec.seed == 9
