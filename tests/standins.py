@@ -66,7 +66,10 @@ def write_edm_pt(path: Path, config: dict) -> Path:
 def write_robustbench(path: Path, preset: str, classes: int) -> Path:
     """RobustBench's layout: {"state_dict": ...} with DataParallel's `module.` prefix."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = zeros_state({**CLASSIFIER_PRESETS[preset], "num_classes": classes, "normalization": "none"})
+    config = {**CLASSIFIER_PRESETS[preset], "num_classes": classes}
+    if config["arch"] in ("wrn", "preact-resnet18", "resnet18"):
+        config["normalization"] = "none"  # no mu/sigma buffers in the file
+    state = zeros_state(config)
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
     return path
 
