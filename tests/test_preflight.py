@@ -234,3 +234,23 @@ def test_a_model_that_does_not_fit_its_dataset_is_refused_before_any_work(case, 
         assert words in said, said
         assert "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_a_folder_whose_weights_do_not_fit_its_config_is_refused_from_the_header(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from standins import write_folder
+
+    folder = write_folder(tmp_path / "cnn", {"arch": "cnn", "in_channels": 1, "num_classes": 10, "image_size": 8})
+    job = tmp_path / "job.toml"
+    job.write_text(BASE.replace('kind = "plain"', f'kind = "plain"\nmodel = "{folder}"'))
+    assert invoke("validate", job).exit_code == 0
+    state = load_file(str(folder / "model.safetensors"))
+    name = sorted(state)[0]
+    save_file({**state, name: state[name][:1].contiguous()}, str(folder / "model.safetensors"))
+    result = invoke("validate", job)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"first mismatch: tensor '{name}': shape (1," in said, said
+    (folder / "model.safetensors").unlink()
+    result = invoke("validate", job)
+    assert result.exit_code == 2 and "model.safetensors not found (the folder has a config but no weights)" in " ".join(
+        result.output.split())

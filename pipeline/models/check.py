@@ -2,7 +2,8 @@
 fits the dataset it will see, each kind checked for what it is.
 
     default, optimal  nothing to read (a run's prepare step trains the defaults for their dataset)
-    folder            config.json reads and builds (range-checked on the meta device)
+    folder            config.json reads and builds (range-checked on the meta device), and the names
+                      and shapes in model.safetensors' header are the ones it builds
     edm               the file reads with the safe loader (a .pt's tensors mapped, not read) and its
                       names and shapes are those of its preset or pickled configuration
     robustbench       the file reads (weights only, mapped) and fits its architecture preset
@@ -24,7 +25,7 @@ import torch
 from pipeline.config.datasets import dataset_info
 from pipeline.config.model_ref import ModelRef
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.models.checkpoint import read_config
+from pipeline.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_config
 from pipeline.models.edm.config import resolve
 from pipeline.models.importer import check_fit, check_preset, describe, read_published
 from pipeline.models.registry import arch_class, build_model, check_config
@@ -80,9 +81,37 @@ def _folder_config(ref: ModelRef, where: str) -> dict:
         raise CheckpointError(f"{where}: {exc}") from None
     try:
         check_config(config)
+        with torch.device("meta"):
+            own = build_model(config).state_dict()
     except ConfigError as exc:
         raise CheckpointError(f"{where}: checkpoint {ref.path}: {exc}") from None
+    weights = folder / WEIGHTS_NAME
+    try:
+        shapes = _header_shapes(weights)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    # Loading is strict and by name (models/checkpoint.py): so is this.
+    for name in sorted(set(own) | set(shapes)):
+        if name not in shapes or name not in own or tuple(shapes[name]) != tuple(own[name].shape):
+            found = f"shape {tuple(shapes[name])}" if name in shapes else "missing"
+            wanted = f"shape {tuple(own[name].shape)}" if name in own else "no such tensor"
+            raise CheckpointError(f"{where}: checkpoint weights {weights} do not fit the model its {CONFIG_NAME} builds: "
+                                  f"first mismatch: tensor {name!r}: {found} in the file, {wanted} in the model")
     return config
+
+
+def _header_shapes(weights: Path) -> dict[str, list[int]]:
+    """The names and shapes of a safetensors file, from its header alone."""
+    from safetensors import SafetensorError, safe_open
+
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint weights {weights} not found (the folder has a config but no weights); "
+                              f"train or import the model again")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint weights {weights} are unreadable: {exc}") from None
 
 
 def _published_config(ref: ModelRef, dataset: str, where: str) -> dict:
