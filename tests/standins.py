@@ -118,15 +118,29 @@ class StandIns:
             _link(self._cached(f"data-{dataset}", lambda p: write_cifar_binary(p, dataset)), where / root)
 
     def job(self, doc: dict, where: Path) -> None:
-        """Everything a job document (TOML as parsed) names: data root, models, transfer surrogates."""
+        """Everything a job document (TOML as parsed) names: its data root, and every `model` in its
+        defense and attack tables at any depth (transfer surrogates, sweeps over models, nested tables)."""
         dataset = doc["data"]["dataset"]
         self.data(dataset, doc["data"].get("root"), where)
-        for table in doc["defenses"]:
-            self.model(parse_model_ref(table.get("model", "default")), table.get("dataset", dataset), where)
-        for table in doc["attacks"]:
-            surrogate = table.get("surrogate")
-            if isinstance(surrogate, dict):
-                self.model(parse_model_ref(surrogate.get("model", "default")), dataset, where)
+        for text in models_in(doc["defenses"]) + models_in(doc["attacks"]):
+            self.model(parse_model_ref(text), dataset, where)
+
+
+def models_in(value) -> list[str]:
+    """Every string (or list of strings, as a sweep gives them) under a `model` key, at any depth."""
+    found = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "model" and isinstance(item, str):
+                found.append(item)
+            elif key == "model" and isinstance(item, list):
+                found += [v for v in item if isinstance(v, str)]
+            else:
+                found += models_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            found += models_in(item)
+    return found
 
 
 def _link(src: Path, dst: Path) -> None:

@@ -17,6 +17,7 @@ from pipeline.config.job import content_hash, load_job
 from pipeline.config.model_ref import parse_model_ref
 from pipeline.data import load_split
 from pipeline.runtime.plan import plan
+from standins import models_in
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = sorted((REPO / "jobs").glob("*.toml"))
@@ -26,8 +27,8 @@ HASHES = json.loads((Path(__file__).parent / "fixtures" / "shipped_job_hashes.js
 
 
 def _uses_files(doc: dict) -> bool:
-    tables = doc["defenses"] + [a["surrogate"] for a in doc["attacks"] if isinstance(a.get("surrogate"), dict)]
-    return bool(doc["data"].get("root")) or any(parse_model_ref(t.get("model", "default")).path for t in tables)
+    models = models_in(doc["defenses"]) + models_in(doc["attacks"])
+    return bool(doc["data"].get("root")) or any(parse_model_ref(m).path for m in models)
 
 
 @pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
