@@ -118,10 +118,18 @@ def _long_name(name: str, where: str) -> None:
                           f"{NAME_MAX} (give a shorter `name`)")
 
 
-def model_refs(job: Job) -> list[tuple[str, ModelRef, str]]:
-    """(field, model, dataset) of every defense and transfer surrogate: the runtime checks each
-    model for what its kind is, and against the dataset it will see."""
-    refs = [(f"defense {d.name!r}.model", d.spec.model, d.spec.dataset) for d in job.defenses]
-    refs += [(f"attack {a.name!r} (on {target!r}).surrogate.model", spec.model, spec.dataset)
-             for a in job.attacks for target, spec in a.surrogates.items()]
+def model_refs(job: Job) -> list[tuple[str, ModelRef, str, int | None]]:
+    """(field, model, dataset, classes) of every model a defense or transfer surrogate names: the
+    runtime checks each for what its kind is, and against the dataset it will see. classes: the
+    class count it must have where that is not the dataset's (0: the unconditional network of the
+    authors' LM)."""
+    specs = [(f"defense {d.name!r}", d.spec) for d in job.defenses]
+    specs += [(f"attack {a.name!r} (on {target!r}).surrogate", spec)
+              for a in job.attacks for target, spec in a.surrogates.items()]
+    refs = []
+    for where, spec in specs:
+        refs.append((f"{where}.model", spec.model, spec.dataset, None))
+        lm = getattr(spec, "lm", None)
+        if lm is not None and getattr(lm, "variant", None) == "authors":
+            refs.append((f"{where}.lm.model", lm.model, spec.dataset, 0))
     return refs

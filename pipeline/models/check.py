@@ -55,9 +55,10 @@ def fit_of(config: dict) -> Fit:
     return Fit(resolution, ("in_channels", value("in_channels")), ("num_classes", value("num_classes")))
 
 
-def check_model(ref: ModelRef, dataset: str, where: str) -> None:
+def check_model(ref: ModelRef, dataset: str, where: str, classes: int | None = None) -> None:
     """ConfigError or CheckpointError, prefixed with `where` (e.g. "defense 'x'.model"), unless the
-    model `ref` names is there, reads, and fits `dataset`."""
+    model `ref` names is there, reads, and fits `dataset`. classes: the class count it must have
+    instead of the dataset's (0: an unconditional network)."""
     if ref.kind in ("default", "optimal"):
         return
     if ref.kind == "folder":
@@ -65,8 +66,8 @@ def check_model(ref: ModelRef, dataset: str, where: str) -> None:
             return  # a remote checkpoint is checked where it is loaded
         config = _folder_config(ref, where)
     else:
-        config = _published_config(ref, dataset, where)
-    _fits_dataset(ref, fit_of(config), dataset, where)
+        config = _published_config(ref, dataset, where, classes)
+    _fits_dataset(ref, fit_of(config), dataset, where, classes)
 
 
 def _folder_config(ref: ModelRef, where: str) -> dict:
@@ -114,7 +115,7 @@ def _header_shapes(weights: Path) -> dict[str, list[int]]:
         raise CheckpointError(f"checkpoint weights {weights} are unreadable: {exc}") from None
 
 
-def _published_config(ref: ModelRef, dataset: str, where: str) -> dict:
+def _published_config(ref: ModelRef, dataset: str, where: str, classes: int | None) -> dict:
     """The file's config, after checking that its tensors' names and shapes are the ones it builds."""
     try:
         check_preset(ref)
@@ -125,9 +126,10 @@ def _published_config(ref: ModelRef, dataset: str, where: str) -> dict:
         raise CheckpointError(f"{where}: {problem}")
     # An EDM file keeps its own label_dim here, so that a class mismatch is named as one; a classifier
     # preset has no class count of its own and is built for the dataset's.
-    classes = None if ref.kind == "edm" else dataset_info(dataset).classes
+    build_for = None if ref.kind == "edm" else classes if classes is not None else dataset_info(dataset).classes
     try:
-        state, config, _ = read_published(Path(ref.path), ref.format, preset=ref.preset, num_classes=classes, mmap=True)
+        state, config, _ = read_published(Path(ref.path), ref.format, preset=ref.preset, num_classes=build_for,
+                                          mmap=True)
         with torch.device("meta"):
             own = build_model(config).state_dict()
         check_fit(own, state, ref.path, describe(config, ref.preset))
@@ -136,16 +138,20 @@ def _published_config(ref: ModelRef, dataset: str, where: str) -> dict:
     return config
 
 
-def _fits_dataset(ref: ModelRef, fit: Fit, dataset: str, where: str) -> None:
+def _fits_dataset(ref: ModelRef, fit: Fit, dataset: str, where: str, classes: int | None) -> None:
     info = dataset_info(dataset)
-    wanted = [(fit.resolution, info.size, f"{info.size}x{info.size} images"),
-              (fit.channels, info.channels, f"{info.channels}-channel images"),
-              (fit.classes, info.classes, f"{info.classes} classes")]
-    for field, want, what in wanted:
+    for_data = f"use a model made for {dataset} or change the job's dataset"
+    wanted = [(fit.resolution, info.size, f"dataset {dataset} has {info.size}x{info.size} images", for_data),
+              (fit.channels, info.channels, f"dataset {dataset} has {info.channels}-channel images", for_data)]
+    if classes is None:
+        wanted.append((fit.classes, info.classes, f"dataset {dataset} has {info.classes} classes", for_data))
+    else:
+        wanted.append((fit.classes, classes, "this network must be unconditional" if classes == 0 else
+                       f"this network must have {classes} classes", "use the unconditional network there"))
+    for field, want, what, hint in wanted:
         if field is not None and field[1] != want:
-            raise CheckpointError(f"{where}: model {ref} has {field[0]} = {field[1]!r}, but dataset {dataset} has "
-                                  f"{what} ({field[0]} = {want} needed); use a model made for {dataset} or change "
-                                  f"the job's dataset")
+            raise CheckpointError(f"{where}: model {ref} has {field[0]} = {field[1]!r}, but {what} "
+                                  f"({field[0]} = {want} needed); {hint}")
 
 
 __all__ = ["Fit", "fit_of", "check_model"]

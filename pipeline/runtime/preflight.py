@@ -15,10 +15,10 @@ def preflight_job(job: Job) -> None:
     """ConfigError (or CheckpointError) naming the field for anything in `job` a run would fail on."""
     preflight(job)
     checked = set()
-    for where, ref, dataset in model_refs(job):
-        if (ref, dataset) not in checked:  # four defenses on one 200 MB file: its index is read once
-            check_model(ref, dataset, where)
-            checked.add((ref, dataset))
+    for where, ref, dataset, classes in model_refs(job):
+        if (ref, dataset, classes) not in checked:  # four defenses on one 200 MB file: its index is read once
+            check_model(ref, dataset, where, classes=classes)
+            checked.add((ref, dataset, classes))
 
 
 def preflight_run(job: Job, out: str, *, workers: int | None = None, run_id: str | None = None) -> None:
