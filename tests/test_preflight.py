@@ -254,3 +254,23 @@ def test_a_folder_whose_weights_do_not_fit_its_config_is_refused_from_the_header
     result = invoke("validate", job)
     assert result.exit_code == 2 and "model.safetensors not found (the folder has a config but no weights)" in " ".join(
         result.output.split())
+
+
+def test_the_authors_lm_network_must_be_unconditional(tmp_path, standins, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    standins.data("cifar10", "data/cifar10", tmp_path)
+    cond, uncond = _edm_folder(tmp_path / "cond"), _edm_folder(tmp_path / "uncond", label_dim=0)
+    job = tmp_path / "job.toml"
+    text = _cifar_job(str(cond))
+    lm = 'lm = {{ variant = "authors", model = "{}" }}\n'
+    job.write_text(text.replace("timesteps = 2\n", "timesteps = 2\n" + lm.format(cond)))
+    out = tmp_path / "out"
+    for args in (["validate", job], ["run", job, "--out", out, "--no-report"]):
+        result = invoke(*args)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2, said
+        assert (f"defense 'rdc-unet-edmw-alm'.lm.model: model {cond} has label_dim = 10, but this network must be "
+                f"unconditional (label_dim = 0 needed)") in said, said
+    assert not out.exists()
+    job.write_text(text.replace("timesteps = 2\n", "timesteps = 2\n" + lm.format(uncond)))
+    assert invoke("validate", job).exit_code == 0

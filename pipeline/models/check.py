@@ -147,7 +147,9 @@ def _fits_dataset(ref: ModelRef, fit: Fit, dataset: str, where: str, classes: in
         wanted.append((fit.classes, info.classes, f"dataset {dataset} has {info.classes} classes", for_data))
     else:
         wanted.append((fit.classes, classes, "this network must be unconditional" if classes == 0 else
-                       f"this network must have {classes} classes", "use the unconditional network there"))
+                       f"this network must have {classes} classes",
+                       "use an unconditional EDM network (label_dim 0) there" if classes == 0 else
+                       f"use a network of {classes} classes there"))
     for field, want, what, hint in wanted:
         if field is not None and field[1] != want:
             raise CheckpointError(f"{where}: model {ref} has {field[0]} = {field[1]!r}, but {what} "
