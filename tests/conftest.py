@@ -143,6 +143,14 @@ def digits() -> Digits:
 
 
 @pytest.fixture(scope="session")
+def standins(tmp_path_factory):
+    """Stand-in files in the published layouts (tests/standins.py), each written once a session."""
+    from standins import StandIns
+
+    return StandIns(tmp_path_factory.mktemp("standins"))
+
+
+@pytest.fixture(scope="session")
 def cnn(tmp_path_factory) -> str:
     """A checkpoint folder of a randomly initialised digits SmallCNN (seed 0): a plain model that
     builds in milliseconds, for tests of the runtime and the store rather than of the model."""

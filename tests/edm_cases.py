@@ -19,9 +19,13 @@ NCSNPP = dict(_SONG, embedding_type="fourier", encoder_type="residual", decoder_
 # The remaining SongUNet options: the skip encoder and the skip decoder (an output head per level).
 SKIP = dict(_SONG, channel_mult=[1, 1, 2], attn_resolutions=[2], embedding_type="fourier", encoder_type="skip",
             decoder_type="skip", channel_mult_noise=2, resample_filter=[1, 3, 3, 1])
-# ADM splits attention into heads of 64 channels: 64 is its narrowest width with attention.
 ADM = dict(model_type="DhariwalUNet", img_resolution=8, img_channels=3, label_dim=4, augment_dim=9,
            model_channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
+
+# ADM gives an attention block width // 64 heads and none below 64 channels: widths 32 (no attention
+# although its resolution asks for it), 64 (one head) and 96 (one head of 96 channels). Its reference
+# outputs are tests/fixtures/edm_adm_narrow.safetensors (NVlabs' EDMPrecond, these weights, these inputs).
+ADM_NARROW = dict(ADM, model_channels=32, channel_mult=[1, 2, 3], attn_resolutions=[8, 4, 2], precond="edm")
 
 TINY = {f"{arch}-{precond}": dict(cfg, precond=precond)
         for arch, cfg in (("ddpmpp", DDPMPP), ("ncsnpp", NCSNPP), ("adm", ADM)) for precond in ("vp", "ve", "edm")}

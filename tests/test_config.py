@@ -10,6 +10,7 @@ from pipeline.cli import app
 from pipeline.config.datasets import DATASETS, DatasetName, dataset_info
 from pipeline.config.defense import PlainSpec, RDCSpec
 from pipeline.config.job import parse_job
+from pipeline.config.model_ref import ModelRef
 from pipeline.config.run import RunOptions
 from pipeline.data import load_split
 from pipeline.errors import ConfigError, DatasetError
@@ -51,7 +52,7 @@ def test_units_carry_parsed_specs_and_the_surrogate_inherits_from_the_attacked_d
         assert isinstance(u.defense_spec, RDCSpec) and u.defense_spec.temperature == 1.0
         assert u.attack_spec.kind == "transfer"
         assert isinstance(u.surrogate_spec, PlainSpec)
-        assert (u.surrogate_spec.dataset, u.surrogate_spec.seed, u.surrogate_spec.model) == ("digits", 3, cnn)
+        assert (u.surrogate_spec.dataset, u.surrogate_spec.seed, u.surrogate_spec.model) == ("digits", 3, ModelRef("folder", cnn))
     # Its own seed wins over the inherited one.
     (u, _) = plan(parse_job(transfer_doc(cnn, {"kind": "plain", "model": cnn, "seed": 9})), 355)
     assert u.surrogate_spec.seed == 9
@@ -114,3 +115,31 @@ def test_a_unit_read_back_from_plan_json_has_the_same_specs_and_names(cnn):
         back = Unit.from_dict(u.as_dict())
         assert (back.unit_id, back.defense, back.attack, back.path) == (u.unit_id, u.defense, u.attack, u.path)
         assert (back.defense_spec, back.attack_spec, back.surrogate_spec) == (u.defense_spec, u.attack_spec, u.surrogate_spec)
+
+
+@pytest.mark.parametrize("text", ["default", "optimal", "checkpoints/cifar10-unet", "s3://bucket/ckpt", "C:/models/x",
+                                  "edm:ckpt/edm-cifar10-32x32-cond-vp.pkl", "edm:rdc-cifar10-cond-edm:ckpt/a:b.pt",
+                                  "robustbench:wrn-28-10:models/cifar10/Linf/Standard.pt"])
+def test_a_model_reference_is_parsed_once_and_dumped_as_written(text):
+    from pipeline.config.defense import parse_defense
+    from pipeline.config.model_ref import parse_model_ref
+
+    ref = parse_model_ref(text)
+    assert str(ref) == text and parse_model_ref(str(ref)) == ref
+    kind = "plain" if ref.kind in ("folder", "robustbench", "default") else "rdc"
+    spec = parse_defense({"kind": kind, "model": text})
+    assert spec.model == ref and isinstance(spec.model, ModelRef)
+    assert spec.model_dump()["model"] == spec.model_dump(mode="json")["model"] == text
+    assert parse_defense(spec.model_dump()) == spec
+
+
+def test_a_bad_model_reference_names_the_field():
+    from pipeline.config.defense import parse_defense
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"defense\.model: .*unknown prefix 'hf'"):
+        parse_defense({"kind": "plain", "model": "hf:org/model"})
+    with pytest.raises(ConfigError, match=r"defense\.model: .*model must be a non-empty string, got 3"):
+        parse_defense({"kind": "plain", "model": 3})
+    with pytest.raises(ConfigError, match=r"defense\.model: .*edm model 'edm:x\.pkl' cannot be a classifier"):
+        parse_defense({"kind": "plain", "model": "edm:x.pkl"})

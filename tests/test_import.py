@@ -23,7 +23,8 @@ from pipeline.defenses import build_defense
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models import build_edm, build_model, load
 from pipeline.models.checkpoint import load_checkpoint
-from pipeline.models.importer import check_job_models, import_model, import_to_folder
+from pipeline.models.importer import import_model, import_to_folder
+from pipeline.runtime.preflight import preflight_job
 from pipeline.models.safe_pickle import read_network, read_pickle
 
 REPO = Path(__file__).resolve().parent.parent
@@ -437,8 +438,9 @@ def test_model_references_parse_once():
     assert parse_model_ref("checkpoints/cifar10-unet").kind == "folder"
     with pytest.raises(ConfigError, match="needs an architecture"):
         parse_model_ref("robustbench:Standard.pt")
-    with pytest.raises(ConfigError, match=r"defense plain-erm: model robustbench:wrn-99-1:x\.pt: 'wrn-99-1' is not a robustbench preset"):
-        check_job_models(parse_job({"data": {"dataset": "cifar10"}, "attacks": [{"kind": "none"}],
+    with pytest.raises(ConfigError, match=r"defense 'plain-erm'\.model: model robustbench:wrn-99-1:x\.pt: 'wrn-99-1' is not a "
+                                          r"robustbench preset"):
+        preflight_job(parse_job({"data": {"dataset": "cifar10"}, "attacks": [{"kind": "none"}],
                                     "defenses": [{"kind": "plain", "model": "robustbench:wrn-99-1:x.pt"}]}))
     with pytest.raises(ConfigError, match="carries no configuration"):
         parse_model_ref("edm:edm_cifar_cond_vp.pt")
@@ -479,39 +481,20 @@ def test_a_robustbench_file_is_mis_base_classifier(tmp_path):
         assert torch.equal(mi.classifier(x), model(x))
 
 
-def test_missing_transfer_surrogate_file_is_named(tmp_path):
+def test_missing_transfer_surrogate_file_is_named(tmp_path, standins):
     doc = {"data": {"dataset": "cifar10"}, "defenses": [{"kind": "rdc", "model": "optimal"}],
            "attacks": [{"kind": "transfer", "surrogate": {"kind": "plain", "model": f"robustbench:wrn-34-10:{tmp_path}/TRADES.pt"},
                         "attack": {"kind": "pgd", "eps": 8 / 255}}]}
-    with pytest.raises(CheckpointError, match=r"attack transfer-pgd-ce \(on rdc-optimal\): surrogate: model file \S+TRADES\.pt not found"):
-        check_job_models(parse_job(doc))
-    (tmp_path / "TRADES.pt").write_bytes(b"stand-in")
-    check_job_models(parse_job(doc))
-
-
-def _job_doc(name: str) -> dict:
-    return tomllib.loads((REPO / "jobs" / name).read_text())
-
-
-def _point_models_at(doc: dict, files: dict[str, Path]) -> dict:
-    """The job with every model file path replaced by the small stand-in file of its kind."""
-    for table in doc["defenses"]:
-        ref = parse_model_ref(table["model"])
-        if ref.path:
-            table["model"] = table["model"][: -len(ref.path)] + str(files[ref.format])
-    return doc
-
-
-@pytest.mark.parametrize("name", ["rdc_cifar10_edm.toml", "rdc_cifar10_edm_honest.toml", "mi_cifar10.toml"])
-def test_shipped_published_model_jobs_validate_and_name_missing_files(tmp_path, name):
-    doc = _job_doc(name)
-    job = parse_job(doc)
-    with pytest.raises(CheckpointError, match=r"defense [\w.-]+: model file \S+ not found; download it"):
-        check_job_models(job)
-    files = {fmt: tmp_path / f"{fmt}.bin" for fmt in ("edm-pkl", "edm-pt", "robustbench")}
-    for f in files.values():
-        f.write_bytes(b"stand-in")
-    check_job_models(parse_job(_point_models_at(doc, files)))
+    with pytest.raises(CheckpointError, match=r"attack 'transfer-pgd-ce' \(on 'rdc-optimal'\)\.surrogate\.model: model file "
+                                              r"\S+TRADES\.pt not found"):
+        preflight_job(parse_job(doc))
+    (tmp_path / "TRADES.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match=r"surrogate\.model: model robustbench:wrn-34-10:\S+TRADES\.pt: \S+TRADES\.pt "
+                                              r"cannot be read as a weights-only state dict"):
+        preflight_job(parse_job(doc))
+    (tmp_path / "TRADES.pt").unlink()
+    standins.model(parse_model_ref(doc["attacks"][0]["surrogate"]["model"]), "cifar10", tmp_path)
+    preflight_job(parse_job(doc))
 
 
 def test_rdc_edm_jobs_are_the_authors_demo_and_our_protocol():

@@ -147,3 +147,130 @@ def test_run_address_that_refuses_exits_2_naming_it(tmp_path, monkeypatch):
     text = " ".join(result.output.split())
     assert f"no Ray cluster answers at 127.0.0.1:{port}" in text and "retried for 1 s" in text
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+# --- models that do not fit their dataset: exit 2 in validate and run, naming model, field and both values ---
+
+def _cifar_job(model: str, kind: str = "rdc") -> str:
+    extra = 'elbo = "edm"\ntimesteps = 2\n' if kind == "rdc" else ""
+    return (f'name = "fit"\n[data]\ndataset = "cifar10"\nroot = "data/cifar10"\nlimit = 2\n'
+            f'[[defenses]]\nkind = "{kind}"\nmodel = "{model}"\n{extra}[[attacks]]\nkind = "none"\n')
+
+
+def _edm_folder(path, **change):
+    from edm_cases import DDPMPP
+    from standins import write_folder
+
+    return write_folder(path, {"arch": "edm", **DDPMPP, "precond": "edm", "img_resolution": 32, "label_dim": 10, **change})
+
+
+def _digits_cnn(path, **change):
+    from standins import write_folder
+
+    return write_folder(path, {"arch": "cnn", "in_channels": 1, "num_classes": 10, "image_size": 8, **change})
+
+
+MISFITS = {  # name: (write the model under tmp_path -> (dataset, model string, defense kind), words of the message)
+    "16x16 EDM network on 32x32 CIFAR-10": (
+        lambda t, s: ("cifar10", str(_edm_folder(t / "edm16", img_resolution=16)), "rdc"),
+        "has img_resolution = 16, but dataset cifar10 has 32x32 images (img_resolution = 32 needed)"),
+    "1-channel EDM network on CIFAR-10": (
+        lambda t, s: ("cifar10", str(_edm_folder(t / "edm1c", img_channels=1)), "rdc"),
+        "has img_channels = 1, but dataset cifar10 has 3-channel images (img_channels = 3 needed)"),
+    "folder whose config says 7 classes": (
+        lambda t, s: ("digits", str(_digits_cnn(t / "cnn7", num_classes=7)), "plain"),
+        "has num_classes = 7, but dataset digits has 10 classes (num_classes = 10 needed)"),
+    "3-channel classifier on digits": (
+        lambda t, s: ("digits", str(_digits_cnn(t / "cnn3", in_channels=3)), "mi"),
+        "has in_channels = 3, but dataset digits has 1-channel images (in_channels = 1 needed)"),
+    "16x16 classifier on 8x8 digits": (
+        lambda t, s: ("digits", str(_digits_cnn(t / "cnn16", image_size=16)), "plain"),
+        "has image_size = 16, but dataset digits has 8x8 images (image_size = 8 needed)"),
+    "CIFAR-100 EDM preset on CIFAR-10": (
+        lambda t, s: ("cifar10", f"edm:rdc-cifar100-cond-edm:{_edm_file(s, t, 'rdc-cifar100-cond-edm')}", "rdc"),
+        "has label_dim = 100, but dataset cifar10 has 10 classes (label_dim = 10 needed)"),
+    "CIFAR-100 EDM file under a CIFAR-10 preset": (
+        lambda t, s: ("cifar10", f"edm:rdc-cifar10-cond-edm:{_edm_file(s, t, 'rdc-cifar100-cond-edm')}", "rdc"),
+        "does not fit rdc-cifar10-cond-edm (label_dim 10, precond edm): first mismatch: tensor 'model.map_label.weight' "
+        "has shape (128, 100) in the file, the model expects (128, 10)"),
+    "100-class RobustBench file on CIFAR-10": (
+        lambda t, s: ("cifar10", f"robustbench:small-cnn:{_rb_file(t, 100)}", "plain"),
+        "does not fit small-cnn (10 classes): first mismatch"),
+}
+
+
+def _edm_file(standins, where, preset):
+    from pipeline.config.model_ref import ModelRef
+
+    standins.model(ModelRef("edm", f"{preset}.pt", preset), "cifar10", where)
+    return where / f"{preset}.pt"
+
+
+def _rb_file(where, classes):
+    from standins import write_robustbench
+
+    return write_robustbench(where / f"rb{classes}.pt", "small-cnn", classes)
+
+
+@pytest.mark.parametrize("case", sorted(MISFITS))
+def test_a_model_that_does_not_fit_its_dataset_is_refused_before_any_work(case, tmp_path, standins, monkeypatch):
+    write, words = MISFITS[case]
+    monkeypatch.chdir(tmp_path)
+    dataset, model, kind = write(tmp_path, standins)
+    text = _cifar_job(model, kind)
+    if dataset == "digits":
+        text = text.replace('dataset = "cifar10"\nroot = "data/cifar10"', 'dataset = "digits"').replace(
+            'elbo = "edm"\n', "")
+    else:
+        standins.data("cifar10", "data/cifar10", tmp_path)
+    job = tmp_path / "job.toml"
+    job.write_text(text)
+    out = tmp_path / "out"
+    for args in (["validate", job], ["run", job, "--out", out, "--no-report"]):
+        result = invoke(*args)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2, (args, result.output)
+        assert "defense " in said and ".model: model " in said and model in said, said
+        assert words in said, said
+        assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_a_folder_whose_weights_do_not_fit_its_config_is_refused_from_the_header(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from standins import write_folder
+
+    folder = write_folder(tmp_path / "cnn", {"arch": "cnn", "in_channels": 1, "num_classes": 10, "image_size": 8})
+    job = tmp_path / "job.toml"
+    job.write_text(BASE.replace('kind = "plain"', f'kind = "plain"\nmodel = "{folder}"'))
+    assert invoke("validate", job).exit_code == 0
+    state = load_file(str(folder / "model.safetensors"))
+    name = sorted(state)[0]
+    save_file({**state, name: state[name][:1].contiguous()}, str(folder / "model.safetensors"))
+    result = invoke("validate", job)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"first mismatch: tensor '{name}': shape (1," in said, said
+    (folder / "model.safetensors").unlink()
+    result = invoke("validate", job)
+    assert result.exit_code == 2 and "model.safetensors not found (the folder has a config but no weights)" in " ".join(
+        result.output.split())
+
+
+def test_the_authors_lm_network_must_be_unconditional(tmp_path, standins, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    standins.data("cifar10", "data/cifar10", tmp_path)
+    cond, uncond = _edm_folder(tmp_path / "cond"), _edm_folder(tmp_path / "uncond", label_dim=0)
+    job = tmp_path / "job.toml"
+    text = _cifar_job(str(cond))
+    lm = 'lm = {{ variant = "authors", model = "{}" }}\n'
+    job.write_text(text.replace("timesteps = 2\n", "timesteps = 2\n" + lm.format(cond)))
+    out = tmp_path / "out"
+    for args in (["validate", job], ["run", job, "--out", out, "--no-report"]):
+        result = invoke(*args)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2, said
+        assert (f"defense 'rdc-unet-edmw-alm'.lm.model: model {cond} has label_dim = 10, but this network must be "
+                f"unconditional (label_dim = 0 needed)") in said, said
+    assert not out.exists()
+    job.write_text(text.replace("timesteps = 2\n", "timesteps = 2\n" + lm.format(uncond)))
+    assert invoke("validate", job).exit_code == 0

@@ -215,7 +215,7 @@ def test_shipped_jobs_run_the_authors_setting_at_1250_calls_per_evaluation():
     honest, hspec = _job_rdc("rdc_cifar10_edm_honest.toml", cond10)
     assert spec.elbo == "edm" and spec.timesteps == AuthorsGrid(125) and spec.engine.autocast == "fp16"
     assert spec.lm.variant == "authors" and (spec.lm.steps, spec.lm.lr, spec.lm.sigma) == (5, 0.1, (0.4, 0.6))
-    assert "uncond" in spec.lm.model and not faithful.stochastic and honest.stochastic
+    assert "uncond" in spec.lm.model.preset and not faithful.stochastic and honest.stochastic
     assert {k: v for k, v in hspec.model_dump().items() if k not in ("name", "draws", "attack_noise")} == \
         {k: v for k, v in spec.model_dump().items() if k not in ("name", "draws", "attack_noise")}
     x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(8))

@@ -50,15 +50,11 @@ def notes(lines: list[str]) -> None:
         console.print(f"[yellow]note:[/] {escape(line)}", highlight=False)
 
 
-def load_job_file(path: Path, files: bool = False):
-    """The job at `path`; with files, also check that the model files and folders it names are there."""
+def load_job_file(path: Path):
+    """The job at `path`, parsed (its models and data are checked by the preflight of `validate` and `run`)."""
     from pipeline.config.job import load_job
-    from pipeline.models.importer import check_job_models
 
-    job = load_job(path)
-    if files:
-        check_job_models(job)
-    return job
+    return load_job(path)
 
 
 def say(lines: list[str]) -> None:

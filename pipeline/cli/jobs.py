@@ -27,7 +27,7 @@ def validate_cmd(
     from pipeline.runtime.plan import plan, run_id_for
     from pipeline.runtime.preflight import preflight_job, preflight_run
 
-    spec = load_job_file(job, files=True)
+    spec = load_job_file(job)
     preflight_job(spec) if out is None else preflight_run(spec, out)
     x, _ = load_split(spec.spec.data.dataset, spec.spec.data.split, root=spec.spec.data.root)
     units = plan(spec, x.shape[0])
@@ -64,7 +64,7 @@ def run_cmd(
 
     options = RunOptions(out=out, workers=workers, gpus_per_worker=gpus_per_worker, address=address, min_gpus=min_gpus,
                          endpoint_url=endpoint_url, run_id=run_id, fresh=fresh, report=report)
-    spec = load_job_file(job, files=True)
+    spec = load_job_file(job)
     result = run_job(spec, options, progress=True, lease_wait=lease_wait)
     console.print(f"run {result.run_id}: {result.done} units done, {result.skipped} already committed, "
                   f"{len(result.failed)} failed; {result.rows} rows in {result.seconds:.1f} s -> {result.uri}")

@@ -24,7 +24,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Fie
                       field_validator, model_validator)
 
 from pipeline.config.datasets import DatasetName
-from pipeline.config.model_ref import parse_model_ref
+from pipeline.config.model_ref import ModelRef, ModelRefField
 from pipeline.config.tables import validate_table
 from pipeline.errors import ConfigError
 
@@ -60,7 +60,7 @@ class AuthorsLMSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     variant: Literal["authors"]
-    model: str
+    model: ModelRefField
     steps: int = Field(5, ge=0)
     lr: float = Field(0.1, gt=0)
     sigma: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.4, 0.6)
@@ -128,11 +128,13 @@ class EngineSpec(BaseModel):
     cuda_graphs: bool = False
 
 
-def _model_ref(value: str, kinds: tuple[str, ...], what: str) -> str:
-    ref = parse_model_ref(value)
+def _model_ref(ref: ModelRef, kinds: tuple[str, ...], what: str) -> ModelRef:
     if ref.kind not in kinds:
-        raise ValueError(f"{ref.kind} model {value!r} cannot be {what}; expected one of {kinds}")
-    return value
+        raise ValueError(f"{ref.kind} model {str(ref)!r} cannot be {what}; expected one of {kinds}")
+    return ref
+
+
+DEFAULT_MODEL = ModelRef("default")
 
 
 CLASSIFIER_REFS = ("default", "folder", "robustbench")
@@ -141,7 +143,7 @@ DIFFUSION_REFS = ("default", "optimal", "folder", "edm")
 
 class PlainSpec(_Spec):
     kind: Literal["plain"]
-    model: str = "default"
+    model: ModelRefField = DEFAULT_MODEL
     method: Literal["erm", "mixup", "iat", "pgd_at"] = "erm"
 
     @field_validator("model")
@@ -153,7 +155,7 @@ class PlainSpec(_Spec):
 class MISpec(_Spec):
     kind: Literal["mi"]
     mode: Literal["pl", "ol", "combined"] = "pl"
-    model: str = "default"
+    model: ModelRefField = DEFAULT_MODEL
     method: Literal["erm", "mixup", "iat", "pgd_at"] = "mixup"
     lam: float = Field(0.5, ge=0, le=1)
     n_pl: int | None = Field(None, ge=0)
@@ -168,7 +170,7 @@ class MISpec(_Spec):
 
 class RDCSpec(_Spec):
     kind: Literal["rdc"]
-    model: str = "default"
+    model: ModelRefField = DEFAULT_MODEL
     timesteps: Annotated[Literal["all"] | GridName | Annotated[int, Field(ge=1, le=1000)] | list[int],
                          BeforeValidator(_authors_grid)] = "all"
     prior: list[Annotated[float, Field(gt=0)]] | None = None
@@ -219,7 +221,7 @@ def defense_name(spec) -> str:
         return f"plain-{spec.method}"
     if spec.kind == "mi":
         return f"mi-{spec.mode}"
-    model = {"optimal": "optimal", "edm": "edm"}.get(parse_model_ref(spec.model).kind, "unet")
+    model = {"optimal": "optimal", "edm": "edm"}.get(spec.model.kind, "unet")
     lm = "" if not spec.lm else "-lm" if spec.lm.variant == "paper" else "-alm"
     return f"rdc-{model}" + ("-edmw" if spec.elbo == "edm" else "") + lm + ("-fixed" if spec.draws == "fixed" else "")
 

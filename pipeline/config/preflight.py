@@ -1,6 +1,6 @@
 """Everything `run` would trip over in a job, checked before any work starts (`validate` and
-`run` both call it, through pipeline.runtime.preflight, which adds the checkpoint folders): a
-bad value costs nothing and is named by its field.
+`run` both call it, through pipeline.runtime.preflight, which adds the models each defense and
+surrogate names, `model_refs`): a bad value costs nothing and is named by its field.
 
 The table specs validate each field; what they cannot see is checked here, on the expanded
 job: numbers that are booleans or strings in the file (pydantic would take `eps = true` as 1
@@ -16,13 +16,13 @@ import re
 from typing import Any
 
 from pipeline.config.job import Job
+from pipeline.config.model_ref import ModelRef
 from pipeline.errors import ConfigError
 
 INT64_MAX = 2**63 - 1
 NAME_MAX = 200  # bytes of a name in a path segment ("defense=NAME"); file systems allow 255
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.+-]{1,100}$")
 IMAGE_SIZE = {"digits": 1 * 8 * 8, "cifar10": 3 * 32 * 32, "cifar100": 3 * 32 * 32}
-MODEL_WORDS = ("default", "optimal")
 NOT_SHARED = ("memory",)  # fsspec file systems that live in one process: each worker would write its own
 
 
@@ -118,8 +118,18 @@ def _long_name(name: str, where: str) -> None:
                           f"{NAME_MAX} (give a shorter `name`)")
 
 
-def checkpoint_folders(job: Job) -> list[tuple[str, str]]:
-    """(field, folder) of every defense whose model is a checkpoint folder rather than a word
-    ("default", "optimal"): the runtime checks that each exists and builds."""
-    return [(f"defense {d.name!r}.model", d.table["model"]) for d in job.defenses
-            if isinstance(d.table.get("model"), str) and d.table["model"] not in MODEL_WORDS]
+def model_refs(job: Job) -> list[tuple[str, ModelRef, str, int | None]]:
+    """(field, model, dataset, classes) of every model a defense or transfer surrogate names: the
+    runtime checks each for what its kind is, and against the dataset it will see. classes: the
+    class count it must have where that is not the dataset's (0: the unconditional network of the
+    authors' LM)."""
+    specs = [(f"defense {d.name!r}", d.spec) for d in job.defenses]
+    specs += [(f"attack {a.name!r} (on {target!r}).surrogate", spec)
+              for a in job.attacks for target, spec in a.surrogates.items()]
+    refs = []
+    for where, spec in specs:
+        refs.append((f"{where}.model", spec.model, spec.dataset, None))
+        lm = getattr(spec, "lm", None)
+        if lm is not None and getattr(lm, "variant", None) == "authors":
+            refs.append((f"{where}.lm.model", lm.model, spec.dataset, 0))
+    return refs

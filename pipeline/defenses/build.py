@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.config.datasets import dataset_info
+from pipeline.config.model_ref import ModelRef
 from pipeline.config.defense import AuthorsGrid, DefenseSpec, RDCSpec, defense_name
 from pipeline.data import load_split
 from pipeline.defenses.base import Defense
@@ -57,11 +58,11 @@ def build_defense(spec: DefenseSpec, device: str | torch.device | None = None, n
     return defense.to(device or "cpu").eval().requires_grad_(False)
 
 
-def _edm_denoiser(model: str, dataset: str, channels: int, size: int, classes: int | None, what: str):
+def _edm_denoiser(model: ModelRef, dataset: str, channels: int, size: int, classes: int | None, what: str):
     """An EDM network D(x; sigma, y) named by `model`, checked against the dataset's images."""
     net, config, _ = load_model(model, dataset, "diffusion", channels, classes=classes)
     if config.get("arch") != "edm":
-        raise ConfigError(f"{what} {model!r} is not an EDM network (config arch {config.get('arch')!r}); "
+        raise ConfigError(f"{what} {str(model)!r} is not an EDM network (config arch {config.get('arch')!r}); "
                           "it must be a denoiser D(x; sigma)")
     if config.get("img_resolution") != size:
         raise CheckpointError(f"{what} {model}: EDM network of resolution {config.get('img_resolution')}, "
@@ -94,7 +95,7 @@ def rdc_schedule(spec: RDCSpec):
 
 def _build_rdc(spec: RDCSpec, channels: int, size: int, K: int) -> Defense:
     schedule = rdc_schedule(spec)
-    if spec.model == "optimal":
+    if spec.model.kind == "optimal":
         x, y = load_split(spec.dataset, "train", root=spec.data_root)
         eps_model = OptimalEps(x, y, K, schedule=schedule)
     else:
@@ -105,7 +106,7 @@ def _build_rdc(spec: RDCSpec, channels: int, size: int, K: int) -> Defense:
                                       f"{config.get('img_resolution')}, dataset {spec.dataset} has {size}x{size} images")
             eps_model = DenoiserEps(eps_model, schedule, K)
         elif spec.elbo == "edm":
-            raise ConfigError(f"defense.elbo = \"edm\" evaluates a denoiser at any noise level; model {spec.model!r} "
+            raise ConfigError(f"defense.elbo = \"edm\" evaluates a denoiser at any noise level; model {str(spec.model)!r} "
                               "is an eps-model of the 1000 VP timesteps: use elbo = \"vp\" or an EDM checkpoint")
     lm = _build_lm(spec, eps_model, schedule, channels, size, K)
     timesteps = None if spec.timesteps == "all" or isinstance(spec.timesteps, AuthorsGrid) else spec.timesteps

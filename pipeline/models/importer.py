@@ -11,7 +11,7 @@ RobustBench classifiers, each read without running anything from the file.
 
 A defense table names such a file directly (pipeline.config.model_ref): "edm:path/to/file.pkl",
 "edm:PRESET:path/to/file.pt", "robustbench:ARCH:path/to/file.pt"; `load_ref` imports it in
-memory and `check_job_models` tells, before any work, whether a job's files are all there.
+memory; pipeline.models.check tells, before any work, whether it is there and fits.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.config.model_ref import ModelRef, parse_model_ref
+from pipeline.config.model_ref import ModelRef
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models.checkpoint import save_checkpoint
 from pipeline.models.edm import EDM_PRESETS
@@ -60,10 +60,13 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _weights_only_state(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a torch.save file, read with weights_only=True, unwrapped."""
+def _weights_only_state(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A state dict from a torch.save file, read with weights_only=True, unwrapped.
+
+    mmap: map the tensors' storages instead of reading them (a zip-format file; a legacy one is
+    read whole): the names and shapes of a 200 MB file for the price of its index."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load(path, mmap)
     except Exception as exc:  # a corrupt file fails in many ways inside torch.load (KeyError, RuntimeError, ...)
         # torch's own message goes on to suggest weights_only=False; only its reason is relayed.
         lines = [ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln]
@@ -80,6 +83,16 @@ def _weights_only_state(path: Path) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in obj):  # saved from DataParallel
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
+
+
+def _torch_load(path: Path, mmap: bool):
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap can only be used with files saved with" not in str(exc):
+                raise
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _align_keys(state: dict[str, torch.Tensor], expected: list[str]) -> dict[str, torch.Tensor]:
@@ -100,7 +113,12 @@ def _align_keys(state: dict[str, torch.Tensor], expected: list[str]) -> dict[str
 
 def fit_state(model: nn.Module, state: dict[str, torch.Tensor], where: str, what: str) -> None:
     """Load `state` into `model` strictly; CheckpointError names the first mismatching key and shape."""
-    own = model.state_dict()
+    model.load_state_dict(check_fit(model.state_dict(), state, where, what), strict=True)
+
+
+def check_fit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], where: str, what: str) -> dict[str, torch.Tensor]:
+    """`state` under the names of `own` (a model's state dict, possibly on the meta device), or
+    CheckpointError naming the first mismatching key and shape."""
     state = _align_keys(state, list(own))
     for name, tensor in own.items():
         if name not in state:
@@ -114,7 +132,7 @@ def fit_state(model: nn.Module, state: dict[str, torch.Tensor], where: str, what
         raise CheckpointError(f"{where} does not fit {what}: first mismatch: the file's tensor {extra[0]!r} "
                               f"(shape {tuple(state[extra[0]].shape)}) has no place in the model"
                               + (f" ({len(extra) - 1} more)" if len(extra) > 1 else ""))
-    model.load_state_dict(state, strict=True)
+    return state
 
 
 def _fit_state_keys(config: dict, keys: set[str]) -> dict:
@@ -148,6 +166,20 @@ def import_model(src: str | os.PathLike, fmt: str, preset: str | None = None, co
     override. Raises CheckpointError naming the file and the first mismatching key and shape.
     """
     src = Path(src)
+    state, cfg, source = read_published(src, fmt, preset=preset, config=config, num_classes=num_classes)
+    meta = {"source": {"file": src.name, "sha256": sha256_file(src), "format": fmt, "preset": preset, **source}}
+    try:
+        model = build_model(cfg)
+    except ConfigError as exc:
+        raise CheckpointError(f"{src}: its configuration does not build a model: {exc}") from None
+    fit_state(model, state, str(src), describe(cfg, preset))
+    return model.eval(), cfg, meta
+
+
+def read_published(src: Path, fmt: str, preset: str | None = None, config: dict | None = None,
+                   num_classes: int | None = None, mmap: bool = False) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(state dict, config, what the file says of itself) of a published file, nothing built;
+    mmap: a torch.save file's tensors are mapped, not read (preflight)."""
     if fmt not in FORMATS:
         raise ConfigError(f"format {fmt!r} is unknown; expected one of {FORMATS}")
     if preset is not None and config is not None:
@@ -156,10 +188,10 @@ def import_model(src: str | os.PathLike, fmt: str, preset: str | None = None, co
         raise ConfigError(f"architecture {preset!r} is unknown; expected one of {sorted(PRESETS)}")
     if not src.is_file():
         raise CheckpointError(f"model file {src} not found")
-    meta = {"source": {"file": src.name, "sha256": sha256_file(src), "format": fmt, "preset": preset}}
+    source: dict = {}
     if fmt == "edm-pkl":
         net = read_network(src)
-        meta["source"].update(class_name=net.class_name, module_src_sha256=net.module_src_sha256)
+        source.update(class_name=net.class_name, module_src_sha256=net.module_src_sha256)
         state = net.state_dict
         cfg = _edm_config(preset, config)
         if cfg is None:
@@ -167,12 +199,12 @@ def import_model(src: str | os.PathLike, fmt: str, preset: str | None = None, co
                 raise CheckpointError(f"{src}: its network is a {net.class_name}; expected one of {sorted(PRECONDS)}")
             cfg = {"arch": "edm", "precond": PRECONDS[net.class_name], **net.init_kwargs}
     elif fmt == "edm-pt":
-        state = _weights_only_state(src)
+        state = _weights_only_state(src, mmap)
         cfg = _edm_config(preset, config)
         if cfg is None:
             raise ConfigError(f"{src}: an edm-pt state dict carries no configuration; give --arch or --config")
     else:
-        state = _weights_only_state(src)
+        state = _weights_only_state(src, mmap)
         if config is None and preset not in CLASSIFIER_PRESETS:
             raise ConfigError(f"{src}: a robustbench file needs --arch (one of {sorted(CLASSIFIER_PRESETS)}) or --config")
         base = CLASSIFIER_PRESETS[preset] if config is None else config
@@ -183,19 +215,16 @@ def import_model(src: str | os.PathLike, fmt: str, preset: str | None = None, co
         cfg["label_dim" if cfg.get("arch") == "edm" else "num_classes"] = int(num_classes)
     elif cfg.get("arch") != "edm":
         cfg.setdefault("num_classes", 10)
-    try:
-        model = build_model(cfg)
-    except ConfigError as exc:
-        raise CheckpointError(f"{src}: its configuration does not build a model: {exc}") from None
-    what = f"{preset or cfg.get('arch')} ({_describe(cfg)})"
-    fit_state(model, state, str(src), what)
-    return model.eval(), cfg, meta
+    return state, cfg, source
 
 
-def _describe(cfg: dict) -> str:
+def describe(cfg: dict, preset: str | None = None) -> str:
+    """What a file is fitted against, for messages: "PRESET (label_dim 10, precond edm)"."""
     if cfg.get("arch") == "edm":
-        return f"label_dim {cfg.get('label_dim', 0)}, precond {cfg.get('precond')}"
-    return f"{cfg.get('num_classes')} classes"
+        inside = f"label_dim {cfg.get('label_dim', 0)}, precond {cfg.get('precond')}"
+    else:
+        inside = f"{cfg.get('num_classes')} classes"
+    return f"{preset or cfg.get('arch')} ({inside})"
 
 
 def import_to_folder(src: str | os.PathLike, fmt: str, out: str | os.PathLike, preset: str | None = None,
@@ -224,24 +253,5 @@ def load_ref(ref: ModelRef, num_classes: int | None = None) -> tuple[nn.Module, 
     return import_model(ref.path, ref.format, preset=ref.preset, num_classes=num_classes)
 
 
-def check_job_models(job) -> None:
-    """Before any work: every model a job's defenses and transfer surrogates name has a known
-    preset and is there (file or checkpoint folder). Raises ConfigError or CheckpointError naming
-    the defense or attack. Separate from parsing, so a job parses where its files are not."""
-    named = [(f"defense {d.name}", d.spec.model) for d in job.defenses]
-    named += [(f"attack {a.name} (on {target}): surrogate", spec.model)
-              for a in job.attacks for target, spec in a.surrogates.items()]
-    for who, model in named:
-        ref = parse_model_ref(model)
-        try:
-            if ref.kind in ("edm", "robustbench"):
-                check_preset(ref)
-            problem = ref.missing()
-        except ConfigError as exc:
-            raise ConfigError(f"{who}: {exc}") from None
-        if problem:
-            raise CheckpointError(f"{who}: {problem}")
-
-
-__all__ = ["FORMATS", "PRESETS", "CLASSIFIER_PRESETS", "import_model", "import_to_folder", "load_ref",
-           "check_job_models", "check_preset", "fit_state", "sha256_file"]
+__all__ = ["FORMATS", "PRESETS", "CLASSIFIER_PRESETS", "import_model", "import_to_folder", "load_ref", "read_published",
+           "check_preset", "check_fit", "fit_state", "describe", "sha256_file"]

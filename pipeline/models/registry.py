@@ -80,6 +80,11 @@ def _build(config: dict) -> nn.Module:
         raise ConfigError(f"model config for arch {arch!r} has invalid fields: {exc}") from None
 
 
+def arch_class(arch: str) -> type[nn.Module]:
+    """The class `arch` names (its signature's defaults fill the fields a config leaves out)."""
+    return _class(arch)
+
+
 def _class(arch: str) -> type[nn.Module]:
     if arch == "unet":
         from pipeline.models.unet import UNet as cls
@@ -96,4 +101,4 @@ def _class(arch: str) -> type[nn.Module]:
     return cls
 
 
-__all__ = ["build_model", "check_config", "ARCHS"]
+__all__ = ["build_model", "check_config", "arch_class", "ARCHS"]

@@ -16,7 +16,7 @@ from torch import nn
 
 from pipeline.models.checkpoint import load_checkpoint, read_config
 from pipeline.config.datasets import dataset_info
-from pipeline.config.model_ref import parse_model_ref
+from pipeline.config.model_ref import ModelRef
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models.importer import load_ref
 from pipeline.models.registry import build_model
@@ -53,23 +53,23 @@ def default_checkpoint(dataset: str, role: str) -> Path:
     return path
 
 
-def load_model(spec: str, dataset: str, role: str, in_channels: int | None = None,
+def load_model(ref: ModelRef, dataset: str, role: str, in_channels: int | None = None,
                classes: int | None = None) -> tuple[nn.Module, dict, dict]:
-    """A model by spec: "default" (the cached default of dataset and role), a checkpoint folder, or a
-    published file ("edm:[PRESET:]PATH", "robustbench:ARCH:PATH"; see pipeline.models.importer).
+    """The model a parsed reference names: "default" (the cached default of dataset and role), a
+    checkpoint folder, or a published file ("edm:[PRESET:]PATH", "robustbench:ARCH:PATH"; see
+    pipeline.models.importer).
 
     The model must fit the dataset: its class count (and input channels) are checked. classes:
     the class count (an EDM network's label_dim) it must have instead of the dataset's, 0 for an
     unconditional network.
     """
-    ref = parse_model_ref(spec)
     K = dataset_info(dataset).classes if classes is None else classes
     needs = "the dataset needs" if classes is None else "expected"
-    if ref.kind in ("edm", "robustbench"):
+    if ref.published:
         model, config, meta = load_ref(ref, num_classes=K)
         for key, want in _expected(config, K, in_channels).items():
             if config.get(key) != want:
-                raise CheckpointError(f"model {spec}: {key} is {config.get(key)!r}, {needs} {want}")
+                raise CheckpointError(f"model {ref}: {key} is {config.get(key)!r}, {needs} {want}")
         return model.eval(), config, meta
     folder = default_checkpoint(dataset, role) if ref.kind == "default" else Path(ref.path)
     if not folder.exists():
@@ -89,25 +89,26 @@ def _expected(config: dict, K: int, in_channels: int | None) -> dict:
     return expected
 
 
-def model_card(spec: str, dataset: str, role: str) -> dict:
+def model_card(ref: ModelRef, dataset: str, role: str) -> dict:
     """What a model is, for the exports: {"arch", "checkpoint", "additional_data"}, read from its
-    config.json without loading weights. spec: "default" (after `default_checkpoint` trained it),
+    config.json without loading weights. ref: "default" (after `default_checkpoint` trained it),
     "optimal" (the closed-form eps model: no weights) or a checkpoint folder.
 
     additional_data: whether it was trained on data beyond the dataset's train split, as its
     meta says; the defaults are trained on that split alone; None where a checkpoint does not say.
     """
-    if spec == "optimal":
+    spec = str(ref)
+    if ref.kind == "optimal":
         return {"arch": "optimal", "checkpoint": None, "additional_data": False}
-    ref = parse_model_ref(spec)
-    if ref.kind in ("edm", "robustbench"):
+    if ref.published:
         # A published file: its preset (or EDM's own pickle); what it was trained on is the publisher's to say.
         return {"arch": ref.preset or "edm", "checkpoint": spec, "additional_data": None}
-    folder = cache_dir() / "models" / f"{dataset}-{role}" if spec == "default" else Path(spec)
+    default = ref.kind == "default"
+    folder = cache_dir() / "models" / f"{dataset}-{role}" if default else Path(ref.path)
     try:
         config, meta = read_config(folder)
     except CheckpointError:
         return {"arch": None, "checkpoint": spec, "additional_data": None}
     meta = meta or {}
-    additional = meta.get("additional_data", False if spec == "default" else None)
+    additional = meta.get("additional_data", False if default else None)
     return {"arch": config.get("arch"), "checkpoint": spec, "additional_data": additional}

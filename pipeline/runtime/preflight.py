@@ -1,32 +1,24 @@
 """The checks `validate` and `run` make before any work: the job's (pipeline.config.preflight),
-the run's options, and each checkpoint folder a defense names (it exists, and its config is
-range-checked and builds without allocating; its weights are not read)."""
+the run's options, and every model a defense or transfer surrogate names, each for what its kind
+is and against its dataset (pipeline.models.check: a folder's config builds without allocating,
+a published file reads and its names and shapes fit; resolution, channels and classes fit the
+dataset)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pipeline.config.job import Job
-from pipeline.config.preflight import check_output, check_workers, checkpoint_folders, preflight, safe_name
-from pipeline.errors import CheckpointError, ConfigError
-from pipeline.models.checkpoint import read_config
-from pipeline.models.registry import check_config
+from pipeline.config.preflight import check_output, check_workers, model_refs, preflight, safe_name
+from pipeline.models.check import check_model
 
 
 def preflight_job(job: Job) -> None:
     """ConfigError (or CheckpointError) naming the field for anything in `job` a run would fail on."""
     preflight(job)
-    for where, folder in checkpoint_folders(job):
-        if "://" in folder:
-            continue  # a remote checkpoint is checked where it is loaded
-        if not Path(folder).is_dir():
-            raise ConfigError(f"{where}: checkpoint folder {folder!r} does not exist (or is not a folder); expected "
-                              f"'default', 'optimal' or a folder with model.safetensors and config.json")
-        config, _ = read_config(folder)
-        try:
-            check_config(config)
-        except ConfigError as exc:
-            raise CheckpointError(f"{where}: checkpoint {folder}: {exc}") from None
+    checked = set()
+    for where, ref, dataset, classes in model_refs(job):
+        if (ref, dataset, classes) not in checked:  # four defenses on one 200 MB file: its index is read once
+            check_model(ref, dataset, where, classes=classes)
+            checked.add((ref, dataset, classes))
 
 
 def preflight_run(job: Job, out: str, *, workers: int | None = None, run_id: str | None = None) -> None:

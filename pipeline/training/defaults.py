@@ -44,7 +44,7 @@ def role_of(spec) -> str:
 def default_model_of(spec) -> tuple[str, str] | None:
     """(dataset, role) of the default model a parsed defense spec uses; None for any other model
     (a checkpoint folder, a published file, the optimal model)."""
-    return (spec.dataset, role_of(spec)) if spec.model == "default" else None
+    return (spec.dataset, role_of(spec)) if spec.model.kind == "default" else None
 
 
 def prepare_defaults(specs, progress: bool = True) -> list[Path]:

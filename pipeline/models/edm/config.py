@@ -139,11 +139,16 @@ def validate(config: dict) -> dict:
     else:
         if full["model_channels"] % 2:
             raise ConfigError(f"edm config: model_channels must be even for the positional embedding, got {full['model_channels']}")
-        for w in widths:
-            # ADM's heads have 64 channels; a width not a multiple of 64 cannot be split into them.
-            if w % 64 and any((res >> lv) in full["attn_resolutions"] or lv == levels - 1 for lv in range(levels)):
-                raise ConfigError(f"edm config: DhariwalUNet attention splits channels into heads of 64; "
-                                  f"model_channels * channel_mult gives {w}, not a multiple of 64")
+        for lv, mult in enumerate(full["channel_mult"]):
+            # ADM gives an attention block width // 64 heads, none (no attention) below 64 channels, as NVlabs'
+            # UNetBlock does; its (head, channel, q/k/v) reshape needs the width split evenly among them.
+            w = full["model_channels"] * mult
+            heads = w // 64
+            attends = (res >> lv) in full["attn_resolutions"] or lv == levels - 1
+            if attends and heads and w % heads:
+                raise ConfigError(f"edm config: DhariwalUNet attention at level {lv} has {w} channels in {heads} heads "
+                                  f"(width // 64), which do not divide evenly; pick model_channels * channel_mult[{lv}] "
+                                  f"below 64 (no attention), or a multiple of its head count")
     for w in widths:
         if w // 4 < 1:
             raise ConfigError(f"edm config: channel width {w} is below 4 (GroupNorm needs 4 channels a group)")
