@@ -16,6 +16,7 @@ import re
 from typing import Any
 
 from pipeline.config.job import Job
+from pipeline.config.model_ref import parse_model_ref
 from pipeline.errors import ConfigError
 
 INT64_MAX = 2**63 - 1
@@ -122,4 +123,5 @@ def checkpoint_folders(job: Job) -> list[tuple[str, str]]:
     """(field, folder) of every defense whose model is a checkpoint folder rather than a word
     ("default", "optimal"): the runtime checks that each exists and builds."""
     return [(f"defense {d.name!r}.model", d.table["model"]) for d in job.defenses
-            if isinstance(d.table.get("model"), str) and d.table["model"] not in MODEL_WORDS]
+            if isinstance(d.table.get("model"), str) and d.table["model"] not in MODEL_WORDS
+            and parse_model_ref(d.table["model"]).kind == "folder"]

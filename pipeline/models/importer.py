@@ -60,10 +60,10 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _weights_only_state(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a torch.save file, read with weights_only=True, unwrapped."""
+def read_weights_only(path: Path):
+    """What a torch.save file holds, read with weights_only=True (tensors and plain containers only)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a corrupt file fails in many ways inside torch.load (KeyError, RuntimeError, ...)
         # torch's own message goes on to suggest weights_only=False; only its reason is relayed.
         lines = [ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln]
@@ -72,6 +72,11 @@ def _weights_only_state(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path} cannot be read as a weights-only state dict ({reason}); it holds more "
                                   "than tensors and plain containers: re-save its state dict alone") from None
         raise CheckpointError(f"{path} is not a readable torch.save file ({type(exc).__name__}: {exc})") from None
+
+
+def _weights_only_state(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a torch.save file, read with weights_only=True, unwrapped."""
+    obj = read_weights_only(path)
     if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         obj = next((obj[key] for key in WRAPPER_KEYS if isinstance(obj.get(key), dict)), obj)
     if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
@@ -103,6 +108,8 @@ def fit_state(model: nn.Module, state: dict[str, torch.Tensor], where: str, what
     own = model.state_dict()
     state = _align_keys(state, list(own))
     for name, tensor in own.items():
+        if name not in state and name.endswith(".num_batches_tracked"):
+            continue  # torch's BatchNorm accepts a file without its counter, as RobustBench's loader does
         if name not in state:
             raise CheckpointError(f"{where} does not fit {what}: first mismatch: tensor {name!r} "
                                   f"(shape {tuple(tensor.shape)}) is missing from the file")
@@ -114,7 +121,7 @@ def fit_state(model: nn.Module, state: dict[str, torch.Tensor], where: str, what
         raise CheckpointError(f"{where} does not fit {what}: first mismatch: the file's tensor {extra[0]!r} "
                               f"(shape {tuple(state[extra[0]].shape)}) has no place in the model"
                               + (f" ({len(extra) - 1} more)" if len(extra) > 1 else ""))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=not any(k.endswith(".num_batches_tracked") and k not in state for k in own))
 
 
 def _fit_state_keys(config: dict, keys: set[str]) -> dict:
@@ -172,7 +179,13 @@ def import_model(src: str | os.PathLike, fmt: str, preset: str | None = None, co
         if cfg is None:
             raise ConfigError(f"{src}: an edm-pt state dict carries no configuration; give --arch or --config")
     else:
-        state = _weights_only_state(src)
+        from pipeline.models.robustbench_zoo import robustbench_state
+
+        # Read as RobustBench's loader reads its files: {'last', 'best'} (last), a `state_dict`
+        # entry, "module." and "model." cut from the keys.
+        obj = read_weights_only(src)
+        take = "last" if isinstance(obj, dict) and isinstance(obj.get("last"), dict) and "best" in obj else None
+        state = robustbench_state(obj, src, take)
         if config is None and preset not in CLASSIFIER_PRESETS:
             raise ConfigError(f"{src}: a robustbench file needs --arch (one of {sorted(CLASSIFIER_PRESETS)}) or --config")
         base = CLASSIFIER_PRESETS[preset] if config is None else config
@@ -228,15 +241,21 @@ def check_job_models(job) -> None:
     """Before any work: every model a job's defenses and transfer surrogates name has a known
     preset and is there (file or checkpoint folder). Raises ConfigError or CheckpointError naming
     the defense or attack. Separate from parsing, so a job parses where its files are not."""
-    named = [(f"defense {d.name}", d.spec.model) for d in job.defenses]
-    named += [(f"attack {a.name} (on {target}): surrogate", spec.model)
+    from pipeline.models.robustbench_zoo import buildable, refuse_zoo_file
+
+    named = [(f"defense {d.name}", d.spec.model, d.spec.dataset) for d in job.defenses]
+    named += [(f"attack {a.name} (on {target}): surrogate", spec.model, spec.dataset)
               for a in job.attacks for target, spec in a.surrogates.items()]
-    for who, model in named:
+    for who, model, dataset in named:
         ref = parse_model_ref(model)
         try:
-            if ref.kind in ("edm", "robustbench"):
+            if ref.zoo:
+                buildable(dataset, ref.threat, ref.name)
+            elif ref.kind in ("edm", "robustbench"):
                 check_preset(ref)
-            problem = ref.missing()
+                if ref.kind == "robustbench":
+                    refuse_zoo_file(ref, dataset)
+            problem = ref.missing(dataset)
         except ConfigError as exc:
             raise ConfigError(f"{who}: {exc}") from None
         if problem:

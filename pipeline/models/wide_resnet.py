@@ -5,6 +5,9 @@ WRN-d-k: a 3x3 stem of 16 channels, three groups of (d - 4) / 6 pre-activation b
 State-dict names follow RobustBench (conv1, block{1,2,3}.layer.{i}.{bn1,conv1,bn2,conv2,
 convShortcut}, bn1, fc), so its files load with strict=True. Some RobustBench WRNs (TRADES,
 Carmon2019, ...) carry an unused `sub_block1` group; `sub_block1=True` gives it a place.
+`head="cosine"` is Pang2020Boosting's classifier: features and the rows of a bias-free `fc`
+both scaled to unit length, so each logit is a cosine. `GroupedWideResNet` is the same block
+with free widths and depths per group (Huang2021Exploring's WRN-34-R).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from torch import nn
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.models.normalization import add_normalization, normalize
+
+HEADS = ("linear", "cosine")
 
 
 class WideBasicBlock(nn.Module):
@@ -50,19 +55,26 @@ class WideGroup(nn.Module):
 class WideResNet(nn.Module):
     """WRN-depth-widen_factor: x float32 (B, C, H, W) in [0, 1] -> logits (B, num_classes).
 
-    normalization "none" (inputs as they are) or "mu_sigma" (buffers from the checkpoint); see
-    pipeline.models.normalization. `self.config` holds the JSON-able constructor arguments.
+    normalization: one of pipeline.models.normalization's input transforms, with its constants
+    mean and std where it has them. `self.config` holds the JSON-able constructor arguments.
     """
 
     def __init__(self, depth: int = 28, widen_factor: int = 10, num_classes: int = 10, in_channels: int = 3,
-                 sub_block1: bool = False, normalization: str = "none"):
+                 sub_block1: bool = False, normalization: str = "none", mean: list | None = None,
+                 std: list | None = None, head: str = "linear"):
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
             raise ConfigError(f"wrn: depth must be 6n + 4 with n >= 1, got {depth}")
+        if head not in HEADS:
+            raise ConfigError(f"wrn: head must be one of {HEADS}, got {head!r}")
         self.config = {"arch": "wrn", "depth": int(depth), "widen_factor": int(widen_factor), "num_classes": int(num_classes),
                        "in_channels": int(in_channels), "sub_block1": bool(sub_block1), "normalization": normalization}
-        self.in_channels, self.num_classes = in_channels, num_classes
-        add_normalization(self, normalization, in_channels)
+        if mean is not None:
+            self.config.update(mean=list(mean), std=list(std))
+        if head != "linear":
+            self.config["head"] = head
+        self.in_channels, self.num_classes, self.head = in_channels, num_classes, head
+        add_normalization(self, normalization, in_channels, mean, std)
         n = (depth - 4) // 6
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
@@ -72,13 +84,47 @@ class WideResNet(nn.Module):
         self.block2 = WideGroup(n, widths[1], widths[2], 2)
         self.block3 = WideGroup(n, widths[2], widths[3], 2)
         self.bn1 = nn.BatchNorm2d(widths[3])
-        self.fc = nn.Linear(widths[3], num_classes)
+        self.fc = nn.Linear(widths[3], num_classes, bias=head == "linear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise InputError(f"wrn expects x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         out = self.block3(self.block2(self.block1(self.conv1(normalize(self, x)))))
+        features = F.relu(self.bn1(out)).mean((2, 3))
+        if self.head == "cosine":
+            return F.linear(F.normalize(features, dim=1), F.normalize(self.fc.weight, dim=1))
+        return self.fc(features)
+
+
+class GroupedWideResNet(nn.Module):
+    """A WRN whose groups have their own widths and depths: stem `stem_conv` to widths[0], then
+    group i (blocks[i], depths[i] blocks, stride 1 for the first group and 2 after) to
+    widths[i + 1], BN-ReLU, global average pooling, `fc`. x in [0, 1] -> logits."""
+
+    def __init__(self, widths: list = (16, 160, 320, 640), depths: list = (5, 5, 5), num_classes: int = 10,
+                 in_channels: int = 3, normalization: str = "none", mean: list | None = None, std: list | None = None):
+        super().__init__()
+        if len(widths) != len(depths) + 1:
+            raise ConfigError(f"wrn-grouped: widths needs one entry more than depths, got {list(widths)} and {list(depths)}")
+        self.config = {"arch": "wrn-grouped", "widths": [int(w) for w in widths], "depths": [int(d) for d in depths],
+                       "num_classes": int(num_classes), "in_channels": int(in_channels), "normalization": normalization}
+        if mean is not None:
+            self.config.update(mean=list(mean), std=list(std))
+        self.in_channels, self.num_classes = in_channels, num_classes
+        add_normalization(self, normalization, in_channels, mean, std)
+        self.stem_conv = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
+        self.blocks = nn.ModuleList(WideGroup(n, widths[i], widths[i + 1], 1 if i == 0 else 2)
+                                    for i, n in enumerate(depths))
+        self.bn1 = nn.BatchNorm2d(widths[-1])
+        self.fc = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise InputError(f"wrn-grouped expects x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        out = self.stem_conv(normalize(self, x))
+        for group in self.blocks:
+            out = group(out)
         return self.fc(F.relu(self.bn1(out)).mean((2, 3)))
 
 
-__all__ = ["WideResNet"]
+__all__ = ["WideResNet", "GroupedWideResNet", "HEADS"]

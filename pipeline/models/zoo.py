@@ -20,6 +20,7 @@ from pipeline.config.model_ref import parse_model_ref
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models.importer import load_ref
 from pipeline.models.registry import build_model
+from pipeline.models.robustbench_zoo import ZooError, load_zoo_model, refuse_zoo_file, zoo_entry
 
 ROLES = ("diffusion", "erm", "mixup", "iat", "pgd_at")
 
@@ -61,6 +62,10 @@ def load_model(spec: str, dataset: str, role: str, in_channels: int | None = Non
     """
     ref = parse_model_ref(spec)
     K = dataset_info(dataset).classes
+    if ref.zoo:
+        return load_zoo_model(dataset, ref.threat, ref.name, ref.zoo_path(dataset))
+    if ref.kind == "robustbench":
+        refuse_zoo_file(ref, dataset)
     if ref.kind in ("edm", "robustbench"):
         model, config, meta = load_ref(ref, num_classes=K)
         for key, want in _expected(config, K, in_channels).items():
@@ -96,6 +101,12 @@ def model_card(spec: str, dataset: str, role: str) -> dict:
     if spec == "optimal":
         return {"arch": "optimal", "checkpoint": None, "additional_data": False}
     ref = parse_model_ref(spec)
+    if ref.zoo:
+        try:
+            arch = zoo_entry(dataset, ref.threat, ref.name).arch
+        except ZooError:
+            arch = None
+        return {"arch": arch, "checkpoint": spec, "additional_data": None}
     if ref.kind in ("edm", "robustbench"):
         # A published file: its preset (or EDM's own pickle); what it was trained on is the publisher's to say.
         return {"arch": ref.preset or "edm", "checkpoint": spec, "additional_data": None}
