@@ -353,18 +353,33 @@ def default_file(dataset: str, threat: str, name: str) -> Path:
     return Path(os.environ.get(ENV) or "models") / dataset / threat / f"{name}.pt"
 
 
-def refuse_zoo_file(ref, dataset: str) -> None:
-    """ZooError if an ARCH:PATH reference names a file of RobustBench's zoo layout by its entry's
-    name: its input transform is the model class's, not the file's, and a preset would drop it."""
+def refuse_zoo_file(ref, dataset: str, keys=None) -> None:
+    """ZooError if an ARCH:PATH reference names a file of RobustBench's zoo layout ({NAME}.pt)
+    whose entry applies an input transform that the preset, reading the file's keys (`keys`: its
+    state dict's names; None: read them), would not: the transform lives in RobustBench's model
+    class, not in the file (Wong2020Fast without mu/sigma, Hendrycks2019Using's 2x - 1, ...)."""
     path = Path(ref.path)
     threats = [t for (d, t, n) in ZOO if d == dataset and n == path.stem]
     if not threats:
         return
     threat = path.parent.name if path.parent.name in threats else threats[0]
     entry = zoo_entry(dataset, threat, path.stem)
-    raise ZooError(f"model robustbench:{ref.preset}:{ref.path}: the file is RobustBench's {dataset} {threat} entry "
-                   f"{entry.name} ({entry.arch}), whose input transform lives in RobustBench's model class, not in the "
-                   f"file; name it instead: robustbench:{threat}/{entry.name}:{ref.path}")
+    if not entry.supported:
+        return
+    if keys is None:
+        if not path.is_file():
+            return
+        from pipeline.models.importer import read_weights_only
+
+        obj = read_weights_only(path)
+        take = "last" if isinstance(obj, dict) and isinstance(obj.get("last"), dict) and "best" in obj else None
+        keys = set(robustbench_state(obj, path, take))
+    preset = "mu_sigma" if {"mu", "sigma"} <= set(keys) else "none"
+    if entry.config.get("normalization") != preset:
+        raise ZooError(f"model robustbench:{ref.preset}:{ref.path}: the file is RobustBench's {dataset} {threat} entry "
+                       f"{entry.name} ({entry.arch}), whose input transform ({entry.config['normalization']}) lives in "
+                       f"RobustBench's model class, not in the file; name it instead: "
+                       f"robustbench:{threat}/{entry.name}:{ref.path}")
 
 
 def _strip(state: dict, substr: str) -> dict:

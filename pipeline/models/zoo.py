@@ -64,10 +64,10 @@ def load_model(spec: str, dataset: str, role: str, in_channels: int | None = Non
     K = dataset_info(dataset).classes
     if ref.zoo:
         return load_zoo_model(dataset, ref.threat, ref.name, ref.zoo_path(dataset))
-    if ref.kind == "robustbench":
-        refuse_zoo_file(ref, dataset)
     if ref.kind in ("edm", "robustbench"):
         model, config, meta = load_ref(ref, num_classes=K)
+        if ref.kind == "robustbench":
+            refuse_zoo_file(ref, dataset, [k for k in model.state_dict() if k in ("mu", "sigma")])
         for key, want in _expected(config, K, in_channels).items():
             if config.get(key) != want:
                 raise CheckpointError(f"model {spec}: {key} is {config.get(key)!r}, the dataset needs {want}")
