@@ -496,7 +496,9 @@ def _point_models_at(doc: dict, files: dict[str, Path]) -> dict:
     """The job with every model file path replaced by the small stand-in file of its kind."""
     for table in doc["defenses"]:
         ref = parse_model_ref(table["model"])
-        if ref.path:
+        if ref.zoo and ref.path is None:
+            table["model"] += f":{files[ref.format]}"
+        elif ref.path:
             table["model"] = table["model"][: -len(ref.path)] + str(files[ref.format])
     return doc
 

@@ -104,7 +104,7 @@ def test_a_job_naming_a_model_we_cannot_build_exits_2_before_any_work(tmp_path, 
     assert "is not supported: its ODE block is not implemented here" in result.output
     (tmp_path / "job.toml").write_text(JOB.format(model="robustbench:Linf/Standard"))
     result = CliRunner().invoke(app, ["validate", "job.toml"])
-    assert result.exit_code == 2 and "RobustBench model file models/cifar10/Linf/Standard.pt not found" in result.output
+    assert result.exit_code == 2 and "defense mi-combined-wong: model file models/cifar10/Linf/Standard.pt not found; download it" in result.output
     (tmp_path / "job.toml").write_text(JOB.format(model="robustbench:Linf/Wong2020Fast"))
     result = CliRunner().invoke(app, ["validate", "job.toml"])
     assert result.exit_code == 0, result.output

@@ -71,8 +71,8 @@ class ModelRef:
                 return None
             path = self.zoo_path(dataset)
             if not path.is_file():
-                return (f"RobustBench model file {path} not found; download {self.name} with RobustBench's "
-                        f"load_model (it keeps it there), set ${ZOO_ENV} to the folder that holds "
+                return (f"model file {path} not found; download it with RobustBench's load_model "
+                        f"(which keeps {self.name} there), set ${ZOO_ENV} to the folder that holds "
                         f"{dataset or 'DATASET'}/{self.threat}/, or give its path: robustbench:{self.threat}/{self.name}:PATH")
             return None
         path = Path(self.path)
