@@ -222,7 +222,7 @@ def _entries() -> list[tuple[str, str, str, tuple]]:
         ("Cui2023Decoupled_WRN-28-10", _dm(28, 10, "silu")),
         ("Cui2023Decoupled_WRN-34-10", _wrn(34, 10)),
         ("Bai2023Improving_edm", _no("composite of two classifiers and a mixing network", ENSEMBLE)),
-        ("Peng2023Robust", _no("RaWideResNet-70-16", "its robust-architecture blocks (SE, stem variants) are not "
+        ("Peng2023Robust", _no("RaWideResNet-70-16", "its robust-architecture (RaWideResNet) blocks are not "
                                "implemented here")),
         ("Bai2024MixedNUTS", _no("mixture of a standard and a robust classifier", ENSEMBLE)),
         ("Chen2024Data_WRN_34_10", _wrn(34, 10)),
