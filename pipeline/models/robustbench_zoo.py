@@ -96,14 +96,17 @@ class ZooEntry:
 
 
 # Builders: each returns (architecture in words, config or None, reason).
-def _wrn(depth, k, sub_block1=False, ms=None, norm=None, head="linear"):
+def _wrn(depth, k, sub_block1=False, ms=None, norm=None, head="linear", activation="relu"):
     cfg = {"arch": "wrn", "depth": depth, "widen_factor": k, "sub_block1": sub_block1,
            "normalization": norm or ("mu_sigma" if ms else "none")}
     if ms:
         cfg.update(mean=list(ms[0]), std=list(ms[1]))
     if head != "linear":
         cfg["head"] = head
-    words = f"WideResNet-{depth}-{k}" + (" (cosine head)" if head != "linear" else "")
+    if activation != "relu":
+        cfg["activation"] = activation
+    words = (f"WideResNet-{depth}-{k}" + (" (cosine head)" if head != "linear" else "")
+             + (" (PSSiLU)" if activation == "pssilu" else ""))
     return words, cfg, None
 
 
@@ -198,8 +201,7 @@ def _entries() -> list[tuple[str, str, str, tuple]]:
         ("Addepalli2021Towards_RN18", _r18()),
         ("Addepalli2021Towards_WRN34", _wrn(34, 10, True)),
         ("Gowal2021Improving_70_16_ddpm_100m", _dm(70, 16, "swish")),
-        ("Dai2021Parameterizing", _no("WideResNet-28-10 (PSSiLU)", "its learnable PSSiLU activation, one module "
-                                      "shared by every block, is not implemented here")),
+        ("Dai2021Parameterizing", _wrn(28, 10, activation="pssilu")),
         ("Gowal2021Improving_28_10_ddpm_100m", _dm(28, 10, "swish")),
         ("Gowal2021Improving_R18_ddpm_100m", _dm_preact()),
         ("Chen2021LTD_WRN34_10", _wrn(34, 10)),
