@@ -36,6 +36,11 @@ ARCH_CASES = {
                                             "normalization": "mu_sigma", "mean": C10[0], "std": C10[1]}},
     # One PSSiLU shared by every block: the file names it once per place, with different values here.
     "wrn-16-1-pssilu": {"seed": 10, "config": {"arch": "wrn", "depth": 16, "widen_factor": 1, "activation": "pssilu"}},
+    # Its file lacks mu/sigma (RobustBench tolerates it): the class's constants stay.
+    "robust-resnet-small": {"seed": 15, "drop": ("mu", "sigma"),
+                            "config": {"arch": "robust-resnet", "widths": [16, 32, 48, 24], "depths": [2, 1, 2],
+                                       "activation": "silu", "normalization": "mu_sigma", "mean": C10[0],
+                                       "std": C10[1]}},
     "wrn-grouped": {"seed": 8, "config": {"arch": "wrn-grouped", "widths": [16, 32, 64, 48], "depths": [1, 2, 1]}},
     "preact-v2-bn": {"seed": 9, "config": {"arch": "preact-resnet18", "shortcut": "activation", "bn_before_fc": True,
                                            "normalization": "mu_sigma", "mean": C10[0], "std": C10[1]}},

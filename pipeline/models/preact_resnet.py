@@ -25,8 +25,9 @@ SHORTCUTS = ("input", "activation")
 class PreActBlock(nn.Module):
     """BN-ReLU-conv twice, added to the input (or to a 1x1 projection where the shape changes)."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "input"):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "input", act=F.relu):
         super().__init__()
+        self.act = act
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -36,12 +37,12 @@ class PreActBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = F.relu(self.bn1(x))
+        a = self.act(self.bn1(x))
         if hasattr(self, "shortcut"):
             shortcut = self.shortcut(a if self.project_activation else x)
         else:
             shortcut = x
-        return self.conv2(F.relu(self.bn2(self.conv1(a)))) + shortcut
+        return self.conv2(self.act(self.bn2(self.conv1(a)))) + shortcut
 
 
 class PreActResNet18(nn.Module):
@@ -83,4 +84,56 @@ class PreActResNet18(nn.Module):
         return self.linear(out.mean((2, 3)))
 
 
-__all__ = ["PreActResNet18", "PreActBlock", "SHORTCUTS"]
+class PreActGroup(nn.Module):
+    def __init__(self, n: int, in_planes: int, planes: int, stride: int, act):
+        super().__init__()
+        self.layer = nn.Sequential(*(PreActBlock(in_planes if i == 0 else planes, planes, stride if i == 0 else 1,
+                                                 "activation", act) for i in range(n)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class RobustResNet(nn.Module):
+    """Huang et al. 2022's RobustResNet in its basic-block form (RobustBench's
+    Huang2022Revisiting_WRN-A4): a 3x3 stem `stem_conv` to widths[0], groups `blocks.{i}.layer`
+    of depths[i] pre-activation blocks (shortcut from the activation, stride 1 then 2, 2), a
+    final BN (`norm1`) and activation, global average pooling, `fc`. activation "relu" or
+    "silu". Its mu/sigma buffers are (C, 1, 1), as the publisher's class holds them."""
+
+    def __init__(self, widths: list = (16, 160, 448, 384), depths: list = (27, 28, 13), num_classes: int = 10,
+                 in_channels: int = 3, activation: str = "silu", normalization: str = "mu_sigma",
+                 mean: list | None = None, std: list | None = None):
+        super().__init__()
+        if len(widths) != len(depths) + 1:
+            raise ConfigError(f"robust-resnet: widths needs one entry more than depths, got {list(widths)} and {list(depths)}")
+        if activation not in ("relu", "silu"):
+            raise ConfigError(f"robust-resnet: activation must be relu or silu, got {activation!r}")
+        if normalization not in ("none", "mu_sigma"):
+            raise ConfigError(f"robust-resnet: normalization must be none or mu_sigma, got {normalization!r}")
+        self.config = {"arch": "robust-resnet", "widths": [int(w) for w in widths], "depths": [int(d) for d in depths],
+                       "num_classes": int(num_classes), "in_channels": int(in_channels), "activation": activation,
+                       "normalization": normalization}
+        if mean is not None:
+            self.config.update(mean=list(mean), std=list(std))
+        self.in_channels, self.num_classes = in_channels, num_classes
+        self.act = F.relu if activation == "relu" else F.silu
+        add_normalization(self, normalization, in_channels, mean, std)
+        if normalization == "mu_sigma":
+            self.mu, self.sigma = self.mu.view(in_channels, 1, 1), self.sigma.view(in_channels, 1, 1)
+        self.stem_conv = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
+        self.blocks = nn.ModuleList(PreActGroup(n, widths[i], widths[i + 1], 1 if i == 0 else 2, self.act)
+                                    for i, n in enumerate(depths))
+        self.norm1 = nn.BatchNorm2d(widths[-1])
+        self.fc = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise InputError(f"robust-resnet expects x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        out = self.stem_conv(normalize(self, x))
+        for group in self.blocks:
+            out = group(out)
+        return self.fc(self.act(self.norm1(out)).mean((2, 3)))
+
+
+__all__ = ["PreActResNet18", "PreActBlock", "RobustResNet", "SHORTCUTS"]

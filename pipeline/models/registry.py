@@ -14,7 +14,7 @@ from torch import nn
 from pipeline.errors import ConfigError
 
 ARCHS = ("unet", "cnn", "resnet18", "resnet50", "wrn", "wrn-grouped", "preact-resnet18", "dm-wrn", "dm-preact-resnet",
-         "edm")
+         "robust-resnet", "edm")
 
 
 # Bounds on a config's sizes (widths, channels, classes, blocks): far above any model here, far
@@ -104,6 +104,8 @@ def _class(arch: str) -> type[nn.Module]:
         from pipeline.models.wide_resnet import WideResNet as cls
     elif arch == "wrn-grouped":
         from pipeline.models.wide_resnet import GroupedWideResNet as cls
+    elif arch == "robust-resnet":
+        from pipeline.models.preact_resnet import RobustResNet as cls
     elif arch == "dm-wrn":
         from pipeline.models.dm_resnet import DMWideResNet as cls
     elif arch == "dm-preact-resnet":

@@ -217,7 +217,9 @@ def _entries() -> list[tuple[str, str, str, tuple]]:
         ("Debenedetti2022Light_XCiT-S12", _no("XCiT-S12", TIMM)),
         ("Debenedetti2022Light_XCiT-M12", _no("XCiT-M12", TIMM)),
         ("Debenedetti2022Light_XCiT-L12", _no("XCiT-L12", TIMM)),
-        ("Huang2022Revisiting_WRN-A4", _no("RobustResNet WRN-A4", "its RobustResNet blocks are not implemented here")),
+        ("Huang2022Revisiting_WRN-A4", ("RobustResNet WRN-A4 (SiLU)", {
+            "arch": "robust-resnet", "widths": [16, 160, 448, 384], "depths": [27, 28, 13], "activation": "silu",
+            "normalization": "mu_sigma", "mean": list(C10[0]), "std": list(C10[1])}, None)),
         ("Wang2023Better_WRN-28-10", _dm(28, 10, "silu")),
         ("Wang2023Better_WRN-70-16", _dm(70, 16, "silu")),
         ("Xu2023Exploring_WRN-28-10", _dm(28, 10, "silu")),
