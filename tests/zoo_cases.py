@@ -22,6 +22,9 @@ ARCH_CASES = {
     "dm-wrn-16-2-silu-c100": {"seed": 2, "config": {"arch": "dm-wrn", "depth": 16, "width": 2, "activation": "silu",
                                                     "num_classes": 100, "normalization": "mean_std", "mean": C100[0],
                                                     "std": C100[1]}},
+    "dm-wrn-10-2-meansparse": {"seed": 16, "config": {"arch": "dm-wrn", "depth": 10, "width": 2, "activation": "silu",
+                                                      "meansparse": True, "normalization": "mean_std",
+                                                      "mean": C10[0], "std": C10[1]}},
     "dm-preact-18-swish": {"seed": 3, "config": {"arch": "dm-preact-resnet", "depth": 18, "activation": "swish",
                                                  "normalization": "mean_std", "mean": C10[0], "std": C10[1]}},
     "wrn-10-1-2x-1": {"seed": 4, "config": {"arch": "wrn", "depth": 10, "widen_factor": 1, "normalization": "2x-1"}},
@@ -68,6 +71,10 @@ def random_state(shapes: dict, seed: int, drop=()) -> dict[str, torch.Tensor]:
         shape = tuple(shapes[name])
         if name.endswith("num_batches_tracked"):
             out[name] = torch.tensor(7)
+        elif name.endswith("flag_update_statistics"):
+            out[name] = torch.tensor(0)
+        elif len(shape) == 0:  # MeanSparse's threshold and batch count
+            out[name] = torch.rand((), generator=g) * 0.5 + 0.2
         elif name.endswith("running_var"):
             out[name] = torch.rand(shape, generator=g) + 0.5
         elif name.endswith("running_mean"):

@@ -110,10 +110,13 @@ def _wrn(depth, k, sub_block1=False, ms=None, norm=None, head="linear", activati
     return words, cfg, None
 
 
-def _dm(depth, width, act, ms=C10):
-    return (f"DMWideResNet-{depth}-{width} ({'Swish' if act == 'swish' else 'SiLU'})",
-            {"arch": "dm-wrn", "depth": depth, "width": width, "activation": act, "normalization": "mean_std",
-             "mean": list(ms[0]), "std": list(ms[1])}, None)
+def _dm(depth, width, act, ms=C10, meansparse=False):
+    cfg = {"arch": "dm-wrn", "depth": depth, "width": width, "activation": act, "normalization": "mean_std",
+           "mean": list(ms[0]), "std": list(ms[1])}
+    if meansparse:
+        cfg["meansparse"] = True
+    return (f"{'MeanSparse ' if meansparse else ''}DMWideResNet-{depth}-{width} ({'Swish' if act == 'swish' else 'SiLU'})",
+            cfg, None)
 
 
 def _dm_preact(ms=C10):
@@ -231,9 +234,9 @@ def _entries() -> list[tuple[str, str, str, tuple]]:
         ("Bai2024MixedNUTS", _no("mixture of a standard and a robust classifier", ENSEMBLE)),
         ("Chen2024Data_WRN_34_10", _wrn(34, 10)),
         ("Chen2024Data_WRN_34_20", _wrn(34, 20)),
-        ("Amini2024MeanSparse_Ra_WRN_70_16", _no("MeanSparse RaWideResNet-70-16", "its MeanSparse layers are not "
-                                                "implemented here")),
-        ("Amini2024MeanSparse_S-WRN-94-16", _no("MeanSparse WRN-94-16", "its MeanSparse layers are not implemented here")),
+        ("Amini2024MeanSparse_Ra_WRN_70_16", _no("MeanSparse RaWideResNet-70-16", "its robust-architecture "
+                                                "(RaWideResNet) blocks are not implemented here")),
+        ("Amini2024MeanSparse_S-WRN-94-16", _dm(94, 16, "silu", meansparse=True)),
         ("Bartoldson2024Adversarial_WRN-94-16", _dm(94, 16, "silu")),
         ("Bartoldson2024Adversarial_WRN-82-8", _dm(82, 8, "silu")),
     ]
@@ -259,7 +262,7 @@ def _entries() -> list[tuple[str, str, str, tuple]]:
         ("Rade2021Helper_R18_ddpm", _dm_preact()),
         ("Wang2023Better_WRN-28-10", _dm(28, 10, "silu")),
         ("Wang2023Better_WRN-70-16", _dm(70, 16, "silu")),
-        ("Amini2024MeanSparse_S-WRN-70-16", _no("MeanSparse WRN-70-16", "its MeanSparse layers are not implemented here")),
+        ("Amini2024MeanSparse_S-WRN-70-16", _dm(70, 16, "silu", meansparse=True)),
     ]
     c100 = C100_DM
     c100_linf = [
@@ -302,7 +305,7 @@ def _entries() -> list[tuple[str, str, str, tuple]]:
         ("Cui2023Decoupled_WRN-34-10_autoaug", _wrn(34, 10)),
         ("Bai2024MixedNUTS", _no("mixture of a standard and a robust classifier", ENSEMBLE)),
         ("Chen2024Data_WRN_34_10", _wrn(34, 10)),
-        ("Amini2024MeanSparse_S-WRN-70-16", _no("MeanSparse WRN-70-16", "its MeanSparse layers are not implemented here")),
+        ("Amini2024MeanSparse_S-WRN-70-16", _dm(70, 16, "silu", c100, meansparse=True)),
     ]
     return ([("cifar10", L, n, e) for n, e in c10_linf] + [("cifar10", T, n, e) for n, e in c10_l2]
             + [("cifar100", L, n, e) for n, e in c100_linf])
@@ -435,6 +438,10 @@ def fit_zoo_state(model: nn.Module, state: dict[str, torch.Tensor], entry: ZooEn
             raise CheckpointError(f"{where} does not fit {what}, which RobustBench loads strictly: {first} "
                                   f"({len(missing)} missing, {len(unexpected)} unexpected)")
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    updating = [k for k, v in model.state_dict().items() if k.endswith("flag_update_statistics") and v.item() != 0]
+    if updating:
+        raise CheckpointError(f"{where}: {updating[0]} is set: {what} would update its MeanSparse statistics on "
+                              f"every inference, a model that changes as it is attacked; refused")
 
 
 def load_zoo_model(dataset: str, threat: str, name: str, path: str | os.PathLike | None = None
