@@ -19,7 +19,7 @@ from pipeline.cli import app
 from pipeline.config.model_ref import parse_model_ref
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models.registry import build_model
-from pipeline.models.robustbench_zoo import ZOO, ZooError, buildable, default_file, zoo_entries
+from pipeline.models.robustbench_zoo import ZOO, ZooEntry, ZooError, buildable, default_file, fit_zoo_state, zoo_entries
 from pipeline.models.zoo import load_model
 from zoo_cases import ARCH_CASES, NAME_CASES, random_state, signature, wrap
 
@@ -169,3 +169,15 @@ def test_models_command_lists_presets_and_the_zoo():
     assert "robustbench:Linf/Gowal2020Uncovering_extra" in text  # CIFAR-100's too
     bad = CliRunner().invoke(app, ["models", "--threat", "L3"])
     assert bad.exit_code == 2 and "--threat 'L3'" in bad.output
+
+
+def test_a_meansparse_file_that_would_update_its_statistics_is_refused():
+    config = {"num_classes": 10, "in_channels": 3, **ARCH_CASES["dm-wrn-10-2-meansparse"]["config"]}
+    entry = ZooEntry("cifar10", "Linf", "Amini2024MeanSparse_S-WRN-94-16", "MeanSparse DMWideResNet", config)
+    model = build_model(config)
+    state = random_state(shapes_of(model), 0)
+    fit_zoo_state(model, dict(state), entry, "ok.pt")
+    state["layer.1.block.0.meansparse_2.flag_update_statistics"] = torch.tensor(1)
+    with pytest.raises(CheckpointError, match="bad.pt: layer.1.block.0.meansparse_2.flag_update_statistics is set: "
+                                              "RobustBench's Amini2024MeanSparse_S-WRN-94-16 .* would update"):
+        fit_zoo_state(build_model(config), state, entry, "bad.pt")
