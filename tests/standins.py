@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.config.datasets import dataset_info
+from pipeline.models.robustbench_zoo import buildable
 from pipeline.config.model_ref import ModelRef, parse_model_ref
 from pipeline.models.checkpoint import save_checkpoint
 from pipeline.models.importer import CLASSIFIER_PRESETS
@@ -74,6 +75,13 @@ def write_robustbench(path: Path, preset: str, classes: int) -> Path:
     return path
 
 
+def write_zoo(path: Path, config: dict) -> Path:
+    """A zoo entry's file as RobustBench keeps it: {"state_dict": ...} with DataParallel's `module.`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in zeros_state(config).items()}}, path)
+    return path
+
+
 class _State:
     def __init__(self, state):
         self._state = state
@@ -103,6 +111,11 @@ class StandIns:
         """The file or folder `ref` names, under `where` (relative paths) or at its absolute path."""
         K = dataset_info(dataset).classes
         if ref.kind in ("default", "optimal") or "://" in (ref.path or ""):
+            return
+        if ref.zoo:
+            entry = buildable(dataset, ref.threat, ref.name)
+            src = self._cached(f"zoo-{dataset}-{ref.threat}-{ref.name}.pt", lambda p: write_zoo(p, entry.config))
+            _link(src, where / ref.zoo_path(dataset))
             return
         if ref.kind == "edm":
             assert ref.format == "edm-pt", f"no stand-in for {ref}: only EDM state dicts (.pt) are written"

@@ -10,7 +10,7 @@ from pipeline.cli.bench import bench_app
 from pipeline.cli.cluster import logs_cmd, stop_cmd, submit_cmd
 from pipeline.cli.evaluate import accuracy_cmd
 from pipeline.cli.jobs import run_cmd, status_cmd, validate_cmd
-from pipeline.cli.models import import_model_cmd
+from pipeline.cli.models import import_model_cmd, models_cmd
 from pipeline.cli.train import train_app
 
 app = typer.Typer(help="Robustness sweeps of inference-time defenses (RDC, Mixup Inference).", no_args_is_help=True,
@@ -27,6 +27,7 @@ app.command("report")(report_cmd)
 app.command("compare")(compare_cmd)
 app.command("sql")(sql_cmd)
 app.command("import-model")(import_model_cmd)
+app.command("models")(models_cmd)
 app.add_typer(bench_app, name="bench")
 
 __all__ = ["app"]

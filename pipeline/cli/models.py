@@ -1,4 +1,5 @@
-"""`robustsweep import-model`: a published checkpoint -> a checkpoint folder, nothing in the file run."""
+"""`robustsweep import-model`: a published checkpoint -> a checkpoint folder, nothing in the file run;
+`robustsweep models`: the presets and RobustBench zoo names a `model` field can give."""
 
 from __future__ import annotations
 
@@ -32,3 +33,30 @@ def import_model_cmd(
             raise ConfigError(f"--config {config}: not a readable JSON file ({exc})") from None
     folder, cfg, meta = import_to_folder(src, format, out, preset=arch, config=table, num_classes=num_classes)
     console.print(f"saved {folder}: {cfg.get('arch')} from {src.name} (sha256 {meta['source']['sha256'][:16]}...)")
+
+
+@fails_cleanly
+def models_cmd(
+    dataset: Optional[str] = typer.Option(None, help="only the zoo names of this dataset (cifar10, cifar100)"),
+    threat: Optional[str] = typer.Option(None, help="only the zoo names of this threat model (Linf, L2)"),
+    supported: bool = typer.Option(False, "--supported", help="only what loads"),
+    format: str = typer.Option("text", "--format", help="text or json"),
+):
+    """List the architecture presets and RobustBench's zoo names, with architecture and whether they load."""
+    from pipeline.models.robustbench_zoo import DATASETS, THREATS, model_listing
+
+    if dataset is not None and dataset not in DATASETS:
+        raise ConfigError(f"--dataset {dataset!r}: RobustBench's zoo here covers {', '.join(DATASETS)}")
+    if threat is not None and threat not in THREATS:
+        raise ConfigError(f"--threat {threat!r}: expected one of {', '.join(THREATS)}")
+    if format not in ("text", "json"):
+        raise ConfigError(f"--format {format!r}: expected text or json")
+    rows = [r for r in model_listing(dataset, threat) if r["supported"] or not supported]
+    if format == "json":
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    width = max(len(r["model"]) for r in rows)
+    for r in rows:
+        where = f"{r['dataset']:<9}" if r["dataset"] else " " * 9
+        state = "yes" if r["supported"] else f"no: {r['reason']}"
+        typer.echo(f"{r['model']:<{width}}  {where} {r['arch']:<42} {state}")

@@ -6,6 +6,10 @@
     "edm:path/to/file.pkl"                  an NVlabs EDM pickle, configured by the file itself
     "edm:PRESET:path/to/file.pt"            a state dict of an EDM preset (the RDC authors' files)
     "robustbench:ARCH:path/to/file.pt"      a RobustBench state dict of a classifier preset
+    "robustbench:THREAT/NAME"               RobustBench's zoo entry NAME (THREAT: Linf or L2) of the
+                                            defense's dataset, where RobustBench's loader keeps it:
+                                            {$ROBUSTBENCH_MODELS or ./models}/{dataset}/{THREAT}/{NAME}.pt
+    "robustbench:THREAT/NAME:path/to/file.pt"   the same entry, from that file
 
 The specs hold a ModelRef (`ModelRefField`): parsed from the string when a table is validated,
 written back as the same string when a spec is dumped, so hashes and plan.json see the text the
@@ -17,6 +21,7 @@ so that a job parses where its files are not.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,16 +32,33 @@ from pipeline.errors import ConfigError
 PUBLISHED = ("edm", "robustbench")
 WORDS = ("default", "optimal")
 KINDS = ("default", "optimal", "folder", *PUBLISHED)
+# RobustBench's threat models with a zoo here, and where its loader keeps the files.
+ZOO_THREATS = ("Linf", "L2")
+ZOO_ENV = "ROBUSTBENCH_MODELS"
 
 
 @dataclass(frozen=True)
 class ModelRef:
     """kind: "default", "optimal", "folder", "edm" or "robustbench"; path: the folder or file;
-    preset: the architecture preset of an edm or robustbench file, where given."""
+    preset: the architecture preset of an edm or robustbench file, where given; threat and
+    name: a RobustBench zoo entry (path None: where RobustBench keeps it, see `zoo_path`)."""
 
     kind: str
     path: str | None = None
     preset: str | None = None
+    threat: str | None = None
+    name: str | None = None
+
+    @property
+    def zoo(self) -> bool:
+        """Whether this names an entry of RobustBench's zoo."""
+        return self.name is not None
+
+    def zoo_path(self, dataset: str) -> Path:
+        """The file of a zoo entry: the given path, else RobustBench's place for it."""
+        if self.path is not None:
+            return Path(self.path)
+        return Path(os.environ.get(ZOO_ENV) or "models") / dataset / self.threat / f"{self.name}.pt"
 
     def __str__(self) -> str:
         """The reference as a job file writes it: parse_model_ref(str(ref)) == ref."""
@@ -44,6 +66,8 @@ class ModelRef:
             return self.kind
         if self.kind == "folder":
             return self.path
+        if self.zoo:
+            return ":".join(p for p in (self.kind, f"{self.threat}/{self.name}", self.path) if p is not None)
         return ":".join(p for p in (self.kind, self.preset, self.path) if p is not None)
 
     @property
@@ -60,9 +84,19 @@ class ModelRef:
             return "edm-pkl" if self.path.endswith(".pkl") else "edm-pt"
         return None
 
-    def missing(self) -> str | None:
-        """What a user must fix if the file or folder this names is not there, else None."""
+    def missing(self, dataset: str | None = None) -> str | None:
+        """What a user must fix if the file or folder this names is not there, else None (a zoo
+        entry without a path needs the dataset that places it)."""
         if self.kind in WORDS:
+            return None
+        if self.zoo:
+            if self.path is None and dataset is None:
+                return None
+            path = self.zoo_path(dataset)
+            if not path.is_file():
+                return (f"model file {path} not found; download it with RobustBench's load_model "
+                        f"(which keeps {self.name} there), set ${ZOO_ENV} to the folder that holds "
+                        f"{dataset or 'DATASET'}/{self.threat}/, or give its path: robustbench:{self.threat}/{self.name}:PATH")
             return None
         path = Path(self.path)
         if self.kind == "folder":
@@ -82,6 +116,15 @@ def parse_model_ref(spec: str) -> ModelRef:
     if spec in WORDS:
         return ModelRef(spec)
     kind, colon, rest = spec.partition(":")
+    if colon and kind == "robustbench" and "/" in rest.partition(":")[0]:
+        entry, _, path = rest.partition(":")
+        threat, _, name = entry.partition("/")
+        if threat not in ZOO_THREATS or not name or "/" in name:
+            raise ConfigError(f"model {spec!r}: a RobustBench zoo name is robustbench:THREAT/NAME[:PATH] with THREAT "
+                              f"one of {ZOO_THREATS} (e.g. robustbench:Linf/Wang2023Better_WRN-28-10)")
+        if colon and rest.endswith(":"):
+            raise ConfigError(f"model {spec!r}: the path after the name is empty")
+        return ModelRef("robustbench", path or None, None, threat, name)
     if colon and kind in PUBLISHED:
         return _PUBLISHED_PARSERS[kind](spec, rest)
     if colon and kind.isalpha() and len(kind) > 1 and not rest.startswith("//"):

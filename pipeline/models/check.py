@@ -27,7 +27,8 @@ from pipeline.config.model_ref import ModelRef
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_config
 from pipeline.models.edm.config import resolve
-from pipeline.models.importer import check_fit, check_preset, describe, read_published
+from pipeline.models.importer import check_fit, check_preset, describe, read_published, read_weights_only
+from pipeline.models.robustbench_zoo import buildable, fit_zoo_state, refuse_zoo_file, robustbench_state
 from pipeline.models.registry import arch_class, build_model, check_config
 
 
@@ -65,6 +66,8 @@ def check_model(ref: ModelRef, dataset: str, where: str, classes: int | None = N
         if "://" in ref.path:
             return  # a remote checkpoint is checked where it is loaded
         config = _folder_config(ref, where)
+    elif ref.zoo:
+        config = _zoo_config(ref, dataset, where)
     else:
         config = _published_config(ref, dataset, where, classes)
     _fits_dataset(ref, fit_of(config), dataset, where, classes)
@@ -115,6 +118,27 @@ def _header_shapes(weights: Path) -> dict[str, list[int]]:
         raise CheckpointError(f"checkpoint weights {weights} are unreadable: {exc}") from None
 
 
+def _zoo_config(ref: ModelRef, dataset: str, where: str) -> dict:
+    """A RobustBench zoo entry: one we build, and its file there and fitting the entry's architecture."""
+    try:
+        entry = buildable(dataset, ref.threat, ref.name)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    problem = ref.missing(dataset)
+    if problem:
+        raise CheckpointError(f"{where}: {problem}")
+    path = ref.zoo_path(dataset)
+    try:
+        obj = read_weights_only(path, mmap=True)
+        state = robustbench_state(obj, path, entry.take, entry.name)
+        with torch.device("meta"):
+            model = build_model(entry.config)
+        fit_zoo_state(model, state, entry, str(path), assign=True)
+    except (ConfigError, CheckpointError) as exc:
+        raise type(exc)(f"{where}: model {ref}: {exc}") from None
+    return dict(entry.config)
+
+
 def _published_config(ref: ModelRef, dataset: str, where: str, classes: int | None) -> dict:
     """The file's config, after checking that its tensors' names and shapes are the ones it builds."""
     try:
@@ -124,6 +148,11 @@ def _published_config(ref: ModelRef, dataset: str, where: str, classes: int | No
     problem = ref.missing()
     if problem:
         raise CheckpointError(f"{where}: {problem}")
+    if ref.kind == "robustbench":
+        try:
+            refuse_zoo_file(ref, dataset)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     # An EDM file keeps its own label_dim here, so that a class mismatch is named as one; a classifier
     # preset has no class count of its own and is built for the dataset's.
     build_for = None if ref.kind == "edm" else classes if classes is not None else dataset_info(dataset).classes

@@ -60,13 +60,13 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _weights_only_state(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
-    """A state dict from a torch.save file, read with weights_only=True, unwrapped.
+def read_weights_only(path: Path, mmap: bool = False):
+    """What a torch.save file holds, read with weights_only=True (tensors and plain containers only).
 
     mmap: map the tensors' storages instead of reading them (a zip-format file; a legacy one is
     read whole): the names and shapes of a 200 MB file for the price of its index."""
     try:
-        obj = _torch_load(path, mmap)
+        return _torch_load(path, mmap)
     except Exception as exc:  # a corrupt file fails in many ways inside torch.load (KeyError, RuntimeError, ...)
         # torch's own message goes on to suggest weights_only=False; only its reason is relayed.
         lines = [ln.strip() for ln in str(exc).splitlines() if "WeightsUnpickler error" in ln]
@@ -75,6 +75,11 @@ def _weights_only_state(path: Path, mmap: bool = False) -> dict[str, torch.Tenso
             raise CheckpointError(f"{path} cannot be read as a weights-only state dict ({reason}); it holds more "
                                   "than tensors and plain containers: re-save its state dict alone") from None
         raise CheckpointError(f"{path} is not a readable torch.save file ({type(exc).__name__}: {exc})") from None
+
+
+def _weights_only_state(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A state dict from a torch.save file, read with weights_only=True, unwrapped."""
+    obj = read_weights_only(path, mmap)
     if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         obj = next((obj[key] for key in WRAPPER_KEYS if isinstance(obj.get(key), dict)), obj)
     if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
@@ -113,7 +118,10 @@ def _align_keys(state: dict[str, torch.Tensor], expected: list[str]) -> dict[str
 
 def fit_state(model: nn.Module, state: dict[str, torch.Tensor], where: str, what: str) -> None:
     """Load `state` into `model` strictly; CheckpointError names the first mismatching key and shape."""
-    model.load_state_dict(check_fit(model.state_dict(), state, where, what), strict=True)
+    own = model.state_dict()
+    state = check_fit(own, state, where, what)
+    # torch's BatchNorm accepts a file without its counters, as RobustBench's loader does.
+    model.load_state_dict(state, strict=not any(k.endswith(".num_batches_tracked") and k not in state for k in own))
 
 
 def check_fit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], where: str, what: str) -> dict[str, torch.Tensor]:
@@ -121,6 +129,8 @@ def check_fit(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], wher
     CheckpointError naming the first mismatching key and shape."""
     state = _align_keys(state, list(own))
     for name, tensor in own.items():
+        if name not in state and name.endswith(".num_batches_tracked"):
+            continue  # torch's BatchNorm accepts a file without its counter, as RobustBench's loader does
         if name not in state:
             raise CheckpointError(f"{where} does not fit {what}: first mismatch: tensor {name!r} "
                                   f"(shape {tuple(tensor.shape)}) is missing from the file")
@@ -204,7 +214,13 @@ def read_published(src: Path, fmt: str, preset: str | None = None, config: dict 
         if cfg is None:
             raise ConfigError(f"{src}: an edm-pt state dict carries no configuration; give --arch or --config")
     else:
-        state = _weights_only_state(src, mmap)
+        from pipeline.models.robustbench_zoo import robustbench_state
+
+        # Read as RobustBench's loader reads its files: {'last', 'best'} (last), a `state_dict`
+        # entry, "module." and "model." cut from the keys.
+        obj = read_weights_only(src, mmap)
+        take = "last" if isinstance(obj, dict) and isinstance(obj.get("last"), dict) and "best" in obj else None
+        state = robustbench_state(obj, src, take)
         if config is None and preset not in CLASSIFIER_PRESETS:
             raise ConfigError(f"{src}: a robustbench file needs --arch (one of {sorted(CLASSIFIER_PRESETS)}) or --config")
         base = CLASSIFIER_PRESETS[preset] if config is None else config
@@ -254,4 +270,4 @@ def load_ref(ref: ModelRef, num_classes: int | None = None) -> tuple[nn.Module, 
 
 
 __all__ = ["FORMATS", "PRESETS", "CLASSIFIER_PRESETS", "import_model", "import_to_folder", "load_ref", "read_published",
-           "check_preset", "check_fit", "fit_state", "describe", "sha256_file"]
+           "check_preset", "check_fit", "fit_state", "describe", "read_weights_only", "sha256_file"]

@@ -7,12 +7,14 @@ Checkpoints store only a config and tensors (see pipeline.models.checkpoint); th
 from __future__ import annotations
 
 import inspect
+import math
 
 from torch import nn
 
 from pipeline.errors import ConfigError
 
-ARCHS = ("unet", "cnn", "resnet18", "wrn", "preact-resnet18", "edm")
+ARCHS = ("unet", "cnn", "resnet18", "resnet50", "wrn", "wrn-grouped", "preact-resnet18", "dm-wrn", "dm-preact-resnet",
+         "robust-resnet", "edm")
 
 
 # Bounds on a config's sizes (widths, channels, classes, blocks): far above any model here, far
@@ -20,6 +22,8 @@ ARCHS = ("unet", "cnn", "resnet18", "wrn", "preact-resnet18", "edm")
 SIZE_MAX = 4096
 PARAMETERS_MAX = 500_000_000
 DROPOUT_FIELDS = ("dropout",)
+# An input transform's constants (pipeline.models.normalization): per-channel floats.
+CONSTANT_FIELDS = ("mean", "std")
 
 
 def check_config(config: dict) -> None:
@@ -33,6 +37,13 @@ def check_config(config: dict) -> None:
     options = _options(config["arch"])
     for key, value in config.items():
         if key == "arch" or config["arch"] == "edm" or key in options:
+            continue
+        if key in CONSTANT_FIELDS:
+            if not isinstance(value, (list, tuple)) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    and (key == "mean" or v > 0) for v in value):
+                raise ConfigError(f"model config {key}: expected a list of finite numbers"
+                                  f"{' > 0' if key == 'std' else ''}, got {value!r}")
             continue
         if key in DROPOUT_FIELDS:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
@@ -92,8 +103,18 @@ def _class(arch: str) -> type[nn.Module]:
         from pipeline.models.cnn import SmallCNN as cls
     elif arch == "resnet18":
         from pipeline.models.resnet import ResNet18 as cls
+    elif arch == "resnet50":
+        from pipeline.models.resnet import ResNet50 as cls
     elif arch == "wrn":
         from pipeline.models.wide_resnet import WideResNet as cls
+    elif arch == "wrn-grouped":
+        from pipeline.models.wide_resnet import GroupedWideResNet as cls
+    elif arch == "robust-resnet":
+        from pipeline.models.preact_resnet import RobustResNet as cls
+    elif arch == "dm-wrn":
+        from pipeline.models.dm_resnet import DMWideResNet as cls
+    elif arch == "dm-preact-resnet":
+        from pipeline.models.dm_resnet import DMPreActResNet as cls
     elif arch == "preact-resnet18":
         from pipeline.models.preact_resnet import PreActResNet18 as cls
     else:

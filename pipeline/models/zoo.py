@@ -20,6 +20,7 @@ from pipeline.config.model_ref import ModelRef
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models.importer import load_ref
 from pipeline.models.registry import build_model
+from pipeline.models.robustbench_zoo import ZooError, load_zoo_model, refuse_zoo_file, zoo_entry
 
 ROLES = ("diffusion", "erm", "mixup", "iat", "pgd_at")
 
@@ -55,9 +56,9 @@ def default_checkpoint(dataset: str, role: str) -> Path:
 
 def load_model(ref: ModelRef, dataset: str, role: str, in_channels: int | None = None,
                classes: int | None = None) -> tuple[nn.Module, dict, dict]:
-    """The model a parsed reference names: "default" (the cached default of dataset and role), a
-    checkpoint folder, or a published file ("edm:[PRESET:]PATH", "robustbench:ARCH:PATH"; see
-    pipeline.models.importer).
+    """The model a parsed reference names: "default" (the cached default of dataset and role), a checkpoint folder, a
+    published file ("edm:[PRESET:]PATH", "robustbench:ARCH:PATH"; see pipeline.models.importer), or
+    RobustBench's zoo entry by name ("robustbench:THREAT/NAME[:PATH]"; pipeline.models.robustbench_zoo).
 
     The model must fit the dataset: its class count (and input channels) are checked. classes:
     the class count (an EDM network's label_dim) it must have instead of the dataset's, 0 for an
@@ -65,8 +66,12 @@ def load_model(ref: ModelRef, dataset: str, role: str, in_channels: int | None =
     """
     K = dataset_info(dataset).classes if classes is None else classes
     needs = "the dataset needs" if classes is None else "expected"
+    if ref.zoo:
+        return load_zoo_model(dataset, ref.threat, ref.name, ref.zoo_path(dataset))
     if ref.published:
         model, config, meta = load_ref(ref, num_classes=K)
+        if ref.kind == "robustbench":
+            refuse_zoo_file(ref, dataset, [k for k in model.state_dict() if k in ("mu", "sigma")])
         for key, want in _expected(config, K, in_channels).items():
             if config.get(key) != want:
                 raise CheckpointError(f"model {ref}: {key} is {config.get(key)!r}, {needs} {want}")
@@ -100,6 +105,12 @@ def model_card(ref: ModelRef, dataset: str, role: str) -> dict:
     spec = str(ref)
     if ref.kind == "optimal":
         return {"arch": "optimal", "checkpoint": None, "additional_data": False}
+    if ref.zoo:
+        try:
+            arch = zoo_entry(dataset, ref.threat, ref.name).arch
+        except ZooError:
+            arch = None
+        return {"arch": arch, "checkpoint": spec, "additional_data": None}
     if ref.published:
         # A published file: its preset (or EDM's own pickle); what it was trained on is the publisher's to say.
         return {"arch": ref.preset or "edm", "checkpoint": spec, "additional_data": None}
