@@ -7,10 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config.job import Job
-from pipeline.config.preflight import check_output, check_workers, checkpoint_folders, preflight, safe_name
+from pipeline.config.preflight import check_output, check_workers, checkpoint_folders, preflight
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models.checkpoint import read_config
 from pipeline.models.registry import check_config
+from pipeline.names import check_name
 
 
 def preflight_job(job: Job) -> None:
@@ -34,5 +35,5 @@ def preflight_run(job: Job, out: str, *, workers: int | None = None, run_id: str
     check_output(out)
     check_workers(workers)
     if run_id is not None:
-        safe_name(run_id, "run_id (--run-id)")
+        check_name(run_id, "run_id (--run-id)")
     preflight_job(job)
