@@ -79,3 +79,25 @@ def test_check_name_and_safe_name_agree_on_the_characters():
     allowed = "".join(chr(c) for c in range(32, 127) if safe_name(chr(c)) == chr(c))
     assert allowed == "+-.0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"
     assert check_name(allowed, "name") == allowed
+
+
+def test_machine_reads_the_processor_name_and_flags_lines(tmp_path):
+    from pipeline import machine
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n\n"
+                    "processor\t: 1\nmodel name\t: Some CPU @ 2.0GHz\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+    assert machine.cpu_flags(str(info)) == {"fpu", "avx512f", "amx_bf16", "amx_tile"}
+    assert machine.processor_name(str(info)) == "Some CPU @ 2.0GHz"
+    missing = str(tmp_path / "missing")
+    assert machine.cpu_flags(missing) == frozenset()
+    assert machine.processor_name(missing)  # platform's name where there is no cpuinfo
+
+
+def test_processor_facts_are_read_only_in_the_machine_module():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "pipeline"
+    readers = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
+                     if "/proc/cpuinfo" in p.read_text(encoding="utf-8") or "platform.processor" in p.read_text(encoding="utf-8"))
+    assert readers == ["machine.py"]

@@ -18,7 +18,7 @@ from pipeline.config.datasets import dataset_info
 from pipeline.config.defense import DefenseSpec, RDCSpec, defense_name, parse_defense
 from pipeline.data import load_split
 from pipeline.defenses.base import Defense
-from pipeline.defenses.engine import EngineOptions
+from pipeline.defenses.execution import EngineOptions, precision
 from pipeline.defenses.lm import LikelihoodMaximization
 from pipeline.defenses.mi import MixupInference
 from pipeline.defenses.plain import Plain
@@ -53,6 +53,15 @@ def build_defense(spec: DefenseSpec | dict, device: str | torch.device | None = 
     defense.name = name or defense_name(spec)
     # Defenses never train: frozen weights keep compiled backward graphs from computing their gradients.
     return defense.to(device or "cpu").eval().requires_grad_(False)
+
+
+def planned_precision(spec: DefenseSpec) -> dict[str, str]:
+    """{device type: the precision the defense of `spec` runs in there} for "cpu" and "cuda",
+    from the spec alone (plan.json keeps it; each record says which one its unit ran in)."""
+    options = None
+    if spec.kind == "rdc" and spec.engine is not None:
+        options = EngineOptions(**spec.engine.model_dump())
+    return {device: precision(options, device) for device in ("cpu", "cuda")}
 
 
 def _build_rdc(spec: RDCSpec, channels: int, size: int, K: int) -> Defense:

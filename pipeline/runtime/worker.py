@@ -86,7 +86,8 @@ class Worker:
         finally:
             shard(defense, None)
         table = records_to_table(records, run_id=ctx["run_id"], job_hash=ctx["job_hash"], unit_id=u.unit_id,
-                                 worker=self.name, config_hash=content_hash(u.defense_table))
+                                 worker=self.name, config_hash=content_hash(u.defense_table),
+                                 precision=defense.precision(self.device))
         store = Store(ctx["out"], endpoint_url=ctx.get("endpoint_url"))
         commit_unit(store, f"{ctx['run_id']}/{u.path}", table, u.example_ids, extras, unit_id=u.unit_id,
                     run_id=ctx["run_id"], job_hash=ctx["job_hash"])
