@@ -130,8 +130,6 @@ class Store:
         rel = _rel(*parts)
         return f"{self.root}/{rel}" if rel else self.root
 
-    _path = path
-
     @property
     def backend(self) -> Backend:
         """"local" (a folder on this machine's file system), "s3", or "other" (any other fsspec
@@ -196,7 +194,7 @@ class Store:
         out: dict[str, Any] = {}
         for begin in range(0, len(rels), _CHECK_BATCH):
             batch = rels[begin:begin + _CHECK_BATCH]
-            paths = {self._path(r): r for r in batch}
+            paths = {self.path(r): r for r in batch}
             try:
                 for p in paths:
                     self.fs.invalidate_cache(p)  # s3fs caches listings; another worker may have written
@@ -237,7 +235,7 @@ class Store:
         rels = self.list(rel_prefix, ".parquet") if rels is None else list(rels)
         if not rels:
             return schema.empty_table()
-        paths = [self._path(r) for r in rels]
+        paths = [self.path(r) for r in rels]
         blobs: dict[str, bytes] = {}
         for begin in range(0, len(paths), _CHECK_BATCH):
             # One call per batch: s3fs fetches a batch concurrently, and each batch has the bound.
@@ -289,7 +287,7 @@ class Store:
 
     def exists(self, rel: str) -> bool:
         """Whether a file (or folder) exists at `rel`."""
-        path = self._path(rel)
+        path = self.path(rel)
         try:
             self.fs.invalidate_cache(path)
             return bool(self._patient(lambda **t: self.fs.exists(path, **t)))
@@ -299,7 +297,7 @@ class Store:
     def list(self, rel_prefix: str = "", suffix: str = "") -> list[str]:
         """Relative paths of all files below `rel_prefix` (recursive) ending in `suffix`, sorted.
         A missing prefix gives []. Temp files of writes in progress are never listed."""
-        base = self._path(rel_prefix)
+        base = self.path(rel_prefix)
         try:
             self.fs.invalidate_cache(base)
             found = self._patient(lambda **t: self.fs.find(base, **t))
@@ -323,7 +321,7 @@ class Store:
 
     def remove(self, rel: str) -> None:
         """Delete the file at `rel` if it exists (used for stale failure notes, never for records)."""
-        path = self._path(rel)
+        path = self.path(rel)
         try:
             if self._patient(lambda **t: self.fs.exists(path, **t)):
                 self._patient(lambda **t: self.fs.rm_file(path, **t))
@@ -332,7 +330,7 @@ class Store:
 
     def mtime(self, rel: str) -> float:
         """Modification time of `rel`, seconds since the epoch (local stores: the file's mtime)."""
-        path = self._path(rel)
+        path = self.path(rel)
         try:
             if self._local:
                 return os.path.getmtime(path)
@@ -343,13 +341,11 @@ class Store:
 
     def read_bytes(self, rel: str) -> bytes:
         """The content of the file at `rel`. StoreError naming it when missing or unreadable."""
-        path = self._path(rel)
+        path = self.path(rel)
         try:
             return self._patient(lambda **t: self.fs.cat_file(path, **t))
         except Exception as exc:
             raise self._error(exc, "read", rel) from None
-
-    _read_bytes = read_bytes
 
     # -- versions and conditional writes (the lease's surface) -----------------------------------
 
@@ -357,7 +353,7 @@ class Store:
         """(content, version) of the file at `rel`, or None when there is none. The version is
         read first: a write between the two reads makes a later `replace_if_match` on it fail,
         never succeed on content it did not see."""
-        path = self._path(rel)
+        path = self.path(rel)
         try:
             if self._local:
                 st = os.stat(path)
@@ -410,7 +406,7 @@ class Store:
         return found[1]
 
     def _put_if(self, rel: str, data: bytes, action: str, **condition) -> Version | None:
-        path = self._path(rel)
+        path = self.path(rel)
         bucket, _, key = path.partition("/")
         try:
             self._patient(lambda **t: self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition, **t))
@@ -431,7 +427,7 @@ class Store:
 
     def _commit(self, rel: str, write: Callable[[Any], Any]) -> None:
         """Write a file whole: `write(fileobj)` fills it; readers see all of it or nothing."""
-        path = self._path(rel)
+        path = self.path(rel)
         if not _rel(rel):
             raise StoreError("cannot write to the store root itself; give a relative file path")
         if self._local:
@@ -489,7 +485,7 @@ class Store:
             msg = (f"cannot {action} {where}: no usable AWS credentials; set AWS_ACCESS_KEY_ID and "
                    f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass key/secret in storage_options")
         elif self._is_s3 and retry.timed_out(exc):
-            msg = (f"cannot {action} {where}: S3 endpoint {endpoint} did not answer within {retry_seconds():g} s "
+            msg = (f"cannot {action} {where}: S3 endpoint {endpoint} did not answer within {retry.operation_seconds():g} s "
                    f"(the bound of one operation, {RETRY_ENV}); it is unreachable or too slow: check "
                    f"endpoint_url / AWS_ENDPOINT_URL and the network")
         elif self._is_s3 and retry.unreachable(exc):

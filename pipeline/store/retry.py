@@ -49,6 +49,11 @@ def retry_seconds() -> float:
         raise StoreError(f"{RETRY_ENV} must be a number of seconds, got {raw!r}") from None
 
 
+def operation_seconds() -> float:
+    """How long one operation may take in all: the bound, but at least one attempt's worth."""
+    return max(retry_seconds(), MIN_ATTEMPT_SECONDS)
+
+
 def _chain(exc: BaseException | None, depth: int = 4):
     # The error and what it wraps (s3fs and aiobotocore chain theirs).
     for _ in range(depth):
@@ -136,6 +141,6 @@ def bounded(call: Callable[[float], T], bound: float, *, clock: Callable[[], flo
             between()
 
 
-__all__ = ["RETRY_ENV", "DEFAULT_RETRY_SECONDS", "MIN_ATTEMPT_SECONDS", "retry_seconds", "unreachable",
+__all__ = ["RETRY_ENV", "DEFAULT_RETRY_SECONDS", "MIN_ATTEMPT_SECONDS", "retry_seconds", "operation_seconds", "unreachable",
            "timed_out", "busy", "transient", "precondition_failed", "no_credentials", "raise_transient", "bounded",
            "error_code", "class_names"]
