@@ -78,6 +78,8 @@ class JobSpec(BaseModel):
 
 @dataclass(frozen=True)
 class PlannedDefense:
+    """A defense as the job planned it: one sweep variant, its name, table and parsed spec."""
+
     name: str  # the planned name: the spec's, plus the sweep suffix
     table: dict  # as written (with the job's dataset, root and seed filled in): what unit ids hash
     spec: DefenseSpec
@@ -86,6 +88,8 @@ class PlannedDefense:
 
 @dataclass(frozen=True)
 class PlannedAttack:
+    """An attack as the job planned it: one sweep variant at one eps, and the defenses it targets."""
+
     name: str  # the planned name: the spec's, plus the sweep suffix
     table: dict  # one eps
     spec: AttackSpec
