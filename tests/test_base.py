@@ -6,8 +6,9 @@ import stat
 import pytest
 
 from pipeline.atomic import atomic_write
+from pipeline.errors import ConfigError
 from pipeline.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, save_checkpoint
-from pipeline.names import safe_name
+from pipeline.names import check_name, safe_name
 from pipeline.scrub import redact, redact_uri, scrub
 
 
@@ -66,3 +67,37 @@ def test_safe_name_keeps_letters_digits_and_dot_plus_minus_underscore():
     assert safe_name("rdc-optimal+lm_0.5") == "rdc-optimal+lm_0.5"
     assert safe_name("a/b c:d") == "a_b_c_d"
     assert safe_name(0.031) == "0.031"
+
+
+@pytest.mark.parametrize("name", ["run\n", "\nrun", "run\r", "a b", "a/b", ".", "..", "", "r" * 101, 7])
+def test_check_name_refuses_whole_strings_outside_the_rule(name):
+    with pytest.raises(ConfigError, match="run_id: expected 1-100 characters of letters"):
+        check_name(name, "run_id")
+
+
+def test_check_name_and_safe_name_agree_on_the_characters():
+    allowed = "".join(chr(c) for c in range(32, 127) if safe_name(chr(c)) == chr(c))
+    assert allowed == "+-.0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"
+    assert check_name(allowed, "name") == allowed
+
+
+def test_machine_reads_the_processor_name_and_flags_lines(tmp_path):
+    from pipeline import machine
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n\n"
+                    "processor\t: 1\nmodel name\t: Some CPU @ 2.0GHz\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+    assert machine.cpu_flags(str(info)) == {"fpu", "avx512f", "amx_bf16", "amx_tile"}
+    assert machine.processor_name(str(info)) == "Some CPU @ 2.0GHz"
+    missing = str(tmp_path / "missing")
+    assert machine.cpu_flags(missing) == frozenset()
+    assert machine.processor_name(missing)  # platform's name where there is no cpuinfo
+
+
+def test_processor_facts_are_read_only_in_the_machine_module():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "pipeline"
+    readers = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
+                     if "/proc/cpuinfo" in p.read_text(encoding="utf-8") or "platform.processor" in p.read_text(encoding="utf-8"))
+    assert readers == ["machine.py"]

@@ -9,7 +9,7 @@ from pipeline import rng
 from pipeline.bench.elbo import count_flops
 from pipeline.defenses.base import Cost
 from pipeline.defenses.elbo import ElboEngine, Evaluations, plan
-from pipeline.defenses.engine import EngineOptions
+from pipeline.defenses.execution import EngineOptions
 from pipeline.defenses.rdc import RDC
 from pipeline.defenses.reference import reference_logits
 from pipeline.diffusion.schedule import VPSchedule
@@ -345,57 +345,87 @@ def test_compiled_gradients_in_bf16_on_cpu_are_refused():
         rdc.evaluate(x, _draw([0])).sum().backward()
 
 
-def test_auto_autocast_on_a_cpu_needs_native_bf16_units_and_a_passing_agreement_check():
-    from pipeline.defenses.engine import cpu_auto_autocast
+def test_auto_autocast_resolves_from_the_options_and_the_device_type_alone(monkeypatch):
+    from pipeline import machine
+    from pipeline.defenses import execution
 
-    avx512 = frozenset({"fpu", "avx2", "avx512f", "avx512_vnni"})  # no bf16 matrix units
-    for units in ({"amx_bf16", "amx_tile"}, {"avx512_bf16"}):
-        flags = avx512 | units
-        assert cpu_auto_autocast(flags, 1.0) == "bf16"
-        assert cpu_auto_autocast(flags, 0.99) == "bf16"
-        assert cpu_auto_autocast(flags, 0.98) == "off"  # the check failed
-        assert cpu_auto_autocast(flags, None) == "off"  # never checked on this processor
-        assert cpu_auto_autocast(flags, 1.0, compile="forward") == "bf16"
-        assert cpu_auto_autocast(flags, 1.0, compile=True) == "off"  # refused by prepare()
-    assert cpu_auto_autocast(avx512, 1.0) == "off"
-    assert cpu_auto_autocast(frozenset({"amx_tile", "amx_int8"}), 1.0) == "off"  # AMX without its bf16 part
-    assert cpu_auto_autocast(frozenset(), 1.0) == "off"
-
-
-def test_cpu_flags_read_the_flags_line(tmp_path):
-    from pipeline.defenses.engine import cpu_flags
-
-    info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n\n"
-                    "processor\t: 1\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
-    assert cpu_flags(str(info)) == {"fpu", "avx512f", "amx_bf16", "amx_tile"}
-    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+    # Native bf16 units change nothing: a CPU runs "auto" in float32 whatever the processor.
+    for flags in (frozenset(), frozenset({"avx512f", "amx_bf16", "amx_tile", "avx512_bf16"})):
+        monkeypatch.setattr(machine, "cpu_flags", lambda *a, flags=flags: flags)
+        for compile in (False, "forward", True):
+            auto = EngineOptions(compile=compile)
+            assert execution.autocast_dtype(auto, torch.device("cpu")) is None
+            assert execution.autocast_dtype(auto, "cuda") == torch.bfloat16
+            assert execution.precision(auto, "cpu") == "float32" and execution.precision(auto, "cuda:0") == "bf16"
+    assert execution.precision(None, "cpu") == "float32"
+    for name, dtype in (("off", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        for device in ("cpu", "cuda"):
+            assert execution.autocast_dtype(EngineOptions(autocast=name), device) == dtype
+            assert execution.precision(EngineOptions(autocast=name), device) == {"off": "float32"}.get(name, name)
 
 
-def test_auto_autocast_reads_the_recorded_agreement_of_this_processor(tmp_path, monkeypatch):
-    from pipeline.defenses import engine
+def _tiny_unet_folder(folder) -> str:
+    """A digits UNet checkpoint with every weight random (the zero-initialised output layer too),
+    so that its RDC predictions differ per class and rounding would show."""
+    from pipeline.models.checkpoint import save_checkpoint
+    from pipeline.models.registry import build_model
 
-    monkeypatch.setenv("ROBUSTSWEEP_CACHE", str(tmp_path))
-    engine.recorded_agreement.cache_clear()
-    monkeypatch.setattr(engine, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
-    cpu, auto = torch.device("cpu"), EngineOptions()
-    try:
-        assert engine.autocast_dtype(auto, cpu) is None  # nothing recorded yet
-        check = {"n": 355, "dtype": "bf16", "device": "cpu", "timesteps": 100, "agreement": 1.0}
-        engine.record_agreement(check)
-        assert engine.autocast_dtype(auto, cpu) == torch.bfloat16
-        assert engine.autocast_dtype(EngineOptions(autocast="off"), cpu) is None
-        engine.record_agreement({**check, "agreement": 350 / 355})
-        assert engine.autocast_dtype(auto, cpu) is None
-        engine.record_agreement({**check, "timesteps": 2})  # too short a check to count
-        assert engine.autocast_dtype(auto, cpu) is None
-        engine.record_agreement(check)
-        record = json.loads((tmp_path / engine.AGREEMENT_RECORD).read_text())
-        (tmp_path / engine.AGREEMENT_RECORD).write_text(json.dumps({**record, "processor": "another CPU"}))
-        engine.recorded_agreement.cache_clear()
-        assert engine.autocast_dtype(auto, cpu) is None
-        monkeypatch.setattr(engine, "cpu_flags", lambda: frozenset({"avx512f"}))
-        engine.record_agreement(check)
-        assert engine.autocast_dtype(auto, cpu) is None  # no native units: float32 whatever the check
-    finally:
-        engine.recorded_agreement.cache_clear()
+    torch.manual_seed(0)
+    config = {"arch": "unet", "in_channels": 1, "image_size": 8, "num_classes": 10, "base_channels": 8,
+              "channel_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    model = build_model(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn_like(p))
+    save_checkpoint(folder, model, config, {"kind": "diffusion", "dataset": "digits"})
+    return str(folder)
+
+
+def test_records_are_bit_identical_whether_or_not_a_benchmark_ran_before(tmp_path, monkeypatch):
+    """Hidden state: a bf16 agreement check (bench elbo) used to leave a file in the model cache
+    that turned "auto" autocast on for later sweeps on a CPU with bf16 units. The same job must
+    give the same bits either way, and its records and plan.json say which precision ran."""
+    import pyarrow.compute as pc
+
+    from pipeline import machine
+    from pipeline.bench.elbo import autocast_agreement
+    from pipeline.config.job import load_job
+    from pipeline.runtime.plan import plan, plan_document, run_id_for
+    from pipeline.runtime.worker import Worker, WorkerContext
+    from pipeline.store import Store
+
+    monkeypatch.setattr(machine, "cpu_flags", lambda *a: frozenset({"avx512f", "amx_bf16", "amx_tile", "avx512_bf16"}))
+    folder = _tiny_unet_folder(tmp_path / "unet")
+    spec = tmp_path / "job.toml"
+    spec.write_text('name = "same"\n[data]\ndataset = "digits"\nlimit = 2\nshard_size = 2\n'
+                    f'[[defenses]]\nkind = "rdc"\nmodel = "{folder}"\ntimesteps = 3\n'
+                    '[[attacks]]\nkind = "pgd"\nsteps = 1\neot = 1\neps = 0.1\npasses = 2\n')
+    job = load_job(spec)
+    (unit,) = plan(job, 355)
+    run_id = run_id_for(job)
+
+    def run(cache):
+        monkeypatch.setenv("ROBUSTSWEEP_CACHE", str(cache))
+        out = str(tmp_path / cache.name / "out")
+        Store(out).write_json(f"{run_id}/plan.json", plan_document(job, [unit], run_id))
+        Worker("w0", "cpu").run_unit(unit, WorkerContext(run_id=run_id, job_hash=job.hash, out=out, seed=0,
+                                                          data=job.spec.data))
+        store = Store(Store(out).join(run_id))
+        return store.read_records().drop_columns(["seconds"]), store.read_json("plan.json")["precision"]
+
+    before, plan_before = run(tmp_path / "fresh-cache")
+    bench_cache = tmp_path / "bench-cache"
+    bench_cache.mkdir()
+    monkeypatch.setenv("ROBUSTSWEEP_CACHE", str(bench_cache))
+    check = autocast_agreement(folder, timesteps=3, dtype="bf16", examples=4)
+    assert check["n"] == 4 and 0 <= check["agreement"] <= 1
+    assert list(bench_cache.iterdir()) == []  # a benchmark reports; it leaves nothing for sweeps to read
+    # What an earlier version's bench left in the cache: a passing bf16 check on this very processor.
+    (bench_cache / "autocast-agreement.json").write_text(json.dumps(
+        {"processor": machine.processor_name(), "torch": torch.__version__, "n": 355, "dtype": "bf16",
+         "device": "cpu", "timesteps": 100, "agreement": 1.0}))
+    after, plan_after = run(bench_cache)
+
+    assert before.num_rows == 2 and after.equals(before)  # every column but the wall clock, bit for bit
+    assert pc.unique(after.column("precision")).to_pylist() == ["float32"]
+    assert plan_before == plan_after == {job.defenses[0].name: {"cpu": "float32", "cuda": "bf16"}}

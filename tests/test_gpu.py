@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline import rng
-from pipeline.defenses.engine import EngineOptions, autocast_dtype
+from pipeline.defenses.execution import EngineOptions, autocast_dtype
 from pipeline.defenses.rdc import RDC
 from pipeline.models.registry import build_model
 from pipeline.models.unet import unet_config

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Bottom to top, as docs/ARCHITECTURE.md draws them. A module may import its own layer and the
 # layers below it. The base modules are pipeline/<name>.py; the others are subpackages.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "rng", "atomic", "scrub", "names", "flags"),
+    ("errors", "rng", "atomic", "scrub", "names", "flags", "machine"),
     ("config",),
     ("data",),
     ("models",),
@@ -151,6 +151,33 @@ def test_a_violation_planted_in_a_copy_of_the_package_fails(tmp_path, planted):
     zoo.write_text(zoo.read_text() + f"\n\ndef _planted():\n    {planted}\n")
     bad, _ = layer_violations(copy)
     assert any(m == "pipeline.models.zoo" and t.startswith(planted.split()[1]) for m, t in bad)
+
+
+def _defense_modules(path: Path) -> set[str]:
+    """The pipeline.defenses modules `path` imports, `from pipeline.defenses import rdc` included."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = "pipeline.defenses" if node.level == 1 and not node.module else \
+                f"pipeline.defenses.{node.module}" if node.level == 1 else node.module or ""
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return {m.removeprefix("pipeline.defenses.").split(".")[0] for m in found if m.startswith("pipeline.defenses.")}
+
+
+def test_the_elbo_engine_imports_nothing_of_rdc():
+    """elbo.py is the engine any ELBO-scoring defense hands its equations to; RDC is one such
+    defense, so the engine must not know it (rdc.py imports elbo.py, never the other way)."""
+    defenses = REPO / "pipeline" / "defenses"
+    assert "elbo" in _defense_modules(defenses / "rdc.py")  # the check sees imports of either form
+    assert "rdc" not in _defense_modules(defenses / "elbo.py")
+
+
+def test_how_the_network_runs_lives_in_execution_not_a_second_engine():
+    defenses = REPO / "pipeline" / "defenses"
+    assert (defenses / "execution.py").is_file() and not (defenses / "engine.py").exists()
 
 
 def layer_graph(root: Path) -> dict[str, set[str]]:

@@ -81,6 +81,7 @@ RUN_OPTIONS = {
     "--workers 0": (["--workers", "0"], "got 0"),
     "--run-id too long": (["--run-id", "r" * 300], "run_id (--run-id): expected 1-100 characters"),
     "--run-id with a slash": (["--run-id", "a/b"], "run_id (--run-id)"),
+    "--run-id with a trailing newline": (["--run-id", "r1\n"], "run_id (--run-id): expected 1-100 characters"),
 }
 
 

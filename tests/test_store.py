@@ -143,23 +143,23 @@ def test_committed_false_for_missing_truncated_and_mismatch(store):
     store.write_table("a.parquet", t, {})
     assert store.committed("a.parquet") and store.committed("a.parquet", expected_rows=5)
     assert not store.committed("a.parquet", expected_rows=4)  # the unit expected other rows
-    whole = store.fs.cat_file(store._path("a.parquet"))
-    store.fs.pipe_file(store._path("half.parquet"), whole[: len(whole) // 2])
+    whole = store.fs.cat_file(store.path("a.parquet"))
+    store.fs.pipe_file(store.path("half.parquet"), whole[: len(whole) // 2])
     assert not store.committed("half.parquet")
-    store.fs.pipe_file(store._path("cut.parquet"), whole[:-3])
+    store.fs.pipe_file(store.path("cut.parquet"), whole[:-3])
     assert not store.committed("cut.parquet")
-    store.fs.pipe_file(store._path("junk.parquet"), b"PAR1" + b"\x00" * 40 + b"PAR1")
+    store.fs.pipe_file(store.path("junk.parquet"), b"PAR1" + b"\x00" * 40 + b"PAR1")
     assert not store.committed("junk.parquet")
     # A whole Parquet file whose footer promises another row count.
     lie = t.replace_schema_metadata({"robustsweep.rows": "7"})
     sink = pa.BufferOutputStream()
     pq.write_table(lie, sink)
-    store.fs.pipe_file(store._path("lie.parquet"), sink.getvalue().to_pybytes())
+    store.fs.pipe_file(store.path("lie.parquet"), sink.getvalue().to_pybytes())
     assert not store.committed("lie.parquet")
     # Not written by the store at all (no robustsweep.rows).
     sink = pa.BufferOutputStream()
     pq.write_table(t, sink)
-    store.fs.pipe_file(store._path("foreign.parquet"), sink.getvalue().to_pybytes())
+    store.fs.pipe_file(store.path("foreign.parquet"), sink.getvalue().to_pybytes())
     assert not store.committed("foreign.parquet")
     with pytest.raises(StoreError, match="half.parquet"):
         store.read_records("")  # a corrupt file is reported, never silently dropped
@@ -172,7 +172,7 @@ def test_json_round_trip_and_errors(store):
     assert not store.exists("other.json")
     with pytest.raises(StoreError, match="other.json"):
         store.read_json("other.json")
-    store.fs.pipe_file(store._path("bad.json"), b"{not json")
+    store.fs.pipe_file(store.path("bad.json"), b"{not json")
     with pytest.raises(StoreError, match="bad.json.*not valid JSON"):
         store.read_json("bad.json")
     with pytest.raises(StoreError, match="JSON"):
@@ -231,25 +231,21 @@ def test_local_bad_schema_refused_unless_schema_none(tmp_path):
 
 
 def test_s3_write_is_one_put_of_the_whole_object(s3_server, s3_bucket, monkeypatch):
-    st = Store(f"{s3_bucket}/run", storage_options=s3_server.storage_options)
-    calls = []
-    real = st.fs._call_s3
+    from slowproxy import SlowProxy
 
-    async def spy(method, *args, **kwargs):
-        calls.append((method, len(kwargs.get("Body", b""))))
-        return await real(method, *args, **kwargs)
-
-    monkeypatch.setattr(st.fs, "_call_s3", spy)
-    t = fake_table(50)
-    st.write_table("records/u.parquet", t, {})
-    monkeypatch.undo()
-    puts = calls
-    assert [m for m, _ in puts] == ["put_object"]  # no multipart: the object appears whole or not at all
+    host, port = s3_server.endpoint_url.removeprefix("http://").rsplit(":", 1)
+    with SlowProxy((host, int(port)), lifetime=60) as proxy:
+        st = Store(f"{s3_bucket}/run", endpoint_url=proxy.url, storage_options=s3_server.storage_options)
+        t = fake_table(50)
+        st.write_table("records/u.parquet", t, {})
+        puts = [r for r in proxy.requests if not r.startswith(("HEAD ", "GET "))]
+    # No multipart: the object appears whole or not at all.
+    assert len(puts) == 1 and puts[0].startswith(f"PUT /{s3_bucket[5:]}/run/records/u.parquet "), proxy.requests
     fs = s3_server.filesystem()
     fs.invalidate_cache()
     body = fs.cat_file(f"{s3_bucket[5:]}/run/records/u.parquet")
-    assert len(body) == puts[0][1]
     assert pq.read_table(pa.BufferReader(body)).num_rows == 50
+    assert pq.read_metadata(pa.BufferReader(body)).num_rows == 50
 
 
 def test_duckdb_reads_s3_records_like_pyarrow(s3_server, s3_bucket):
@@ -305,3 +301,90 @@ def test_credentials_never_shown(s3_server, s3_bucket, monkeypatch):
         assert key not in msg and secret not in msg
         assert err.value.__cause__ is None and err.value.__suppress_context__
     assert secret not in repr(st)
+
+
+def test_a_slow_s3_endpoint_fails_within_one_bound_naming_it(s3_server, s3_bucket, monkeypatch, tmp_path):
+    """Every request held back for a minute by a proxy in front of the server: each operation
+    gives up after its one bound (s3fs's and botocore's own retries inside it included) and says
+    which endpoint did not answer; `status` too, as one clean error."""
+    import time
+
+    from typer.testing import CliRunner
+
+    import pipeline.runtime.status  # noqa: F401  (imported here, so that the command's time is its own)
+    from pipeline.cli import app
+    from pipeline.store.retry import MIN_ATTEMPT_SECONDS, RETRY_ENV
+    from slowproxy import SlowProxy
+
+    host, port = s3_server.endpoint_url.removeprefix("http://").rsplit(":", 1)
+    options = {k: v for k, v in s3_server.storage_options.items() if k != "client_kwargs"}
+    with SlowProxy((host, int(port)), lifetime=90) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        st = Store(f"{s3_bucket}/run", storage_options=options)
+        st.write_json("plan.json", {"run_id": "run", "units": []})  # through the proxy, not yet slow
+        monkeypatch.setenv(RETRY_ENV, "2")
+        bound = max(2, MIN_ATTEMPT_SECONDS)
+        proxy.delay = 60
+        for name, call in {"read": lambda: st.read_json("plan.json"), "write": lambda: st.write_json("x.json", {})}.items():
+            start = time.monotonic()
+            with pytest.raises(StoreError) as err:
+                call()
+            elapsed = time.monotonic() - start
+            assert bound - 0.5 <= elapsed < bound + 4, (name, elapsed)
+            assert f"S3 endpoint {proxy.url} did not answer within {bound:g} s" in str(err.value), str(err.value)
+        start = time.monotonic()
+        result = CliRunner().invoke(app, ["status", f"{s3_bucket}/run"])
+        assert time.monotonic() - start < bound + 4
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit)  # an outage: exit 1
+        assert proxy.url in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_s3_transient_errors_are_classified_by_name_and_code():
+    from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+    from pipeline.store import retry
+
+    def client_error(code, status):
+        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    def wrapped(inner):  # as s3fs raises them: an OSError from within the handler of botocore's
+        try:
+            raise inner
+        except Exception:
+            try:
+                raise OSError("translated")
+            except OSError as exc:
+                return exc
+
+    assert retry.unreachable(EndpointConnectionError(endpoint_url="http://x")) and retry.transient(wrapped(
+        EndpointConnectionError(endpoint_url="http://x")))
+    assert retry.timed_out(wrapped(ReadTimeoutError(endpoint_url="http://x")))
+    for code, status in (("SlowDown", 503), ("InternalError", 500), ("ServiceUnavailable", 503)):
+        assert retry.busy(wrapped(client_error(code, status))) and retry.transient(client_error(code, status))
+    for code, status in (("NoSuchKey", 404), ("AccessDenied", 403), ("PreconditionFailed", 412)):
+        assert not retry.transient(wrapped(client_error(code, status)))
+    assert retry.precondition_failed(wrapped(client_error("PreconditionFailed", 412)))
+    assert not retry.transient(ValueError("x")) and not retry.precondition_failed(ValueError("x"))
+
+
+def test_bounded_retries_transient_errors_within_the_bound_on_a_fake_clock():
+    from botocore.exceptions import EndpointConnectionError
+
+    from pipeline.store import retry
+
+    now = [0.0]
+    timeouts = []
+
+    def call(timeout):
+        timeouts.append(timeout)
+        raise EndpointConnectionError(endpoint_url="http://x")
+
+    with pytest.raises(EndpointConnectionError):
+        retry.bounded(call, 30.0, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+    assert now[0] <= 30.0 and len(timeouts) >= 4  # backed off, doubling, and stopped inside the bound
+    assert all(t >= retry.MIN_ATTEMPT_SECONDS for t in timeouts) and timeouts[0] == 30.0
+    calls = []
+    with pytest.raises(KeyError):  # not transient: one attempt
+        retry.bounded(lambda t: calls.append(t) or {}["missing"], 30.0, clock=lambda: 0.0, sleep=lambda s: None)
+    assert len(calls) == 1

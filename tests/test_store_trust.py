@@ -395,7 +395,7 @@ def test_a_driver_whose_s3_lease_is_taken_over_stops_handing_out_units(ray_clust
     assert len(committed) < 4  # 4 units of 4 s each on one worker: it stopped well before the end
     time.sleep(5)  # its workers were stopped with it: nothing more is committed
     assert store.list("r/records", ".parquet") == committed
-    assert json.loads(store._read_bytes("r/lease.json"))["token"] == "another"  # the new holder's lease stays
+    assert json.loads(store.read_bytes("r/lease.json"))["token"] == "another"  # the new holder's lease stays
 
 
 @pytest.mark.slow

@@ -67,7 +67,7 @@ def test_zoo_names_load_as_robustbench_loads_them(key, tmp_path, monkeypatch):
     torch.save(wrap(random_state(shapes, spec["seed"], drop=spec.get("drop", ())), spec["variant"]), path)
     ref = TENSORS[f"name.{key}"]
     for model_ref in (f"robustbench:{threat}/{name}", f"robustbench:{threat}/{name}:{path}"):
-        model, config, meta = load_model(model_ref, dataset, "erm")
+        model, config, meta = load_model(parse_model_ref(model_ref), dataset, "erm")
         with torch.no_grad():
             assert rel(model(TENSORS["x"].clone()), ref) < 1e-5
         assert meta["source"]["zoo"] == key and config == entry.config
@@ -85,7 +85,7 @@ def test_every_supported_entry_has_robustbench_names_and_shapes():
             assert model.num_classes == {"cifar10": 10, "cifar100": 100}[dataset]
         else:
             with pytest.raises(ZooError) as err:
-                load_model(f"robustbench:{threat}/{name}", dataset, "erm")
+                load_model(parse_model_ref(f"robustbench:{threat}/{name}"), dataset, "erm")
             assert name in str(err.value) and entry.reason in str(err.value)
     c10_linf = zoo_entries("cifar10", "Linf")
     assert len(c10_linf) == 76 and sum(e.supported for e in c10_linf) >= 60
@@ -102,34 +102,34 @@ def test_a_file_that_does_not_fit_is_refused_strictly(tmp_path):
     torch.save(random_state(shapes, 0, drop=("layer_0.0.conv_2d_1.weight",)), path)
     with pytest.raises(CheckpointError, match=r"which RobustBench loads strictly: tensor "
                                               r"'layer_0.0.conv_2d_1.weight' is missing from the file \(1 missing"):
-        load_model(f"robustbench:Linf/Rebuffi2021Fixing_R18_ddpm:{path}", "cifar10", "erm")
+        load_model(parse_model_ref(f"robustbench:Linf/Rebuffi2021Fixing_R18_ddpm:{path}"), "cifar10", "erm")
     # Wong2020Fast may lack mu and sigma, and nothing else.
     wong = buildable("cifar10", "Linf", "Wong2020Fast")
     with torch.device("meta"):
         shapes = shapes_of(build_model(wong.config))
     torch.save(random_state(shapes, 0, drop=("mu", "sigma", "linear.bias")), path)
     with pytest.raises(CheckpointError, match="tensor 'mu' is missing from the file \\(3 missing"):
-        load_model(f"robustbench:Linf/Wong2020Fast:{path}", "cifar10", "erm")
+        load_model(parse_model_ref(f"robustbench:Linf/Wong2020Fast:{path}"), "cifar10", "erm")
     shapes["linear.weight"] = (10, 256)
     torch.save(random_state(shapes, 0), path)
     with pytest.raises(CheckpointError, match=r"'linear.weight' has shape \(10, 256\) in the file, the model expects \(10, 512\)"):
-        load_model(f"robustbench:Linf/Wong2020Fast:{path}", "cifar10", "erm")
+        load_model(parse_model_ref(f"robustbench:Linf/Wong2020Fast:{path}"), "cifar10", "erm")
 
 
 def test_names_we_do_not_have_are_refused_by_name(tmp_path, monkeypatch):
     monkeypatch.setenv("ROBUSTBENCH_MODELS", str(tmp_path))
     with pytest.raises(ZooError, match="RobustBench has no cifar10 Linf model named 'Wang2023Better_WRN-28-11'; "
                                        "did you mean one of .*Wang2023Better_WRN-28-10"):
-        load_model("robustbench:Linf/Wang2023Better_WRN-28-11", "cifar10", "erm")
+        load_model(parse_model_ref("robustbench:Linf/Wang2023Better_WRN-28-11"), "cifar10", "erm")
     with pytest.raises(ZooError, match="no cifar10 L2 model named 'Carmon2019Unlabeled'"):
-        load_model("robustbench:L2/Carmon2019Unlabeled", "cifar10", "erm")
+        load_model(parse_model_ref("robustbench:L2/Carmon2019Unlabeled"), "cifar10", "erm")
     with pytest.raises(ZooError, match="dataset is 'digits'"):
-        load_model("robustbench:Linf/Standard", "digits", "erm")
+        load_model(parse_model_ref("robustbench:Linf/Standard"), "digits", "erm")
     with pytest.raises(ZooError, match=r"Kang2021Stable \(WRN-70-16 \+ neural ODE block \(SODEF\)\) is not supported"):
-        load_model("robustbench:Linf/Kang2021Stable", "cifar10", "erm")
+        load_model(parse_model_ref("robustbench:Linf/Kang2021Stable"), "cifar10", "erm")
     with pytest.raises(CheckpointError, match=f"RobustBench model file {tmp_path}/cifar100/Linf/Gowal2020Uncovering.pt "
                                               "not found"):
-        load_model("robustbench:Linf/Gowal2020Uncovering", "cifar100", "erm")
+        load_model(parse_model_ref("robustbench:Linf/Gowal2020Uncovering"), "cifar100", "erm")
 
 
 def test_an_arch_preset_on_a_zoo_file_is_refused_not_loaded_unnormalised(tmp_path):
@@ -140,7 +140,7 @@ def test_an_arch_preset_on_a_zoo_file_is_refused_not_loaded_unnormalised(tmp_pat
         shapes = shapes_of(build_model(buildable("cifar10", "Linf", "Wong2020Fast").config))
     torch.save(random_state(shapes, 0, drop=("mu", "sigma")), path)
     with pytest.raises(ZooError, match=f"name it instead: robustbench:Linf/Wong2020Fast:{path}"):
-        load_model(f"robustbench:preact-resnet-18:{path}", "cifar10", "erm")
+        load_model(parse_model_ref(f"robustbench:preact-resnet-18:{path}"), "cifar10", "erm")
 
 
 def test_zoo_reference_parse_and_default_place(monkeypatch):

@@ -100,11 +100,11 @@ def test_a_job_naming_a_model_we_cannot_build_exits_2_before_any_work(tmp_path, 
     (tmp_path / "job.toml").write_text(JOB.format(model="robustbench:Linf/Kang2021Stable"))
     result = CliRunner().invoke(app, ["validate", "job.toml"])
     assert result.exit_code == 2
-    assert "defense mi-combined-wong: RobustBench's cifar10 Linf model Kang2021Stable" in result.output
+    assert "defense 'mi-combined-wong'.model: RobustBench's cifar10 Linf model Kang2021Stable" in result.output
     assert "is not supported: its ODE block is not implemented here" in result.output
     (tmp_path / "job.toml").write_text(JOB.format(model="robustbench:Linf/Standard"))
     result = CliRunner().invoke(app, ["validate", "job.toml"])
-    assert result.exit_code == 2 and "defense mi-combined-wong: model file models/cifar10/Linf/Standard.pt not found; download it" in result.output
+    assert result.exit_code == 2 and "defense 'mi-combined-wong'.model: model file models/cifar10/Linf/Standard.pt not found; download it" in result.output
     (tmp_path / "job.toml").write_text(JOB.format(model="robustbench:Linf/Wong2020Fast"))
     result = CliRunner().invoke(app, ["validate", "job.toml"])
     assert result.exit_code == 0, result.output

@@ -60,8 +60,7 @@ def record_files(store: Store, require: bool = True, *, skip_bad: bool = False) 
     require: see `check_folders`. Bad files: BadFileError naming them, unless skip_bad.
     """
     check_folders([store], require)
-    root = store.fs._strip_protocol(store.root).rstrip("/")
-    return [f"{root}/{rel}" for _, rel in verify_runs([store], skip_bad=skip_bad).files]
+    return [store.path(rel) for _, rel in verify_runs([store], skip_bad=skip_bad).files]
 
 
 def connect(uris: Sequence[str], *, endpoint_url: str | None = None,
@@ -97,7 +96,7 @@ def connect(uris: Sequence[str], *, endpoint_url: str | None = None,
     registered: dict[str, Any] = {}
     try:
         for store, rel in verified.files:
-            path = f"{store.fs._strip_protocol(store.root).rstrip('/')}/{rel}"
+            path = store.path(rel)
             if "://" not in store.uri:  # a local folder: DuckDB reads the paths itself
                 files.append(path)
                 continue

@@ -23,7 +23,6 @@ its draws for one example, or for the whole batch): the floor under the evaluati
 
 from __future__ import annotations
 
-import platform
 import time
 
 import torch
@@ -34,6 +33,7 @@ from pipeline.config import spec
 from pipeline.data import load_split
 from pipeline.defenses import build_defense
 from pipeline.errors import ConfigError
+from pipeline.machine import processor_name
 from pipeline.protocol import Batch, build_attack, evaluate
 
 CASES = {
@@ -46,18 +46,6 @@ CASES = {
                     {"kind": "autoattack", "version": "rand", "eps": 32 / 255, "n_iter": 5, "eot_iter": 2, "passes": 3}),
 }
 """Each case: (defense table, attack table)."""
-
-
-def processor() -> str:
-    """The CPU model name (from /proc/cpuinfo on Linux), else platform.processor()."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _sync(device) -> None:
@@ -167,7 +155,7 @@ def bench_attack(*, cases=tuple(CASES), examples: int = 64, per_example: int = 8
     finally:
         torch.set_num_threads(before)
     gpu = torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda" else None
-    return {"processor": processor(), "gpu": gpu, "threads": torch.get_num_threads() if not threads else threads, "cases": rows}
+    return {"processor": processor_name(), "gpu": gpu, "threads": torch.get_num_threads() if not threads else threads, "cases": rows}
 
 
 def format_attack(result: dict) -> list[str]:

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from pipeline import machine
+
 # CPU flags that change what the engine's kernels can do: vector width, bf16 dot products, AMX tiles.
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 
@@ -62,25 +64,10 @@ def load_average() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def processor_name() -> str:
-    """The CPU's marketing name (/proc/cpuinfo's "model name"), else what platform knows."""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def cpu_flags() -> list[str]:
-    """The CPU_FLAGS this processor has (from /proc/cpuinfo; empty where it is not readable)."""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [flag for flag in CPU_FLAGS if flag in have]
-    return []
+    """The CPU_FLAGS this processor has (empty where they cannot be read)."""
+    have = machine.cpu_flags()
+    return [flag for flag in CPU_FLAGS if flag in have]
 
 
 def machine_info(device: torch.device | str = "cpu") -> dict:
@@ -88,7 +75,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     cpus, torch, python, machine (the architecture). Threads are the benchmark's to report."""
     device = torch.device(device)
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-            "processor": processor_name(), "cpu_flags": cpu_flags(), "cpus": os.cpu_count(),
+            "processor": machine.processor_name(), "cpu_flags": cpu_flags(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine()}
 
@@ -111,5 +98,5 @@ def local_ray(num_cpus: int) -> Iterator[None]:
             ray.shutdown()
 
 
-__all__ = ["timed", "best_of", "best_seconds", "sync", "load_average", "machine_info", "processor_name",
+__all__ = ["timed", "best_of", "best_seconds", "sync", "load_average", "machine_info",
            "cpu_flags", "local_ray", "CPU_FLAGS"]

@@ -22,22 +22,12 @@ from pipeline import rng
 from pipeline.bench.common import best_of
 from pipeline.defenses.rdc import RDC
 from pipeline.errors import ConfigError
+from pipeline.machine import processor_name
 from pipeline.models.registry import build_model
 from pipeline.models.unet import unet_config
 from pipeline.rng import Draw
 
 CASES = {"cifar10": (3, 32, 32), "digits": (1, 8, 8)}
-
-
-def _processor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _forward_seconds(dataset: str, timesteps: int, dev: torch.device, repeat: int) -> float:
@@ -115,7 +105,7 @@ def bench_draws(device: str = "cpu", threads: int | None = 1, repeat: int = 3, t
         "speedup_vs_reference": {k: c["speedup_vs_reference"] for k, c in cases.items()},
         "share_of_forward": {k: c["share_of_forward"] for k, c in cases.items()},
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
-        "processor": _processor(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "processor": processor_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "python": platform.python_version(), "cpus": os.cpu_count(),
         "load_before": [round(v, 2) for v in load_before], "load_after": [round(v, 2) for v in os.getloadavg()],
     }

@@ -3,7 +3,7 @@
 `bench_elbo` times RDC logits (and their input gradients) two ways on the same model, inputs
 and noise: the reference strategy of the published code (a Python loop over classes,
 timesteps in chunks of 64, one example at a time, the model as loaded) and robustsweep's
-engine (defenses/engine.py). Both must give the same logits and gradients. The two are run
+engine (defenses/elbo.py, running the network as defenses/execution.py says). Both must give the same logits and gradients. The two are run
 alternately, each timing the best of `repeat`, so that other load on the machine hits both
 alike. FLOPs are counted with torch.utils.flop_counter (convolutions, matmuls, attention)
 and set against a dense matmul peak measured in the same run, on the same device, dtype
@@ -24,7 +24,7 @@ from pipeline.bench.common import best_of, load_average, machine_info, timed
 from pipeline.config.defense import parse_defense
 from pipeline.data import load_split
 from pipeline.defenses import build_defense
-from pipeline.defenses.engine import EngineOptions, autocast_dtype, chunk_size, record_agreement
+from pipeline.defenses.execution import EngineOptions, autocast_dtype, chunk_size
 from pipeline.defenses.reference import reference_logits
 from pipeline.rng import Draw
 from pipeline.training.defaults import prepare_defaults
@@ -175,7 +175,7 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
 
     model: "default" (the digits UNet) or "optimal"; examples: digits test images; timesteps:
     RDC's systematic subsample (1000 = all); threads: torch threads (None: leave as is);
-    chunk / channels_last / compile / autocast: the engine's options (defenses/engine.py); with
+    chunk / channels_last / compile / autocast: the engine's options (defenses/execution.py); with
     autocast in bf16 or fp16 the reference stays float32 (the published code's dtype), the
     peak is measured in the autocast dtype, and `autocast_agreement` compares the engine's
     predictions with float32 on the whole digits test split at `agreement_timesteps`. Returns a
@@ -271,7 +271,7 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
         # The check a sweep in low precision relies on: its predictions against float32.
         names = {torch.bfloat16: "bf16", torch.float16: "fp16"}
         result["autocast_agreement"] = autocast_agreement(model, timesteps=min(timesteps, agreement_timesteps),
-                                                          dtype=names[dtype], device=device, record=True,
+                                                          dtype=names[dtype], device=device,
                                                           options=EngineOptions(chunk=chunk, channels_last=channels_last,
                                                                                 compile=compile))
     result.update({
@@ -283,12 +283,12 @@ def bench_elbo(model: str = "default", examples: int = 2, timesteps: int = 1000,
 
 
 def autocast_agreement(model: str = "default", timesteps: int = 10, dtype: str = "bf16", device: str = "cpu",
-                       examples: int | None = None, options: EngineOptions | None = None, record: bool = False) -> dict:
+                       examples: int | None = None, options: EngineOptions | None = None) -> dict:
     """Predictions of RDC on the digits test split with autocast against float32, same noise.
 
     options: the engine's other options (chunk, layout, compile) for both runs. Returns n, the fraction of predictions that agree (`agreement`), and the largest logit
-    difference relative to the logits' scale (`max_rel_diff`). record: keep a bf16 check on a
-    CPU over the whole split in the cache, where the engine's autocast "auto" reads it.
+    difference relative to the logits' scale (`max_rel_diff`). The result is reported, never kept:
+    what a sweep computes depends on its job and the hardware only.
     """
     dev = torch.device(device)
     spec = parse_defense({"kind": "rdc", "model": model, "dataset": "digits", "timesteps": timesteps})
@@ -307,8 +307,6 @@ def autocast_agreement(model: str = "default", timesteps: int = 10, dtype: str =
     result = {"n": x.shape[0], "dtype": dtype, "device": str(dev), "timesteps": int(rdc.ts.numel()),
               "agreement": float(agree), "disagreements": int((full.argmax(1) != low.argmax(1)).sum()),
               "max_rel_diff": float((full - low).abs().max() / full.abs().max())}
-    if record and dev.type == "cpu" and dtype == "bf16" and not examples:
-        record_agreement(result)
     return result
 
 

@@ -57,7 +57,7 @@ def bench_elbo_cmd(
     chunk: Optional[int] = typer.Option(None, help="engine: network inputs per call (default: the device's)"),
     channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="engine: channels_last layout"),
     compile: str = typer.Option("off", help="engine: torch.compile 'off', 'forward' (logits only) or 'on' (also gradients)"),
-    autocast: str = typer.Option("auto", help="engine: autocast 'auto' (bf16 on CUDA; on a CPU bf16 only with native bf16 units and a passing agreement check), 'off', 'bf16' or 'fp16'"),
+    autocast: str = typer.Option("auto", help="engine: autocast 'auto' (bf16 on CUDA, float32 on a CPU), 'off', 'bf16' or 'fp16'"),
     agreement_timesteps: int = typer.Option(100, help="with bf16/fp16: timesteps of the fp32 agreement check on the digits test split"),
     grad: bool = typer.Option(True, "--grad/--no-grad", help="also time input gradients"),
     profile: bool = typer.Option(False, "--profile", help="also profile one example: seconds by kind of operator"),

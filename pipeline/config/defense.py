@@ -118,7 +118,7 @@ GridName = Annotated[InstanceOf[AuthorsGrid], PlainSerializer(str)]
 
 
 class EngineSpec(BaseModel):
-    """How RDC's network runs (defenses/engine.py); none of it changes what is computed."""
+    """How RDC's network runs (defenses/execution.py); none of it changes what is computed."""
 
     model_config = ConfigDict(extra="forbid")
     chunk: int | None = Field(None, ge=1)

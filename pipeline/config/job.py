@@ -44,6 +44,7 @@ from pipeline.config.attack import AttackSpec, attack_name, parse_attack
 from pipeline.config.datasets import DatasetName
 from pipeline.config.defense import DefenseSpec, defense_name, parse_defense, surrogate_spec
 from pipeline.errors import ConfigError, config_error
+from pipeline.names import NAME_MAX, NAME_PATTERN
 
 
 class DataSpec(BaseModel):
@@ -68,7 +69,7 @@ class JobSpec(BaseModel):
     """A validated job, before its sweeps are expanded."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    name: str = Field("job", pattern=r"^[A-Za-z0-9_.+-]+$", max_length=100)
+    name: str = Field("job", pattern=NAME_PATTERN, max_length=NAME_MAX)
     seed: int = Field(0, ge=0, le=2**63 - 1)
     data: DataSpec
     defenses: list[dict] = Field(min_length=1)
@@ -76,7 +77,9 @@ class JobSpec(BaseModel):
 
 
 @dataclass(frozen=True)
-class Defense:
+class PlannedDefense:
+    """A defense as the job planned it: one sweep variant, its name, table and parsed spec."""
+
     name: str  # the planned name: the spec's, plus the sweep suffix
     table: dict  # as written (with the job's dataset, root and seed filled in): what unit ids hash
     spec: DefenseSpec
@@ -84,7 +87,9 @@ class Defense:
 
 
 @dataclass(frozen=True)
-class Attack:
+class PlannedAttack:
+    """An attack as the job planned it: one sweep variant at one eps, and the defenses it targets."""
+
     name: str  # the planned name: the spec's, plus the sweep suffix
     table: dict  # one eps
     spec: AttackSpec
@@ -97,8 +102,8 @@ class Job:
     """A job with its sweeps expanded: what the planner turns into units."""
 
     spec: JobSpec
-    defenses: tuple[Defense, ...]
-    attacks: tuple[Attack, ...]
+    defenses: tuple[PlannedDefense, ...]
+    attacks: tuple[PlannedAttack, ...]
     source: str
 
     @property
@@ -155,7 +160,7 @@ def _grid_workers(value, where: str) -> int | str:
 
 def expand(spec: JobSpec, source: str = "<job>") -> Job:
     """Validate every defense and attack table and expand the sweeps."""
-    defenses: list[Defense] = []
+    defenses: list[PlannedDefense] = []
     for i, raw in enumerate(spec.defenses):
         where = f"defenses[{i}]"
         raw = dict(raw)
@@ -173,9 +178,9 @@ def expand(spec: JobSpec, source: str = "<job>") -> Job:
             name = defense_name(parsed) + ("" if parsed.name else suffix)
             if any(d.name == name for d in defenses):
                 raise ConfigError(f"{where}.name: two defenses are named {name!r}; give them distinct names")
-            defenses.append(Defense(name, table, parsed, grid_workers))
+            defenses.append(PlannedDefense(name, table, parsed, grid_workers))
     names = [d.name for d in defenses]
-    attacks: list[Attack] = []
+    attacks: list[PlannedAttack] = []
     for i, raw in enumerate(spec.attacks):
         where = f"attacks[{i}]"
         raw = dict(raw)
@@ -207,13 +212,13 @@ def expand(spec: JobSpec, source: str = "<job>") -> Job:
             if parsed.kind == "transfer":
                 by_name = {d.name: d.spec for d in defenses}
                 surrogates = {t: surrogate_spec(parsed.surrogate, by_name[t], f"{where}.surrogate") for t in targets}
-            attacks.append(Attack(name, table, parsed, targets, surrogates))
+            attacks.append(PlannedAttack(name, table, parsed, targets, surrogates))
             # MI's adaptive gradient is partly masked (the mixing label is drawn without one), so an
             # attack on MI that names no path also runs on its base classifier (oblivious).
             mixup = tuple(d.name for d in defenses if d.name in targets and d.spec.kind == "mi")
             if mixup and "path" not in table and parsed.kind in ("autoattack", "pgd"):
                 oblivious = {**table, "path": "oblivious"}
-                attacks.append(Attack(name, oblivious, parse_attack(oblivious), mixup))
+                attacks.append(PlannedAttack(name, oblivious, parse_attack(oblivious), mixup))
     return Job(spec, tuple(defenses), tuple(attacks), source)
 
 

@@ -12,33 +12,22 @@ output URI whose file system the workers do not share, and worker counts below o
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 from pipeline.config.job import Job
 from pipeline.config.model_ref import ModelRef
 from pipeline.errors import ConfigError
+from pipeline.names import check_name
 
 INT64_MAX = 2**63 - 1
 NAME_MAX = 200  # bytes of a name in a path segment ("defense=NAME"); file systems allow 255
-SAFE_NAME = re.compile(r"^[A-Za-z0-9_.+-]{1,100}$")
 IMAGE_SIZE = {"digits": 1 * 8 * 8, "cifar10": 3 * 32 * 32, "cifar100": 3 * 32 * 32}
 NOT_SHARED = ("memory",)  # fsspec file systems that live in one process: each worker would write its own
 
 
-def safe_name(value: Any, field: str) -> str:
-    """The one rule for names that become file names (job name, run id): 1-100 characters of
-    letters, digits and . _ + -."""
-    if not isinstance(value, str) or not SAFE_NAME.match(value) or value in (".", ".."):
-        shown = value if not isinstance(value, str) or len(value) <= 40 else f"{value[:40]}... ({len(value)} characters)"
-        raise ConfigError(f"{field}: expected 1-100 characters of letters, digits and . _ + - "
-                          f"(it becomes a file name), got {shown!r}")
-    return value
-
-
 def preflight(job: Job) -> None:
     """ConfigError naming the field for anything in `job` that `run` would fail on later."""
-    safe_name(job.spec.name, "name")
+    check_name(job.spec.name, "name")
     size = IMAGE_SIZE.get(job.spec.data.dataset)
     for i, raw in enumerate(job.spec.defenses):
         where = f"defenses[{i}]"

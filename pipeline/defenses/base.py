@@ -123,6 +123,11 @@ class Defense(nn.Module):
         oblivious attack differentiates); None for a defense that has none."""
         return None
 
+    def precision(self, device: torch.device | str) -> str:
+        """The precision the defense's networks run in on this kind of device (the records'
+        `precision`): "float32" unless a subclass runs them under autocast."""
+        return "float32"
+
     # --- randomness -------------------------------------------------------------------
     def bind(self, example_ids, seed: int | None = None) -> "Defense":
         """Name the example ids of the rows of the next calls (and optionally restart the seed)."""

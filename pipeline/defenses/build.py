@@ -21,7 +21,7 @@ from pipeline.config.model_ref import ModelRef
 from pipeline.config.defense import AuthorsGrid, DefenseSpec, RDCSpec, defense_name
 from pipeline.data import load_split
 from pipeline.defenses.base import Defense
-from pipeline.defenses.engine import EngineOptions
+from pipeline.defenses.execution import EngineOptions, precision
 from pipeline.defenses.lm import AuthorsLM, LikelihoodMaximization
 from pipeline.defenses.mi import MixupInference
 from pipeline.defenses.plain import Plain
@@ -56,6 +56,15 @@ def build_defense(spec: DefenseSpec, device: str | torch.device | None = None, n
     defense.name = name or defense_name(spec)
     # Defenses never train: frozen weights keep compiled backward graphs from computing their gradients.
     return defense.to(device or "cpu").eval().requires_grad_(False)
+
+
+def planned_precision(spec: DefenseSpec) -> dict[str, str]:
+    """{device type: the precision the defense of `spec` runs in there} for "cpu" and "cuda",
+    from the spec alone (plan.json keeps it; each record says which one its unit ran in)."""
+    options = None
+    if spec.kind == "rdc" and spec.engine is not None:
+        options = EngineOptions(**spec.engine.model_dump())
+    return {device: precision(options, device) for device in ("cpu", "cuda")}
 
 
 def _edm_denoiser(model: ModelRef, dataset: str, channels: int, size: int, classes: int | None, what: str):

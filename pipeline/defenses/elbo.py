@@ -11,19 +11,19 @@ weights (`Evaluations`), and keeps the paper's equations to itself.
 
 Evaluations are ordered by (example, t) "pair" and cut into chunks of whole pairs, at most
 `batch_size` network inputs each (fewer on CPU, where a cache-sized chunk is faster:
-engine.chunk_size). Per chunk, x_t and everything of the network that does not depend on the
-class (the UNet's `shared`, engine.ClassSharing) are computed once per pair, and the rest once
-per (pair, class). A model with `all_classes` (the optimal model, engine.AllClasses) computes
+execution.chunk_size). Per chunk, x_t and everything of the network that does not depend on the
+class (the UNet's `shared`, execution.ClassSharing) are computed once per pair, and the rest once
+per (pair, class). A model with `all_classes` (the optimal model, execution.AllClasses) computes
 every class of a pair from one distance matmul.
 
 Input gradients are exact and memory-bounded. With a network, the forward pass also takes each
-evaluation's gradient at the stem output (one backward, chunk by chunk, engine.LinearStem) and
+evaluation's gradient at the stem output (one backward, chunk by chunk, execution.LinearStem) and
 keeps their weighted sums per (example, class), so backward is a contraction with the upstream
 gradient (`errors_with_grads`). With `all_classes`, or when B * K images of gradients exceed
 `JACOBIAN_VALUES`, backward recomputes chunk by chunk (`errors_vjp`).
 
 How the network itself runs (layouts, autocast, torch.compile, the class-sharing split) is
-engine.py's concern; none of it changes what is computed here.
+execution.py's concern; none of it changes what is computed here.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from pipeline import rng
-from pipeline.defenses import engine
+from pipeline.defenses import execution
 from pipeline.defenses.base import Cost
-from pipeline.defenses.engine import EngineOptions
+from pipeline.defenses.execution import EngineOptions
 from pipeline.diffusion.schedule import NoiseSchedule
 from pipeline.errors import ConfigError
 from pipeline.models.unet import gather_rows
@@ -152,13 +152,13 @@ class ElboEngine:
 
     def network(self) -> bool:
         """Whether eps_model is a network evaluated per class (not the optimal model's all_classes)."""
-        return not isinstance(self.eps_model, engine.AllClasses)
+        return not isinstance(self.eps_model, execution.AllClasses)
 
     def chunks(self, ev: Evaluations, x: torch.Tensor) -> Plan:
         """The evaluations in (example, t) order, cut into chunks of whole pairs."""
         rows = self._pair_rows(ev)
         if self.network():
-            return plan(rows, ev.j, ev.ts.numel(), engine.chunk_size(self.options, self.batch_size, x))
+            return plan(rows, ev.j, ev.ts.numel(), execution.chunk_size(self.options, self.batch_size, x))
         # One all_classes call computes every class of a pair: a pair costs K network inputs.
         return plan(rows, ev.j, ev.ts.numel(), min(self.options.chunk or self.batch_size, self.batch_size),
                     per_pair=self.num_classes)
@@ -188,9 +188,9 @@ class ElboEngine:
         if not self.network():
             eps = self.eps_model.all_classes(x_t, t)  # (M, K, C, H, W)
             return (eps - e.unsqueeze(1)).pow(2).flatten(2).sum(2)[rows, y], idx
-        calls = engine.prepare(self.eps_model, self.options, x.device, grad=torch.is_grad_enabled())
-        with engine.autocast(self.options, x.device):
-            eps = calls["conditional"](calls["shared"](engine.memory_format(self.options, x_t), t), rows, y)
+        calls = execution.prepare(self.eps_model, self.options, x.device, grad=torch.is_grad_enabled())
+        with execution.autocast(self.options, x.device):
+            eps = calls["conditional"](calls["shared"](execution.memory_format(self.options, x_t), t), rows, y)
         return (eps.to(x.dtype) - e.index_select(0, rows)).pow(2).flatten(1).sum(1), idx
 
     # --- errors and their gradients -------------------------------------------------------
@@ -241,7 +241,7 @@ class ElboEngine:
         chunks = self.chunks(ev, x)
         B, K = x.shape[0], self.num_classes
         model = self.eps_model
-        calls = engine.prepare(model, self.options, x.device, grad=True)
+        calls = execution.prepare(model, self.options, x.device, grad=True)
         sqrt_a, _ = self.schedule.coefficients(ev.ts.to(x.device), x.dtype)
         coef = ev.weight.to(x) * 2.0 * sqrt_a[ev.j.to(x.device)]
         ex, cls = ev.ex.to(x.device), ev.cls.to(x.device)
@@ -252,8 +252,8 @@ class ElboEngine:
             x_t, e, t = self._noisy(x, noise, ev.ts, chunks.pair[p0:p1])
             y = cls[idx]
             with torch.no_grad():
-                h = engine.stem(model, engine.memory_format(self.options, x_t))
-            with torch.enable_grad(), engine.autocast(self.options, x.device):
+                h = execution.stem(model, execution.memory_format(self.options, x_t))
+            with torch.enable_grad(), execution.autocast(self.options, x.device):
                 # A copy per evaluation (a non-leaf: the gradient stops at it, never reaching h).
                 h_e = gather_rows(h.requires_grad_(True), rows)
                 eps = calls["trunk"](h_e, t.index_select(0, rows), y)
@@ -261,7 +261,7 @@ class ElboEngine:
                 (g,) = torch.autograd.grad(err_c.sum(), h_e)
             err[idx] = err_c.detach()
             g = g.to(x.dtype) * coef[idx].view((-1,) + (1,) * (g.dim() - 1))
-            flat, unflatten = engine.flat_rows(g)
+            flat, unflatten = execution.flat_rows(g)
             if g_sum is None:
                 g_sum = flat.new_zeros(B * K, flat.shape[1])
             g_sum.index_add_(0, ex[idx] * K + y, flat)
@@ -270,7 +270,7 @@ class ElboEngine:
         self.cost.backward += n
         if g_sum is None:
             return err, x.new_zeros(B, K, *x.shape[1:])
-        return err, engine.stem_adjoint(model, unflatten(g_sum)).reshape(B, K, *x.shape[1:])
+        return err, execution.stem_adjoint(model, unflatten(g_sum)).reshape(B, K, *x.shape[1:])
 
 
 class _WeightedSum(torch.autograd.Function):

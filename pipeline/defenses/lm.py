@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from pipeline import rng
-from pipeline.defenses import engine
-from pipeline.defenses.engine import EngineOptions
+from pipeline.defenses import execution
+from pipeline.defenses.execution import EngineOptions
 from pipeline.diffusion.schedule import NoiseSchedule, VPSchedule
 from pipeline.errors import ConfigError
 from pipeline.rng import Draw
@@ -197,7 +197,7 @@ class AuthorsLM(nn.Module):
     def loss(self, z: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Per-example mean_pixels (D(z + sigma e; sigma) - z)^2, (B,)."""
         noised = z + sigma.view(-1, *(1,) * (z.dim() - 1)) * noise
-        with engine.autocast(self.options, z.device) if self.options else contextlib.nullcontext():
+        with execution.autocast(self.options, z.device) if self.options else contextlib.nullcontext():
             denoised = self.denoiser(noised, sigma)
         return (denoised.to(z.dtype) - z).pow(2).flatten(1).mean(1)
 

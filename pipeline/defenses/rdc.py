@@ -31,7 +31,7 @@ from pipeline.errors import ConfigError
 from pipeline.rng import Draw
 from pipeline.defenses.base import Defense
 from pipeline.defenses.elbo import ElboEngine, Evaluations
-from pipeline.defenses.engine import EngineOptions
+from pipeline.defenses.execution import EngineOptions, precision
 from pipeline.defenses.lm import AuthorsLM, LikelihoodMaximization
 
 
@@ -83,6 +83,9 @@ class RDC(Defense):
         self.prune_margin = prune_margin
         self.lm = lm
         self.elbo = ElboEngine(eps_model, self.schedule, num_classes, batch_size, engine, self.cost)
+
+    def precision(self, device: torch.device | str) -> str:
+        return precision(self.elbo.options, device)
 
     def _timesteps(self, timesteps) -> torch.Tensor:
         T = self.schedule.T

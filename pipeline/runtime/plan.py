@@ -14,6 +14,7 @@ from pipeline.config.attack import AttackSpec, TransferSpec, parse_attack
 from pipeline.config.defense import DefenseSpec, parse_defense, surrogate_spec
 from pipeline.config.job import Job, content_hash
 from pipeline.data import make_shards
+from pipeline.defenses.build import planned_precision
 from pipeline.names import safe_name as _safe
 
 FORMAT = 2  # bump when the meaning of a unit's rows changes (2: batched attacks, decisions over fresh passes)
@@ -85,7 +86,10 @@ def run_id_for(job: Job, fresh: bool = False, run_id: str | None = None) -> str:
 
 def plan_document(job: Job, units: list[Unit], run_id: str, models: dict | None = None) -> dict:
     """plan.json: the job as validated, its hash, every unit, and what each defense's model is
-    (`models`: {defense name: model card}, see models/zoo.py `model_card`)."""
+    (`models`: {defense name: model card}, see models/zoo.py `model_card`), and the precision
+    each defense's network runs in on a CPU and on CUDA (`precision`: {defense name: {"cpu":
+    ..., "cuda": ...}}, from the job alone; each record names the one its unit ran in)."""
     return {"run_id": run_id, "job_hash": job.hash, "source": job.source, "job": job.spec.model_dump(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "format": FORMAT,
-            "units": [u.as_dict() for u in units], "models": models or {}}
+            "units": [u.as_dict() for u in units], "models": models or {},
+            "precision": {d.name: planned_precision(d.spec) for d in job.defenses}}

@@ -7,8 +7,9 @@ dataset)."""
 from __future__ import annotations
 
 from pipeline.config.job import Job
-from pipeline.config.preflight import check_output, check_workers, model_refs, preflight, safe_name
+from pipeline.config.preflight import check_output, check_workers, model_refs, preflight
 from pipeline.models.check import check_model
+from pipeline.names import check_name
 
 
 def preflight_job(job: Job) -> None:
@@ -26,5 +27,5 @@ def preflight_run(job: Job, out: str, *, workers: int | None = None, run_id: str
     check_output(out)
     check_workers(workers)
     if run_id is not None:
-        safe_name(run_id, "run_id (--run-id)")
+        check_name(run_id, "run_id (--run-id)")
     preflight_job(job)

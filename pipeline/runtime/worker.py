@@ -108,7 +108,8 @@ class Worker:
         finally:
             shard(defense, None)
         table = records_to_table([r.as_dict() for r in result.records], run_id=ctx.run_id, job_hash=ctx.job_hash,
-                                 unit_id=u.unit_id, worker=self.name, config_hash=content_hash(u.defense_table))
+                                 unit_id=u.unit_id, worker=self.name, config_hash=content_hash(u.defense_table),
+                                 precision=defense.precision(self.device))
         store = Store(ctx.out, endpoint_url=ctx.endpoint_url)
         commit_unit(store, f"{ctx.run_id}/{u.path}", table, u.example_ids,
                     {"x_adv": result.x_adv, "forward_per_prediction": result.forward_per_prediction},

@@ -7,9 +7,14 @@ its upload completes. A reader therefore sees either no file or the whole file, 
 Parquet file existing with a valid footer and the row count it promises means the unit is done
 (`Store.committed`); resume relies on that.
 
-Transient faults: while an S3 endpoint is unreachable, every call is retried with exponential
-backoff and jitter for a bounded time (`retry_seconds`) before the error goes up naming the
-endpoint; a unit's tries are only spent after that.
+Transient faults: every S3 operation has one time bound (`retry_seconds`, store/retry.py): an
+attempt is cut off at what is left of it, and an unreachable, slow or busy endpoint is tried
+again with exponential backoff and jitter within it; then the error goes up naming the endpoint.
+A unit's tries are only spent after that.
+
+Conditional writes (`create_exclusive`, `replace_if_match`) and `read_versioned` are the
+surface the run lease (store/lease.py) stands on: on S3 they are conditional PUTs on the
+object's ETag; elsewhere they are best effort (checked, then written).
 
 Credentials: for S3 they come from the usual AWS sources (env vars, profile, instance role)
 unless given in `storage_options`. They never appear in `repr(store)` nor in a StoreError: the
@@ -21,10 +26,10 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import random
-import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
 
 import fsspec
 import pyarrow as pa
@@ -36,6 +41,8 @@ from pipeline.scrub import collect_secrets as _collect_secrets
 from pipeline.scrub import redact as _redact
 from pipeline.scrub import redact_uri as _redact_uri
 from pipeline.scrub import scrub
+from pipeline.store import retry
+from pipeline.store.retry import RETRY_ENV, retry_seconds
 from pipeline.store.schema import RECORD_SCHEMA
 from pipeline.store.seal import META_PREFIX, inspect, seal
 
@@ -45,13 +52,18 @@ _CHECK_BATCH = 64
 # s3fs switches to a multipart upload at 2 * chunksize; 5 GiB is S3's single-PUT limit, so with
 # this chunksize every object S3 accepts in one request goes up as exactly one PUT.
 _S3_CHUNKSIZE = 5 * 2**30
-# Class names (anywhere in an exception's MRO) meaning the endpoint could not be reached; matched
-# by name so that botocore/aiohttp need not be importable for a local store.
-_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionError",
-                "ClientConnectorError", "ServerDisconnectedError", "ConnectionClosedError",
-                "TimeoutError", "FSTimeoutError", "gaierror"}
-RETRY_ENV = "ROBUSTSWEEP_S3_RETRY_SECONDS"
-_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+
+Backend = Literal["local", "s3", "other"]
+
+
+@dataclass(frozen=True)
+class Version:
+    """Which version of a file was read or written: `tag` (the S3 ETag; elsewhere size and
+    modification time) and `modified`, when the store says it was last written (seconds since
+    the epoch, by the store's clock: the S3 server's, not the writer's)."""
+
+    tag: str
+    modified: float
 
 
 class Store:
@@ -112,9 +124,23 @@ class Store:
         rel = _rel(*parts)
         return f"{self.uri}/{rel}" if rel else self.uri
 
-    def _path(self, *parts: str) -> str:
+    def path(self, *parts: str) -> str:
+        """The file system's path of a relative path (what the methods of `fs` take): e.g.
+        "bucket/prefix/records/x.parquet" on S3, an absolute path on local disk."""
         rel = _rel(*parts)
         return f"{self.root}/{rel}" if rel else self.root
+
+    @property
+    def backend(self) -> Backend:
+        """"local" (a folder on this machine's file system), "s3", or "other" (any other fsspec
+        file system)."""
+        return "local" if self._local else "s3" if self._is_s3 else "other"
+
+    def local_path(self, rel: str) -> str:
+        """The OS path of `rel` on a local store (for file locks); StoreError on other backends."""
+        if not self._local:
+            raise StoreError(f"{self.join(rel)} is not on the local file system")
+        return self.path(rel)
 
     def __repr__(self) -> str:
         shown = _redact(self._options)
@@ -168,11 +194,11 @@ class Store:
         out: dict[str, Any] = {}
         for begin in range(0, len(rels), _CHECK_BATCH):
             batch = rels[begin:begin + _CHECK_BATCH]
-            paths = {self._path(r): r for r in batch}
+            paths = {self.path(r): r for r in batch}
             try:
                 for p in paths:
                     self.fs.invalidate_cache(p)  # s3fs caches listings; another worker may have written
-                blobs = self._patient(lambda: _raise_unreachable(self.fs.cat(list(paths), on_error="return")))
+                blobs = self._patient(lambda **t: retry.raise_transient(self.fs.cat(list(paths), on_error="return", **t)))
             except Exception as exc:
                 raise self._error(exc, "check", batch[0]) from None
             for path, rel in paths.items():
@@ -189,7 +215,7 @@ class Store:
 
     def read_table(self, rel: str) -> pa.Table:
         """One Parquet file as a table (footer metadata kept). StoreError if missing or unreadable."""
-        data = self._read_bytes(rel)
+        data = self.read_bytes(rel)
         try:
             return pq.read_table(pa.BufferReader(data))
         except Exception as exc:
@@ -209,12 +235,15 @@ class Store:
         rels = self.list(rel_prefix, ".parquet") if rels is None else list(rels)
         if not rels:
             return schema.empty_table()
-        paths = [self._path(r) for r in rels]
-        try:
-            # One call for all files: s3fs fetches them concurrently.
-            blobs = self._patient(lambda: self.fs.cat(paths, on_error="raise"))
-        except Exception as exc:
-            raise self._error(exc, "read", rel_prefix) from None
+        paths = [self.path(r) for r in rels]
+        blobs: dict[str, bytes] = {}
+        for begin in range(0, len(paths), _CHECK_BATCH):
+            # One call per batch: s3fs fetches a batch concurrently, and each batch has the bound.
+            batch = paths[begin:begin + _CHECK_BATCH]
+            try:
+                blobs.update(self._patient(lambda **t: self.fs.cat(batch, on_error="raise", **t)))
+            except Exception as exc:
+                raise self._error(exc, "read", rel_prefix) from None
         tables, bad = [], []
         for rel, path in zip(rels, paths):
             reason, _ = inspect(blobs[path], schema=RECORD_SCHEMA)
@@ -250,7 +279,7 @@ class Store:
 
     def read_json(self, rel: str) -> Any:
         """The JSON value at `rel`. StoreError naming the path when missing or not valid JSON."""
-        data = self._read_bytes(rel)
+        data = self.read_bytes(rel)
         try:
             return json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -258,30 +287,30 @@ class Store:
 
     def exists(self, rel: str) -> bool:
         """Whether a file (or folder) exists at `rel`."""
-        path = self._path(rel)
+        path = self.path(rel)
         try:
             self.fs.invalidate_cache(path)
-            return bool(self._patient(lambda: self.fs.exists(path)))
+            return bool(self._patient(lambda **t: self.fs.exists(path, **t)))
         except Exception as exc:
             raise self._error(exc, "check", rel) from None
 
     def list(self, rel_prefix: str = "", suffix: str = "") -> list[str]:
         """Relative paths of all files below `rel_prefix` (recursive) ending in `suffix`, sorted.
         A missing prefix gives []. Temp files of writes in progress are never listed."""
-        base = self._path(rel_prefix)
+        base = self.path(rel_prefix)
         try:
             self.fs.invalidate_cache(base)
-            found = self._patient(lambda: self.fs.find(base))
+            found = self._patient(lambda **t: self.fs.find(base, **t))
         except FileNotFoundError as exc:
             if self._is_s3 and "bucket" in str(exc).lower():
                 raise self._error(exc, "list", rel_prefix) from None
             return []
         except Exception as exc:
             raise self._error(exc, "list", rel_prefix) from None
-        root = self.fs._strip_protocol(self.root).rstrip("/") + "/"
+        root = self.root.rstrip("/") + "/"
         out = []
         for p in found:
-            p = self.fs._strip_protocol(p)
+            p = p.split("://", 1)[1] if "://" in p else p
             rel = p[len(root):] if p.startswith(root) else p
             name = posixpath.basename(rel)
             if name.endswith(".tmp") and name.startswith("."):
@@ -292,35 +321,113 @@ class Store:
 
     def remove(self, rel: str) -> None:
         """Delete the file at `rel` if it exists (used for stale failure notes, never for records)."""
-        path = self._path(rel)
+        path = self.path(rel)
         try:
-            if self.fs.exists(path):
-                self.fs.rm_file(path)
+            if self._patient(lambda **t: self.fs.exists(path, **t)):
+                self._patient(lambda **t: self.fs.rm_file(path, **t))
         except Exception as exc:
             raise self._error(exc, "remove", rel) from None
 
     def mtime(self, rel: str) -> float:
         """Modification time of `rel`, seconds since the epoch (local stores: the file's mtime)."""
-        path = self._path(rel)
+        path = self.path(rel)
         try:
             if self._local:
                 return os.path.getmtime(path)
-            return self.fs.modified(path).timestamp()
+            self.fs.invalidate_cache(path)
+            return _version(self._patient(lambda **t: self.fs.info(path, **t))).modified
         except Exception as exc:
             raise self._error(exc, "stat", rel) from None
 
-    # -- internals -----------------------------------------------------------------------------
-
-    def _read_bytes(self, rel: str) -> bytes:
-        path = self._path(rel)
+    def read_bytes(self, rel: str) -> bytes:
+        """The content of the file at `rel`. StoreError naming it when missing or unreadable."""
+        path = self.path(rel)
         try:
-            return self._patient(lambda: self.fs.cat_file(path))
+            return self._patient(lambda **t: self.fs.cat_file(path, **t))
         except Exception as exc:
             raise self._error(exc, "read", rel) from None
 
+    # -- versions and conditional writes (the lease's surface) -----------------------------------
+
+    def read_versioned(self, rel: str) -> tuple[bytes, Version] | None:
+        """(content, version) of the file at `rel`, or None when there is none. The version is
+        read first: a write between the two reads makes a later `replace_if_match` on it fail,
+        never succeed on content it did not see."""
+        path = self.path(rel)
+        try:
+            if self._local:
+                st = os.stat(path)
+                version = Version(f"{st.st_size}-{st.st_mtime_ns}", st.st_mtime)
+            else:
+                self.fs.invalidate_cache(path)
+                version = _version(self._patient(lambda **t: self.fs.info(path, **t)))
+            return self._patient(lambda **t: self.fs.cat_file(path, **t)), version
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._error(exc, "read", rel) from None
+
+    def create_exclusive(self, rel: str, data: bytes) -> Version | None:
+        """Write `data` at `rel` only if no file is there: its version, or None when one was.
+        On S3 one conditional PUT (If-None-Match: *), so of two writers exactly one creates it;
+        elsewhere checked, then written (no guarantee against a race)."""
+        if not self._is_s3:
+            if self.exists(rel):
+                return None
+            self._commit(rel, lambda f: f.write(data))
+            return self._version_of(rel)
+        return self._put_if(rel, data, "create", IfNoneMatch="*")
+
+    def replace_if_match(self, rel: str, data: bytes, version: Version) -> Version | None:
+        """Replace the file at `rel` with `data` only if it is still at `version`: the new
+        version, or None when it changed or is gone. On S3 one conditional PUT (If-Match on the
+        ETag), so of two writers replacing the same version exactly one wins; elsewhere checked,
+        then written."""
+        if not self._is_s3:
+            found = self.read_versioned(rel)
+            if found is None or found[1].tag != version.tag:
+                return None
+            self._commit(rel, lambda f: f.write(data))
+            return self._version_of(rel)
+        return self._put_if(rel, data, "replace", IfMatch=version.tag)
+
+    def remove_if_match(self, rel: str, version: Version) -> bool:
+        """Delete the file at `rel` if it is still at `version`; whether it was deleted."""
+        found = self.read_versioned(rel)
+        if found is None or found[1].tag != version.tag:
+            return False
+        self.remove(rel)
+        return True
+
+    def _version_of(self, rel: str) -> Version:
+        found = self.read_versioned(rel)
+        if found is None:
+            raise StoreError(f"{self.join(rel)} vanished right after it was written")
+        return found[1]
+
+    def _put_if(self, rel: str, data: bytes, action: str, **condition) -> Version | None:
+        path = self.path(rel)
+        bucket, _, key = path.partition("/")
+        try:
+            self._patient(lambda **t: self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition, **t))
+        except Exception as exc:
+            if retry.precondition_failed(exc) or (isinstance(exc, FileNotFoundError) and "IfMatch" in condition):
+                return None
+            raise self._error(exc, action, rel) from None
+        try:
+            # The ETag of what was just written; info() (not the PUT's reply) also gives the
+            # server's time of the write.
+            self.fs.invalidate_cache(path)
+            version = _version(self._patient(lambda **t: self.fs.info(path, **t)))
+        except Exception as exc:
+            raise self._error(exc, "read", rel) from None
+        return version
+
+    # -- internals -----------------------------------------------------------------------------
+
     def _commit(self, rel: str, write: Callable[[Any], Any]) -> None:
         """Write a file whole: `write(fileobj)` fills it; readers see all of it or nothing."""
-        path = self._path(rel)
+        path = self.path(rel)
         if not _rel(rel):
             raise StoreError("cannot write to the store root itself; give a relative file path")
         if self._local:
@@ -340,29 +447,20 @@ class Store:
                              f"{self._scrub(str(exc))}") from None
         try:
             if self._is_s3:
-                self._patient(lambda: self.fs.pipe_file(path, data, chunksize=_S3_CHUNKSIZE))
+                self._patient(lambda **t: self.fs.pipe_file(path, data, chunksize=_S3_CHUNKSIZE, **t))
             else:
                 self.fs.pipe_file(path, data)
         except Exception as exc:
             raise self._error(exc, "write", rel) from None
 
-    def _patient(self, call: Callable[[], Any]) -> Any:
-        """call(), retried while an S3 endpoint is unreachable: exponential backoff (0.5 s
-        doubling to 8 s, each with +-50% jitter so that many workers do not return in step) for
-        at most `retry_seconds()` in all; then the last error goes up (and _error names the
-        endpoint). Other errors, and local stores, are not retried."""
+    def _patient(self, call: Callable[..., Any]) -> Any:
+        """call() on local and other stores; on S3 call(timeout=seconds left), tried again while
+        the endpoint is unreachable, slow or busy, all within one bound (`retry_seconds()`,
+        store/retry.py); then the last error goes up (and _error names the endpoint). `timeout`
+        reaches fsspec's sync wrapper, which cancels the attempt (inner retries included)."""
         if not self._is_s3:
             return call()
-        deadline, delay = time.monotonic() + retry_seconds(), 0.5
-        while True:
-            try:
-                return call()
-            except Exception as exc:
-                if not _unreachable(exc) or time.monotonic() + delay > deadline:
-                    raise
-            time.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(2 * delay, 8.0)
-            self.fs.invalidate_cache()
+        return retry.bounded(lambda left: call(timeout=left), retry_seconds(), between=self.fs.invalidate_cache)
 
     def _scrub(self, text: str) -> str:
         return scrub(text, self._secrets)
@@ -371,7 +469,7 @@ class Store:
         """A StoreError that says what failed and what to do, without any credential."""
         where = _redact_uri(self.join(rel))
         detail = f"({type(exc).__name__}: {self._scrub(str(exc))})"
-        names = {c.__name__ for c in type(exc).__mro__}
+        names = retry.class_names(exc)
         endpoint = _redact_uri(str((self._options.get("client_kwargs") or {}).get("endpoint_url") or "AWS default"))
         if self._is_s3 and isinstance(exc, FileNotFoundError) and "bucket" in str(exc).lower():
             bucket = self.root.split("/", 1)[0]
@@ -383,45 +481,31 @@ class Store:
             msg = (f"cannot {action} {where}: permission denied; check the credentials (AWS_ACCESS_KEY_ID "
                    f"/ AWS_PROFILE or storage_options) and the bucket policy" if self._is_s3
                    else f"cannot {action} {where}: permission denied; check the folder's permissions")
-        elif names & _NO_CREDENTIALS:
+        elif retry.no_credentials(exc):
             msg = (f"cannot {action} {where}: no usable AWS credentials; set AWS_ACCESS_KEY_ID and "
                    f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass key/secret in storage_options")
-        elif self._is_s3 and names & _UNREACHABLE:
+        elif self._is_s3 and retry.timed_out(exc):
+            msg = (f"cannot {action} {where}: S3 endpoint {endpoint} did not answer within {retry.operation_seconds():g} s "
+                   f"(the bound of one operation, {RETRY_ENV}); it is unreachable or too slow: check "
+                   f"endpoint_url / AWS_ENDPOINT_URL and the network")
+        elif self._is_s3 and retry.unreachable(exc):
             msg = (f"cannot {action} {where}: S3 endpoint {endpoint} is unreachable (retried for up to "
                    f"{retry_seconds():g} s, {RETRY_ENV}); check endpoint_url / AWS_ENDPOINT_URL and the network")
+        elif self._is_s3 and retry.busy(exc):
+            msg = (f"cannot {action} {where}: S3 endpoint {endpoint} kept answering {retry.error_code(exc)} "
+                   f"(retried for up to {retry_seconds():g} s, {RETRY_ENV}); try again later")
         else:
             msg = f"cannot {action} {where}"
         return StoreError(f"{msg} {detail}")
 
 
-def retry_seconds() -> float:
-    """How long S3 calls are retried while the endpoint is unreachable: env
-    ROBUSTSWEEP_S3_RETRY_SECONDS, else 60."""
-    raw = os.environ.get(RETRY_ENV)
-    try:
-        return max(0.0, float(raw)) if raw else 60.0
-    except ValueError:
-        raise StoreError(f"{RETRY_ENV} must be a number of seconds, got {raw!r}") from None
-
-
-def _unreachable(exc: BaseException) -> bool:
-    seen = exc
-    for _ in range(4):  # the error, and what it wraps (s3fs and aiobotocore chain theirs)
-        if seen is None:
-            return False
-        if {c.__name__ for c in type(seen).__mro__} & _UNREACHABLE:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _raise_unreachable(blobs: dict) -> dict:
-    """fs.cat(on_error="return") hands errors back per path; an unreachable endpoint is raised
-    so that the whole batch is retried."""
-    for value in blobs.values():
-        if isinstance(value, BaseException) and _unreachable(value):
-            raise value
-    return blobs
+def _version(info: Mapping[str, Any]) -> Version:
+    """A Version from fsspec's info(): S3's ETag and LastModified, else size and mtime."""
+    modified = info.get("LastModified") or info.get("mtime") or info.get("created") or 0.0
+    if isinstance(modified, datetime):
+        modified = modified.timestamp()
+    tag = info.get("ETag") or f"{info.get('size')}-{modified}"
+    return Version(str(tag), float(modified))
 
 
 def _rel(*parts: str) -> str:

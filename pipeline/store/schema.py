@@ -59,9 +59,10 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("flags", "list<string>", "Sanity flags: zero_gradient, nan_gradient, stochastic_without_eot, square_beat_whitebox, returned_clean, single_pass_optimistic, budget_not_converged; sorted, unique."),
     ("iterations", "int64?", "Attack iterations per run (PGD steps, APGD/FAB iterations) actually used, after any convergence doubling; null in records written before it existed."),
     ("eot", "int64?", "EOT draws per gradient actually used; null in records written before it existed."),
+    ("precision", "string?", "What the defense's networks computed in on `device`: float32, bf16 or fp16 (the engine's autocast, resolved from the job and the device type); null where the writer did not record it."),
 ]
 
-OPTIONAL = frozenset({"iterations", "eot"})
+OPTIONAL = frozenset({"iterations", "eot", "precision"})
 """Columns added after the first release: a record may leave them out (they are then null)."""
 
 _TYPES: dict[str, pa.DataType] = {

@@ -11,28 +11,25 @@ per evaluation on the shared x_t. `prepare` returns the network calls for a mode
 
 Device options (EngineOptions): chunk size (network inputs per call), channels_last,
 autocast (bf16 / fp16), torch.compile, CUDA graphs. None of them changes what is computed;
-autocast changes the rounding (bench.autocast_agreement checks predictions against fp32).
-On a CPU with bf16 matrix units (AMX), bf16 autocast with torch.compile is the fast setting:
-eager bf16 GroupNorm is slow there, and compilation fuses it with its neighbours.
+autocast changes the rounding (bench.autocast_agreement checks predictions against fp32), so
+the precision it resolves to (`precision`) is a function of the job's options and the device
+type alone, and every record and plan.json say which it was. On a CPU with bf16 matrix units
+(AMX), bf16 autocast with torch.compile is the fast setting: eager bf16 GroupNorm is slow there,
+and compilation fuses it with its neighbours; a job asks for it by name (autocast = "bf16").
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
-import platform
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from pipeline.models.unet import channels_last
-from pipeline.models.zoo import cache_dir
 from pipeline.errors import ConfigError
+from pipeline.models.unet import channels_last
 
 # Input values (evaluations x channels x pixels) per network call on CPU: where the digits
 # UNet's throughput peaked, with 1 thread and with 2; larger calls are slower as the
@@ -41,14 +38,8 @@ CPU_CHUNK_ELEMENTS = 512 * 64
 
 AUTOCAST = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Processor flags (/proc/cpuinfo) of native bf16 matrix units: Intel AMX and AVX512-BF16. Without
-# them bf16 is emulated and slower than float32 (BENCHMARKS.md, "The engine in bf16").
-BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
-# The share of RDC predictions that must agree with float32 (bench.autocast_agreement) before
-# "auto" trusts bf16 on a CPU, and the fewest timesteps of a check that counts.
-AGREEMENT_MIN = 0.99
-AGREEMENT_MIN_TIMESTEPS = 10
-AGREEMENT_RECORD = "autocast-agreement.json"
+# The name each autocast dtype goes by in records and plan.json (`precision`).
+PRECISION = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass(frozen=True)
@@ -58,7 +49,7 @@ class EngineOptions:
     chunk: network inputs per call (None: on CPU the cache-sized CPU_CHUNK_ELEMENTS, on GPU
     the defense's batch_size; never above batch_size). channels_last: None means on (it
     helps oneDNN convolutions on CPU and tensor cores on GPU). autocast: "auto" (bf16 on
-    CUDA; on a CPU see `cpu_auto_autocast`), "off", "bf16" or "fp16". compile: True compiles every network call
+    CUDA, float32 on a CPU), "off", "bf16" or "fp16". compile: True compiles every network call
     with torch.compile, "forward" only the calls without gradients (the logits); the first
     call of each pays the compilation. cuda_graphs: on CUDA, compile with CUDA graphs
     (torch.compile mode "reduce-overhead"); ignored on CPU.
@@ -88,68 +79,24 @@ def chunk_size(options: EngineOptions, batch_size: int, x: torch.Tensor) -> int:
     return batch_size
 
 
-def autocast_dtype(options: EngineOptions, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of the options on this device: "auto" is bf16 on CUDA and, on a CPU,
-    what `cpu_auto_autocast` decides for this processor."""
+def autocast_dtype(options: EngineOptions, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of the options on this kind of device: "auto" is bf16 on CUDA and off
+    (float32) on a CPU.
+
+    "auto" reads nothing but the options and the device type: a CPU's bf16 rounding is only
+    used when the job asks for it, so that the same job gives the same records on any CPU and
+    whatever else ran on the machine before it.
+    """
     name = options.autocast
     if name == "auto":
-        name = "bf16" if device.type == "cuda" else cpu_auto_autocast(cpu_flags(), recorded_agreement(), options.compile)
+        name = "bf16" if torch.device(device).type == "cuda" else "off"
     return AUTOCAST[name]
 
 
-def cpu_auto_autocast(flags: frozenset[str], agreement: float | None, compile: bool | str = False) -> str:
-    """"bf16" where the processor has native bf16 matrix units (flags), the recorded agreement
-    of bf16 with float32 predictions reaches AGREEMENT_MIN, and compile is not True (compiled
-    bf16 gradients are refused on CPU, see `prepare`); else "off" (float32)."""
-    native = bool(flags & BF16_CPU_FLAGS)
-    trusted = agreement is not None and agreement >= AGREEMENT_MIN
-    return "bf16" if native and trusted and compile is not True else "off"
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The processor's feature flags; empty where the file is unreadable (not Linux)."""
-    try:
-        text = Path(path).read_text()
-    except OSError:
-        return frozenset()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return frozenset(line.partition(":")[2].split())
-
-
-def _machine() -> dict:
-    """What an agreement record is valid for: this processor and this torch."""
-    return {"processor": _processor_name(), "torch": torch.__version__}
-
-
-def _processor_name() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    line = next((ln for ln in text.splitlines() if ln.startswith("model name")), "")
-    return line.partition(":")[2].strip() or platform.machine()
-
-
-def record_agreement(result: dict) -> Path:
-    """Keep a CPU bf16 agreement check (bench.autocast_agreement's result) for "auto" to read."""
-    path = cache_dir() / AGREEMENT_RECORD
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**_machine(), **result}, indent=2))
-    recorded_agreement.cache_clear()
-    return path
-
-
-@functools.lru_cache(maxsize=1)
-def recorded_agreement() -> float | None:
-    """The agreement of the last CPU bf16 check recorded on this processor and torch, else None."""
-    try:
-        record = json.loads((cache_dir() / AGREEMENT_RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-    if {k: record.get(k) for k in ("processor", "torch")} != _machine() or (record.get("device"), record.get("dtype")) != ("cpu", "bf16"):
-        return None
-    return float(record["agreement"]) if record.get("timesteps", 0) >= AGREEMENT_MIN_TIMESTEPS else None
+def precision(options: EngineOptions | None, device: torch.device | str) -> str:
+    """The precision the network runs in under these options on this kind of device: "float32",
+    "bf16" or "fp16" (the records' `precision` column)."""
+    return PRECISION[autocast_dtype(options or EngineOptions(), device)]
 
 
 def autocast(options: EngineOptions, device: torch.device):
