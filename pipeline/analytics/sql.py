@@ -20,6 +20,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.analytics.source import connect
 from pipeline.errors import InputError, StoreError
@@ -100,10 +101,10 @@ def render_arrow(table: pa.Table, max_rows: int | None = 1000) -> Table:
                                                        if max_rows is not None and table.num_rows > max_rows else "")))
     for field in table.schema:
         numeric = pa.types.is_integer(field.type) or pa.types.is_floating(field.type)
-        out.add_column(field.name, justify="right" if numeric else "left")
+        out.add_column(Text(field.name), justify="right" if numeric else "left")
     shown = table if max_rows is None else table.slice(0, max_rows)
     for row in shown.to_pylist():
-        out.add_row(*(_cell(v) for v in row.values()))
+        out.add_row(*(Text(_cell(v)) for v in row.values()))  # query results are text, never console markup
     return out
 
 

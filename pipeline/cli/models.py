@@ -31,4 +31,4 @@ def import_model_cmd(
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"--config {config}: not a readable JSON file ({exc})") from None
     folder, cfg, meta = import_to_folder(src, format, out, preset=arch, config=table, num_classes=num_classes)
-    console.print(f"saved {folder}: {cfg.get('arch')} from {src.name} (sha256 {meta['source']['sha256'][:16]}...)")
+    console.print(f"saved {folder}: {cfg.get('arch')} from {src.name} (sha256 {meta['source']['sha256'][:16]}...)", markup=False)
