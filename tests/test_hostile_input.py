@@ -11,21 +11,26 @@ import collections
 import copyreg
 import json
 import pickle
+import re
 import resource
+import shutil
 import sys
 import time
 import types
 import warnings
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from analytics_data import write_sweep
 from pipeline.cli import app
-from pipeline.errors import CheckpointError
+from pipeline.errors import BadFileError, CheckpointError
 from pipeline.models.safe_pickle import read_pickle
+from pipeline.store import Store
+from pipeline.store.binding import check_binding
 
 
 def invoke(*args):
@@ -36,7 +41,8 @@ def clean_exit_2(result, *words):
     """The command refused its input: exit 2, one message naming `words`, no traceback."""
     text = " ".join(result.output.split())
     assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     for word in words:
         assert str(word) in text, (word, text)
 
@@ -135,3 +141,94 @@ def test_build_opcodes_cannot_rewrite_the_readers_records(tmp_path, persistence)
 
     first, second = safe_pickle._globals(), safe_pickle._globals()
     assert first[("torch._utils", "_rebuild_tensor_v2")] is not second[("torch._utils", "_rebuild_tensor_v2")]
+
+
+# -- 2: rows of another run or job are refused by name ----------------------------------------------
+
+
+def reseal(path: Path, **footer) -> None:
+    """Rewrite a unit file with other footer values (as a file of another run or job would have)."""
+    table = pq.read_table(path)
+    meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items() if k.startswith(b"robustsweep.")}
+    keep = {k: v for k, v in meta.items() if k.split(".", 1)[1] in ("unit_id", "run_id", "job_hash")}
+    keep.update({f"robustsweep.{k}": v for k, v in footer.items()})
+    Store(str(path.parent)).write_table(path.name, table.replace_schema_metadata(None), keep)
+
+
+def records(run: str) -> list[Path]:
+    return sorted(Path(run, "records").rglob("*.parquet"))
+
+
+def total_rows(run: str, *extra) -> int:
+    result = invoke("report", run, "--section", "summary", "--format", "json", *extra)
+    assert result.exit_code == 0, result.output
+    return sum(r["n"] for r in json.loads(result.stdout)["summary"])
+
+
+FOREIGN = {
+    # case: (footer of the stray file, words of the reason)
+    "another job's unit": ({"job_hash": "k"}, "rows of job 'k', not of this run's job 'j' (a file of another job)"),
+    "another run's unit": ({"run_id": "other-run"}, "rows of run 'other-run', not of this run 'sweep-0001'"),
+    "a unit the job never planned": ({"unit_id": "eps-0.5-unit"}, "unit 'eps-0.5-unit' is not in this run's plan.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOREIGN))
+def test_a_file_of_another_run_or_job_is_refused_by_name(case, run, tmp_path):
+    footer, words = FOREIGN[case]
+    good = total_rows(run)
+    other = write_sweep(str(tmp_path / "other" / "sweep-0001"), images=False)
+    stray = records(other)[0]
+    reseal(stray, **footer)
+    copied = Path(run, "records", "defense=extra", stray.name)
+    copied.parent.mkdir()
+    shutil.copy(stray, copied)
+    for args in (["report", run], ["compare", run, "--a", "plain-erm", "--b", "mi-pl", "--resamples", "10"],
+                 ["sql", run, "SELECT count(*) FROM results"], ["status", run]):
+        clean_exit_2(invoke(*args), copied, words, "--skip-bad")
+    assert total_rows(run, "--skip-bad") == good  # nothing counted twice, nothing lost
+    status = json.loads(invoke("status", run, "--skip-bad").stdout)
+    assert (status["units"], status["done"], status["rows"]) == (5, 5, 100)
+
+
+def test_records_linked_to_another_runs_are_refused(run, tmp_path):
+    other = write_sweep(str(tmp_path / "other" / "sweep-0001"), images=False)
+    for path in records(other):
+        reseal(path, run_id="other-run")
+    shutil.rmtree(Path(run, "records"))
+    Path(run, "records").symlink_to(Path(other, "records"))
+    clean_exit_2(invoke("status", run), "records/defense=mi-pl", "rows of run 'other-run'")
+    clean_exit_2(invoke("report", run), "rows of run 'other-run'")
+    status = json.loads(invoke("status", run, "--skip-bad").stdout)
+    assert (status["done"], status["rows"], len(status["skipped"])) == (0, 0, 5)
+
+
+# -- 10: plan.json of the wrong shape, stray files in failures/ ------------------------------------
+
+
+@pytest.mark.parametrize("plan, words", [
+    ([], "it holds a JSON list, not an object"),
+    ({"run_id": "sweep-0001", "job_hash": "j"}, "field 'units' is absent, not a list"),
+    ({"run_id": "sweep-0001", "job_hash": "j", "units": [{"unit_id": "u"}]}, "units[0].path is absent, not text"),
+    ({"run_id": 3, "job_hash": "j", "units": []}, "field 'run_id' is 3, not text"),
+])
+def test_a_plan_of_the_wrong_shape_is_named(run, plan, words):
+    plan_file = Path(run, "plan.json")
+    plan_file.write_text(json.dumps(plan))
+    for args in (["status", run], ["report", run], ["sql", run, "SELECT 1"]):
+        clean_exit_2(invoke(*args), plan_file, words)
+    with pytest.raises(BadFileError, match=re.escape(words)):  # what `run` checks first, under its lease
+        check_binding(Store(str(Path(run).parent)), Path(run).name, "j", {})
+
+
+def test_a_stray_file_in_failures_is_not_a_failure(run):
+    failures = Path(run, "failures")
+    failures.mkdir()
+    (failures / "notes.json").write_text("{}")
+    (failures / "README.txt").write_text("why unit 3 failed")
+    (failures / "unit-not-planned.json").write_text("{}")
+    result = invoke("status", run)
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.stdout)
+    assert (status["units"], status["done"], status["failed"], status["left"]) == (5, 5, 0, 0)
+    assert invoke("report", run, "--section", "summary").exit_code == 0

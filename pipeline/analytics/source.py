@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from pipeline.errors import InputError, StoreError
 from pipeline.store import RECORD_SCHEMA, Store
+from pipeline.store.binding import read_plan
 from pipeline.store.verify import verify_runs
 
 VIEW = "results"
@@ -183,5 +184,4 @@ def open_runs(uris: Sequence[str], endpoint_url: str | None = None,
               storage_options: Mapping[str, Any] | None = None) -> list[tuple[Store, dict | None]]:
     """(store, plan) per distinct run folder; plan is its plan.json, or None where there is
     none (a folder of records written by hand)."""
-    return [(store, store.read_json("plan.json") if store.exists("plan.json") else None)
-            for store in run_stores(uris, endpoint_url, storage_options)]
+    return [(store, read_plan(store)) for store in run_stores(uris, endpoint_url, storage_options)]
