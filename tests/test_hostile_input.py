@@ -232,3 +232,25 @@ def test_a_stray_file_in_failures_is_not_a_failure(run):
     status = json.loads(result.stdout)
     assert (status["units"], status["done"], status["failed"], status["left"]) == (5, 5, 0, 0)
     assert invoke("report", run, "--section", "summary").exit_code == 0
+
+
+# -- 4: paths are literal ---------------------------------------------------------------------------
+
+
+def test_glob_characters_in_paths_are_literal(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for folder in ("runs[1]/t1", "runs*/t1", "runsx/t1", "runs1/t1"):
+        write_sweep(folder, images=False)
+    for path in records("runs1/t1")[:2]:  # runs1 differs from runs[1]: two units fewer
+        path.unlink()
+    assert total_rows("runs*/t1") == 100  # not runsx's rows besides
+    assert total_rows("runs[1]/t1") == 100 and total_rows("runs1/t1") == 60
+    result = invoke("sql", "runs[1]/t1", "SELECT count(*) AS n FROM results", "--format", "json")
+    assert result.exit_code == 0 and json.loads(result.stdout) == [{"n": 100}]
+    assert json.loads(invoke("status", "runs[1]/t1").stdout)["rows"] == 100
+    clean_exit_2(invoke("report", "runs?/t2"), "runs?/t2 is not a run folder")
+    # What `run` checks first in a new output folder: nothing there yet, and no error.
+    store = Store("runs[2]")
+    assert store.check(["r/records/unit-0.parquet"]) == {"r/records/unit-0.parquet": "missing"}
+    store.write_json("r/plan.json", {"x": 1})
+    assert store.read_json("r/plan.json") == {"x": 1} and not Path("runs2").exists()

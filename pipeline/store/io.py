@@ -172,7 +172,7 @@ class Store:
             try:
                 for p in paths:
                     self.fs.invalidate_cache(p)  # s3fs caches listings; another worker may have written
-                blobs = self._patient(lambda: _raise_unreachable(self.fs.cat(list(paths), on_error="return")))
+                blobs = self._patient(lambda: _raise_unreachable(self._cat(list(paths), on_error="return")))
             except Exception as exc:
                 raise self._error(exc, "check", batch[0]) from None
             for path, rel in paths.items():
@@ -212,7 +212,7 @@ class Store:
         paths = [self._path(r) for r in rels]
         try:
             # One call for all files: s3fs fetches them concurrently.
-            blobs = self._patient(lambda: self.fs.cat(paths, on_error="raise"))
+            blobs = self._patient(lambda: self._cat(paths, on_error="raise"))
         except Exception as exc:
             raise self._error(exc, "read", rel_prefix) from None
         tables, bad = [], []
@@ -345,6 +345,15 @@ class Store:
                 self.fs.pipe_file(path, data)
         except Exception as exc:
             raise self._error(exc, "write", rel) from None
+
+    def _cat(self, paths: list[str], on_error: str) -> dict[str, Any]:
+        """{path: bytes (or the error, with on_error "return")} of whole files, fetched
+        concurrently on S3. Paths are literal: fs.cat would expand glob characters, so that a
+        run folder named runs[1] read runs1's files and runs*/t1 every sibling's."""
+        if not paths:
+            return {}
+        blobs = self.fs.cat_ranges(paths, [None] * len(paths), [None] * len(paths), on_error=on_error)
+        return dict(zip(paths, blobs))
 
     def _patient(self, call: Callable[[], Any]) -> Any:
         """call(), retried while an S3 endpoint is unreachable: exponential backoff (0.5 s
