@@ -10,10 +10,12 @@ from __future__ import annotations
 import collections
 import copyreg
 import json
+import os
 import pickle
 import re
 import resource
 import shutil
+import subprocess
 import sys
 import time
 import types
@@ -254,3 +256,87 @@ def test_glob_characters_in_paths_are_literal(tmp_path, monkeypatch):
     assert store.check(["r/records/unit-0.parquet"]) == {"r/records/unit-0.parquet": "missing"}
     store.write_json("r/plan.json", {"x": 1})
     assert store.read_json("r/plan.json") == {"x": 1} and not Path("runs2").exists()
+
+
+# -- 7: file system errors are named, not tracebacks ------------------------------------------------
+
+JOB = """name = "probe"
+seed = 0
+[data]
+dataset = "digits"
+limit = 8
+shard_size = 4
+[[defenses]]
+kind = "plain"
+[[attacks]]
+kind = "pgd"
+eps = 0.03
+steps = 2
+"""
+
+
+@pytest.fixture
+def read_only():
+    """Make a folder read-only, even to root (who ignores permission bits): chattr +i as root,
+    chmod 555 otherwise; undone afterwards."""
+    made = []
+
+    def make(path: Path) -> Path:
+        if os.geteuid() == 0:
+            proc = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+            if proc.returncode:
+                pytest.skip(f"cannot make {path} immutable here (chattr: {proc.stderr.strip()})")
+        else:
+            path.chmod(0o555)
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        else:
+            path.chmod(0o755)
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, read_only):
+    from pipeline.config.job import load_job
+    from pipeline.runtime.plan import run_id_for
+
+    job = tmp_path / "job.toml"
+    job.write_text(JOB)
+    run_id = run_id_for(load_job(job))
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "with-lease" / run_id / "lease.json").mkdir(parents=True)
+    (tmp_path / "ro").mkdir()
+    read_only(tmp_path / "ro")
+    cases = {
+        "a-file": (tmp_path / "a-file", "a-file is a file, not a folder"),
+        "under a file": (tmp_path / "a-file" / "out", "a-file is a file, not a folder"),
+        "a symbolic link loop": (tmp_path / "loop", "loop as a folder: Too many levels of symbolic links"),
+        "read-only": (tmp_path / "ro" / "out", "ro is read-only"),
+        "lease.json a folder": (tmp_path / "with-lease", "lease.json is not a file"),
+    }
+    for case, (out, words) in cases.items():
+        for args in (["validate", job, "--out", out], ["run", job, "--out", out, "--no-report"]):
+            clean_exit_2(invoke(*args), "out (--out)", words)
+    assert os.listdir(tmp_path / "ro") == [] and (tmp_path / "a-file").read_text() == "x"
+
+
+def test_report_outputs_that_cannot_be_written_are_refused_before_reading(run, tmp_path, read_only):
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "ro").mkdir()
+    read_only(tmp_path / "ro")
+    cases = [
+        (["--html", tmp_path / "a-folder"], "--html", "a-folder is a folder; give a file name"),
+        (["--html", tmp_path / "ro" / "page.html"], "--html", "ro is read-only"),
+        (["--html", tmp_path / "a-file" / "page.html"], "--html", "a-file is a file, not a folder"),
+        (["--plot", tmp_path / "a-file"], "--plot", "a-file is a file, not a folder"),
+        (["--plot", tmp_path / "ro" / "figures"], "--plot", "ro is read-only"),
+        (["--robustbench", tmp_path / "a-file"], "--robustbench", "a-file is a file, not a folder"),
+    ]
+    for extra, field, words in cases:
+        clean_exit_2(invoke("report", run, "--section", "summary", *extra), field, words)
+    assert os.listdir(tmp_path / "ro") == []

@@ -11,6 +11,7 @@ from pipeline.analytics.html import page
 from pipeline.analytics.plots import all_plots, write_plots
 from pipeline.analytics.report import SECTIONS, build_report
 from pipeline.analytics.source import connect, open_runs
+from pipeline.config.preflight import check_writable
 
 
 def analyze(uris: Sequence[str], *, endpoint_url: str | None = None, sections: Sequence[str] = SECTIONS,
@@ -25,6 +26,14 @@ def analyze(uris: Sequence[str], *, endpoint_url: str | None = None, sections: S
     the URIs). "notes": record files left out (bad ones with skip_bad, a unit's second copy;
     see source.connect) and what the figures had to leave out (e.g. runs without stored images).
     """
+    # Where the outputs go is checked before anything is read: a run over 10,000 files should not
+    # end in a traceback because --html names a folder.
+    if plot_dir is not None:
+        check_writable(plot_dir, "--plot")
+    if html_path is not None:
+        check_writable(html_path, "--html", file=True)
+    if robustbench_dir is not None and "://" not in str(robustbench_dir):
+        check_writable(robustbench_dir, "--robustbench")
     read_notes: list[str] = []
     con = connect(uris, endpoint_url=endpoint_url, require=require, skip_bad=skip_bad, notes=read_notes)
     out: dict = {"plots": [], "notes": [], "robustbench": [], "html": None}

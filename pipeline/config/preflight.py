@@ -12,7 +12,10 @@ output URI whose file system the workers do not share, and worker counts below o
 from __future__ import annotations
 
 import math
+import os
 import re
+import stat
+from pathlib import Path
 from typing import Any
 
 from pipeline.config.job import Job
@@ -56,13 +59,70 @@ def preflight(job: Job) -> None:
         _budget(a.spec.model_dump(), size, where)
 
 
-def check_output(out: str) -> None:
+def check_output(out: str, run_id: str | None = None) -> None:
     """ConfigError for an output URI that the workers cannot share (memory://: each worker
-    process would commit into its own memory and the driver would find nothing)."""
+    process would commit into its own memory and the driver would find nothing), and for a
+    local folder the run cannot use (see `check_local_output`)."""
     protocol = str(out).split("://", 1)[0].lower() if "://" in str(out) else "file"
     if protocol in NOT_SHARED:
         raise ConfigError(f"out (--out): {out!r} lives in one process's memory; the workers run in other processes "
                           f"and their results would be lost. Give a folder or s3://bucket/prefix")
+    if protocol == "file":
+        check_local_output(str(out).removeprefix("file://"), run_id)
+
+
+def check_writable(path: str | os.PathLike, field: str, *, file: bool = False) -> None:
+    """ConfigError naming `field` and the path when a command could not write the folder
+    `path` (or with file, the file `path`): a file where a folder is needed or the reverse, a
+    symbolic link loop, a read-only or foreign folder. Nothing is written; absent folders are
+    fine where their nearest existing parent can be written."""
+    target = Path(path).absolute()
+    folder = target.parent if file else target
+    existing = Path(folder.anchor)
+    for p in list(reversed(folder.parents)) + [folder]:
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            break
+        except OSError as exc:  # ELOOP (a symbolic link loop), EACCES
+            raise ConfigError(f"{field}: cannot use {p} as a folder: {exc.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{field}: {p} is a file, not a folder")
+        existing = p
+    if file:
+        try:
+            st = os.stat(target)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise ConfigError(f"{field}: cannot write {target}: {exc.strerror}") from None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{field}: {target} is a folder; give a file name")
+        if st is not None and not os.access(target, os.W_OK):
+            raise ConfigError(f"{field}: {target} is read-only (or not writable by this user)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field}: {existing} is read-only (or not writable by this user); give a place that can be "
+                          f"written")
+
+
+def check_local_output(out: str, run_id: str | None = None) -> None:
+    """ConfigError naming the path when the folder `out` (and its run folder `out/run_id`) is a
+    file, sits under a file, is a symbolic link loop, has a lease.json that is not a file, or
+    cannot be written. A read-only run folder that holds a plan passes: resuming a finished run
+    only reads it (the run says what is left otherwise)."""
+    folder = Path(out).absolute()
+    run = folder / run_id if run_id else folder
+    try:
+        check_writable(run, "out (--out)")
+    except ConfigError:
+        if not (run != folder and (run / "plan.json").is_file() and os.path.isdir(run)):
+            raise  # a read-only run folder with a plan: resuming it only reads (runtime/run.py)
+    writable_at = run if run.is_dir() else None
+    if run_id and writable_at is not None:
+        lease = writable_at / "lease.json"
+        if lease.is_symlink() or (lease.exists() and not lease.is_file()):
+            raise ConfigError(f"out (--out): {lease} is not a file; it is the run's lease, which robustsweep "
+                              f"writes. Remove it")
 
 
 def check_workers(workers: Any) -> None:

@@ -11,6 +11,7 @@ from pipeline.config.preflight import check_output, check_workers, checkpoint_fo
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models.checkpoint import read_config
 from pipeline.models.registry import check_config
+from pipeline.runtime.plan import run_id_for
 
 
 def preflight_job(job: Job) -> None:
@@ -31,8 +32,8 @@ def preflight_job(job: Job) -> None:
 
 def preflight_run(job: Job, out: str, *, workers: int | None = None, run_id: str | None = None) -> None:
     """preflight_job, and the run's options: output URI, worker count, run id."""
-    check_output(out)
-    check_workers(workers)
     if run_id is not None:
         safe_name(run_id, "run_id (--run-id)")
+    check_output(out, run_id if run_id is not None else run_id_for(job))
+    check_workers(workers)
     preflight_job(job)

@@ -126,8 +126,29 @@ def run_job(job: Job, options: RunOptions = RunOptions(), *, progress: bool = Tr
         # Before the lease, the checks and any model training; also when this process already
         # holds a Ray connection, so that a wrong address is never silently replaced by it.
         check_reachable(options.address)
+    if _read_only(store, run_id):
+        return _finished(job, store, units, run_id, start)
     with RunLease(store, run_id, wait=lease_wait) as lease:
         return _run_leased(job, options, store, units, run_id, start, lease, progress=progress, wait_s=wait_s)
+
+
+def _read_only(store: Store, run_id: str) -> bool:
+    """Whether the run folder exists on local storage this process cannot write (a read-only
+    mount, an immutable folder); the preflight let it through because it holds a plan."""
+    folder = store._path(run_id)
+    return store._local and os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK)
+
+
+def _finished(job: Job, store: Store, units: list[Unit], run_id: str, start: float) -> RunResult:
+    """The result of a run in a folder that cannot be written: resuming a finished run only
+    reads (no lease, no plan); ConfigError naming the folder when units are left to run."""
+    check_binding(store, run_id, job.hash, job.spec.model_dump(mode="json"))
+    found = check_units(store, run_id, units)
+    left = [u for u, reason in found.items() if reason is not None]
+    if left:
+        raise ConfigError(f"out (--out): {store.join(run_id)} is read-only and {len(left)} of {len(units)} units are "
+                          f"not committed there; make it writable, or give another --out")
+    return RunResult(run_id, store.join(run_id), len(units), len(units), 0, seconds=time.perf_counter() - start)
 
 
 def _run_leased(job: Job, options: RunOptions, store: Store, units: list[Unit], run_id: str, start: float,
