@@ -22,6 +22,7 @@ import types
 import warnings
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -340,3 +341,63 @@ def test_report_outputs_that_cannot_be_written_are_refused_before_reading(run, t
     for extra, field, words in cases:
         clean_exit_2(invoke("report", run, "--section", "summary", *extra), field, words)
     assert os.listdir(tmp_path / "ro") == []
+
+
+@pytest.mark.slow
+def test_a_finished_run_on_read_only_storage_resumes_by_reading(ray_cluster, cnn, tmp_path, read_only):
+    from pipeline.config.job import load_job
+    from pipeline.config.run import RunOptions
+    from pipeline.runtime import run_job
+
+    job = tmp_path / "job.toml"
+    job.write_text(JOB.replace('kind = "plain"', f'kind = "plain"\nmodel = "{cnn}"'))
+    out = tmp_path / "out"
+    first = run_job(load_job(job), RunOptions(out=str(out), workers=1, address=ray_cluster, run_id="r"), progress=False)
+    assert first.ok and first.rows == 8
+    before = {p: p.read_bytes() for p in (out / "r").rglob("*") if p.is_file()}
+    (out / "r" / "lease.json").unlink(missing_ok=True)  # as a copy of the run onto read-only storage would have it
+    before.pop(out / "r" / "lease.json", None)
+    read_only(out / "r")
+    result = invoke("run", job, "--out", out, "--run-id", "r", "--address", ray_cluster)
+    assert result.exit_code == 0, result.output
+    assert "0 units done, 2 already committed" in " ".join(result.output.split())
+    assert {p: p.read_bytes() for p in (out / "r").rglob("*") if p.is_file()} == before
+    # With a unit missing, the run says what is left instead of failing to write.
+    shutil.copytree(out, tmp_path / "partial")
+    records(str(tmp_path / "partial" / "r"))[0].unlink()
+    read_only(tmp_path / "partial" / "r")
+    clean_exit_2(invoke("run", job, "--out", tmp_path / "partial", "--run-id", "r", "--address", ray_cluster),
+                 "is read-only and 1 of 2 units are not committed there")
+
+
+# -- 6: names whose file names collide -------------------------------------------------------------
+
+
+def test_defense_names_that_become_one_file_name_are_refused(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text(JOB.replace('[[defenses]]\nkind = "plain"',
+                               '[[defenses]]\nkind = "plain"\nname = "x/y"\n[[defenses]]\nkind = "plain"\nname = "x_y"'))
+    for args in (["validate", job], ["run", job, "--out", tmp_path / "out", "--no-report"]):
+        clean_exit_2(invoke(*args), "defenses:", "'x/y' and 'x_y' (file name x_y)")
+    assert not (tmp_path / "out").exists()
+
+
+def rename_defense(path: Path, name: str) -> None:
+    """Rewrite a unit file with another defense name in its rows (footer kept, seal renewed)."""
+    table = pq.read_table(path)
+    meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()
+            if k.split(b".", 1)[-1] in (b"unit_id", b"run_id", b"job_hash")}
+    table = table.set_column(table.schema.get_field_index("defense"), "defense", pa.array([name] * table.num_rows))
+    Store(str(path.parent)).write_table(path.name, table.replace_schema_metadata(None), meta)
+
+
+def test_a_report_over_defenses_whose_file_names_collide_writes_no_export(run, tmp_path):
+    for path in records(run):
+        if "defense=plain-erm" in str(path):
+            rename_defense(path, "x/y")
+        elif "defense=mi-pl" in str(path):
+            rename_defense(path, "x_y")
+    assert total_rows(run) == 100  # the report itself still reads every row
+    for option in ("--robustbench", "--plot"):
+        clean_exit_2(invoke("report", run, option, tmp_path / "exports"), "'x/y' and 'x_y' (file name x_y)")
+    assert not (tmp_path / "exports").exists()

@@ -12,6 +12,8 @@ from pipeline.analytics.plots import all_plots, write_plots
 from pipeline.analytics.report import SECTIONS, build_report
 from pipeline.analytics.source import connect, open_runs
 from pipeline.config.preflight import check_writable
+from pipeline.errors import InputError
+from pipeline.names import clashes, describe_clashes
 
 
 def analyze(uris: Sequence[str], *, endpoint_url: str | None = None, sections: Sequence[str] = SECTIONS,
@@ -41,6 +43,11 @@ def analyze(uris: Sequence[str], *, endpoint_url: str | None = None, sections: S
         wanted = SECTIONS if html_path is not None else sections
         report = build_report(con, wanted)
         out["report"] = {k: v for k, v in report.items() if k in sections}
+        if plot_dir is not None or robustbench_dir is not None:
+            defenses = [row[0] for row in con.execute("SELECT DISTINCT defense FROM results").fetchall()]
+            if groups := clashes(defenses):
+                raise InputError(f"defenses whose names become one file name would overwrite each other's figures and "
+                                 f"exports: {describe_clashes(groups)}. Report these runs apart, or rename a defense")
         runs = open_runs(uris, endpoint_url) if (plot_dir or html_path or robustbench_dir) else []
         plans = [plan for _, plan in runs if plan is not None]
         plots: list = []

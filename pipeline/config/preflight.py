@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline.config.job import Job
 from pipeline.errors import ConfigError
+from pipeline.names import clashes, describe_clashes
 
 INT64_MAX = 2**63 - 1
 NAME_MAX = 200  # bytes of a name in a path segment ("defense=NAME"); file systems allow 255
@@ -48,6 +49,10 @@ def preflight(job: Job) -> None:
         _finite(raw, where)
     for i, raw in enumerate(job.spec.attacks):
         _finite(raw, f"attacks[{i}]")
+    if groups := clashes(d.name for d in job.defenses):
+        raise ConfigError(f"defenses: names that differ only in characters a file name cannot hold become one file "
+                          f"name, so their exports and figures would overwrite each other: {describe_clashes(groups)}. "
+                          f"Rename one (`name = ...`)")
     for d in job.defenses:
         where = f"defense {d.name!r}"
         _long_name(d.name, where)
