@@ -401,3 +401,52 @@ def test_a_report_over_defenses_whose_file_names_collide_writes_no_export(run, t
     for option in ("--robustbench", "--plot"):
         clean_exit_2(invoke("report", run, option, tmp_path / "exports"), "'x/y' and 'x_y' (file name x_y)")
     assert not (tmp_path / "exports").exists()
+
+
+# -- 11: deep or oddly typed input ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [40, 500, 5000])
+def test_a_job_nested_deep_is_refused_by_name(tmp_path, depth):
+    job = tmp_path / "deep.toml"
+    job.write_text(JOB.replace('kind = "plain"', 'kind = "plain"\nx = ' + "[" * depth + "]" * depth))
+    assert job.stat().st_size < 11_000
+    words = "defenses[0].x[0][0]" if depth < 100 else "nests its arrays or tables too deeply"  # past Python's stack
+    for args in (["validate", job], ["run", job, "--out", tmp_path / "out", "--no-report"],
+                 ["submit", job, "--address", "http://127.0.0.1:9"]):
+        clean_exit_2(invoke(*args), "deep.toml", words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_config_nested_deep_is_refused_by_name(tmp_path, cnn):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(cnn, folder)
+    job = tmp_path / "job.toml"
+    job.write_text(JOB.replace('kind = "plain"', f'kind = "plain"\nmodel = "{folder}"'))
+    doc = json.loads((folder / "config.json").read_text())
+    for depth, words in ((40, "config.x[0][0]"), (100_000, "nests its values too deeply")):
+        doc["config"]["x"] = "DEEP"
+        (folder / "config.json").write_text(json.dumps(doc).replace('"DEEP"', "[" * depth + "]" * depth))
+        clean_exit_2(invoke("validate", job), "config.json", words)
+
+
+def test_import_model_refuses_odd_config_and_out(tmp_path):
+    src = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(1)}, src)
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "a-file").write_text("x")
+    base = ["import-model", src, "--format", "edm-pt", "--arch", "edm-cifar10-cond-vp"]
+    clean_exit_2(invoke(*base, "--out", tmp_path / "out", "--config", tmp_path / "list.json"),
+                 "--config", "list.json: expected a JSON object", "got a list")
+    clean_exit_2(invoke(*base, "--out", tmp_path / "out", "--config", tmp_path / "deep.json"),
+                 "deep.json: nested too deeply")
+    clean_exit_2(invoke(*base, "--out", tmp_path / "a-file" / "ckpt"), "--out", "a-file is a file, not a folder")
+    assert (tmp_path / "a-file").read_text() == "x" and not (tmp_path / "out").exists()
+
+
+def test_sql_explain_with_options_is_judged_like_its_statement(run):
+    result = invoke("sql", run, "EXPLAIN (FORMAT JSON) SELECT count(*) FROM results", "--format", "json")
+    assert result.exit_code == 0, result.output
+    clean_exit_2(invoke("sql", run, "EXPLAIN (FORMAT JSON) COPY results TO 'x.csv'"), "read-only")
+    clean_exit_2(invoke("sql", run, "EXPLAIN (FORMAT JSON SELECT 1"), "bad SQL")

@@ -44,7 +44,8 @@ def query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
 
 
 READ_ONLY = (duckdb.StatementType.SELECT,)
-_EXPLAIN = re.compile(r"^\s*explain\s+(analyze\s+)?", re.IGNORECASE)
+# EXPLAIN, EXPLAIN ANALYZE, and either with options: EXPLAIN (FORMAT JSON) SELECT ...
+_EXPLAIN = re.compile(r"^\s*explain\s*(analyze\s*)?(\([^)]*\)\s*)?", re.IGNORECASE)
 
 
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
@@ -59,7 +60,10 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
         kind = st.type
         if kind == duckdb.StatementType.EXPLAIN:  # EXPLAIN ANALYZE runs its statement: judge that one
             inner = _EXPLAIN.sub("", st.query, count=1)
-            kinds = [s.type for s in con.extract_statements(inner)] if inner != st.query else [kind]
+            try:
+                kinds = [s.type for s in con.extract_statements(inner)] if inner != st.query else [kind]
+            except duckdb.Error as exc:  # an EXPLAIN whose statement cannot be told apart is not run
+                raise InputError(f"bad SQL: cannot tell what {st.query.strip()[:80]!r} explains: {exc}") from None
             kind = next((k for k in kinds if k not in READ_ONLY), duckdb.StatementType.SELECT)
         if kind not in READ_ONLY:
             raise InputError(f"sql is read-only: {kind.name} statements are refused (only SELECT, DESCRIBE, SHOW, "
