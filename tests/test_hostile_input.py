@@ -220,6 +220,10 @@ def test_a_plan_of_the_wrong_shape_is_named(run, plan, words):
     plan_file.write_text(json.dumps(plan))
     for args in (["status", run], ["report", run], ["sql", run, "SELECT 1"]):
         clean_exit_2(invoke(*args), plan_file, words)
+    # --skip-bad reads the records by their seals alone, and says so.
+    result = invoke("report", run, "--skip-bad", "--section", "summary", "--format", "json")
+    assert result.exit_code == 0 and sum(r["n"] for r in json.loads(result.stdout)["summary"]) == 100
+    assert f"skipped {plan_file}: {words}" in " ".join(result.output.split())
     with pytest.raises(BadFileError, match=re.escape(words)):  # what `run` checks first, under its lease
         check_binding(Store(str(Path(run).parent)), Path(run).name, "j", {})
 

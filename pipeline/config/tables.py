@@ -34,7 +34,7 @@ def too_deep(value, limit: int = MAX_DEPTH) -> str | None:
         item, where, depth = stack.pop()
         if isinstance(item, (dict, list, tuple)):
             if depth >= limit:
-                return where or "(top level)"
+                return (where if len(where) <= 60 else where[:60] + "...") or "(top level)"
             children = item.items() if isinstance(item, dict) else enumerate(item)
             for key, child in children:
                 stack.append((child, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else str(key),

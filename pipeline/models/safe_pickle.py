@@ -418,7 +418,7 @@ def _materialize(ref: TensorRef, where: str) -> torch.Tensor:
         numel *= n
     if numel > flat.numel():
         raise CheckpointError(f"{where}: tensor of size {ref.size} has {numel} elements, more than its storage "
-                              f"{ref.storage.key} holds ({flat.numel()}); refusing to expand it")
+                              f"holds ({flat.numel()}); refusing to expand it")
     if any(s == 0 and n > 1 for n, s in zip(ref.size, ref.stride)):
         raise CheckpointError(f"{where}: tensor of size {ref.size} has stride {ref.stride}: a zero stride repeats "
                               f"one element, which a saved weight never does")

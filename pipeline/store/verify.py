@@ -11,7 +11,7 @@ A run folder with a plan.json also vouches for whose rows it holds: each file's 
 name the plan's run id and job hash and one of its units, with that unit's number of rows. A
 file copied from another run or job, or a records/ that links to another run's, is refused by
 name like any other bad file. (A folder of records without a plan, written by hand, is only
-checked against its seals.)
+checked against its seals, and so is a folder whose plan.json is damaged, with --skip-bad.)
 """
 
 from __future__ import annotations
@@ -82,7 +82,14 @@ def verify_runs(stores: Sequence[Store], *, skip_bad: bool = False) -> Verified:
     out = Verified()
     kept: dict[str, str] = {}  # unit id -> URI of the file read for it
     for store in stores:
-        plan = read_plan(store)
+        try:
+            plan = read_plan(store)
+        except BadFileError as exc:
+            if not skip_bad:
+                raise BadFileError(f"{exc} (or pass --skip-bad to read its records by their seals alone)",
+                                   exc.files) from None
+            out.bad.update(exc.files)
+            plan = None
         units = {u["unit_id"]: u for u in plan["units"]} if plan is not None else {}
         rels = store.list(RECORDS, ".parquet")
         good = []
