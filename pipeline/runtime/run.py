@@ -32,6 +32,7 @@ from pipeline.runtime.preflight import preflight_run
 from pipeline.runtime.reach import check_reachable
 from pipeline.runtime.scheduler import Failed, Outcome, Scheduler, gang_size
 from pipeline.config.job import Job
+from pipeline.config.preflight import check_output
 from pipeline.config.run import RunOptions
 from pipeline.runtime.worker import Worker
 
@@ -116,6 +117,8 @@ def run_job(job: Job, options: RunOptions = RunOptions(), *, progress: bool = Tr
     preflight_run(job, options.out, workers=options.workers, run_id=options.run_id)
     start = time.perf_counter()
     run_id = run_id_for(job, options.fresh, options.run_id)
+    if options.fresh:  # the preflight checked the run folder a resume would use; this one is new
+        check_output(options.out, run_id)
     store = Store(options.out, endpoint_url=options.endpoint_url)
     data = job.spec.data
     x, _ = load_split(data.dataset, data.split, root=data.root)
