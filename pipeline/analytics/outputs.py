@@ -11,7 +11,7 @@ from pipeline.analytics.html import page
 from pipeline.analytics.plots import all_plots, write_plots
 from pipeline.analytics.report import SECTIONS, build_report
 from pipeline.analytics.source import connect, open_runs
-from pipeline.config.preflight import check_writable
+from pipeline.atomic import check_writable
 from pipeline.errors import InputError
 from pipeline.names import clashes, describe_clashes
 

@@ -24,7 +24,7 @@ def import_model_cmd(
     """Convert a published checkpoint into a checkpoint folder with its provenance (sha256, format)."""
     from pipeline.models.importer import import_to_folder
 
-    from pipeline.config.preflight import check_writable
+    from pipeline.atomic import check_writable
     from pipeline.config.tables import MAX_DEPTH, too_deep
 
     check_writable(out, "--out")

@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 import os
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import check_writable
 from pipeline.config.job import Job
 from pipeline.errors import ConfigError
 from pipeline.names import clashes, describe_clashes
@@ -74,40 +74,6 @@ def check_output(out: str, run_id: str | None = None) -> None:
                           f"and their results would be lost. Give a folder or s3://bucket/prefix")
     if protocol == "file":
         check_local_output(str(out).removeprefix("file://"), run_id)
-
-
-def check_writable(path: str | os.PathLike, field: str, *, file: bool = False) -> None:
-    """ConfigError naming `field` and the path when a command could not write the folder
-    `path` (or with file, the file `path`): a file where a folder is needed or the reverse, a
-    symbolic link loop, a read-only or foreign folder. Nothing is written; absent folders are
-    fine where their nearest existing parent can be written."""
-    target = Path(path).absolute()
-    folder = target.parent if file else target
-    existing = Path(folder.anchor)
-    for p in list(reversed(folder.parents)) + [folder]:
-        try:
-            st = os.stat(p)
-        except FileNotFoundError:
-            break
-        except OSError as exc:  # ELOOP (a symbolic link loop), EACCES
-            raise ConfigError(f"{field}: cannot use {p} as a folder: {exc.strerror}") from None
-        if not stat.S_ISDIR(st.st_mode):
-            raise ConfigError(f"{field}: {p} is a file, not a folder")
-        existing = p
-    if file:
-        try:
-            st = os.stat(target)
-        except FileNotFoundError:
-            st = None
-        except OSError as exc:
-            raise ConfigError(f"{field}: cannot write {target}: {exc.strerror}") from None
-        if st is not None and stat.S_ISDIR(st.st_mode):
-            raise ConfigError(f"{field}: {target} is a folder; give a file name")
-        if st is not None and not os.access(target, os.W_OK):
-            raise ConfigError(f"{field}: {target} is read-only (or not writable by this user)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{field}: {existing} is read-only (or not writable by this user); give a place that can be "
-                          f"written")
 
 
 def check_local_output(out: str, run_id: str | None = None) -> None:
