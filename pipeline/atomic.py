@@ -60,9 +60,6 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-__all__ = ["atomic_write", "check_writable", "fsync_dir"]
-
-
 def check_writable(path: str | os.PathLike, field: str, *, file: bool = False) -> None:
     """ConfigError naming `field` and the path when a command could not write the folder
     `path` (or with file, the file `path`): a file where a folder is needed or the reverse, a
@@ -95,3 +92,6 @@ def check_writable(path: str | os.PathLike, field: str, *, file: bool = False) -
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{field}: {existing} is read-only (or not writable by this user); give a place that can be "
                           f"written")
+
+
+__all__ = ["atomic_write", "check_writable", "fsync_dir"]

@@ -22,10 +22,9 @@ def import_model_cmd(
     num_classes: Optional[int] = typer.Option(None, help="classes of the model (default: the preset's)"),
 ):
     """Convert a published checkpoint into a checkpoint folder with its provenance (sha256, format)."""
-    from pipeline.models.importer import import_to_folder
-
     from pipeline.atomic import check_writable
     from pipeline.config.tables import MAX_DEPTH, too_deep
+    from pipeline.models.importer import import_to_folder
 
     check_writable(out, "--out")
     table = None

@@ -146,7 +146,7 @@ def _finished(job: Job, store: Store, units: list[Unit], run_id: str, start: flo
     """The result of a run in a folder that cannot be written: resuming a finished run only
     reads (no lease, no plan); ConfigError naming the folder when units are left to run."""
     check_binding(store, run_id, job.hash, job.spec.model_dump(mode="json"))
-    found = check_units(store, run_id, units)
+    found = check_units(store, run_id, units, job.hash)
     left = [u for u, reason in found.items() if reason is not None]
     if left:
         raise ConfigError(f"out (--out): {store.join(run_id)} is read-only and {len(left)} of {len(units)} units are "
@@ -159,7 +159,7 @@ def _run_leased(job: Job, options: RunOptions, store: Store, units: list[Unit], 
     """run_job once this driver holds the run folder's lease: bind, check, dispatch."""
     data = job.spec.data
     stored = check_binding(store, run_id, job.hash, job.spec.model_dump(mode="json"))
-    found = check_units(store, run_id, units)
+    found = check_units(store, run_id, units, job.hash)
     todo = [u for u in units if found[u.unit_id] is not None]
     result = RunResult(run_id, store.join(run_id), len(units), len(units) - len(todo), 0)
     result.redone = {u: r for u, r in found.items() if r not in (None, "missing")}
