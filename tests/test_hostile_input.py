@@ -454,3 +454,19 @@ def test_sql_explain_with_options_is_judged_like_its_statement(run):
     assert result.exit_code == 0, result.output
     clean_exit_2(invoke("sql", run, "EXPLAIN (FORMAT JSON) COPY results TO 'x.csv'"), "read-only")
     clean_exit_2(invoke("sql", run, "EXPLAIN (FORMAT JSON SELECT 1"), "bad SQL")
+
+
+def test_run_redoes_a_unit_file_of_another_run_or_job_at_its_path(run):
+    from pipeline.store.unit import check_units
+
+    store, rid = Store(str(Path(run).parent)), Path(run).name
+    plan = json.loads(Path(run, "plan.json").read_text())
+    units = [types.SimpleNamespace(unit_id=u["unit_id"], path=u["path"], example_ids=u["example_ids"]) for u in plan["units"]]
+    assert set(check_units(store, rid, units, "j").values()) == {None}
+    first, second = (Path(run, u.path) for u in units[:2])
+    reseal(first, run_id="other-run")
+    reseal(second, job_hash="k")
+    found = check_units(store, rid, units, "j")
+    assert found[units[0].unit_id] == "footer run_id is 'other-run', expected 'sweep-0001'"
+    assert found[units[1].unit_id] == "footer job_hash is 'k', expected 'j'"
+    assert [found[u.unit_id] for u in units[2:]] == [None] * 3
