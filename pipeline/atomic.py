@@ -3,15 +3,20 @@
 The one writer for every local file the package commits (checkpoints, the store's Parquet and
 JSON files): write a temp file in the target's folder, fsync it, `os.replace` it over the
 target (atomic within one filesystem, which the shared folder guarantees), then fsync the
-folder so that the rename itself survives a crash.
+folder so that the rename itself survives a crash. `check_writable` tells, before any work and
+writing nothing, whether a command could write a folder or file there.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, BinaryIO
+
+from pipeline.errors import ConfigError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
@@ -55,4 +60,38 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-__all__ = ["atomic_write", "fsync_dir"]
+def check_writable(path: str | os.PathLike, field: str, *, file: bool = False) -> None:
+    """ConfigError naming `field` and the path when a command could not write the folder
+    `path` (or with file, the file `path`): a file where a folder is needed or the reverse, a
+    symbolic link loop, a read-only or foreign folder. Nothing is written; absent folders are
+    fine where their nearest existing parent can be written."""
+    target = Path(path).absolute()
+    folder = target.parent if file else target
+    existing = Path(folder.anchor)
+    for p in list(reversed(folder.parents)) + [folder]:
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            break
+        except OSError as exc:  # ELOOP (a symbolic link loop), EACCES
+            raise ConfigError(f"{field}: cannot use {p} as a folder: {exc.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{field}: {p} is a file, not a folder")
+        existing = p
+    if file:
+        try:
+            st = os.stat(target)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise ConfigError(f"{field}: cannot write {target}: {exc.strerror}") from None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{field}: {target} is a folder; give a file name")
+        if st is not None and not os.access(target, os.W_OK):
+            raise ConfigError(f"{field}: {target} is read-only (or not writable by this user)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field}: {existing} is read-only (or not writable by this user); give a place that can be "
+                          f"written")
+
+
+__all__ = ["atomic_write", "check_writable", "fsync_dir"]

@@ -7,6 +7,7 @@ defense, an attack, a norm) onto it. Both use the same character class, `NAME_CH
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from pipeline.errors import ConfigError
 
@@ -35,4 +36,20 @@ def check_name(value: object, field: str) -> str:
     return value
 
 
-__all__ = ["NAME_CHARS", "NAME_MAX", "NAME_PATTERN", "check_name", "safe_name"]
+def clashes(names: Iterable[object]) -> list[tuple[str, ...]]:
+    """Groups of distinct names that `safe_name` turns into one file name (e.g. "x/y" and
+    "x_y"), each sorted; the groups in order of their file name. Two such defenses would write
+    each other's exports and figures, so the job is refused (config/preflight.py) and a report
+    over runs that hold both writes none of them (analytics/outputs.py)."""
+    by_file: dict[str, set[str]] = {}
+    for name in names:
+        by_file.setdefault(safe_name(name), set()).add(str(name))
+    return [tuple(sorted(group)) for _, group in sorted(by_file.items()) if len(group) > 1]
+
+
+def describe_clashes(groups: list[tuple[str, ...]]) -> str:
+    """The clashes as a clause: "'x/y' and 'x_y' (file name x_y); ..."."""
+    return "; ".join(" and ".join(repr(n) for n in group) + f" (file name {safe_name(group[0])})" for group in groups)
+
+
+__all__ = ["NAME_CHARS", "NAME_MAX", "NAME_PATTERN", "check_name", "clashes", "describe_clashes", "safe_name"]

@@ -90,7 +90,7 @@ def write_sweep(uri: str, storage_options: dict | None = None, images: bool = Tr
         rel = f"records/defense={safe}/attack={attack}/unit-{uid}.parquet"
         recs = [record(i, defense, attack, path, norm, eps, passes, wrong, broken) for i in range(N)]
         table = records_to_table(recs, run_id=RUN_ID, job_hash="j", unit_id=uid, worker="w0", config_hash="h")
-        store.write_table(rel, table, {"unit_id": uid, "run_id": RUN_ID})
+        store.write_table(rel, table, {"unit_id": uid, "run_id": RUN_ID, "job_hash": "j"})
         units.append({"unit_id": uid, "defense": defense, "attack": attack, "eps": eps,
                       "defense_table": {**dtable, "dataset": "digits", "seed": 0},
                       "attack_table": {"kind": kind, "norm": norm, "eps": eps}, "example_ids": list(range(N)),
@@ -104,7 +104,7 @@ def write_sweep(uri: str, storage_options: dict | None = None, images: bool = Tr
             adv = np.clip(x + eps * signs, 0.0, 1.0).astype(np.float32)
             write_adversarial(store, adversarial_path(rel), range(N), adv, IMAGES[(defense, eps)])
     if plan:
-        store.write_json("plan.json", {"run_id": RUN_ID, "job_hash": "0", "source": "hand-built",
+        store.write_json("plan.json", {"run_id": RUN_ID, "job_hash": "j", "source": "hand-built",
                                        "job": {"name": "sweep", "seed": 0, "data": DATA}, "format": 1,
                                        "units": units})
     return store.uri

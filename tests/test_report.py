@@ -253,7 +253,7 @@ def test_combining_runs_and_missing_folders(sweep, tmp_path):
         connect([str(tmp_path / "nothing-here")])
     empty = tmp_path / "empty-run"
     empty.mkdir()
-    (empty / "plan.json").write_text("{}")
+    (empty / "plan.json").write_text('{"run_id": "empty-run", "job_hash": "j", "units": []}')
     con = connect([str(empty)])  # a run with a plan but no records yet: an empty report
     assert build_report(con)["summary"] == []
     con.close()

@@ -154,7 +154,17 @@ def test_report_refuses_to_pool_two_jobs_under_one_label(run, tmp_path):
     table = pq.read_table(path)
     table = table.set_column(table.schema.get_field_index("job_hash"), "job_hash", pa.array(["k"] * table.num_rows))
     table = table.set_column(table.schema.get_field_index("unit_id"), "unit_id", pa.array(["x"] * table.num_rows))
-    Store(str(other)).write_table(str(path.relative_to(other)), table.replace_schema_metadata(None), {"unit_id": "x"})
+    Store(str(other)).write_table(str(path.relative_to(other)), table.replace_schema_metadata(None),
+                                  {"unit_id": "x", "run_id": "sweep-0001", "job_hash": "k"})
+    # Within a run bound to job j, that file is another job's: refused by name.
+    with pytest.raises(BadFileError, match=r"rows of job 'k', not of this run's job 'j'"):
+        connect([str(other)])
+    # As a run of its own (job k, one unit), it reads; beside the run of job j, one label would pool two jobs.
+    for f in unit_files(str(other)):
+        if f != path:
+            f.unlink()
+    plan = json.loads((other / "plan.json").read_text())
+    (other / "plan.json").write_text(json.dumps({**plan, "job_hash": "k", "units": [{**plan["units"][0], "unit_id": "x"}]}))
     with pytest.raises(InputError, match=r"rows of different jobs share a label.*jobs j, k"):
         connect([run, str(other)])
     result = invoke("report", run, other)
@@ -168,8 +178,9 @@ def test_check_binding_names_the_fields_that_differ(tmp_path):
     store = Store(str(tmp_path))
     job = {"data": {"limit": 8}, "attacks": [{"steps": 2, "eps": 0.03}]}
     assert check_binding(store, "r", "a", job) is None  # a new run
-    store.write_json("r/plan.json", {"job_hash": "a", "job": job})
-    assert check_binding(store, "r", "a", job) == {"job_hash": "a", "job": job}  # same job: resume
+    plan = {"run_id": "r", "job_hash": "a", "job": job, "units": []}
+    store.write_json("r/plan.json", plan)
+    assert check_binding(store, "r", "a", job) == plan  # same job: resume
     edited = {"data": {"limit": 6}, "attacks": [{"steps": 5, "eps": 0.03}]}
     with pytest.raises(RunMismatchError) as err:
         check_binding(store, "r", "b", edited)

@@ -11,6 +11,9 @@ from pipeline.analytics.html import page
 from pipeline.analytics.plots import all_plots, write_plots
 from pipeline.analytics.report import SECTIONS, build_report
 from pipeline.analytics.source import connect, open_runs
+from pipeline.atomic import check_writable
+from pipeline.errors import InputError
+from pipeline.names import clashes, describe_clashes
 
 
 def analyze(uris: Sequence[str], *, endpoint_url: str | None = None, sections: Sequence[str] = SECTIONS,
@@ -25,6 +28,14 @@ def analyze(uris: Sequence[str], *, endpoint_url: str | None = None, sections: S
     the URIs). "notes": record files left out (bad ones with skip_bad, a unit's second copy;
     see source.connect) and what the figures had to leave out (e.g. runs without stored images).
     """
+    # Where the outputs go is checked before anything is read: a run over 10,000 files should not
+    # end in a traceback because --html names a folder.
+    if plot_dir is not None:
+        check_writable(plot_dir, "--plot")
+    if html_path is not None:
+        check_writable(html_path, "--html", file=True)
+    if robustbench_dir is not None and "://" not in str(robustbench_dir):
+        check_writable(robustbench_dir, "--robustbench")
     read_notes: list[str] = []
     con = connect(uris, endpoint_url=endpoint_url, require=require, skip_bad=skip_bad, notes=read_notes)
     out: dict = {"plots": [], "notes": [], "robustbench": [], "html": None}
@@ -32,6 +43,11 @@ def analyze(uris: Sequence[str], *, endpoint_url: str | None = None, sections: S
         wanted = SECTIONS if html_path is not None else sections
         report = build_report(con, wanted)
         out["report"] = {k: v for k, v in report.items() if k in sections}
+        if plot_dir is not None or robustbench_dir is not None:
+            defenses = [row[0] for row in con.execute("SELECT DISTINCT defense FROM results").fetchall()]
+            if groups := clashes(defenses):
+                raise InputError(f"defenses whose names become one file name would overwrite each other's figures and "
+                                 f"exports: {describe_clashes(groups)}. Report these runs apart, or rename a defense")
         runs = open_runs(uris, endpoint_url) if (plot_dir or html_path or robustbench_dir) else []
         plans = [plan for _, plan in runs if plan is not None]
         plots: list = []

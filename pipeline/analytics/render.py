@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.analytics.report import SECTIONS, stage_order
 
@@ -26,6 +27,9 @@ TITLES = {
     "compare": "Paired comparison (same attack, eps and examples)",
 }
 """Heading of each report section."""
+
+NAME_COLUMNS = ("defense", "attack", "A", "B")
+NAME_WIDTH = 48
 
 Column = tuple[str, Callable[[dict], str], bool]  # (header, cell of a row, numeric: right-aligned)
 
@@ -168,11 +172,16 @@ def cells(section: str, rows: Sequence[dict]) -> tuple[list[str], list[bool], li
 def render_section(section: str, rows: Sequence[dict], title: str | None = None) -> Table:
     """A rich table of one report section."""
     headers, numeric, body = cells(section, rows)
-    table = Table(title=title)
-    for h, num in zip(headers, numeric):
-        table.add_column(h, justify="right" if num else "left", no_wrap=num)
+    # Cells are Text, never console markup: names carry [sweep=suffixes], and a name such as
+    # "[/x]" would otherwise raise or vanish.
+    table = Table(title=Text(title) if title is not None else None)
+    for i, (h, num) in enumerate(zip(headers, numeric)):
+        # Text folds rather than ending in "...": two sweep variants cut to one prefix would read
+        # as the same row. Names keep their full width (up to NAME_WIDTH) before anything folds.
+        width = min(max((len(line[i]) for line in body), default=0), NAME_WIDTH) if h in NAME_COLUMNS else None
+        table.add_column(Text(h), justify="right" if num else "left", no_wrap=num, overflow="fold", min_width=width)
     for line in body:
-        table.add_row(*line)
+        table.add_row(*(Text(c) for c in line))
     return table
 
 

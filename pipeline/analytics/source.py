@@ -11,6 +11,7 @@ record columns of the same names.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ import pyarrow as pa
 
 from pipeline.errors import InputError, StoreError
 from pipeline.store import RECORD_SCHEMA, Store
+from pipeline.store.binding import read_plan
 from pipeline.store.verify import verify_runs
 
 VIEW = "results"
@@ -111,7 +113,7 @@ def connect(uris: Sequence[str], *, endpoint_url: str | None = None,
                 registered[protocol] = store.fs
             files.append(f"{protocol}://{path}")
         if files:
-            listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+            listed = ", ".join("'" + literal(f).replace("'", "''") + "'" for f in files)
             # The record columns by name: a file with extra columns (a newer writer) still reads, in
             # any order, without union_by_name, which reads every footer before the first row and
             # makes a report over 10,000 unit files about twice as slow.
@@ -135,10 +137,18 @@ def connect(uris: Sequence[str], *, endpoint_url: str | None = None,
     return con
 
 
+def literal(path: str) -> str:
+    """`path` as a DuckDB file pattern that matches only itself: DuckDB globs every path it is
+    given, so a run folder named runs[1] would read runs1's files, and runs* every sibling's."""
+    return re.sub(r"([\[*?])", r"[\1]", path)
+
+
 def lock_down(con: duckdb.DuckDBPyConnection, files: Sequence[str]) -> None:
     """No file access but reading `files` (the view's), and no way to change that back:
     DuckDB's enable_external_access off, allowed_paths the files, configuration locked."""
-    listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+    # The view names each file as a literal glob pattern, which DuckDB checks too.
+    allowed = list(files) + [literal(f) for f in files if literal(f) != f]
+    listed = ", ".join("'" + f.replace("'", "''") + "'" for f in allowed)
     con.execute(f"SET allowed_paths = [{listed}]")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
@@ -182,5 +192,4 @@ def open_runs(uris: Sequence[str], endpoint_url: str | None = None,
               storage_options: Mapping[str, Any] | None = None) -> list[tuple[Store, dict | None]]:
     """(store, plan) per distinct run folder; plan is its plan.json, or None where there is
     none (a folder of records written by hand)."""
-    return [(store, store.read_json("plan.json") if store.exists("plan.json") else None)
-            for store in run_stores(uris, endpoint_url, storage_options)]
+    return [(store, read_plan(store)) for store in run_stores(uris, endpoint_url, storage_options)]

@@ -20,6 +20,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.analytics.source import connect
 from pipeline.errors import InputError, StoreError
@@ -43,7 +44,8 @@ def query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
 
 
 READ_ONLY = (duckdb.StatementType.SELECT,)
-_EXPLAIN = re.compile(r"^\s*explain\s+(analyze\s+)?", re.IGNORECASE)
+# EXPLAIN, EXPLAIN ANALYZE, and either with options: EXPLAIN (FORMAT JSON) SELECT ...
+_EXPLAIN = re.compile(r"^\s*explain\s*(analyze\s*)?(\([^)]*\)\s*)?", re.IGNORECASE)
 
 
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
@@ -58,7 +60,10 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
         kind = st.type
         if kind == duckdb.StatementType.EXPLAIN:  # EXPLAIN ANALYZE runs its statement: judge that one
             inner = _EXPLAIN.sub("", st.query, count=1)
-            kinds = [s.type for s in con.extract_statements(inner)] if inner != st.query else [kind]
+            try:
+                kinds = [s.type for s in con.extract_statements(inner)] if inner != st.query else [kind]
+            except duckdb.Error as exc:  # an EXPLAIN whose statement cannot be told apart is not run
+                raise InputError(f"bad SQL: cannot tell what {st.query.strip()[:80]!r} explains: {exc}") from None
             kind = next((k for k in kinds if k not in READ_ONLY), duckdb.StatementType.SELECT)
         if kind not in READ_ONLY:
             raise InputError(f"sql is read-only: {kind.name} statements are refused (only SELECT, DESCRIBE, SHOW, "
@@ -100,10 +105,10 @@ def render_arrow(table: pa.Table, max_rows: int | None = 1000) -> Table:
                                                        if max_rows is not None and table.num_rows > max_rows else "")))
     for field in table.schema:
         numeric = pa.types.is_integer(field.type) or pa.types.is_floating(field.type)
-        out.add_column(field.name, justify="right" if numeric else "left")
+        out.add_column(Text(field.name), justify="right" if numeric else "left")
     shown = table if max_rows is None else table.slice(0, max_rows)
     for row in shown.to_pylist():
-        out.add_row(*(_cell(v) for v in row.values()))
+        out.add_row(*(Text(_cell(v)) for v in row.values()))  # query results are text, never console markup
     return out
 
 

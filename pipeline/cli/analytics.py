@@ -79,11 +79,11 @@ def report_cmd(
     emit_report(result["report"], format)
     notes(result["notes"])
     if plot is not None:
-        console.print(f"{len(result['plots'])} figures in {plot}")
+        console.print(f"{len(result['plots'])} figures in {plot}", markup=False)
     if robustbench is not None:
-        console.print(f"{len(result['robustbench'])} RobustBench entries in {robustbench}")
+        console.print(f"{len(result['robustbench'])} RobustBench entries in {robustbench}", markup=False)
     if html is not None:
-        console.print(f"HTML page: {result['html']}")
+        console.print(f"HTML page: {result['html']}", markup=False)
 
 
 @fails_cleanly

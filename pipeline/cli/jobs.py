@@ -67,11 +67,11 @@ def run_cmd(
     spec = load_job_file(job)
     result = run_job(spec, options, progress=True, lease_wait=lease_wait)
     console.print(f"run {result.run_id}: {result.done} units done, {result.skipped} already committed, "
-                  f"{len(result.failed)} failed; {result.rows} rows in {result.seconds:.1f} s -> {result.uri}")
+                  f"{len(result.failed)} failed; {result.rows} rows in {result.seconds:.1f} s -> {result.uri}", markup=False)
     if options.report:
         print_summary([result.uri], options.endpoint_url)
     if result.failed:
-        console.print(f"[bold red]{len(result.failed)} units failed[/]; see {result.uri}/failures/")
+        console.print(f"[bold red]{len(result.failed)} units failed[/]; see {escape(result.uri)}/failures/")
         raise typer.Exit(1)
 
 

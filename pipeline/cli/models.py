@@ -23,16 +23,26 @@ def import_model_cmd(
     num_classes: Optional[int] = typer.Option(None, help="classes of the model (default: the preset's)"),
 ):
     """Convert a published checkpoint into a checkpoint folder with its provenance (sha256, format)."""
+    from pipeline.atomic import check_writable
+    from pipeline.config.tables import MAX_DEPTH, too_deep
     from pipeline.models.importer import import_to_folder
 
+    check_writable(out, "--out")
     table = None
     if config is not None:
         try:
-            table = json.loads(config.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            table = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"--config {config}: not a readable JSON file ({exc})") from None
+        except RecursionError:
+            raise ConfigError(f"--config {config}: nested too deeply to be a model config") from None
+        if not isinstance(table, dict):
+            raise ConfigError(f"--config {config}: expected a JSON object of the model's settings "
+                              f"(e.g. {{\"img_resolution\": 32}}), got a {type(table).__name__}")
+        if (where := too_deep(table)) is not None:
+            raise ConfigError(f"--config {config}: {where} is nested more than {MAX_DEPTH} levels deep")
     folder, cfg, meta = import_to_folder(src, format, out, preset=arch, config=table, num_classes=num_classes)
-    console.print(f"saved {folder}: {cfg.get('arch')} from {src.name} (sha256 {meta['source']['sha256'][:16]}...)")
+    console.print(f"saved {folder}: {cfg.get('arch')} from {src.name} (sha256 {meta['source']['sha256'][:16]}...)", markup=False)
 
 
 @fails_cleanly

@@ -22,7 +22,7 @@ def train_diffusion_cmd(
     from pipeline.training.diffusion import train_default_diffusion
 
     _, meta = train_default_diffusion(dataset, out, progress=True, seed=seed)
-    console.print(f"saved {out}: {meta['steps']} steps, loss {meta['loss']:.4f}, {meta['seconds']:.0f} s")
+    console.print(f"saved {out}: {meta['steps']} steps, loss {meta['loss']:.4f}, {meta['seconds']:.0f} s", markup=False)
 
 
 @train_app.command("classifier")
@@ -37,4 +37,4 @@ def train_classifier_cmd(
     from pipeline.training.classifier import train_default_classifier
 
     _, meta = train_default_classifier(dataset, method, out, progress=True, seed=seed)
-    console.print(f"saved {out}: " + ", ".join(f"{k} {v}" for k, v in meta.items() if k in ("method", "seconds", "test_accuracy")))
+    console.print(f"saved {out}: " + ", ".join(f"{k} {v}" for k, v in meta.items() if k in ("method", "seconds", "test_accuracy")), markup=False)

@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.config.attack import AttackSpec, attack_name, parse_attack
 from pipeline.config.datasets import DatasetName
 from pipeline.config.defense import DefenseSpec, defense_name, parse_defense, surrogate_spec
+from pipeline.config.tables import MAX_DEPTH, too_deep
 from pipeline.errors import ConfigError, config_error
 from pipeline.names import NAME_MAX, NAME_PATTERN
 
@@ -224,6 +225,11 @@ def expand(spec: JobSpec, source: str = "<job>") -> Job:
 
 def parse_job(doc: dict, source: str = "<job>") -> Job:
     """A Job from a parsed TOML document; ConfigError names every bad field."""
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: a job is a table of fields, got {type(doc).__name__}")
+    if (where := too_deep(doc)) is not None:
+        raise ConfigError(f"{where}: nested more than {MAX_DEPTH} arrays or tables deep in {source}; a job needs far "
+                          f"fewer")
     try:
         spec = JobSpec.model_validate(doc)
     except ValidationError as exc:
@@ -244,4 +250,7 @@ def load_job(path: str | Path) -> Job:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"job file {path} is not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays recursively
+        raise ConfigError(f"job file {path} nests its arrays or tables too deeply (a job needs at most "
+                          f"{MAX_DEPTH} levels)") from None
     return parse_job(doc, str(path))

@@ -12,12 +12,16 @@ output URI whose file system the workers do not share, and worker counts below o
 from __future__ import annotations
 
 import math
+import os
+import re
+from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import check_writable
 from pipeline.config.job import Job
 from pipeline.config.model_ref import ModelRef
 from pipeline.errors import ConfigError
-from pipeline.names import check_name
+from pipeline.names import check_name, clashes, describe_clashes
 
 INT64_MAX = 2**63 - 1
 NAME_MAX = 200  # bytes of a name in a path segment ("defense=NAME"); file systems allow 255
@@ -34,6 +38,10 @@ def preflight(job: Job) -> None:
         _finite(raw, where)
     for i, raw in enumerate(job.spec.attacks):
         _finite(raw, f"attacks[{i}]")
+    if groups := clashes(d.name for d in job.defenses):
+        raise ConfigError(f"defenses: names that differ only in characters a file name cannot hold become one file "
+                          f"name, so their exports and figures would overwrite each other: {describe_clashes(groups)}. "
+                          f"Rename one (`name = ...`)")
     for d in job.defenses:
         where = f"defense {d.name!r}"
         _long_name(d.name, where)
@@ -45,13 +53,36 @@ def preflight(job: Job) -> None:
         _budget({"eps": a.spec.eps, "norm": a.spec.norm}, size, where)  # a transfer's: its crafting attack's
 
 
-def check_output(out: str) -> None:
+def check_output(out: str, run_id: str | None = None) -> None:
     """ConfigError for an output URI that the workers cannot share (memory://: each worker
-    process would commit into its own memory and the driver would find nothing)."""
+    process would commit into its own memory and the driver would find nothing), and for a
+    local folder the run cannot use (see `check_local_output`)."""
     protocol = str(out).split("://", 1)[0].lower() if "://" in str(out) else "file"
     if protocol in NOT_SHARED:
         raise ConfigError(f"out (--out): {out!r} lives in one process's memory; the workers run in other processes "
                           f"and their results would be lost. Give a folder or s3://bucket/prefix")
+    if protocol == "file":
+        check_local_output(str(out).removeprefix("file://"), run_id)
+
+
+def check_local_output(out: str, run_id: str | None = None) -> None:
+    """ConfigError naming the path when the folder `out` (and its run folder `out/run_id`) is a
+    file, sits under a file, is a symbolic link loop, has a lease.json that is not a file, or
+    cannot be written. A read-only run folder that holds a plan passes: resuming a finished run
+    only reads it (the run says what is left otherwise)."""
+    folder = Path(out).absolute()
+    run = folder / run_id if run_id else folder
+    try:
+        check_writable(run, "out (--out)")
+    except ConfigError:
+        if not (run != folder and (run / "plan.json").is_file() and os.path.isdir(run)):
+            raise  # a read-only run folder with a plan: resuming it only reads (runtime/run.py)
+    writable_at = run if run.is_dir() else None
+    if run_id and writable_at is not None:
+        lease = writable_at / "lease.json"
+        if lease.is_symlink() or (lease.exists() and not lease.is_file()):
+            raise ConfigError(f"out (--out): {lease} is not a file; it is the run's lease, which robustsweep "
+                              f"writes. Remove it")
 
 
 def check_workers(workers: Any) -> None:

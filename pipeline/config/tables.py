@@ -6,6 +6,10 @@ from pydantic import TypeAdapter, ValidationError
 
 from pipeline.errors import ConfigError, config_error
 
+MAX_DEPTH = 32
+"""Deepest nesting of tables and arrays a job file or a model config may have (the shipped ones
+reach 5); deeper input is refused before any recursive code (pydantic, json, deepcopy) sees it."""
+
 
 def validate_table(adapter: TypeAdapter, config: dict, what: str, kinds: tuple[str, ...]):
     """Parse `config` (a dict with a `kind` among `kinds`) with a pydantic discriminated union.
@@ -20,3 +24,19 @@ def validate_table(adapter: TypeAdapter, config: dict, what: str, kinds: tuple[s
         return adapter.validate_python(config)
     except ValidationError as exc:
         raise config_error(exc, what, tags=kinds) from None
+
+
+def too_deep(value, limit: int = MAX_DEPTH) -> str | None:
+    """The path (e.g. "defenses[0].x[0][0]") of the first value nested more than `limit` tables
+    or arrays deep, None when there is none. Iterative, so any depth is measured safely."""
+    stack = [(value, "", 0)]
+    while stack:
+        item, where, depth = stack.pop()
+        if isinstance(item, (dict, list, tuple)):
+            if depth >= limit:
+                return (where if len(where) <= 60 else where[:60] + "...") or "(top level)"
+            children = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, child in children:
+                stack.append((child, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else str(key),
+                              depth + 1))
+    return None

@@ -18,6 +18,7 @@ from typing import Callable
 from torch import nn
 
 from pipeline.atomic import atomic_write
+from pipeline.config.tables import MAX_DEPTH, too_deep
 from pipeline.errors import CheckpointError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -56,6 +57,11 @@ def read_config(directory: str | os.PathLike) -> tuple[dict, dict | None]:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint config {path} is unreadable: {exc}") from exc
+    except RecursionError:
+        raise CheckpointError(f"checkpoint config {path} nests its values too deeply to be a model config") from None
+    if (where := too_deep(doc)) is not None:
+        raise CheckpointError(f"checkpoint config {path}: {where} is nested more than {MAX_DEPTH} levels deep; a model "
+                              f"config needs far fewer")
     if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
         raise CheckpointError(f"checkpoint config {path} has no 'config' table; expected {{\"config\": {{...}}, \"meta\": ...}}")
     return doc["config"], doc.get("meta")

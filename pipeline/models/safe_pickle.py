@@ -55,12 +55,21 @@ EASYDICT = ("dnnlib.util", "EasyDict")
 
 # --- inert stand-ins -------------------------------------------------------------------------
 
+def _refuse_state(self, state) -> None:
+    """A stand-in's __setstate__: a BUILD opcode aimed at it would otherwise rewrite its fields
+    (a size that is a string, a state that is a number) and fail later with a bare TypeError."""
+    raise CheckpointError(f"the pickle sets state on a {type(self).__name__} record, which a network checkpoint never does")
+
+
 class Record:
     """An object pickled by class reference (a torch container module): its class name and state."""
 
     qualname = "?"
 
     def __setstate__(self, state) -> None:
+        if not isinstance(state, dict) or hasattr(self, "state"):
+            raise CheckpointError(f"the pickle sets a {type(state).__name__} state on {self.qualname}"
+                                  f"{' twice' if hasattr(self, 'state') else ''}; a torch container's state is one dict")
         self.state = state
 
     def __repr__(self) -> str:
@@ -75,6 +84,8 @@ class PersistentObject:
     module_src: str
     state: dict
 
+    __setstate__ = _refuse_state
+
 
 class _EasyDict(dict):
     """dnnlib.util.EasyDict, a dict subclass: its items arrive through SETITEMS."""
@@ -87,6 +98,8 @@ class _EasyDict(dict):
 class _Object:
     """`builtins.object`, only as copyreg._reconstructor's base argument."""
 
+    __setstate__ = _refuse_state
+
 
 @dataclass
 class StorageRef:
@@ -96,6 +109,8 @@ class StorageRef:
     dtype: torch.dtype
     numel: int
     data: torch.Tensor | None = None
+
+    __setstate__ = _refuse_state
 
 
 @dataclass
@@ -107,12 +122,14 @@ class TensorRef:
     size: tuple
     stride: tuple
 
+    __setstate__ = _refuse_state
+
 
 def _storage_type(name: str):
     dtype = STORAGE_DTYPES[name]
 
     class StorageType:
-        pass
+        __setstate__ = _refuse_state
 
     StorageType.dtype = dtype
     StorageType.__qualname__ = StorageType.__name__ = name
@@ -147,7 +164,8 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
 
 def _reconstructor(cls, base, state):
     """copyreg._reconstructor for the record classes only."""
-    if not (isinstance(cls, type) and issubclass(cls, Record)) or base is not _Object or state is not None:
+    if (not (isinstance(cls, type) and issubclass(cls, Record)) or not (isinstance(base, type) and issubclass(base, _Object))
+            or state is not None):
         raise CheckpointError(f"unexpected copyreg reconstruction of {cls!r}")
     return cls.__new__(cls)
 
@@ -187,7 +205,21 @@ def _encode(text, encoding="latin1"):
     return text.encode("latin1")
 
 
+def _fresh(fn):
+    """A new function object calling `fn`: what one load may alter (a BUILD opcode setting
+    attributes on a global) dies with that load instead of changing every later one."""
+
+    def call(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = fn.__name__
+    return call
+
+
 def _globals() -> dict[tuple[str, str], object]:
+    """The stand-ins of one load: new classes and function objects each time (see `_fresh`)."""
+    easydict = type("_EasyDict", (_EasyDict,), {})
+    obj = type("_Object", (_Object,), {})
     table = {
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
         ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
@@ -196,22 +228,24 @@ def _globals() -> dict[tuple[str, str], object]:
         ("torch.storage", "_load_from_bytes"): _load_from_bytes,
         ("collections", "OrderedDict"): dict,
         ("copyreg", "_reconstructor"): _reconstructor,
-        ("builtins", "object"): _Object,
+        ("builtins", "object"): obj,
         ("builtins", "set"): _set,
         ("_codecs", "encode"): _encode,
         PERSISTENCE: _reconstruct_persistent_obj,
-        EASYDICT: _EasyDict,
+        EASYDICT: easydict,
     }
+    table = {key: _fresh(value) if not isinstance(value, type) else value for key, value in table.items()}
     table.update({("torch", name): _storage_type(name) for name in STORAGE_DTYPES})
     table.update({key: _record_class(*key) for key in RECORD_CLASSES})
     # Protocol 2 (torch.save's) writes Python 2 names for these.
-    table[("__builtin__", "object")] = _Object
-    table[("__builtin__", "set")] = _set
-    table[("copy_reg", "_reconstructor")] = _reconstructor
+    table[("__builtin__", "object")] = obj
+    table[("__builtin__", "set")] = table[("builtins", "set")]
+    table[("copy_reg", "_reconstructor")] = table[("copyreg", "_reconstructor")]
     return table
 
 
-GLOBALS = _globals()
+GLOBALS = frozenset(_globals())
+"""The (module, name) pairs a network pickle may refer to."""
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -225,10 +259,11 @@ class RestrictedUnpickler(pickle.Unpickler):
         super().__init__(file)
         self.where = where
         self.storages = storages
+        self.globals = _globals()
 
     def find_class(self, module: str, name: str):
         try:
-            return GLOBALS[(module, name)]
+            return self.globals[(module, name)]
         except KeyError:
             raise CheckpointError(
                 f"{self.where} refers to {module}.{name}, which a network checkpoint never needs; "
@@ -247,7 +282,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise CheckpointError(f"{self.where} has an unknown persistent id {_short(pid)}")
         storage_type, key, _location, numel = pid[1:5]
         view = pid[5] if len(pid) > 5 else None
-        if not hasattr(storage_type, "dtype") or not isinstance(numel, int) or numel < 0:
+        if not isinstance(getattr(storage_type, "dtype", None), torch.dtype) or not isinstance(numel, int) or numel < 0:
             raise CheckpointError(f"{self.where} has a malformed storage id {_short(pid)}")
         if view is not None:
             raise CheckpointError(f"{self.where}: storage views ({_short(pid)}) are not supported")
@@ -286,8 +321,10 @@ def _load(f: io.BytesIO, where: str, storages=None):
     _prescan(f, where)
     try:
         return RestrictedUnpickler(f, where, storages).load()
-    except CheckpointError:
-        raise
+    except CheckpointError as exc:
+        if where in str(exc):
+            raise
+        raise CheckpointError(f"{where}: {exc}") from None  # a stand-in's refusal does not know the file
     except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError, KeyError,
             struct.error, RecursionError, OverflowError, MemoryError) as exc:
         # MemoryError, OverflowError: a corrupt length field asks for an impossible allocation.
@@ -374,6 +411,17 @@ def _materialize(ref: TensorRef, where: str) -> torch.Tensor:
         raise CheckpointError(f"{where}: tensor record with size {ref.size}, stride {ref.stride} is malformed")
     if 0 in ref.size:
         return torch.empty(ref.size, dtype=flat.dtype)
+    # A saved weight never holds more elements than its storage, nor repeats one along a
+    # dimension: a stride-0 view of one float declared 100000 x 100000 would clone into 40 GB.
+    numel = 1
+    for n in ref.size:
+        numel *= n
+    if numel > flat.numel():
+        raise CheckpointError(f"{where}: tensor of size {ref.size} has {numel} elements, more than its storage "
+                              f"holds ({flat.numel()}); refusing to expand it")
+    if any(s == 0 and n > 1 for n, s in zip(ref.size, ref.stride)):
+        raise CheckpointError(f"{where}: tensor of size {ref.size} has stride {ref.stride}: a zero stride repeats "
+                              f"one element, which a saved weight never does")
     last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride))
     if last >= flat.numel():
         raise CheckpointError(f"{where}: tensor of size {ref.size} reaches element {last} of a storage of {flat.numel()}")

@@ -10,6 +10,7 @@ from pipeline.config.job import Job
 from pipeline.config.preflight import check_output, check_workers, model_refs, preflight
 from pipeline.models.check import check_model
 from pipeline.names import check_name
+from pipeline.runtime.plan import run_id_for
 
 
 def preflight_job(job: Job) -> None:
@@ -24,8 +25,8 @@ def preflight_job(job: Job) -> None:
 
 def preflight_run(job: Job, out: str, *, workers: int | None = None, run_id: str | None = None) -> None:
     """preflight_job, and the run's options: output URI, worker count, run id."""
-    check_output(out)
-    check_workers(workers)
     if run_id is not None:
         check_name(run_id, "run_id (--run-id)")
+    check_output(out, run_id if run_id is not None else run_id_for(job))
+    check_workers(workers)
     preflight_job(job)

@@ -32,6 +32,7 @@ from pipeline.runtime.preflight import preflight_run
 from pipeline.runtime.reach import check_reachable
 from pipeline.runtime.scheduler import Failed, Outcome, Scheduler, gang_size
 from pipeline.config.job import Job
+from pipeline.config.preflight import check_output
 from pipeline.config.run import RunOptions
 from pipeline.runtime.worker import UnitResult, Worker, WorkerContext
 
@@ -116,6 +117,8 @@ def run_job(job: Job, options: RunOptions = RunOptions(), *, progress: bool = Tr
     preflight_run(job, options.out, workers=options.workers, run_id=options.run_id)
     start = time.perf_counter()
     run_id = run_id_for(job, options.fresh, options.run_id)
+    if options.fresh:  # the preflight checked the run folder a resume would use; this one is new
+        check_output(options.out, run_id)
     store = Store(options.out, endpoint_url=options.endpoint_url)
     data = job.spec.data
     x, _ = load_split(data.dataset, data.split, root=data.root)
@@ -126,8 +129,29 @@ def run_job(job: Job, options: RunOptions = RunOptions(), *, progress: bool = Tr
         # Before the lease, the checks and any model training; also when this process already
         # holds a Ray connection, so that a wrong address is never silently replaced by it.
         check_reachable(options.address)
+    if _read_only(store, run_id):
+        return _finished(job, store, units, run_id, start)
     with RunLease(store, run_id, wait=lease_wait) as lease:
         return _run_leased(job, options, store, units, run_id, start, lease, progress=progress, wait_s=wait_s)
+
+
+def _read_only(store: Store, run_id: str) -> bool:
+    """Whether the run folder exists on local storage this process cannot write (a read-only
+    mount, an immutable folder); the preflight let it through because it holds a plan."""
+    folder = store._path(run_id)
+    return store._local and os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK)
+
+
+def _finished(job: Job, store: Store, units: list[Unit], run_id: str, start: float) -> RunResult:
+    """The result of a run in a folder that cannot be written: resuming a finished run only
+    reads (no lease, no plan); ConfigError naming the folder when units are left to run."""
+    check_binding(store, run_id, job.hash, job.spec.model_dump(mode="json"))
+    found = check_units(store, run_id, units, job.hash)
+    left = [u for u, reason in found.items() if reason is not None]
+    if left:
+        raise ConfigError(f"out (--out): {store.join(run_id)} is read-only and {len(left)} of {len(units)} units are "
+                          f"not committed there; make it writable, or give another --out")
+    return RunResult(run_id, store.join(run_id), len(units), len(units), 0, seconds=time.perf_counter() - start)
 
 
 def _run_leased(job: Job, options: RunOptions, store: Store, units: list[Unit], run_id: str, start: float,
@@ -135,7 +159,7 @@ def _run_leased(job: Job, options: RunOptions, store: Store, units: list[Unit], 
     """run_job once this driver holds the run folder's lease: bind, check, dispatch."""
     data = job.spec.data
     stored = check_binding(store, run_id, job.hash, job.spec.model_dump(mode="json"))
-    found = check_units(store, run_id, units)
+    found = check_units(store, run_id, units, job.hash)
     todo = [u for u in units if found[u.unit_id] is not None]
     result = RunResult(run_id, store.join(run_id), len(units), len(units) - len(todo), 0)
     result.redone = {u: r for u, r in found.items() if r not in (None, "missing")}

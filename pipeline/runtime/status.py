@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from pipeline.errors import InputError
 from pipeline.store import Store
+from pipeline.store.binding import read_plan
 from pipeline.store.lease import current_holder
 from pipeline.store.verify import verify_runs
 
@@ -13,12 +15,19 @@ def run_status(uri: str, endpoint_url: str | None = None, *, skip_bad: bool = Fa
     driver is running it. Every record file is checked (pipeline.store.verify): a bad one raises
     BadFileError naming it unless skip_bad, and is then listed in "skipped" and not done."""
     store = Store(uri, endpoint_url=endpoint_url)
-    doc = store.read_json("plan.json")
-    units = doc["units"]  # as plan.json keeps them: the path is all this needs
-    failed = {p.rsplit("unit-", 1)[1][:-5] for p in store.list("failures", ".json")}
+    doc = read_plan(store)
+    if doc is None:
+        raise InputError(f"{store.uri} is not a run folder: it has no plan.json (expected {{out}}/{{run_id}}, "
+                         f"e.g. results/demo-759353b7)")
+    units = doc["units"]  # as plan.json keeps them
+    planned = {u["unit_id"] for u in units}
+    # Failure notes are named unit-{id}.json; anything else in failures/ is not one of ours.
+    failed = {name[5:-5] for name in (p.rsplit("/", 1)[-1] for p in store.list("failures", ".json"))
+              if name.startswith("unit-")} & planned
     verified = verify_runs([store], skip_bad=skip_bad)
+    # A unit is done when a file that passed its checks (its footer names the unit) is read for it.
+    done_ids = set(verified.units) & planned
     good = {rel for _, rel in verified.files}
-    done_ids = {u["unit_id"] for u in units if u["path"] in good}
     table = store.read_records("records", columns=["unit_id", "seconds"], rels=sorted(good))
     rows = table.num_rows
     seconds = float(sum(v for v in table.column("seconds").to_pylist() if v is not None)) if rows else 0.0

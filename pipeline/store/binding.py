@@ -5,10 +5,52 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.errors import RunMismatchError
+from pipeline.errors import BadFileError, RunMismatchError
 from pipeline.store.io import Store
 
 PLAN = "plan.json"
+
+
+def read_plan(store: Store, rel: str = PLAN) -> dict | None:
+    """The plan.json at `rel` (None when there is none), checked for the fields every reader
+    relies on: run_id and job_hash (text), units (a list of {unit_id, path, example_ids}).
+
+    BadFileError naming the file and the first field that does not fit (a plan of another
+    shape, `[]`, a plan without units), so that no reader trips over it with a traceback.
+    """
+    if not store.exists(rel):
+        return None
+    doc = store.read_json(rel)
+    problem = _plan_problem(doc)
+    if problem:
+        raise BadFileError(f"{store.join(rel)} is not a run plan: {problem}. It is written once by `robustsweep "
+                           f"run`; restore it, or start a new run (--fresh or another --run-id)", {store.join(rel): problem})
+    return doc
+
+
+def _plan_problem(doc: Any) -> str | None:
+    if not isinstance(doc, dict):
+        return f"it holds a JSON {type(doc).__name__}, not an object"
+    for key in ("run_id", "job_hash"):
+        if not isinstance(doc.get(key), str):
+            return f"field {key!r} is {_shown(doc.get(key))}, not text"
+    units = doc.get("units")
+    if not isinstance(units, list):
+        return f"field 'units' is {_shown(units)}, not a list"
+    for i, unit in enumerate(units):
+        if not isinstance(unit, dict):
+            return f"units[{i}] is {_shown(unit)}, not an object"
+        for key, kind in (("unit_id", str), ("path", str), ("example_ids", list)):
+            if not isinstance(unit.get(key), kind):
+                return f"units[{i}].{key} is {_shown(unit.get(key))}, not {'text' if kind is str else 'a list'}"
+    return None
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "absent"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
 
 
 def check_binding(store: Store, run_id: str, job_hash: str, job: dict) -> dict | None:
@@ -20,9 +62,9 @@ def check_binding(store: Store, run_id: str, job_hash: str, job: dict) -> dict |
     plan of a new run (under the run's lease, so that nothing comes in between).
     """
     rel = f"{run_id}/{PLAN}"
-    if not store.exists(rel):
+    stored = read_plan(store, rel)
+    if stored is None:
         return None
-    stored = store.read_json(rel)
     if stored.get("job_hash") == job_hash:
         return stored
     diffs = differences(stored.get("job"), job)

@@ -198,7 +198,7 @@ class Store:
             try:
                 for p in paths:
                     self.fs.invalidate_cache(p)  # s3fs caches listings; another worker may have written
-                blobs = self._patient(lambda **t: retry.raise_transient(self.fs.cat(list(paths), on_error="return", **t)))
+                blobs = self._patient(lambda **t: retry.raise_transient(self._cat(list(paths), on_error="return", **t)))
             except Exception as exc:
                 raise self._error(exc, "check", batch[0]) from None
             for path, rel in paths.items():
@@ -241,7 +241,7 @@ class Store:
             # One call per batch: s3fs fetches a batch concurrently, and each batch has the bound.
             batch = paths[begin:begin + _CHECK_BATCH]
             try:
-                blobs.update(self._patient(lambda **t: self.fs.cat(batch, on_error="raise", **t)))
+                blobs.update(self._patient(lambda **t: self._cat(batch, on_error="raise", **t)))
             except Exception as exc:
                 raise self._error(exc, "read", rel_prefix) from None
         tables, bad = [], []
@@ -452,6 +452,15 @@ class Store:
                 self.fs.pipe_file(path, data)
         except Exception as exc:
             raise self._error(exc, "write", rel) from None
+
+    def _cat(self, paths: list[str], on_error: str, **kw) -> dict[str, Any]:
+        """{path: bytes (or the error, with on_error "return")} of whole files, fetched
+        concurrently on S3. Paths are literal: fs.cat would expand glob characters, so that a
+        run folder named runs[1] read runs1's files and runs*/t1 every sibling's."""
+        if not paths:
+            return {}
+        blobs = self.fs.cat_ranges(paths, [None] * len(paths), [None] * len(paths), on_error=on_error, **kw)
+        return dict(zip(paths, blobs))
 
     def _patient(self, call: Callable[..., Any]) -> Any:
         """call() on local and other stores; on S3 call(timeout=seconds left), tried again while

@@ -22,11 +22,13 @@ def commit_unit(store: Store, path: str, table: pa.Table, example_ids, extras: d
     store.write_table(path, table, {"unit_id": unit_id, "run_id": run_id, "job_hash": job_hash})
 
 
-def check_units(store: Store, run_id: str, units) -> dict[str, str | None]:
+def check_units(store: Store, run_id: str, units, job_hash: str | None = None) -> dict[str, str | None]:
     """{unit_id: None when the unit's records file under `{run_id}/` is whole and its own (see
     Store.check), "missing" when absent, else why it must be redone}. `units`: objects with
-    unit_id, path and example_ids (runtime.plan.Unit)."""
+    unit_id, path and example_ids (runtime.plan.Unit). Its own: its footer names the unit, this
+    run and (given job_hash) this job, as the readers require (store/verify.py)."""
     rels = {f"{run_id}/{u.path}": u for u in units}
+    own = {"run_id": run_id, **({"job_hash": job_hash} if job_hash is not None else {})}
     found = store.check(list(rels), {rel: len(u.example_ids) for rel, u in rels.items()},
-                        expect={rel: {"unit_id": u.unit_id} for rel, u in rels.items()})
+                        expect={rel: {"unit_id": u.unit_id, **own} for rel, u in rels.items()})
     return {rels[rel].unit_id: reason for rel, reason in found.items()}

@@ -6,6 +6,12 @@ A file that fails (truncated, corrupted, foreign, another schema) is refused by 
 same unit (its id in the footer: a copy beside the original, or the same run given twice or
 copied to another folder) count once: the first folder's, there the file under the unit's own
 name (`unit-{id}.parquet`); the others are listed.
+
+A run folder with a plan.json also vouches for whose rows it holds: each file's footer must
+name the plan's run id and job hash and one of its units, with that unit's number of rows. A
+file copied from another run or job, or a records/ that links to another run's, is refused by
+name like any other bad file. (A folder of records without a plan, written by hand, is only
+checked against its seals, and so is a folder whose plan.json is damaged, with --skip-bad.)
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pipeline.errors import BadFileError
+from pipeline.store.binding import read_plan
 from pipeline.store.io import Store
 
 RECORDS = "records"
@@ -24,11 +31,13 @@ RECORDS = "records"
 class Verified:
     """The outcome for a set of run folders.
 
-    files: (store, rel) of every file to read, one per unit.
+    files: (store, rel) of every file to read, one per unit. units: the unit id of each (its
+        footer's; the file's URI where the footer names none).
     bad: {file URI: why it fails}. duplicates: {file URI left out: the URI read instead}.
     """
 
     files: list[tuple[Store, str]] = field(default_factory=list)
+    units: list[str] = field(default_factory=list)
     bad: dict[str, str] = field(default_factory=dict)
     duplicates: dict[str, str] = field(default_factory=dict)
 
@@ -49,6 +58,22 @@ class Verified:
                            self.bad)
 
 
+def foreign(footer, plan: dict, units: dict[str, dict]) -> str | None:
+    """Why a sealed file's rows are not of the run whose plan is `plan` (None when they are);
+    units: the plan's units by id."""
+    run_id, job_hash, unit_id = footer.get("run_id"), footer.get("job_hash"), footer.get("unit_id")
+    if run_id != plan["run_id"]:
+        return f"rows of run {run_id!r}, not of this run {plan['run_id']!r} (a file of another run)"
+    if job_hash != plan["job_hash"]:
+        return f"rows of job {job_hash!r}, not of this run's job {plan['job_hash']!r} (a file of another job)"
+    unit = units.get(unit_id)
+    if unit is None:
+        return f"unit {unit_id!r} is not in this run's plan.json"
+    if footer.rows != len(unit["example_ids"]):
+        return f"holds {footer.rows} rows, its unit in plan.json has {len(unit['example_ids'])} examples"
+    return None
+
+
 def verify_runs(stores: Sequence[Store], *, skip_bad: bool = False) -> Verified:
     """Check every Parquet file under each store's records/ (see the module docstring).
 
@@ -57,9 +82,20 @@ def verify_runs(stores: Sequence[Store], *, skip_bad: bool = False) -> Verified:
     out = Verified()
     kept: dict[str, str] = {}  # unit id -> URI of the file read for it
     for store in stores:
+        try:
+            plan = read_plan(store)
+        except BadFileError as exc:
+            if not skip_bad:
+                raise BadFileError(f"{exc} (or pass --skip-bad to read its records by their seals alone)",
+                                   exc.files) from None
+            out.bad.update(exc.files)
+            plan = None
+        units = {u["unit_id"]: u for u in plan["units"]} if plan is not None else {}
         rels = store.list(RECORDS, ".parquet")
         good = []
         for rel, (reason, footer) in store.check(rels, keep=True).items():
+            if reason is None and plan is not None:
+                reason = foreign(footer, plan, units)
             if reason is not None:
                 out.bad[store.join(rel)] = reason
             else:
@@ -73,6 +109,7 @@ def verify_runs(stores: Sequence[Store], *, skip_bad: bool = False) -> Verified:
                 continue
             kept[unit] = uri
             out.files.append((store, rel))
+            out.units.append(unit)
     if not skip_bad:
         out.refuse_bad()
     return out
