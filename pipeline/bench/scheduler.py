@@ -122,7 +122,7 @@ class SimulatedActors:
         self.spent += time.perf_counter() - t0
         return f
 
-    def submit(self, handle: _Handle, unit: SimUnit, peers: list) -> _Future:
+    def submit(self, handle: _Handle, unit: SimUnit, peers: list, attempt: int = 1) -> _Future:
         t0 = time.perf_counter()
         self.calls += 1
         g = 1 + len(peers)
