@@ -80,6 +80,7 @@ class Outcome:
     trace: str = ""
     lost: bool = False
     lost_peers: tuple[int, ...] = ()
+    fatal: bool = False  # retrying cannot help (the store refuses the worker's credentials): fail at once
 
     @property
     def ok(self) -> bool:
@@ -176,6 +177,7 @@ class Scheduler:
         self.lost = 0  # actors lost on the way (calls found them dead)
         self.timed_out = 0  # units taken back at their deadline
         self.copies = 0  # speculative copies issued
+        self.requeued = 0  # units put back at the head of the queue
         self.late: list[Failed] = []  # units that failed at their deadline, reported by the next step
         self.idle_since = clock()
         # Started, unreserved slots with room, by units in flight (b < inflight): the set of each
@@ -211,6 +213,16 @@ class Scheduler:
                 if event is not None:
                     events.append(event)
         return events
+
+    def first_started(self, timeout: float = 0.5) -> int:
+        """Block until an actor has started (ClusterError after the start-up timeout); its slot.
+        Nothing is dispatched meanwhile."""
+        while not self.ready:
+            self.poll()
+            self._check_startup()
+            if not self.ready:
+                self.actors.wait(list(self.starting), 1, timeout)
+        return min(self.ready)
 
     @property
     def starting_count(self) -> int:
@@ -349,6 +361,7 @@ class Scheduler:
                 self.losses[uid] += 1
                 if self.losses[uid] < self.max_losses:
                     self.queue.appendleft(run.unit)
+                    self.requeued += 1
                     return None
                 return Failed(run.unit, self.tries[uid] + 1, f"{outcome.error} ({self.losses[uid]} actors lost running it)",
                               outcome.trace)
@@ -421,8 +434,9 @@ class Scheduler:
 
     def _retry(self, unit, outcome: Outcome) -> Failed | None:
         self.tries[unit.unit_id] += 1
-        if self.tries[unit.unit_id] < self.max_tries:
+        if self.tries[unit.unit_id] < self.max_tries and not outcome.fatal:
             self.queue.appendleft(unit)
+            self.requeued += 1
             return None
         return Failed(unit, self.tries[unit.unit_id], outcome.error, outcome.trace)
 

@@ -66,11 +66,13 @@ class Worker:
         return member_call(defense, kind, x.to(self.device), cells, draw,
                            extra.to(self.device) if isinstance(extra, torch.Tensor) else extra)
 
-    def run_unit(self, u: Unit, ctx: dict, peers: list | None = None) -> dict:
-        """Evaluate one unit and commit its Parquet file; returns a summary (rows, seconds, lost peers).
+    def run_unit(self, u: Unit, ctx: dict, peers: list | None = None, attempt: int = 1) -> dict:
+        """Evaluate one unit and commit its Parquet file; returns a summary (rows, seconds, lost
+        peers, whether this call's commit is the one that holds).
 
         peers: actor handles reserved for this unit; with them the defense's grid is sharded
-        over a gang of this actor and its peers.
+        over a gang of this actor and its peers. attempt: the driver's number of this call,
+        recorded with the node in every row.
         """
         start = time.perf_counter()
         faults.inject(u.unit_id)
@@ -86,9 +88,29 @@ class Worker:
         finally:
             shard(defense, None)
         table = records_to_table(records, run_id=ctx["run_id"], job_hash=ctx["job_hash"], unit_id=u.unit_id,
-                                 worker=self.name, config_hash=content_hash(u.defense_table))
+                                 worker=self.name, config_hash=content_hash(u.defense_table), node=node_id(),
+                                 attempt=attempt)
         store = Store(ctx["out"], endpoint_url=ctx.get("endpoint_url"))
-        commit_unit(store, f"{ctx['run_id']}/{u.path}", table, u.example_ids, extras, unit_id=u.unit_id,
-                    run_id=ctx["run_id"], job_hash=ctx["job_hash"])
+        faults.before_commit(u.unit_id)
+        wrote = commit_unit(store, f"{ctx['run_id']}/{u.path}", table, u.example_ids, extras, unit_id=u.unit_id,
+                            run_id=ctx["run_id"], job_hash=ctx["job_hash"], attempt=attempt)
         return {"unit_id": u.unit_id, "rows": table.num_rows, "seconds": time.perf_counter() - start,
-                "worker": self.name, "lost_peers": gang.lost() if gang else [], "gang": gang.size if gang else 1}
+                "worker": self.name, "lost_peers": gang.lost() if gang else [], "gang": gang.size if gang else 1,
+                "committed": wrote}
+
+    def probe(self, ctx: dict) -> str:
+        """Write, read back and remove a small file in the run folder, as a unit's commit would:
+        the store is reachable with this worker's credentials. Returns the node id."""
+        store = Store(ctx["out"], endpoint_url=ctx.get("endpoint_url"))
+        rel = f"{ctx['run_id']}/.probe-{self.name}-{node_id()[:12]}.json"
+        store.write_json(rel, {"worker": self.name})
+        store.read_json(rel)
+        store.remove(rel)
+        return node_id()
+
+
+def node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""

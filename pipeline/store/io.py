@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_write as _commit_local
-from pipeline.errors import StoreError
+from pipeline.errors import CommitRefusedError, CredentialsError, StoreError
 from pipeline.scrub import collect_secrets as _collect_secrets
 from pipeline.scrub import redact as _redact
 from pipeline.scrub import redact_uri as _redact_uri
@@ -126,7 +126,7 @@ class Store:
     # -- Parquet --------------------------------------------------------------------------------
 
     def write_table(self, rel: str, table: pa.Table, metadata: Mapping[str, Any] | None = None, *,
-                    schema: pa.Schema | None = RECORD_SCHEMA) -> None:
+                    schema: pa.Schema | None = RECORD_SCHEMA, exclusive: bool = False) -> None:
         """Commit `table` as one sealed Parquet file at `rel`, atomically (whole file or nothing).
 
         metadata: footer key-values; keys get the prefix "robustsweep." unless they have it,
@@ -134,6 +134,8 @@ class Store:
             the content are always written (pipeline.store.seal).
         schema: the table must have these column names and types (RECORD_SCHEMA by default;
             None writes any table). Checked before anything is written.
+        exclusive: write only if no file is at `rel` (local: hard link; S3: a conditional PUT,
+            If-None-Match: *); else CommitRefusedError and the file there is left as it was.
         Raises StoreError (nothing is left behind) when the table does not fit or the write fails.
         """
         if schema is not None:
@@ -146,7 +148,7 @@ class Store:
         except Exception as exc:
             raise StoreError(f"cannot serialize {self.join(rel)}: {type(exc).__name__}: "
                              f"{self._scrub(str(exc))}") from None
-        self._commit(rel, lambda f: f.write(data))
+        self._commit(rel, lambda f: f.write(data), exclusive=exclusive)
 
     def committed(self, rel: str, expected_rows: int | None = None, *,
                   schema: pa.Schema | None = RECORD_SCHEMA) -> bool:
@@ -318,16 +320,19 @@ class Store:
         except Exception as exc:
             raise self._error(exc, "read", rel) from None
 
-    def _commit(self, rel: str, write: Callable[[Any], Any]) -> None:
-        """Write a file whole: `write(fileobj)` fills it; readers see all of it or nothing."""
+    def _commit(self, rel: str, write: Callable[[Any], Any], exclusive: bool = False) -> None:
+        """Write a file whole: `write(fileobj)` fills it; readers see all of it or nothing.
+        exclusive: only if absent (write_table)."""
         path = self._path(rel)
         if not _rel(rel):
             raise StoreError("cannot write to the store root itself; give a relative file path")
         if self._local:
             try:
-                _commit_local(path, write)
+                _commit_local(path, write, exclusive=exclusive)
             except StoreError:
                 raise
+            except FileExistsError:
+                raise self._refused(rel) from None
             except Exception as exc:
                 raise self._error(exc, "write", rel) from None
             return
@@ -339,12 +344,39 @@ class Store:
             raise StoreError(f"cannot serialize {self.join(rel)}: {type(exc).__name__}: "
                              f"{self._scrub(str(exc))}") from None
         try:
-            if self._is_s3:
+            if self._is_s3 and exclusive:
+                bucket, _, key = path.partition("/")
+                self._patient(lambda: self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data,
+                                                      IfNoneMatch="*"))
+                self.fs.invalidate_cache(path)
+            elif self._is_s3:
                 self._patient(lambda: self.fs.pipe_file(path, data, chunksize=_S3_CHUNKSIZE))
             else:
+                if exclusive and self.fs.exists(path):  # no conditional write here: best effort
+                    raise FileExistsError(path)
                 self.fs.pipe_file(path, data)
         except Exception as exc:
+            if exclusive and _precondition_failed(exc):
+                raise self._refused(rel) from None
             raise self._error(exc, "write", rel) from None
+
+    def _refused(self, rel: str) -> CommitRefusedError:
+        return CommitRefusedError(f"{_redact_uri(self.join(rel))} is already there (another attempt committed "
+                                  f"it first); left as it was")
+
+    def set_aside(self, rel: str, suffix: str) -> None:
+        """Move the file at `rel` to `rel + suffix` (a records file that failed its checks, kept for
+        a person to look at, so that its unit can be committed afresh with an exclusive write)."""
+        try:
+            if self._local:
+                os.replace(self._path(rel), self._path(rel) + suffix)
+            else:
+                self.fs.mv(self._path(rel), self._path(rel) + suffix)
+                self.fs.invalidate_cache()
+        except FileNotFoundError:
+            return
+        except Exception as exc:
+            raise self._error(exc, "move aside", rel) from None
 
     def _patient(self, call: Callable[[], Any]) -> Any:
         """call(), retried while an S3 endpoint is unreachable: exponential backoff (0.5 s
@@ -379,13 +411,15 @@ class Store:
                    f"create it or fix the store URI")
         elif isinstance(exc, FileNotFoundError):
             msg = f"cannot {action} {where}: not found"
-        elif isinstance(exc, PermissionError) or names & {"AccessDenied", "InvalidAccessKeyId"}:
-            msg = (f"cannot {action} {where}: permission denied; check the credentials (AWS_ACCESS_KEY_ID "
-                   f"/ AWS_PROFILE or storage_options) and the bucket policy" if self._is_s3
-                   else f"cannot {action} {where}: permission denied; check the folder's permissions")
+        elif self._is_s3 and (isinstance(exc, PermissionError) or names & {"AccessDenied", "InvalidAccessKeyId"}):
+            return CredentialsError(f"cannot {action} {where}: permission denied; check the credentials "
+                                    f"(AWS_ACCESS_KEY_ID / AWS_PROFILE or storage_options) and the bucket policy {detail}")
+        elif isinstance(exc, PermissionError):
+            msg = f"cannot {action} {where}: permission denied; check the folder's permissions"
         elif names & _NO_CREDENTIALS:
-            msg = (f"cannot {action} {where}: no usable AWS credentials; set AWS_ACCESS_KEY_ID and "
-                   f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass key/secret in storage_options")
+            return CredentialsError(
+                f"cannot {action} {where}: no usable AWS credentials; set AWS_ACCESS_KEY_ID and "
+                f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass key/secret in storage_options {detail}")
         elif self._is_s3 and names & _UNREACHABLE:
             msg = (f"cannot {action} {where}: S3 endpoint {endpoint} is unreachable (retried for up to "
                    f"{retry_seconds():g} s, {RETRY_ENV}); check endpoint_url / AWS_ENDPOINT_URL and the network")
@@ -402,6 +436,17 @@ def retry_seconds() -> float:
         return max(0.0, float(raw)) if raw else 60.0
     except ValueError:
         raise StoreError(f"{RETRY_ENV} must be a number of seconds, got {raw!r}") from None
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """An S3 conditional write that found the object there (412, or 409 for a racing one)."""
+    if isinstance(exc, FileExistsError):
+        return True
+    for e in (exc, exc.__cause__, exc.__context__):
+        code = str(((getattr(e, "response", None) or {}).get("Error") or {}).get("Code", ""))
+        if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+            return True
+    return False
 
 
 def _unreachable(exc: BaseException) -> bool:

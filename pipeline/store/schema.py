@@ -59,9 +59,11 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("flags", "list<string>", "Sanity flags: zero_gradient, nan_gradient, stochastic_without_eot, square_beat_whitebox, returned_clean, single_pass_optimistic, budget_not_converged; sorted, unique."),
     ("iterations", "int64?", "Attack iterations per run (PGD steps, APGD/FAB iterations) actually used, after any convergence doubling; null in records written before it existed."),
     ("eot", "int64?", "EOT draws per gradient actually used; null in records written before it existed."),
+    ("node", "string?", "Ray node id of the worker that committed the unit; null outside Ray and in records written before it existed."),
+    ("attempt", "int64?", "Which call of the unit the driver issued that committed it (1 first; a retry, a requeue after a lost node or a speculative copy counts up); null in records written before it existed."),
 ]
 
-OPTIONAL = frozenset({"iterations", "eot"})
+OPTIONAL = frozenset({"iterations", "eot", "node", "attempt"})
 """Columns added after the first release: a record may leave them out (they are then null)."""
 
 _TYPES: dict[str, pa.DataType] = {
