@@ -5,7 +5,7 @@ The variable holds JSON: {"dir": folder for once-markers, "raise_once": [unit id
 "sleep_s": seconds every unit waits first (a slow driver, for tests of two drivers),
 "stop_once": [...] (the worker stops itself before its commit: a hung worker),
 "slow": {unit id: seconds} (that unit waits first, every attempt; a marker
-"running-{unit}-{pid}" says it has started)}.
+"running-{unit}-{node id}-{pid}" says where it has started)}.
 Unset, this does nothing. It is read by the workers, so it travels with their environment.
 """
 
@@ -44,7 +44,10 @@ def inject(unit_id: str) -> None:
     if plan.get("sleep_s"):
         time.sleep(float(plan["sleep_s"]))
     if unit_id in plan.get("slow", {}):
-        (Path(folder) / f"running-{unit_id}-{os.getpid()}").touch()
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        (Path(folder) / f"running-{unit_id}-{node}-{os.getpid()}").touch()
         time.sleep(float(plan["slow"][unit_id]))
     if unit_id in plan.get("raise_always", []):
         raise InjectedFault(f"unit {unit_id} fails on purpose (raise_always)")

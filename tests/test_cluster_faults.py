@@ -1,0 +1,175 @@
+"""What a real cluster does to a run, on a multi-node Ray cluster on loopback (`Cluster`: a head
+that offers no CPU, worker nodes of one CPU started without any AWS variable): a hung actor, S3
+credentials only in the driver, a node that joins, nodes that die under a unit, a late commit.
+Each test checks that every example has exactly one row, and which attempt, on which node,
+committed it. Units are tiny (the `cnn` fixture, no attack) so that the time is Ray's."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from pipeline.config.job import parse_job
+from pipeline.config.run import RunOptions
+from pipeline.runtime import plan, run_job
+from pipeline.runtime.faults import ENV
+from pipeline.store import Store
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+AWS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+       "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+@contextmanager
+def no_aws():
+    """Processes started inside (Ray nodes and their workers) see no AWS variable."""
+    saved = {k: os.environ.pop(k) for k in AWS if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def add_node(cluster: Cluster):
+    with no_aws():
+        node = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    return node
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    """A head with no CPU for workers and two worker nodes of one CPU; this module's Ray
+    connection (a session cluster the process was connected to is rejoined after)."""
+    previous = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+    if previous:
+        ray.shutdown()
+    with no_aws():
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "include_dashboard": False,
+            "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
+                               "health_check_failure_threshold": 4}})
+    for _ in range(2):
+        add_node(cluster)
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if previous:
+            ray.init(address=previous, logging_level="ERROR", log_to_driver=False)
+
+
+def job(cnn, limit=8, shard=2):
+    return parse_job({"name": "faults", "seed": 1, "data": {"dataset": "digits", "split": "test", "limit": limit,
+                                                            "shard_size": shard},
+                      "defenses": [{"kind": "plain", "model": cnn}], "attacks": [{"kind": "none"}]})
+
+
+def faults(monkeypatch, folder: Path, **plan_) -> None:
+    monkeypatch.setenv(ENV, json.dumps({"dir": str(folder), **plan_}))
+
+
+def committed(uri: str, store_options=None, endpoint_url=None, limit=8):
+    """The records, after checking that each example has exactly one row (none lost, none twice)."""
+    table = Store(uri, endpoint_url=endpoint_url).read_records(columns=["example_id", "unit_id", "node", "attempt"])
+    ids = sorted(table.column("example_id").to_pylist())
+    assert ids == list(range(limit)), ids
+    return table
+
+
+def wait_for(predicate, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_a_hung_actor_loses_its_unit_at_the_deadline_and_the_run_ends(nodes, cnn, tmp_path, monkeypatch):
+    j = job(cnn)
+    hung = plan(j, 355)[0].unit_id
+    faults(monkeypatch, tmp_path, stop_once=[hung])  # SIGSTOP before the commit: alive to Ray, answers nothing
+    t0 = time.monotonic()
+    result = run_job(j, RunOptions(out=str(tmp_path / "out"), workers=2, unit_timeout=8), progress=False)
+    wall = time.monotonic() - t0
+    assert result.ok and result.done == 4 and result.timed_out == 1 and result.replaced >= 1
+    table = committed(result.uri)
+    attempts = dict(zip(table.column("unit_id").to_pylist(), table.column("attempt").to_pylist()))
+    assert attempts[hung] == 2  # (the unit queued behind it on that actor may be on its second too)
+    print(f"FAULT hung actor: units redone 1, wall {wall:.1f} s")
+
+
+def test_run_address_with_s3_output_and_credentials_only_in_the_driver(nodes, cnn, tmp_path, s3_server, s3_bucket):
+    @ray.remote(num_cpus=1)
+    def worker_key():
+        return os.environ.get("AWS_ACCESS_KEY_ID")
+
+    assert os.environ.get("AWS_ACCESS_KEY_ID") and ray.get(worker_key.remote()) is None  # the nodes have none
+    t0 = time.monotonic()
+    result = run_job(job(cnn), RunOptions(out=s3_bucket, workers=2, address=nodes.address,
+                                          endpoint_url=s3_server.endpoint_url), progress=False)
+    assert result.ok and result.done == 4 and result.rows == 8
+    committed(result.uri, endpoint_url=s3_server.endpoint_url)
+    print(f"FAULT credentials only in the driver: units redone 0, wall {time.monotonic() - t0:.1f} s")
+
+
+def test_a_node_that_joins_mid_run_gets_an_actor(nodes, cnn, tmp_path, monkeypatch):
+    j = job(cnn, limit=12)
+    units = plan(j, 355)
+    faults(monkeypatch, tmp_path, slow={u.unit_id: 1.5 for u in units})
+    added = []
+
+    def grow():
+        wait_for(lambda: any(tmp_path.glob("running-*")))
+        added.append(add_node(nodes))
+
+    thread = threading.Thread(target=grow)
+    thread.start()
+    try:
+        t0 = time.monotonic()
+        result = run_job(j, RunOptions(out=str(tmp_path / "out")), progress=False)  # no --workers: the pool follows the cluster
+        thread.join()
+        assert result.ok and result.done == len(units) and result.workers == 3
+        table = committed(result.uri, limit=12)
+        assert added[0].node_id in set(table.column("node").to_pylist())
+        print(f"FAULT node joins: units redone 0, wall {time.monotonic() - t0:.1f} s")
+    finally:
+        thread.join()
+        for node in added:
+            nodes.remove_node(node)
+
+
+def test_a_unit_survives_three_node_losses(nodes, cnn, tmp_path, monkeypatch):
+    j = job(cnn, limit=2)
+    (unit,) = plan(j, 355)
+    faults(monkeypatch, tmp_path, slow={unit.unit_id: 3.0})
+    killed = []
+
+    def kill_three():
+        for k in range(3):
+            wait_for(lambda: len(list(tmp_path.glob("running-*"))) > k)
+            marker = max(tmp_path.glob("running-*"), key=os.path.getmtime).name
+            doomed = next(n for n in nodes.worker_nodes if n.node_id in marker)
+            add_node(nodes)  # the pool keeps its size: the replacement has somewhere to go
+            nodes.remove_node(doomed, allow_graceful=False)
+            killed.append(doomed.node_id)
+
+    thread = threading.Thread(target=kill_three)
+    thread.start()
+    t0 = time.monotonic()
+    result = run_job(j, RunOptions(out=str(tmp_path / "out"), workers=1), progress=False)
+    thread.join()
+    assert result.ok and result.done == 1 and result.lost == 3 and len(killed) == 3
+    table = committed(result.uri, limit=2)
+    assert table.column("attempt").to_pylist() == [4, 4]
+    assert not set(table.column("node").to_pylist()) & set(killed)
+    print(f"FAULT three node losses: units redone 3 times, wall {time.monotonic() - t0:.1f} s")
