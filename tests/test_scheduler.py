@@ -467,3 +467,19 @@ def test_the_pool_grows_when_asked_and_new_slots_take_work():
     assert {slot for _, slot, _ in a.placed()} == {0, 1, 2} and s.workers == 3 and len(a.placed()) == 6
     s.grow(2)  # never shrinks
     assert s.workers == 3
+
+
+def test_a_deadline_counts_from_when_the_call_ahead_ends_and_a_killed_actors_other_unit_spends_nothing():
+    clock = Clock()
+    s, a = scheduler("abc", 1, deadline=lambda u: 10.0, clock=clock)
+    drain(s)
+    assert a.placed() == [("a", 0, []), ("b", 0, [])]
+    clock.t = 8.0
+    a.end("a")
+    drain(s)  # b starts now, at 8; c is dispatched behind it
+    clock.t = 17.0
+    assert not s.timed_out
+    clock.t = 18.5
+    drain(s, 1)
+    assert s.timed_out == 1 and s.tries["b"] == 1 and not s.tries["c"]
+    assert [u.unit_id for u in s.queue] in (["b", "c"], []) and s.requeued == 2

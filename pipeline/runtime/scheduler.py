@@ -35,6 +35,7 @@ All the scheduling state lives in `Scheduler`, and it reaches actors only throug
 from __future__ import annotations
 
 import collections
+import dataclasses
 import heapq
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -241,15 +242,26 @@ class Scheduler:
         self.workers = max(self.workers, workers)
 
     def expire(self) -> None:
-        """Take back the units past their deadline: kill and replace their actor, requeue them."""
+        """Take back the units past their deadline: kill and replace their actor, requeue them.
+
+        A unit's clock starts when it is dispatched, or when the call ahead of it on the same
+        actor ends (an actor runs one call at a time). The other units the killed actor held go
+        back to the queue as a lost actor's do, spending nothing."""
         now = self.clock()
         for future, run in list(self.running.items()):
             limit = self.deadline(run.unit)
-            if limit is None or now - run.since <= limit:
+            if future not in self.running or limit is None or now - run.since <= limit:
                 continue
             del self.running[future]
             self._release(run)
             self.timed_out += 1
+            for other, behind in list(self.running.items()):
+                if behind.handle is run.handle:
+                    del self.running[other]
+                    self._release(behind)
+                    if not any(r.unit.unit_id == behind.unit.unit_id for r in self.running.values()):
+                        self.queue.appendleft(behind.unit)
+                        self.requeued += 1
             if self.handles.get(run.leader) is run.handle:
                 self.replace(run.leader)
             for slot, handle in run.peers:
@@ -344,6 +356,10 @@ class Scheduler:
         """Account for a done call: free its actors, replace lost ones, retry or report the unit."""
         run = self.running.pop(future)
         self._release(run)
+        now = self.clock()
+        for f, behind in self.running.items():  # the next call on that actor starts now
+            if behind.handle is run.handle and behind.since < now:
+                self.running[f] = dataclasses.replace(behind, since=now)
         outcome = self.actors.outcome(future)
         uid = run.unit.unit_id
         other = any(r.unit.unit_id == uid for r in self.running.values())  # a speculative copy still runs
