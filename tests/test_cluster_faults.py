@@ -167,7 +167,7 @@ def test_a_node_that_joins_mid_run_gets_an_actor(nodes, cnn, tmp_path, monkeypat
 def test_a_unit_survives_three_node_losses(nodes, cnn, tmp_path, monkeypatch):
     j = job(cnn, limit=2)
     (unit,) = plan(j, 355)
-    faults(monkeypatch, tmp_path, slow={unit.unit_id: 3.0})
+    faults(monkeypatch, tmp_path, slow={unit.unit_id: 2.0})
     run = Background(j, RunOptions(out=str(tmp_path / "out"), workers=1))
     killed = []
     for k in range(3):
@@ -183,3 +183,11 @@ def test_a_unit_survives_three_node_losses(nodes, cnn, tmp_path, monkeypatch):
     assert table.column("attempt").to_pylist() == [4, 4]
     assert not set(table.column("node").to_pylist()) & set(killed)
     print(f"FAULT three node losses: units redone 3 times, wall {wall:.1f} s")
+
+
+def test_bench_scheduler_through_ray_accounts_for_every_unit(nodes):
+    from pipeline.bench.scheduler import bench_scheduler_ray, format_scheduler_ray
+
+    r = bench_scheduler_ray(units=200, actors=2)
+    assert r["done"] == 200 and r["cpu_s"] > 0 and r["units_per_s"] > 0
+    assert "units/s" in format_scheduler_ray(r)[0]

@@ -53,3 +53,21 @@ def test_an_exclusive_write_on_s3_is_a_conditional_put(s3_server, s3_bucket):
     with pytest.raises(CommitRefusedError, match="already there"):
         store.write_table("a.parquet", pa.table({"x": [2]}), schema=None, exclusive=True)
     assert store.read_table("a.parquet").column("x").to_pylist() == [1]
+
+
+def test_the_worker_probe_without_credentials_is_a_credentials_error(cnn, tmp_path, s3_server, s3_bucket, monkeypatch):
+    from pipeline.errors import CredentialsError
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # as in a fresh worker process: no filesystem that holds keys
+    _, ctx = _unit_and_ctx(cnn, s3_bucket)
+    ctx["endpoint_url"] = s3_server.endpoint_url
+    with pytest.raises(CredentialsError, match="no usable AWS credentials") as err:
+        Worker("worker-0", "cpu").probe(ctx)
+    assert "testing" not in str(err.value)

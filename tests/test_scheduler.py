@@ -483,3 +483,12 @@ def test_a_deadline_counts_from_when_the_call_ahead_ends_and_a_killed_actors_oth
     drain(s, 1)
     assert s.timed_out == 1 and s.tries["b"] == 1 and not s.tries["c"]
     assert [u.unit_id for u in s.queue] in (["b", "c"], []) and s.requeued == 2
+
+
+def test_a_fatal_error_fails_the_unit_at_once():
+    s, a = scheduler("ab", 1)
+    drain(s)
+    a.end("a", Outcome(error="no usable AWS credentials", fatal=True))
+    (event,) = drain(s)
+    assert isinstance(event, Failed) and event.tries == 1 and "credentials" in event.error
+    assert a.placed().count(("a", 0, [])) == 1
