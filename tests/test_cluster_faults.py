@@ -122,6 +122,36 @@ def test_run_address_with_s3_output_and_credentials_only_in_the_driver(nodes, cn
     print(f"FAULT credentials only in the driver: units redone 0, wall {time.monotonic() - t0:.1f} s")
 
 
+def test_bench_scheduler_through_ray_accounts_for_every_unit(nodes):
+    from pipeline.bench.scheduler import bench_scheduler_ray, format_scheduler_ray
+
+    r = bench_scheduler_ray(units=100, actors=2)
+    assert r["done"] == 100 and r["cpu_s"] > 0 and r["units_per_s"] > 0
+    assert "units/s" in format_scheduler_ray(r)[0]
+
+
+
+def test_stop_ends_with_one_line_saying_how_to_resume_and_exit_1(nodes, cnn, tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+
+    j = job(cnn)
+    faults(monkeypatch, tmp_path, slow={u.unit_id: 1.0 for u in plan(j, 355)})
+    (tmp_path / "job.toml").write_text(
+        f'name = "faults"\nseed = 1\n[data]\ndataset = "digits"\nsplit = "test"\nlimit = 8\nshard_size = 2\n'
+        f'[[defenses]]\nkind = "plain"\nmodel = "{cnn}"\n[[attacks]]\nkind = "none"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "job.toml"), "--out",
+                             str(tmp_path / "out"), "--address", nodes.address, "--workers", "1", "--no-report"],
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: any(tmp_path.glob("running-*")))
+    proc.send_signal(signal.SIGTERM)  # what `ray job stop` and Kubernetes send
+    _, err = proc.communicate(timeout=120)
+    text = " ".join(err.split())
+    assert proc.returncode == 1, err
+    assert "stopped (SIGTERM)" in text and "run the same `robustsweep run` command again" in text
+    assert "Traceback" not in err
+
 class Background:
     """run_job in a thread (Ray's test cluster adds and removes nodes only from the main thread)."""
 
@@ -147,18 +177,22 @@ class Background:
 def test_a_node_that_joins_mid_run_gets_an_actor(nodes, cnn, tmp_path, monkeypatch):
     j = job(cnn, limit=16)
     units = plan(j, 355)
-    faults(monkeypatch, tmp_path, slow={u.unit_id: 2.5 for u in units})  # longer than a new actor takes to start
+    # Units wait until released: 4 held by the two first actors (2 in flight each), 4 queued for the newcomer.
+    faults(monkeypatch, tmp_path, hold=[u.unit_id for u in units])
     run = Background(j, RunOptions(out=str(tmp_path / "out")))  # no --workers: the pool follows the cluster
     added = None
     try:
         wait_for(lambda: any(tmp_path.glob("running-*")))
         added = add_node(nodes)
+        wait_for(lambda: any(tmp_path.glob(f"running-*-{added.node_id}-*")))  # the new node's actor took a unit
+        (tmp_path / "release").touch()
         result, wall = run.join()
         assert result.ok and result.done == len(units) and result.workers == 3
         table = committed(result.uri, limit=16)
         assert added.node_id in set(table.column("node").to_pylist())
         print(f"FAULT node joins: units redone 0, wall {wall:.1f} s")
     finally:
+        (tmp_path / "release").touch()
         run.thread.join(timeout=240)
         if added is not None:
             nodes.remove_node(added)
@@ -168,13 +202,14 @@ def test_a_unit_survives_three_node_losses(nodes, cnn, tmp_path, monkeypatch):
     j = job(cnn, limit=2)
     (unit,) = plan(j, 355)
     faults(monkeypatch, tmp_path, slow={unit.unit_id: 2.0})
+    for _ in range(2):  # four nodes: three to lose, one to finish on (this module's last test)
+        add_node(nodes)
     run = Background(j, RunOptions(out=str(tmp_path / "out"), workers=1))
     killed = []
     for k in range(3):
         wait_for(lambda: len(list(tmp_path.glob("running-*"))) > k)
         marker = max(tmp_path.glob("running-*"), key=os.path.getmtime).name
         doomed = next(n for n in nodes.worker_nodes if n.node_id in marker)
-        add_node(nodes)  # the pool keeps its size: the replacement has somewhere to go
         nodes.remove_node(doomed, allow_graceful=False)
         killed.append(doomed.node_id)
     result, wall = run.join()
@@ -183,11 +218,3 @@ def test_a_unit_survives_three_node_losses(nodes, cnn, tmp_path, monkeypatch):
     assert table.column("attempt").to_pylist() == [4, 4]
     assert not set(table.column("node").to_pylist()) & set(killed)
     print(f"FAULT three node losses: units redone 3 times, wall {wall:.1f} s")
-
-
-def test_bench_scheduler_through_ray_accounts_for_every_unit(nodes):
-    from pipeline.bench.scheduler import bench_scheduler_ray, format_scheduler_ray
-
-    r = bench_scheduler_ray(units=200, actors=2)
-    assert r["done"] == 200 and r["cpu_s"] > 0 and r["units_per_s"] > 0
-    assert "units/s" in format_scheduler_ray(r)[0]

@@ -5,7 +5,8 @@ The variable holds JSON: {"dir": folder for once-markers, "raise_once": [unit id
 "sleep_s": seconds every unit waits first (a slow driver, for tests of two drivers),
 "stop_once": [...] (the worker stops itself before its commit: a hung worker),
 "slow": {unit id: seconds} (that unit waits first, every attempt; a marker
-"running-{unit}-{node id}-{pid}" says where it has started)}.
+"running-{unit}-{node id}-{pid}" says where it has started), "hold": [...] (those units write the
+same marker, then wait until a file "release" appears in "dir")}.
 Unset, this does nothing. It is read by the workers, so it travels with their environment.
 """
 
@@ -43,12 +44,15 @@ def inject(unit_id: str) -> None:
     folder = plan.get("dir", ".")
     if plan.get("sleep_s"):
         time.sleep(float(plan["sleep_s"]))
-    if unit_id in plan.get("slow", {}):
+    if unit_id in plan.get("slow", {}) or unit_id in plan.get("hold", []):
         import ray
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
         (Path(folder) / f"running-{unit_id}-{node}-{os.getpid()}").touch()
-        time.sleep(float(plan["slow"][unit_id]))
+        time.sleep(float(plan.get("slow", {}).get(unit_id, 0)))
+        deadline = time.monotonic() + 600
+        while unit_id in plan.get("hold", []) and not (Path(folder) / "release").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
     if unit_id in plan.get("raise_always", []):
         raise InjectedFault(f"unit {unit_id} fails on purpose (raise_always)")
     if unit_id in plan.get("raise_once", []) and _once(folder, "raise", unit_id):

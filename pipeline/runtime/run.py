@@ -220,6 +220,9 @@ def _run_leased(job: Job, options: RunOptions, store: Store, units: list[Unit], 
     for unit_id, reason in result.redone.items():  # fenced commits create only: clear the way, keep the evidence
         unit = next(u for u in todo if u.unit_id == unit_id)
         store.set_aside(f"{run_id}/{unit.path}", f".refused-{int(time.time())}")
+    if progress:  # first, in the log: a head that dies takes the driver with it before it can say more
+        print(f"run {run_id}: {len(todo)} units to do, {result.skipped} committed; if this run stops, the same "
+              f"command resumes it", file=sys.stderr)
     started = connect(options.address)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
@@ -231,11 +234,12 @@ def _run_leased(job: Job, options: RunOptions, store: Store, units: list[Unit], 
         ctx = {"run_id": run_id, "job_hash": job.hash, "out": options.out, "endpoint_url": options.endpoint_url, "seed": job.spec.seed,
                "data": {"dataset": data.dataset, "split": data.split, "root": data.root}}
         _drain(todo, ctx, store, result, n, use_gpu, options, progress, lease)
-    except (KeyboardInterrupt, RaySystemError, ConnectionError) as exc:
-        # Head lost, `stop`, Ctrl-C: whatever Ray says next, the user needs to know the run resumes.
+    except Stopped:
+        raise ClusterError(f"stopped (SIGTERM); {resume_line(run_id, options.out, result.skipped + result.done, result.units)}") from None
+    except KeyboardInterrupt:
         print(resume_line(run_id, options.out, result.skipped + result.done, result.units), file=sys.stderr)
-        if isinstance(exc, KeyboardInterrupt):
-            raise
+        raise
+    except (RaySystemError, ConnectionError) as exc:
         raise ClusterError(f"lost the Ray cluster ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                            f"{resume_line(run_id, options.out, result.skipped + result.done, result.units)}") from None
     finally:
