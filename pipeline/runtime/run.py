@@ -195,7 +195,11 @@ def resume_line(run_id: str, out: str, done: int, total: int) -> str:
             f"`robustsweep run` command again (same --out, same job or --run-id {run_id}) to resume the rest")
 
 
+_SIGTERM = threading.Event()  # Ray's blocking calls re-raise a handler's exception as a plain KeyboardInterrupt
+
+
 def _on_sigterm(signum, frame):
+    _SIGTERM.set()
     raise Stopped()
 
 
@@ -226,6 +230,7 @@ def _run_leased(job: Job, options: RunOptions, store: Store, units: list[Unit], 
     started = connect(options.address)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
+    _SIGTERM.clear()
     try:
         wait_for_gpus(options.min_gpus, wait_s)
         n, use_gpu = default_workers(options.gpus_per_worker)
@@ -234,9 +239,9 @@ def _run_leased(job: Job, options: RunOptions, store: Store, units: list[Unit], 
         ctx = {"run_id": run_id, "job_hash": job.hash, "out": options.out, "endpoint_url": options.endpoint_url, "seed": job.spec.seed,
                "data": {"dataset": data.dataset, "split": data.split, "root": data.root}}
         _drain(todo, ctx, store, result, n, use_gpu, options, progress, lease)
-    except Stopped:
-        raise ClusterError(f"stopped (SIGTERM); {resume_line(run_id, options.out, result.skipped + result.done, result.units)}") from None
     except KeyboardInterrupt:
+        if _SIGTERM.is_set():
+            raise ClusterError(f"stopped (SIGTERM); {resume_line(run_id, options.out, result.skipped + result.done, result.units)}") from None
         print(resume_line(run_id, options.out, result.skipped + result.done, result.units), file=sys.stderr)
         raise
     except (RaySystemError, ConnectionError) as exc:
