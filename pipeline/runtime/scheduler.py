@@ -270,7 +270,7 @@ class Scheduler:
             if any(r.unit.unit_id == run.unit.unit_id for r in self.running.values()):
                 continue  # its speculative copy goes on
             event = self._retry(run.unit, Outcome(error=f"did not end within its deadline of {limit:g} s"))
-            if event is not None:  # only a unit that keeps hanging; the driver learns of it next turn
+            if event is not None:  # only a unit that keeps hanging; `step` hands it to the driver
                 self.late.append(event)
 
     def copy_straggler(self) -> None:
