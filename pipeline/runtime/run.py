@@ -29,6 +29,7 @@ from ray.exceptions import (ActorDiedError, ActorUnavailableError, GetTimeoutErr
                             RayTaskError, WorkerCrashedError)
 
 from pipeline.data import load_split
+from pipeline.scrub import scrub
 from pipeline.errors import ClusterError, ClusterUnreachableError, ConfigError, CredentialsError, RobustsweepError
 from pipeline.store import Store
 from pipeline.store.binding import PLAN, check_binding
@@ -286,13 +287,15 @@ class RayActors:
         return done
 
     def outcome(self, future) -> Outcome:
+        # Errors travel into failure notes and the terminal: the credentials the workers were
+        # given (runtime_env) never go with them, whatever Ray or a library put in a message.
         try:
             value = ray.get(future)
         except LOST:
-            return Outcome(error="worker lost", trace=traceback.format_exc(), lost=True)
+            return Outcome(error="worker lost", trace=scrub(traceback.format_exc()), lost=True)
         except RayTaskError as exc:
             # Credentials fail every try the same way: no retry (the probe usually stops the run first).
-            return Outcome(error=str(exc.cause if exc.cause else exc), trace=traceback.format_exc(),
+            return Outcome(error=scrub(str(exc.cause if exc.cause else exc)), trace=scrub(traceback.format_exc()),
                            fatal=isinstance(exc.cause, CredentialsError))
         lost_peers = tuple(value.get("lost_peers", ())) if isinstance(value, dict) else ()
         return Outcome(value=value, lost_peers=lost_peers)
@@ -371,6 +374,6 @@ def _probe(scheduler: Scheduler, ctx: dict) -> None:
     except RayTaskError as exc:
         if isinstance(exc.cause, RobustsweepError):  # keeps its type, hence its exit code
             raise type(exc.cause)(f"a worker cannot use the store: {exc.cause}") from None
-        raise ClusterError(f"a worker cannot use the store: {exc.cause or exc}") from None
+        raise ClusterError(f"a worker cannot use the store: {scrub(str(exc.cause or exc))}") from None
     except (GetTimeoutError, *LOST):
         return  # the actor is the cluster's problem; the queue deals with it
