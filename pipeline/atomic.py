@@ -19,12 +19,13 @@ from typing import Any, BinaryIO
 from pipeline.errors import ConfigError
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any], *, exclusive: bool = False) -> None:
     """Commit the bytes `write(f)` puts into the binary file f as `path`, atomically.
 
     The folder is created if missing. The file gets the usual umask permissions (the temp file
     is opened with "xb", not mkstemp, which would leave it 0600). On any error the temp file is
-    removed and the target is left as it was.
+    removed and the target is left as it was. exclusive: FileExistsError if `path` exists (the
+    temp file is hard-linked into place, which, unlike a rename, never replaces a file).
     """
     path = os.fspath(path)
     parent = os.path.dirname(path) or "."
@@ -36,7 +37,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
             write(f)
             f.flush()
             os.fsync(f.fileno())  # data on disk before the rename makes it visible
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)

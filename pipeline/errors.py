@@ -86,3 +86,13 @@ class LeaseLostError(StoreError):
 
 class ClusterUnreachableError(ClusterError):
     """Nothing answers at a Ray cluster's address (after retrying); the message names it."""
+
+
+class CommitRefusedError(StoreError):
+    """A fenced commit found its file already there: another attempt of the unit committed first
+    (a speculative copy, or a worker the driver had given up on); the file is left as it was."""
+
+
+class CredentialsError(StoreError):
+    """The store refuses who we are (no credentials, wrong key, access denied): retrying the same
+    call from the same place cannot help."""

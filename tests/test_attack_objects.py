@@ -29,7 +29,7 @@ from pipeline.store import RECORD_SCHEMA, Store
 
 from conftest import attack_records
 
-CONSTANTS = {"run_id", "job_hash", "unit_id", "worker", "config_hash", "precision"}  # what a unit's commit adds to every row
+CONSTANTS = {"run_id", "job_hash", "unit_id", "worker", "config_hash", "precision", "node", "attempt"}  # what a unit's commit adds to every row
 
 
 def test_record_fields_are_the_record_schema_less_the_unit_constants():

@@ -41,15 +41,16 @@ def test_run_options_are_checked_once_and_become_the_run_flags():
     from pipeline.config.run import RunOptions
 
     options = RunOptions(out="s3://b/p", workers=4, gpus_per_worker=0.25, min_gpus=8, endpoint_url="http://s3:9000",
-                         run_id="r1", fresh=True, report=False)
+                         run_id="r1", fresh=True, report=False, unit_timeout=90, speculate=True)
     assert options.run_flags() == ["--out", "s3://b/p", "--workers", "4", "--run-id", "r1", "--fresh",
                                    "--endpoint-url", "http://s3:9000", "--no-report", "--gpus-per-worker", "0.25",
-                                   "--min-gpus", "8"]
+                                   "--min-gpus", "8", "--unit-timeout", "90", "--speculate"]
     assert RunOptions().run_flags() == []  # defaults are the run command's own
-    help_text = CliRunner().invoke(app, ["run", "--help"]).output
-    assert all(f in help_text for f in options.run_flags() if f.startswith("--"))
+    for command in ("run", "submit"):  # submit hands the same flags to the cluster's run
+        help_text = CliRunner().invoke(app, [command, "--help"]).output
+        assert all(f in help_text for f in options.run_flags() if f.startswith("--")), command
     for bad, field in [({"gpus_per_worker": 0}, "--gpus-per-worker"), ({"workers": 0}, "--workers"),
-                       ({"min_gpus": -1}, "--min-gpus")]:
+                       ({"min_gpus": -1}, "--min-gpus"), ({"unit_timeout": 0}, "--unit-timeout")]:
         with pytest.raises(ConfigError, match=field):
             RunOptions(**bad)
 

@@ -4,6 +4,7 @@ options `run` takes and a job file that validates, and the images, versions and 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shlex
@@ -59,16 +60,37 @@ def test_ray_up_config_is_valid_for_ray():
     setup = " ".join(config["setup_commands"])
     assert "-c ~/robustsweep/cluster/constraints-gpu.txt -e ~/robustsweep" in setup
     assert any("ray start --head" in c for c in config["head_start_ray_commands"])
+    # The head offers no CPU to worker actors, to Ray (--num-cpus=0) and to the autoscaler alike:
+    # `resources: {}` leaves the machine's CPUs on offer.
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("CPU") == 0 and not head["resources"].get("GPU")
+    starts = [shlex.split(c.split(";")[-1]) for c in config["head_start_ray_commands"] if "ray start --head" in c]
+    assert all("--num-cpus=0" in words for words in starts)
+    # The submission the file's header shows waits for the GPUs of min_workers.
+    (submit,) = [line.split("#", 1)[1].split("#")[0].strip() for line in (CLUSTER / "ray-up-gpu.yaml").read_text().splitlines()
+                 if line.startswith("#") and "robustsweep submit" in line]
+    words = shlex.split(submit)
+    _check_command(words)
+    assert 1 <= int(words[words.index("--min-gpus") + 1]) <= min(t["min_workers"] for t in gpu)
     assert any("ray start --address=$RAY_HEAD_IP:6379" in c for c in config["worker_start_ray_commands"])
 
 
-def test_gpu_constraints_pin_what_the_project_pins():
+def test_gpu_constraints_pin_every_dependency_at_the_tested_version():
     pins = dict(line.split("==") for line in (CLUSTER / "constraints-gpu.txt").read_text().splitlines()
                 if line and not line.startswith("#"))
     cpu = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
                if line and not line.startswith("#"))
     assert pins["torch"] == cpu["torch"].split("+")[0]  # same version, the CUDA build
     assert pins["ray"] == ray.__version__
+    spec = importlib.util.spec_from_file_location("gpu_constraints", REPO / "scripts" / "gpu_constraints.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    # Every distribution the package needs here, at the version installed here; regenerate with
+    # `python scripts/gpu_constraints.py > cluster/constraints-gpu.txt` after an upgrade.
+    assert pins == script.pins()
+    assert {"numpy", "pyarrow", "s3fs", "botocore", "pydantic", "duckdb", "safetensors"} <= set(pins)
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert re.search(r"pip install .*-c cluster/constraints-gpu\.txt -e \.", dockerfile)
 
 
 def test_rayjob_names_a_real_entrypoint():
@@ -79,6 +101,10 @@ def test_rayjob_names_a_real_entrypoint():
     assert words[1] == "run"
     assert words[words.index("--address") + 1] == "auto"
     assert words[words.index("--out") + 1].startswith("s3://")
+    groups_gpus = sum(g["replicas"] for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"])
+    assert 1 <= int(words[words.index("--min-gpus") + 1]) <= groups_gpus  # never a GPU sweep on CPUs
+    head_params = job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
+    assert str(head_params.get("num-cpus")) == "0"  # the head's CPUs are not offered to worker actors
 
     cluster = job["spec"]["rayClusterSpec"]
     assert cluster["rayVersion"] == ray.__version__

@@ -183,7 +183,7 @@ def test_expiry_caps_the_holders_word_at_renewal_plus_its_time_to_live():
 def test_run_and_status_take_an_unreadable_s3_lease_for_expired(doc, s3_server, s3_bucket, cnn, tmp_path, monkeypatch):
     from pipeline.config.job import load_job
     from pipeline.runtime.plan import plan, plan_document
-    from pipeline.runtime.worker import Worker
+    from pipeline.runtime.worker import Worker, WorkerContext
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
     out = f"{s3_bucket}/out"
@@ -194,8 +194,8 @@ def test_run_and_status_take_an_unreadable_s3_lease_for_expired(doc, s3_server, 
     (unit,) = plan(job, 355)
     store = Store(out)
     store.write_json("r/plan.json", plan_document(job, [unit], "r"))
-    Worker("w0", "cpu").run_unit(unit, {"data": job.spec.data.model_dump(), "seed": job.spec.seed, "run_id": "r",
-                                        "job_hash": job.hash, "out": out})
+    Worker("w0", "cpu").run_unit(unit, WorkerContext(run_id="r", job_hash=job.hash, out=out, seed=job.spec.seed,
+                                                     data=job.spec.data))
     store.write_json("r/lease.json", doc)
     runner = CliRunner()
     status = runner.invoke(app, ["status", f"{out}/r"])

@@ -54,7 +54,7 @@ class FakeActors:
             self.done[f] = Outcome(value="pong")
         return f
 
-    def submit(self, handle, unit, peers):
+    def submit(self, handle, unit, peers, attempt=1):
         f = Future("unit", handle, unit, peers)
         self.calls.append(f)
         return f
@@ -180,7 +180,7 @@ def test_tries_are_a_setting():
     assert isinstance(event, Failed) and event.tries == 1
 
 
-def test_a_lost_actor_is_replaced_once_and_its_units_count_a_try():
+def test_a_lost_actor_is_replaced_once_and_its_units_spend_no_try():
     s, a = scheduler("abcd", 2)
     drain(s)
     assert a.placed() == [("a", 0, []), ("b", 1, []), ("c", 0, []), ("d", 1, [])]
@@ -188,13 +188,13 @@ def test_a_lost_actor_is_replaced_once_and_its_units_count_a_try():
     a.end("a", LOST)
     assert drain(s, 1) == []
     assert s.lost == 1 and a.killed == [old] and s.handles[0].generation == 2
-    assert s.tries["a"] == 1 and [u.unit_id for u in s.queue] == ["a"]
+    assert s.tries["a"] == 0 and s.losses["a"] == 1 and [u.unit_id for u in s.queue] == ["a"]
     drain(s, 1)  # the new actor answers its ping and takes a; c still counts against the slot
     assert a.placed()[4:] == [("a", 0, [])] and a.calls[4].handle.generation == 2
     a.end("c", LOST)  # the old actor's other unit: lost too, but the slot is not replaced again
     drain(s)
     assert s.lost == 2 and a.killed == [old] and s.handles[0].generation == 2
-    assert s.tries["c"] == 1
+    assert s.tries["c"] == 0 and s.losses["c"] == 1
     assert a.placed()[5:] == [("c", 0, [])] and a.calls[5].handle.generation == 2
 
 
@@ -205,8 +205,8 @@ def lose(a: FakeActors, s: Scheduler, slot: int) -> None:
             a.done[f] = LOST
 
 
-def test_work_goes_only_to_started_actors_and_a_slot_is_replaced_three_times_at_most():
-    s, a = scheduler([f"u{i}" for i in range(20)], 2, actors=FakeActors(hang={1}), tries=10)
+def test_work_goes_only_to_started_actors_and_a_slot_is_replaced_every_time():
+    s, a = scheduler([f"u{i}" for i in range(20)], 2, actors=FakeActors(hang={1}), tries=1)
     drain(s)
     assert a.placed() == [("u0", 0, []), ("u1", 0, [])]  # slot 1 has not answered its ping
     a.answer(1)
@@ -215,20 +215,16 @@ def test_work_goes_only_to_started_actors_and_a_slot_is_replaced_three_times_at_
     for k in range(1, 5):
         lose(a, s, 1)
         drain(s)
-        assert s.replaced[1] == k
-        assert (1 in s.handles) == (k <= 3)
-        if k <= 3:
-            assert s.handles[1].generation == k + 1 and a.calls[-1].handle is s.handles[1]
-    assert 1 not in s.ready and s.lost == 8  # two units in flight each time
-    for _ in range(100):  # what is left runs on slot 0
+        assert s.replaced[1] == k and s.handles[1].generation == k + 1 and a.calls[-1].handle is s.handles[1]
+    assert s.lost == 8 and not s.tries  # two units in flight each time; one try each, none spent
+    for _ in range(100):
         if not s.pending:
             break
         for f in a.calls:
             if f not in a.done:
-                assert f.handle.slot == 0
                 a.done[f] = OK
         drain(s, 1)
-    assert not s.pending
+    assert not s.pending and len(s.done) == 20
 
 
 def test_a_lost_gang_peer_is_replaced_and_the_unit_still_counts():
@@ -388,3 +384,111 @@ def test_bench_scheduler_accounts_for_every_unit():
     assert r["lost"] >= 1 and 0 < r["utilisation"] <= 1
     assert r["driver_s_per_unit"] > 0 and 0 < r["driver_cpu_s"] <= r["cpu_s"] and r["peak_bytes"] > 0
     assert format_scheduler(r)[0].startswith("2,000 units over 64 simulated actors")
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_a_unit_past_its_deadline_is_taken_back_its_actor_replaced_and_it_spends_a_try():
+    clock = Clock()
+    s, a = scheduler("ab", 2, deadline=lambda u: 10.0 if u.unit_id == "a" else None, clock=clock)
+    drain(s)
+    assert a.placed() == [("a", 0, []), ("b", 1, [])]
+    clock.t = 10.0
+    assert drain(s) == [] and s.timed_out == 0  # at the deadline, not past it
+    old = s.handles[0]
+    clock.t = 10.5
+    drain(s)  # the hung call never ends; a goes back at once, to the live actor
+    assert s.timed_out == 1 and a.killed == [old] and s.tries["a"] == 1 and s.handles[0].generation == 2
+    assert a.placed()[-1] == ("a", 1, [])
+    a.end("a")
+    a.end("b")  # b has no deadline
+    assert sorted(e.unit.unit_id for e in drain(s) if isinstance(e, Finished)) == ["a", "b"]
+    assert not s.pending and s.attempts == {"a": 2, "b": 1}
+
+
+def test_a_unit_that_keeps_hanging_fails_at_its_last_try():
+    clock = Clock()
+    s, a = scheduler("a", 1, tries=2, deadline=lambda u: 1.0, clock=clock)
+    events = []
+    for t in (0, 2, 4, 6):
+        clock.t = t
+        events += drain(s)
+    (event,) = events
+    assert isinstance(event, Failed) and event.tries == 2 and "deadline of 1 s" in event.error
+    assert s.timed_out == 2 and not s.pending
+
+
+def test_a_unit_survives_node_losses_and_fails_only_after_taking_down_many():
+    s, a = scheduler("a", 1, losses=4)
+    for k in range(3):
+        drain(s)
+        a.end("a", LOST)
+    drain(s)
+    a.end("a")
+    (event,) = drain(s)
+    assert isinstance(event, Finished) and s.losses["a"] == 3 and not s.tries and s.attempts["a"] == 4
+    s, a = scheduler("a", 1, losses=2)
+    events = []
+    for _ in range(2):
+        drain(s)
+        a.end("a", LOST)
+        events += drain(s)
+    (event,) = events
+    assert isinstance(event, Failed) and "2 actors lost" in event.error
+
+
+def test_a_straggler_gets_one_copy_on_an_idle_actor_and_the_first_to_end_wins():
+    clock = Clock()
+    s, a = scheduler("ab", 2, speculate=True, clock=clock, inflight=1)
+    drain(s)
+    assert a.placed() == [("a", 0, []), ("b", 1, [])]
+    a.end("b")
+    assert [e.unit.unit_id for e in drain(s)] == ["b"]
+    assert a.placed()[2:] == [("a", 1, [])] and s.copies == 1  # one copy only, on the idle actor
+    a.end("a")  # the copy ends first
+    (event,) = drain(s)
+    assert isinstance(event, Finished) and not s.pending and s.orphans  # the original runs on unwatched
+    a.done[a.calls[0]] = Outcome(error="commit refused")
+    assert drain(s) == [] and not s.orphans and s.busy[0] == 0 and not s.tries
+
+
+def test_the_pool_grows_when_asked_and_new_slots_take_work():
+    s, a = scheduler([f"u{i}" for i in range(6)], 1)
+    drain(s)
+    assert {slot for _, slot, _ in a.placed()} == {0}
+    s.grow(3)
+    drain(s)
+    assert {slot for _, slot, _ in a.placed()} == {0, 1, 2} and s.workers == 3 and len(a.placed()) == 6
+    s.grow(2)  # never shrinks
+    assert s.workers == 3
+
+
+def test_a_deadline_counts_from_when_the_call_ahead_ends_and_a_killed_actors_other_unit_spends_nothing():
+    clock = Clock()
+    s, a = scheduler("abc", 1, deadline=lambda u: 10.0, clock=clock)
+    drain(s)
+    assert a.placed() == [("a", 0, []), ("b", 0, [])]
+    clock.t = 8.0
+    a.end("a")
+    drain(s)  # b starts now, at 8; c is dispatched behind it
+    clock.t = 17.0
+    assert not s.timed_out
+    clock.t = 18.5
+    drain(s, 1)
+    assert s.timed_out == 1 and s.tries["b"] == 1 and not s.tries["c"]
+    assert [u.unit_id for u in s.queue] in (["b", "c"], []) and s.requeued == 2
+
+
+def test_a_fatal_error_fails_the_unit_at_once():
+    s, a = scheduler("ab", 1)
+    drain(s)
+    a.end("a", Outcome(error="no usable AWS credentials", fatal=True))
+    (event,) = drain(s)
+    assert isinstance(event, Failed) and event.tries == 1 and "credentials" in event.error
+    assert a.placed().count(("a", 0, [])) == 1

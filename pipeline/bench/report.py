@@ -86,6 +86,7 @@ def synthetic_records(n: int, seed: int = 0, classes: int = 10) -> pa.Table:
         "flags": pa.array(flags, pa.list_(pa.string())),
         "iterations": np.full(n, 100, dtype=np.int64), "eot": np.where(d_i == 0, 1, 20),
         "precision": pa.array(np.where(d_i == 0, "float32", "bf16").astype(object), pa.string()),
+        "node": names(["node-a", "node-b"], np.arange(n) % 2), "attempt": np.ones(n, dtype=np.int64),
     }
     arrays = [pa.array(columns[f.name], f.type) if not isinstance(columns[f.name], (pa.Array, pa.ChunkedArray))
               else columns[f.name].cast(f.type) for f in RECORD_SCHEMA]

@@ -17,6 +17,12 @@ the units; in wall time, and in CPU time (the loop's CPU time times the driver's
 wall time), which other processes on the machine do not stretch. Memory is tracemalloc's peak over a second, identical run (tracemalloc slows Python
 several times, so the timed run goes without it); the units are built before it starts, as a
 run's plan is, so the peak is the scheduler's and the simulated actors' state.
+
+`bench_scheduler_ray` measures the same driver through Ray itself: a local Ray cluster, real
+Ray actors (one CPU each) reached through the run's own `RayActors` (submit, wait, get, kill),
+whose units return at once, so that what is timed is the driver's cost a unit (the scheduler
+plus Ray's client side: task submission, object fetches, the core worker's threads, all in
+the driver's process CPU time) and the units a second the pool turns over.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import time
 import tracemalloc
 from dataclasses import dataclass
 
-from pipeline.bench.common import load_average, machine_info
+from pipeline.bench.common import load_average, local_ray, machine_info
+from pipeline.runtime.run import RayActors
 from pipeline.runtime.scheduler import Failed, Outcome, Scheduler
 
 UNIT_S = 60.0
@@ -122,7 +129,7 @@ class SimulatedActors:
         self.spent += time.perf_counter() - t0
         return f
 
-    def submit(self, handle: _Handle, unit: SimUnit, peers: list) -> _Future:
+    def submit(self, handle: _Handle, unit: SimUnit, peers: list, attempt: int = 1) -> _Future:
         t0 = time.perf_counter()
         self.calls += 1
         g = 1 + len(peers)
@@ -250,4 +257,59 @@ def format_scheduler(r: dict) -> list[str]:
         f"peak memory: {r['peak_bytes'] / 2**20:.1f} MiB ({r['peak_bytes_per_unit']:.0f} bytes a unit)",
         f"simulated: {r['simulated_makespan_s'] / 3600:.2f} h, actors busy {100 * r['utilisation']:.1f}% of the time",
         f"load average {r['load_before']} before, {r['load_after']} after",
+    ]
+
+
+class _Instant:
+    """A Ray actor whose units end at once: the driver's side of a call, without the work."""
+
+    def ping(self) -> str:
+        return "pong"
+
+    def run_unit(self, unit, ctx, peers=None, attempt: int = 1) -> dict:
+        return {"rows": 1, "attempt": attempt}
+
+
+class _InstantActors(RayActors):
+    """The run's RayActors (submit, wait, outcome, kill unchanged) over `_Instant` actors."""
+
+    def __init__(self):
+        super().__init__({}, use_gpu=False, gpus_per_worker=1.0)
+
+    def start(self, slot: int):
+        import ray
+
+        return ray.remote(_Instant).options(num_cpus=1, max_restarts=0).remote()
+
+
+def bench_scheduler_ray(units: int = 2000, actors: int = 3, seed: int = 0) -> dict:
+    """The driver's CPU time and wall time a unit with `units` instant units over `actors` real Ray
+    actors of a local cluster (module docstring)."""
+    work = sim_units(units, (1,), seed)
+    load_before = load_average()
+    with local_ray(num_cpus=actors):
+        pool = _InstantActors()
+        scheduler = Scheduler(work, pool, actors)
+        scheduler.first_started(timeout=0.5)
+        while len(scheduler.ready) < actors:  # every actor up before the clock starts
+            scheduler.poll()
+            pool.wait(list(scheduler.starting), 1, 0.5)
+        start, cpu, done = time.perf_counter(), time.process_time(), 0
+        while scheduler.pending:
+            done += sum(1 for e in scheduler.step() if not isinstance(e, Failed))
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        scheduler.shutdown()
+    return {"units": units, "actors": actors, "done": done, "wall_s": round(wall, 4), "cpu_s": round(cpu, 4),
+            "driver_cpu_s_per_unit": cpu / units, "driver_wall_s_per_unit": wall / units, "units_per_s": units / wall,
+            "load_before": load_before, "load_after": load_average()}
+
+
+def format_scheduler_ray(r: dict) -> list[str]:
+    """The lines for a result of `bench_scheduler_ray`."""
+    return [
+        f"through Ray: {r['units']:,} instant units over {r['actors']} real actors (local cluster): {r['done']:,} done, "
+        f"{r['units_per_s']:.0f} units/s",
+        f"driver: {1e3 * r['driver_cpu_s_per_unit']:.2f} ms of CPU time a unit (scheduler and Ray client), "
+        f"{1e3 * r['driver_wall_s_per_unit']:.2f} ms of wall time; load average {r['load_before']} before, "
+        f"{r['load_after']} after",
     ]

@@ -201,13 +201,20 @@ def bench_scheduler_cmd(
     actors: int = typer.Option(1024, help="simulated actors"),
     gangs: str = typer.Option("1,2,4,8", help="gang sizes, comma-separated: one block of units each"),
     seed: int = typer.Option(0, help="seed of the simulated durations, errors and losses"),
+    ray_units: int = typer.Option(2000, help="units through a real local Ray cluster (0: skip that part)"),
+    ray_actors: int = typer.Option(3, help="real Ray actors (one CPU each) for --ray-units"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ):
-    """The run's scheduler over simulated actors (gangs, losses, retries): the driver's seconds a unit and peak memory."""
+    """The run's scheduler over simulated actors (gangs, losses, retries), then through real Ray actors: the driver's
+    seconds a unit and peak memory."""
     sizes = positive_ints(gangs, "--gangs", "1,2,4,8")
     if units < 1 or actors < 1 or max(sizes) > actors:
         raise ConfigError(f"--units and --actors must be >= 1 and every gang at most --actors; got {units}, {actors}, {gangs}")
-    from pipeline.bench.scheduler import bench_scheduler, format_scheduler
+    if ray_units < 0 or ray_actors < 1:
+        raise ConfigError(f"--ray-units must be >= 0 and --ray-actors >= 1; got {ray_units}, {ray_actors}")
+    from pipeline.bench.scheduler import bench_scheduler, bench_scheduler_ray, format_scheduler, format_scheduler_ray
 
     result = bench_scheduler(units=units, actors=actors, gangs=sizes, seed=seed)
-    show(result, as_json, format_scheduler)
+    if ray_units:
+        result["ray"] = bench_scheduler_ray(units=ray_units, actors=ray_actors, seed=seed)
+    show(result, as_json, lambda r: format_scheduler(r) + (format_scheduler_ray(r["ray"]) if "ray" in r else []))

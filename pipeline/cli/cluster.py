@@ -56,12 +56,15 @@ def submit_cmd(
     env: list[str] = typer.Option([], "--env", help="KEY=VALUE for the job's environment (repeatable)"),
     exclude: list[str] = typer.Option([], "--exclude", help="a path pattern that stays here (repeatable; .venv, .git, results, caches and *.parquet always do)"),
     forward_aws: bool = typer.Option(True, help="pass the AWS_* variables set here (credentials, region, endpoint) to the job"),
+    unit_timeout: Optional[float] = typer.Option(None, help="seconds a unit may run; past it its actor is replaced and the unit requeued (default: no limit)"),
+    speculate: bool = typer.Option(False, help="run a second copy of the last stragglers on idle actors; the first commit wins"),
 ):
     """Submit a job to a running Ray cluster (Ray Jobs API); prints the submission id."""
     from pipeline.runtime.submit import aws_variables, submit_job
 
     options = RunOptions(out=out, workers=workers, gpus_per_worker=gpus_per_worker, min_gpus=min_gpus,
-                         endpoint_url=endpoint_url, run_id=run_id, fresh=fresh, report=report)
+                         endpoint_url=endpoint_url, run_id=run_id, fresh=fresh, report=report,
+                         unit_timeout=unit_timeout, speculate=speculate)
     submission_id = submit_job(job, address, options, working_dir=working_dir, python=python, env=env_pairs(env),
                                forward_aws=forward_aws, excludes=exclude)
     print(submission_id, flush=True)

@@ -14,13 +14,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline.errors import (BadFileError, CheckpointError, ClusterUnreachableError, ConfigError, DatasetError, InputError,
-                             LeaseHeldError, RobustsweepError)
+from pipeline.errors import (BadFileError, CheckpointError, ConfigError, DatasetError, InputError, LeaseHeldError,
+                             RobustsweepError)
 
 console = Console(stderr=True, soft_wrap=True)
 
-# Errors that mean the user's input is wrong (exit 2); any other RobustsweepError is a failure while working (exit 1).
-BAD_INPUT = (ConfigError, InputError, DatasetError, CheckpointError, BadFileError, LeaseHeldError, ClusterUnreachableError)
+# Errors that mean the user's input is wrong (exit 2); any other RobustsweepError is a failure while working (exit 1),
+# a cluster or store that cannot be reached included (README, exit codes).
+BAD_INPUT = (ConfigError, InputError, DatasetError, CheckpointError, BadFileError, LeaseHeldError)
 SKIP_BAD_HELP = "leave out record files that fail their checks (each is listed) instead of refusing them (exit 2)"
 
 F = TypeVar("F", bound=Callable)

@@ -58,16 +58,22 @@ def run_cmd(
     gpus_per_worker: float = typer.Option(1.0, help="GPUs per worker actor; 0.5 or 0.25 pack small models several to a GPU"),
     min_gpus: int = typer.Option(0, help="wait (up to 10 min) until the cluster has this many GPUs before starting workers"),
     lease_wait: float = typer.Option(0.0, help="seconds to wait while another driver holds the run folder (default: refuse at once, exit 2)"),
+    unit_timeout: Optional[float] = typer.Option(None, help="seconds a unit may run; past it its actor is replaced and the unit requeued (default: no limit)"),
+    speculate: bool = typer.Option(False, help="run a second copy of the last stragglers on idle actors; the first commit wins"),
 ):
     """Run a job on a Ray cluster (resuming committed units) and print its report."""
     from pipeline.runtime.run import run_job
 
     options = RunOptions(out=out, workers=workers, gpus_per_worker=gpus_per_worker, address=address, min_gpus=min_gpus,
-                         endpoint_url=endpoint_url, run_id=run_id, fresh=fresh, report=report)
+                         endpoint_url=endpoint_url, run_id=run_id, fresh=fresh, report=report,
+                         unit_timeout=unit_timeout, speculate=speculate)
     spec = load_job_file(job)
     result = run_job(spec, options, progress=True, lease_wait=lease_wait)
     console.print(f"run {result.run_id}: {result.done} units done, {result.skipped} already committed, "
                   f"{len(result.failed)} failed; {result.rows} rows in {result.seconds:.1f} s -> {result.uri}", markup=False)
+    if result.lost or result.replaced or result.timed_out:
+        console.print(f"cluster: {result.lost} actors lost, {result.replaced} replaced, {result.timed_out} units past "
+                      f"their deadline, {result.requeued} units requeued", highlight=False, markup=False)
     if options.report:
         print_summary([result.uri], options.endpoint_url)
     if result.failed:

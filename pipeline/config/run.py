@@ -16,7 +16,9 @@ class RunOptions:
     in (0, 1]; fractions pack small models several to a GPU. address: the Ray cluster (None starts a
     local one; "auto"; ray://host:port). min_gpus: wait for this many GPUs before sizing the pool.
     endpoint_url: S3 endpoint. run_id: default the job's name and hash. fresh: a new run instead of
-    resuming. report: print the report at the end."""
+    resuming. report: print the report at the end. unit_timeout: seconds a unit may run before its
+    actor is replaced and the unit requeued (None: no deadline). speculate: a second copy of
+    each of the last stragglers on an idle actor, the first commit wins."""
 
     out: str = DEFAULT_OUT
     workers: int | None = None
@@ -27,8 +29,12 @@ class RunOptions:
     run_id: str | None = None
     fresh: bool = False
     report: bool = True
+    unit_timeout: float | None = None
+    speculate: bool = False
 
     def __post_init__(self):
+        if self.unit_timeout is not None and not self.unit_timeout > 0:
+            raise ConfigError(f"unit_timeout (--unit-timeout) must be > 0 seconds, got {self.unit_timeout:g}")
         if not 0 < self.gpus_per_worker <= 1:
             raise ConfigError(f"gpus_per_worker (--gpus-per-worker) must be in (0, 1], got {self.gpus_per_worker:g}")
         if self.workers is not None and self.workers < 1:
@@ -55,4 +61,8 @@ class RunOptions:
             flags += ["--gpus-per-worker", f"{self.gpus_per_worker:g}"]
         if self.min_gpus:
             flags += ["--min-gpus", str(int(self.min_gpus))]
+        if self.unit_timeout is not None:
+            flags += ["--unit-timeout", f"{self.unit_timeout:g}"]
+        if self.speculate:
+            flags.append("--speculate")
         return flags

@@ -2,7 +2,11 @@
 
 The variable holds JSON: {"dir": folder for once-markers, "raise_once": [unit ids],
 "raise_always": [...], "crash_once": [...] (the worker process exits: a lost actor),
-"sleep_s": seconds every unit waits first (a slow driver, for tests of two drivers)}.
+"sleep_s": seconds every unit waits first (a slow driver, for tests of two drivers),
+"stop_once": [...] (the worker stops itself before its commit: a hung worker),
+"slow": {unit id: seconds} (that unit waits first, every attempt; a marker
+"running-{unit}-{node id}-{pid}" says where it has started), "hold": [...] (those units write the
+same marker, then wait until a file "release" appears in "dir")}.
 Unset, this does nothing. It is read by the workers, so it travels with their environment.
 """
 
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -39,9 +44,29 @@ def inject(unit_id: str) -> None:
     folder = plan.get("dir", ".")
     if plan.get("sleep_s"):
         time.sleep(float(plan["sleep_s"]))
+    if unit_id in plan.get("slow", {}) or unit_id in plan.get("hold", []):
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        (Path(folder) / f"running-{unit_id}-{node}-{os.getpid()}").touch()
+        time.sleep(float(plan.get("slow", {}).get(unit_id, 0)))
+        deadline = time.monotonic() + 600
+        while unit_id in plan.get("hold", []) and not (Path(folder) / "release").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
     if unit_id in plan.get("raise_always", []):
         raise InjectedFault(f"unit {unit_id} fails on purpose (raise_always)")
     if unit_id in plan.get("raise_once", []) and _once(folder, "raise", unit_id):
         raise InjectedFault(f"unit {unit_id} fails on purpose once (raise_once)")
     if unit_id in plan.get("crash_once", []) and _once(folder, "crash", unit_id):
         os._exit(17)
+
+
+def before_commit(unit_id: str) -> None:
+    """Faults between a unit's work and its commit: "stop_once" stops the worker process
+    (SIGSTOP: Ray still sees it alive, it answers nothing: a hung worker)."""
+    raw = os.environ.get(ENV)
+    if not raw:
+        return
+    plan = json.loads(raw)
+    if unit_id in plan.get("stop_once", []) and _once(plan.get("dir", "."), "stop", unit_id):
+        os.kill(os.getpid(), signal.SIGSTOP)

@@ -1,25 +1,36 @@
 """Run a job: plan it, hand its units to a pool of Ray worker actors, commit, resume.
 
 The queue is runtime/scheduler.py: at most `INFLIGHT` units per actor; a unit whose actor or
-node is lost goes back in the queue and the actor is replaced; a unit that raises is retried;
-after `TRIES` attempts a unit is recorded in `failures/` with its error and traceback and the
-job goes on. Committed units (footer present, row count right) are skipped, so a rerun
+node is lost goes back in the queue (spending no try) and the actor is replaced; a unit past
+its deadline (`unit_deadline`) is taken back and its actor replaced; a unit that raises is
+retried; after `TRIES` attempts a unit is recorded in `failures/` with its error and traceback
+and the job goes on. Committed units (footer present, row count right) are skipped, so a rerun
 resumes for free. This module is the Ray side: `RayActors` is the scheduler's `Actors`.
+
+Workers get the storage credentials and endpoint of the driver's environment (`worker_env`,
+through the actors' runtime_env, never printed), and the first actor to start writes and reads
+a probe file before any unit runs, so a worker that cannot reach the store stops the run at
+once. Without --workers the pool follows the cluster: nodes that join get actors.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.exceptions import (ActorDiedError, ActorUnavailableError, GetTimeoutError, NodeDiedError, RayActorError, RaySystemError,
+                            RayTaskError, WorkerCrashedError)
 
 from pipeline.data import load_split
-from pipeline.errors import ClusterError, ConfigError
+from pipeline.scrub import scrub
+from pipeline.errors import ClusterError, ClusterUnreachableError, ConfigError, CredentialsError, RobustsweepError
 from pipeline.store import Store
 from pipeline.store.binding import PLAN, check_binding
 from pipeline.store.lease import RunLease
@@ -29,7 +40,8 @@ from pipeline.runtime import faults
 from pipeline.training.defaults import prepare_defaults, role_of
 from pipeline.runtime.plan import Unit, plan, plan_document, run_id_for
 from pipeline.runtime.preflight import preflight_run
-from pipeline.runtime.reach import check_reachable
+from pipeline.runtime.reach import RETRY_ENV as RAY_RETRY_ENV
+from pipeline.runtime.reach import check_reachable, retry_seconds
 from pipeline.runtime.scheduler import Failed, Outcome, Scheduler, gang_size
 from pipeline.config.job import Job
 from pipeline.config.preflight import check_output
@@ -37,6 +49,30 @@ from pipeline.config.run import RunOptions
 from pipeline.runtime.worker import UnitResult, Worker, WorkerContext
 
 LOST = (RayActorError, ActorDiedError, ActorUnavailableError, NodeDiedError, WorkerCrashedError)
+# What a worker needs of the driver's environment to reach the store as the driver does
+# (credentials, region, endpoint, retry budget); the values travel in the actors' runtime_env.
+WORKER_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+              "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "ROBUSTSWEEP_S3_RETRY_SECONDS", faults.ENV)
+GROW_EVERY = 2.0  # seconds between looks at the cluster's size (a cheap GCS call)
+PROBE_TIMEOUT = 300.0  # seconds the first actor's store probe may take (model-free; S3 retries included)
+
+
+def worker_env() -> dict[str, str]:
+    """The variables of WORKER_ENV set in this process (secrets among them: never print this)."""
+    return {k: os.environ[k] for k in WORKER_ENV if os.environ.get(k)}
+
+
+def unit_deadline(unit: Unit, options: RunOptions) -> float | None:
+    """Seconds `unit` may run before its actor is replaced and it is requeued; None: no limit.
+
+    The one place a deadline is decided: today the run's `unit_timeout`; a cost model of the
+    unit (its attack's evaluations times the defense's seconds per evaluation) can feed it here.
+    """
+    return options.unit_timeout
+
+
+class Stopped(KeyboardInterrupt):
+    """The driver was asked to stop (SIGTERM: `ray job stop`, `robustsweep stop`, Kubernetes)."""
 
 
 @dataclass
@@ -52,21 +88,45 @@ class RunResult:
     workers: int = 0
     redone: dict = field(default_factory=dict)  # unit id -> why its committed file was redone
     lost: int = 0  # actors lost on the way (their units or gang calls were redone elsewhere)
+    replaced: int = 0  # actors started again in place of lost or hung ones
+    timed_out: int = 0  # units taken back at their deadline
+    requeued: int = 0  # units put back in the queue (lost actor, deadline, error)
+    copies: int = 0  # speculative copies issued
 
     @property
     def ok(self) -> bool:
         return not self.failed
 
 
-def connect(address: str | None) -> bool:
-    """Join or start a Ray cluster; True if this call started it (so we shut it down after)."""
+def connect(address: str | None, budget: float | None = None) -> bool:
+    """Join or start a Ray cluster; True if this call started it (so we shut it down after).
+
+    Joining is retried with backoff for `budget` seconds (ROBUSTSWEEP_RAY_RETRY_SECONDS, like
+    check_reachable): a ray:// client server that has just come up, or is busy, refuses the first
+    handshake (ConnectionAbortedError) where a GCS address would have waited.
+    """
     if ray.is_initialized():
         return False
     if address is None:
         ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         return True
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    return False
+    budget = retry_seconds() if budget is None else budget
+    deadline, delay = time.monotonic() + budget, 0.5
+    while True:
+        try:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            return False
+        except (ConnectionError, TimeoutError, RaySystemError) as exc:
+            error = exc
+        if ray.is_initialized():
+            ray.shutdown()
+        if time.monotonic() + delay > deadline:
+            break
+        time.sleep(delay * random.uniform(0.5, 1.5))
+        delay = min(2 * delay, 4.0)
+    raise ClusterUnreachableError(f"cannot join the Ray cluster at {address} (--address): {type(error).__name__}: "
+                                  f"{str(error).splitlines()[0] if str(error) else ''}; retried for {budget:g} s "
+                                  f"({RAY_RETRY_ENV}); check that the head is up and its client port open") from None
 
 
 def default_workers(gpus_per_worker: float = 1.0) -> tuple[int, bool]:
@@ -138,7 +198,7 @@ def run_job(job: Job, options: RunOptions = RunOptions(), *, progress: bool = Tr
 def _read_only(store: Store, run_id: str) -> bool:
     """Whether the run folder exists on local storage this process cannot write (a read-only
     mount, an immutable folder); the preflight let it through because it holds a plan."""
-    folder = store._path(run_id)
+    folder = store.path(run_id)
     return store._local and os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK)
 
 
@@ -152,6 +212,20 @@ def _finished(job: Job, store: Store, units: list[Unit], run_id: str, start: flo
         raise ConfigError(f"out (--out): {store.join(run_id)} is read-only and {len(left)} of {len(units)} units are "
                           f"not committed there; make it writable, or give another --out")
     return RunResult(run_id, store.join(run_id), len(units), len(units), 0, seconds=time.perf_counter() - start)
+
+
+def resume_line(run_id: str, out: str, done: int, total: int) -> str:
+    """What to do after a run that stopped before its end."""
+    return (f"run {run_id} stopped with {done} of {total} units committed under {out}; they are kept: run the same "
+            f"`robustsweep run` command again (same --out, same job or --run-id {run_id}) to resume the rest")
+
+
+_SIGTERM = threading.Event()  # Ray's blocking calls re-raise a handler's exception as a plain KeyboardInterrupt
+
+
+def _on_sigterm(signum, frame):
+    _SIGTERM.set()
+    raise Stopped()
 
 
 def _run_leased(job: Job, options: RunOptions, store: Store, units: list[Unit], run_id: str, start: float,
@@ -172,15 +246,34 @@ def _run_leased(job: Job, options: RunOptions, store: Store, units: list[Unit], 
     if not todo:
         result.seconds = time.perf_counter() - start
         return result
+    for unit_id, reason in result.redone.items():  # fenced commits create only: clear the way, keep the evidence
+        unit = next(u for u in todo if u.unit_id == unit_id)
+        store.set_aside(f"{run_id}/{unit.path}", f".refused-{int(time.time())}")
+    if progress:  # first, in the log: a head that dies takes the driver with it before it can say more
+        print(f"run {run_id}: {len(todo)} units to do, {result.skipped} committed; if this run stops, the same "
+              f"command resumes it", file=sys.stderr)
     started = connect(options.address)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
+    _SIGTERM.clear()
     try:
         wait_for_gpus(options.min_gpus, wait_s)
         n, use_gpu = default_workers(options.gpus_per_worker)
         n = options.workers or n
         result.workers = n
         ctx = WorkerContext(run_id, job.hash, options.out, job.spec.seed, data, endpoint_url=options.endpoint_url)
-        _drain(todo, ctx, store, result, n, use_gpu, options.gpus_per_worker, progress, lease)
+        _drain(todo, ctx, store, result, n, use_gpu, options, progress, lease)
+    except KeyboardInterrupt:
+        if _SIGTERM.is_set():
+            raise ClusterError(f"stopped (SIGTERM); {resume_line(run_id, options.out, result.skipped + result.done, result.units)}") from None
+        print(resume_line(run_id, options.out, result.skipped + result.done, result.units), file=sys.stderr)
+        raise
+    except (RaySystemError, ConnectionError) as exc:
+        raise ClusterError(f"lost the Ray cluster ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                           f"{resume_line(run_id, options.out, result.skipped + result.done, result.units)}") from None
     finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
         if started:
             ray.shutdown()
     result.seconds = time.perf_counter() - start
@@ -193,11 +286,12 @@ class RayActors:
     def __init__(self, ctx: WorkerContext, use_gpu: bool, gpus_per_worker: float):
         self.ctx, self.use_gpu, self.gpus_per_worker = ctx, use_gpu, gpus_per_worker
         self.resource = "GPU" if use_gpu else "CPU"
+        self.env = worker_env()
 
     def start(self, slot: int):
         options = {"num_cpus": 1, "max_restarts": 0}
-        if os.environ.get(faults.ENV):  # tests of the queue: the faults travel to the workers
-            options["runtime_env"] = {"env_vars": {faults.ENV: os.environ[faults.ENV]}}
+        if self.env:
+            options["runtime_env"] = {"env_vars": dict(self.env)}
         cls = ray.remote(Worker)
         if self.use_gpu:
             # The GPU does the work; the CPU share only keeps Ray from packing more actors than cores.
@@ -208,20 +302,24 @@ class RayActors:
     def ping(self, handle):
         return handle.ping.remote()
 
-    def submit(self, handle, unit: Unit, peers: list):
-        return handle.run_unit.remote(unit, self.ctx, peers or None)
+    def submit(self, handle, unit: Unit, peers: list, attempt: int = 1):
+        return handle.run_unit.remote(unit, self.ctx, peers or None, attempt)
 
     def wait(self, futures: list, num_returns: int, timeout: float) -> list:
         done, _ = ray.wait(futures, num_returns=num_returns, timeout=timeout)
         return done
 
     def outcome(self, future) -> Outcome:
+        # Errors travel into failure notes and the terminal: the credentials the workers were
+        # given (runtime_env) never go with them, whatever Ray or a library put in a message.
         try:
             value = ray.get(future)
         except LOST:
-            return Outcome(error="worker lost", trace=traceback.format_exc(), lost=True)
+            return Outcome(error="worker lost", trace=scrub(traceback.format_exc()), lost=True)
         except RayTaskError as exc:
-            return Outcome(error=str(exc.cause if exc.cause else exc), trace=traceback.format_exc())
+            # Credentials fail every try the same way: no retry (the probe usually stops the run first).
+            return Outcome(error=scrub(str(exc.cause if exc.cause else exc)), trace=scrub(traceback.format_exc()),
+                           fatal=isinstance(exc.cause, CredentialsError))
         return Outcome(value=value, lost_peers=value.lost_peers if isinstance(value, UnitResult) else ())
 
     def kill(self, handle) -> None:
@@ -229,7 +327,7 @@ class RayActors:
 
 
 def _drain(todo: list[Unit], ctx: WorkerContext, store: Store, result: RunResult, n: int, use_gpu: bool,
-           gpus_per_worker: float, progress: bool, lease: RunLease) -> None:
+           options: RunOptions, progress: bool, lease: RunLease) -> None:
     """Hand the units to the pool until every one is committed or failed (module docstring), or
     until another driver takes the run folder's lease over (LeaseLostError; the pool is stopped)."""
     from rich.console import Console
@@ -240,13 +338,21 @@ def _drain(todo: list[Unit], ctx: WorkerContext, store: Store, result: RunResult
     stale = set(store.list(f"{result.run_id}/failures", ".json"))
     examples, t0 = 0, time.perf_counter()
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), disable=not progress)
-    scheduler = Scheduler(todo, RayActors(ctx, use_gpu, gpus_per_worker), n, gangs=gangs)
+                   TextColumn("{task.fields[pool]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                   disable=not progress)
+    actors = RayActors(ctx, use_gpu, options.gpus_per_worker)
+    scheduler = Scheduler(todo, actors, n, gangs=gangs, deadline=lambda unit: unit_deadline(unit, options),
+                          speculate=options.speculate)
+    grown = time.monotonic()
     try:
+        _probe(scheduler, ctx)
         with bar:
-            task = bar.add_task(f"{result.run_id}", total=len(todo), rate="")
+            task = bar.add_task(f"{result.run_id}", total=len(todo), rate="", pool="")
             while scheduler.pending:
                 lease.check()
+                if options.workers is None and time.monotonic() - grown > GROW_EVERY:
+                    grown = time.monotonic()
+                    scheduler.grow(default_workers(options.gpus_per_worker)[0])
                 for event in scheduler.step():
                     unit = event.unit
                     failure = f"{result.run_id}/failures/unit-{unit.unit_id}.json"
@@ -262,6 +368,34 @@ def _drain(todo: list[Unit], ctx: WorkerContext, store: Store, result: RunResult
                         store.remove(failure)
                     rate = examples / max(time.perf_counter() - t0, 1e-9)
                     bar.update(task, advance=1, rate=f"{rate:.2f} ex/s")
+                bar.update(task, pool=pool_line(scheduler))
     finally:
         scheduler.shutdown()
-        result.lost = scheduler.lost
+        result.workers = max(result.workers, scheduler.workers)
+        result.lost, result.replaced, result.timed_out = scheduler.lost, scheduler.replacements, scheduler.timed_out
+        result.requeued, result.copies = scheduler.requeued, scheduler.copies
+
+
+def pool_line(scheduler: Scheduler) -> str:
+    """The pool in a few words for the progress line: actors up, starting, lost, replaced."""
+    line = f"{len(scheduler.ready)}/{len(scheduler.handles)} actors up"
+    if scheduler.lost or scheduler.replacements or scheduler.timed_out:
+        line += f", {scheduler.lost} lost, {scheduler.replacements} replaced"
+        if scheduler.timed_out:
+            line += f", {scheduler.timed_out} past deadline"
+    return line
+
+
+def _probe(scheduler: Scheduler, ctx: WorkerContext) -> None:
+    """Before any unit: the first actor to start writes, reads and removes a file in the run
+    folder with the environment every worker gets (the driver's own access proves nothing
+    about theirs). A CredentialsError (or any StoreError) stops the run here."""
+    slot = scheduler.first_started()
+    try:
+        ray.get(scheduler.handles[slot].probe.remote(ctx), timeout=PROBE_TIMEOUT)
+    except RayTaskError as exc:
+        if isinstance(exc.cause, RobustsweepError):  # keeps its type, hence its exit code
+            raise type(exc.cause)(f"a worker cannot use the store: {exc.cause}") from None
+        raise ClusterError(f"a worker cannot use the store: {scrub(str(exc.cause or exc))}") from None
+    except (GetTimeoutError, *LOST):
+        return  # the actor is the cluster's problem; the queue deals with it

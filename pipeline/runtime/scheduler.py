@@ -14,16 +14,28 @@ All the scheduling state lives in `Scheduler`, and it reaches actors only throug
   larger than the live pool shrinks to it instead of waiting forever.
 - Work goes only to started actors (they answered a ping), so an actor that cannot be placed
   holds nothing up.
-- A unit whose actor is lost, or that raises, goes back to the head of the queue; its
-  `tries`-th failure is final (a `Failed` event). A lost actor is killed and started again in
-  its slot, at most `replacements` times; the peers of a gang whose unit failed are pinged
-  again before they get more work.
+- A unit that raises goes back to the head of the queue; its `tries`-th failure is final (a
+  `Failed` event). A unit whose actor is lost (its node died, was preempted or drained, or the
+  worker process died) goes back to the head without spending a try: a lost actor is the
+  cluster's doing, not the unit's; only a unit that takes `losses` actors down with it fails.
+  A lost actor is killed and started again in its slot, as often as it takes (a long run on
+  spot nodes loses many); the peers of a gang whose unit failed are pinged again before they
+  get more work.
+- A unit running longer than its deadline (`deadline(unit)` seconds, None: no limit) is taken
+  back: its actor is killed and replaced (a hung process answers nothing, not even a cancel)
+  and the unit goes back to the head, spending a try (a unit that is simply too slow for its
+  deadline must end).
+- `speculate`: with the queue empty and an actor idle, the longest-running unit gets a second
+  copy on it; the first copy to end well is the unit's result (the store refuses the other's
+  commit), the other is left to end unwatched.
+- The pool grows: `grow(n)` adds slots up to n (the driver calls it when nodes join).
 - With nothing running and no actor started for `startup_timeout` seconds, the run stops.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import heapq
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -34,7 +46,7 @@ from pipeline.errors import ClusterError
 
 INFLIGHT = 2
 TRIES = 3
-REPLACEMENTS = 3  # restarts of one actor slot
+LOSSES = 10  # actors a unit may take down with it before it counts as failed
 START_GRACE = 60.0  # seconds a gang waits for an actor that is still starting
 STARTUP_TIMEOUT = 600.0  # seconds with no actor started and nothing running before the run gives up
 
@@ -69,6 +81,7 @@ class Outcome:
     trace: str = ""
     lost: bool = False
     lost_peers: tuple[int, ...] = ()
+    fatal: bool = False  # retrying cannot help (the store refuses the worker's credentials): fail at once
 
     @property
     def ok(self) -> bool:
@@ -86,8 +99,9 @@ class Actors(Protocol):
     def ping(self, handle) -> Any:
         """A future that completes once the actor has started."""
 
-    def submit(self, handle, unit, peers: list) -> Any:
-        """Run `unit` on the actor, sharded over `peers` (handles) when there are any; a future."""
+    def submit(self, handle, unit, peers: list, attempt: int) -> Any:
+        """Run `unit` on the actor, sharded over `peers` (handles) when there are any, as the
+        unit's `attempt`-th call (it goes into the records); a future."""
 
     def wait(self, futures: list, num_returns: int, timeout: float) -> list:
         """Up to `num_returns` of `futures` that are done, waiting at most `timeout` seconds for them."""
@@ -123,24 +137,30 @@ class _Running:
     leader: int
     handle: Any
     peers: tuple[tuple[int, Any], ...]  # (slot, handle) of each gang peer
+    since: float = 0.0  # when it was dispatched (scheduler clock)
+    attempt: int = 1
 
 
 class Scheduler:
     """The units of a run over `workers` actor slots (module docstring for the rules).
 
     units: objects with a `unit_id`, in queue order. gangs: unit_id -> G (default 1).
-    clock: seconds, for the start grace and the start-up timeout.
+    deadline: unit -> seconds it may run (None: no limit; runtime/run.py `unit_deadline`).
+    speculate: second copies of the last stragglers. clock: seconds, for the start grace, the
+    start-up timeout and the deadlines.
     """
 
     def __init__(self, units: Iterable, actors: Actors, workers: int, *, gangs: Mapping[str, int] | None = None,
-                 inflight: int = INFLIGHT, tries: int = TRIES, replacements: int = REPLACEMENTS,
+                 inflight: int = INFLIGHT, tries: int = TRIES, losses: int = LOSSES,
+                 deadline: Callable[[Any], float | None] | None = None, speculate: bool = False,
                  start_grace: float = START_GRACE, startup_timeout: float = STARTUP_TIMEOUT,
                  clock: Callable[[], float] = time.perf_counter):
         self.queue = collections.deque(units)
         self.gangs = gangs or {}
         self.actors = actors
         self.workers = workers
-        self.max_inflight, self.max_tries, self.replacements = inflight, tries, replacements
+        self.max_inflight, self.max_tries, self.max_losses = inflight, tries, losses
+        self.deadline, self.speculate = deadline or (lambda unit: None), speculate
         self.start_grace, self.startup_timeout, self.clock = start_grace, startup_timeout, clock
         self.handles: dict[int, Any] = {}
         self.starting: dict[Any, int] = {}  # ping future -> slot
@@ -151,7 +171,15 @@ class Scheduler:
         self.reserved: set[int] = set()  # slots held by a running gang
         self.running: dict[Any, _Running] = {}
         self.tries: collections.Counter = collections.Counter()  # unit_id -> failed tries
+        self.losses: collections.Counter = collections.Counter()  # unit_id -> actors lost under it
+        self.attempts: collections.Counter = collections.Counter()  # unit_id -> calls issued
+        self.done: set = set()  # unit_ids that ended (a late copy's outcome is ignored)
+        self.orphans: dict[Any, _Running] = {}  # calls whose outcome no longer matters (a copy that lost)
         self.lost = 0  # actors lost on the way (calls found them dead)
+        self.timed_out = 0  # units taken back at their deadline
+        self.copies = 0  # speculative copies issued
+        self.requeued = 0  # units put back at the head of the queue
+        self.late: list[Failed] = []  # units that failed at their deadline, reported by the next step
         self.idle_since = clock()
         # Started, unreserved slots with room, by units in flight (b < inflight): the set of each
         # level and a min-heap of its slots, so a dispatch costs O(log workers), not a sort of the
@@ -171,16 +199,92 @@ class Scheduler:
     def step(self, timeout: float = 1.0) -> list[Finished | Failed]:
         """One turn of the driver: take started actors, dispatch, wait up to `timeout` for a call."""
         self.poll()
+        self.expire()
         self.dispatch()
+        if self.speculate:
+            self.copy_straggler()
         self._check_startup()
-        done = self.actors.wait(list(self.running) + list(self.starting), 1, timeout)
-        events = []
+        done = self.actors.wait(list(self.running) + list(self.starting) + list(self.orphans), 1, timeout)
+        events, self.late = self.late, []
         for future in done:
-            if future in self.running:  # a ping is taken by `poll` next turn
+            if future in self.orphans:
+                self._release(self.orphans.pop(future))
+            elif future in self.running:  # a ping is taken by `poll` next turn
                 event = self.finish(future)
                 if event is not None:
                     events.append(event)
         return events
+
+    def first_started(self, timeout: float = 0.5) -> int:
+        """Block until an actor has started (ClusterError after the start-up timeout); its slot.
+        Nothing is dispatched meanwhile."""
+        while not self.ready:
+            self.poll()
+            self._check_startup()
+            if not self.ready:
+                self.actors.wait(list(self.starting), 1, timeout)
+        return min(self.ready)
+
+    @property
+    def starting_count(self) -> int:
+        """Slots whose actor has not answered yet (placed or waiting for a node)."""
+        return len(self.handles) - len(self.ready)
+
+    @property
+    def replacements(self) -> int:
+        return sum(self.replaced.values())
+
+    def grow(self, workers: int) -> None:
+        """Add actor slots up to `workers` (never shrinks: an actor waiting for room is placed
+        by Ray when a node joins)."""
+        for slot in range(self.workers, workers):
+            self._start(slot)
+        self.workers = max(self.workers, workers)
+
+    def expire(self) -> None:
+        """Take back the units past their deadline: kill and replace their actor, requeue them.
+
+        A unit's clock starts when it is dispatched, or when the call ahead of it on the same
+        actor ends (an actor runs one call at a time). The other units the killed actor held go
+        back to the queue as a lost actor's do, spending nothing."""
+        now = self.clock()
+        for future, run in list(self.running.items()):
+            limit = self.deadline(run.unit)
+            if future not in self.running or limit is None or now - run.since <= limit:
+                continue
+            del self.running[future]
+            self._release(run)
+            self.timed_out += 1
+            for other, behind in list(self.running.items()):
+                if behind.handle is run.handle:
+                    del self.running[other]
+                    self._release(behind)
+                    if not any(r.unit.unit_id == behind.unit.unit_id for r in self.running.values()):
+                        self.queue.appendleft(behind.unit)
+                        self.requeued += 1
+            if self.handles.get(run.leader) is run.handle:
+                self.replace(run.leader)
+            for slot, handle in run.peers:
+                if self.handles.get(slot) is handle:
+                    self.recheck(slot)
+            if any(r.unit.unit_id == run.unit.unit_id for r in self.running.values()):
+                continue  # its speculative copy goes on
+            event = self._retry(run.unit, Outcome(error=f"did not end within its deadline of {limit:g} s"))
+            if event is not None:  # only a unit that keeps hanging; `step` hands it to the driver
+                self.late.append(event)
+
+    def copy_straggler(self) -> None:
+        """With nothing queued and an actor idle, a second copy of the longest-running lone unit."""
+        if self.queue:
+            return
+        copied = collections.Counter(run.unit.unit_id for run in self.running.values())
+        candidates = [run for run in self.running.values() if not run.peers and copied[run.unit.unit_id] == 1]
+        for run in sorted(candidates, key=lambda r: r.since):
+            idle = self._lowest(0)
+            if idle is None or idle == run.leader:
+                return
+            self.copies += 1
+            self._submit(run.unit, idle, ())
 
     def poll(self) -> None:
         """Mark the actors whose ping came back as started; restart those that died starting."""
@@ -227,15 +331,19 @@ class Scheduler:
                     self._refresh(members[-1])
                 leader, peers = members[0], tuple((s, self.handles[s]) for s in members[1:])
             self.queue.popleft()
-            handle = self.handles[leader]
-            future = self.actors.submit(handle, unit, [h for _, h in peers])
-            self.running[future] = _Running(unit, leader, handle, peers)
-            self.busy[leader] += 1
-            self._refresh(leader)
+            self._submit(unit, leader, peers)
 
-    def finish(self, future) -> Finished | Failed | None:
-        """Account for a done call: free its actors, replace lost ones, retry or report the unit."""
-        run = self.running.pop(future)
+    def _submit(self, unit, leader: int, peers: tuple) -> None:
+        handle = self.handles[leader]
+        self.attempts[unit.unit_id] += 1
+        attempt = self.attempts[unit.unit_id]
+        future = self.actors.submit(handle, unit, [h for _, h in peers], attempt)
+        self.running[future] = _Running(unit, leader, handle, peers, self.clock(), attempt)
+        self.busy[leader] += 1
+        self._refresh(leader)
+
+    def _release(self, run: _Running) -> None:
+        """Free the slots a call held."""
         self.busy[run.leader] -= 1
         if run.peers:
             for slot in (run.leader, *(s for s, _ in run.peers)):
@@ -243,7 +351,18 @@ class Scheduler:
                 self._refresh(slot)
         else:
             self._refresh(run.leader)
+
+    def finish(self, future) -> Finished | Failed | None:
+        """Account for a done call: free its actors, replace lost ones, retry or report the unit."""
+        run = self.running.pop(future)
+        self._release(run)
+        now = self.clock()
+        for f, behind in self.running.items():  # the next call on that actor starts now
+            if behind.handle is run.handle and behind.since < now:
+                self.running[f] = dataclasses.replace(behind, since=now)
         outcome = self.actors.outcome(future)
+        uid = run.unit.unit_id
+        other = any(r.unit.unit_id == uid for r in self.running.values())  # a speculative copy still runs
         if not outcome.ok:
             if outcome.lost:
                 self.lost += 1
@@ -252,24 +371,39 @@ class Scheduler:
             for slot, handle in run.peers:  # a gang's peers may be gone too: ping before more work
                 if self.handles.get(slot) is handle:
                     self.recheck(slot)
+            if other or uid in self.done:
+                return None  # the other copy decides
+            if outcome.lost:
+                self.losses[uid] += 1
+                if self.losses[uid] < self.max_losses:
+                    self.queue.appendleft(run.unit)
+                    self.requeued += 1
+                    return None
+                return Failed(run.unit, self.tries[uid] + 1, f"{outcome.error} ({self.losses[uid]} actors lost running it)",
+                              outcome.trace)
             return self._retry(run.unit, outcome)
         for k in outcome.lost_peers:
             self.lost += 1
             slot, handle = run.peers[k]
             if self.handles.get(slot) is handle:
                 self.replace(slot)
+        if uid in self.done:
+            return None
+        self.done.add(uid)
+        for f, r in list(self.running.items()):  # the copy that lost runs on unwatched
+            if r.unit.unit_id == uid:
+                self.orphans[f] = self.running.pop(f)
         return Finished(run.unit, outcome.value)
 
     def replace(self, slot: int) -> None:
-        """Kill (if alive) and start again the actor of `slot`, up to `replacements` times a slot."""
+        """Kill (if alive) and start again the actor of `slot`."""
         self.ready.discard(slot)
         self._refresh(slot)
         old = self.handles.pop(slot, None)
         if old is not None:
             self.actors.kill(old)
         self.replaced[slot] += 1
-        if self.replaced[slot] <= self.replacements:
-            self._start(slot)
+        self._start(slot)
 
     def recheck(self, slot: int) -> None:
         """Ping a started actor again before giving it more work (a gang peer after a failed unit)."""
@@ -316,8 +450,9 @@ class Scheduler:
 
     def _retry(self, unit, outcome: Outcome) -> Failed | None:
         self.tries[unit.unit_id] += 1
-        if self.tries[unit.unit_id] < self.max_tries:
+        if self.tries[unit.unit_id] < self.max_tries and not outcome.fatal:
             self.queue.appendleft(unit)
+            self.requeued += 1
             return None
         return Failed(unit, self.tries[unit.unit_id], outcome.error, outcome.trace)
 

@@ -46,6 +46,7 @@ class UnitResult:
     worker: str
     lost_peers: tuple[int, ...] = ()  # positions, in the unit's peer list, of gang members lost on the way
     gang: int = 1
+    committed: bool = True  # False: another attempt had committed the unit first; its file was left as it was
 
 
 def visible_device(want_gpu: bool) -> str:
@@ -89,11 +90,13 @@ class Worker:
         return member_call(defense, kind, x.to(self.device), cells, draw,
                            extra.to(self.device) if isinstance(extra, torch.Tensor) else extra)
 
-    def run_unit(self, u: Unit, ctx: WorkerContext, peers: list | None = None) -> UnitResult:
-        """Evaluate one unit and commit its Parquet file.
+    def run_unit(self, u: Unit, ctx: WorkerContext, peers: list | None = None, attempt: int = 1) -> UnitResult:
+        """Evaluate one unit and commit its Parquet file; returns a summary (rows, seconds, lost
+        peers, whether this call's commit is the one that holds).
 
         peers: actor handles reserved for this unit; with them the defense's grid is sharded
-        over a gang of this actor and its peers.
+        over a gang of this actor and its peers. attempt: the driver's number of this call,
+        recorded with the node in every row.
         """
         start = time.perf_counter()
         faults.inject(u.unit_id)
@@ -109,10 +112,28 @@ class Worker:
             shard(defense, None)
         table = records_to_table([r.as_dict() for r in result.records], run_id=ctx.run_id, job_hash=ctx.job_hash,
                                  unit_id=u.unit_id, worker=self.name, config_hash=content_hash(u.defense_table),
-                                 precision=defense.precision(self.device))
+                                 precision=defense.precision(self.device), node=node_id(), attempt=attempt)
         store = Store(ctx.out, endpoint_url=ctx.endpoint_url)
-        commit_unit(store, f"{ctx.run_id}/{u.path}", table, u.example_ids,
-                    {"x_adv": result.x_adv, "forward_per_prediction": result.forward_per_prediction},
-                    unit_id=u.unit_id, run_id=ctx.run_id, job_hash=ctx.job_hash)
+        faults.before_commit(u.unit_id)
+        wrote = commit_unit(store, f"{ctx.run_id}/{u.path}", table, u.example_ids,
+                            {"x_adv": result.x_adv, "forward_per_prediction": result.forward_per_prediction},
+                            unit_id=u.unit_id, run_id=ctx.run_id, job_hash=ctx.job_hash, attempt=attempt)
         return UnitResult(u.unit_id, table.num_rows, time.perf_counter() - start, self.name,
-                          tuple(gang.lost()) if gang else (), gang.size if gang else 1)
+                          tuple(gang.lost()) if gang else (), gang.size if gang else 1, committed=wrote)
+
+    def probe(self, ctx: WorkerContext) -> str:
+        """Write, read back and remove a small file in the run folder, as a unit's commit would:
+        the store is reachable with this worker's credentials. Returns the node id."""
+        store = Store(ctx.out, endpoint_url=ctx.endpoint_url)
+        rel = f"{ctx.run_id}/.probe-{self.name}-{node_id()[:12]}.json"
+        store.write_json(rel, {"worker": self.name})
+        store.read_json(rel)
+        store.remove(rel)
+        return node_id()
+
+
+def node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_write as _commit_local
-from pipeline.errors import StoreError
+from pipeline.errors import CommitRefusedError, CredentialsError, StoreError
 from pipeline.scrub import collect_secrets as _collect_secrets
 from pipeline.scrub import redact as _redact
 from pipeline.scrub import redact_uri as _redact_uri
@@ -152,7 +152,7 @@ class Store:
     # -- Parquet --------------------------------------------------------------------------------
 
     def write_table(self, rel: str, table: pa.Table, metadata: Mapping[str, Any] | None = None, *,
-                    schema: pa.Schema | None = RECORD_SCHEMA) -> None:
+                    schema: pa.Schema | None = RECORD_SCHEMA, exclusive: bool = False) -> None:
         """Commit `table` as one sealed Parquet file at `rel`, atomically (whole file or nothing).
 
         metadata: footer key-values; keys get the prefix "robustsweep." unless they have it,
@@ -160,6 +160,8 @@ class Store:
             the content are always written (pipeline.store.seal).
         schema: the table must have these column names and types (RECORD_SCHEMA by default;
             None writes any table). Checked before anything is written.
+        exclusive: write only if no file is at `rel` (local: hard link; S3: a conditional PUT,
+            If-None-Match: *); else CommitRefusedError and the file there is left as it was.
         Raises StoreError (nothing is left behind) when the table does not fit or the write fails.
         """
         if schema is not None:
@@ -172,7 +174,7 @@ class Store:
         except Exception as exc:
             raise StoreError(f"cannot serialize {self.join(rel)}: {type(exc).__name__}: "
                              f"{self._scrub(str(exc))}") from None
-        self._commit(rel, lambda f: f.write(data))
+        self._commit(rel, lambda f: f.write(data), exclusive=exclusive)
 
     def committed(self, rel: str, expected_rows: int | None = None, *,
                   schema: pa.Schema | None = RECORD_SCHEMA) -> bool:
@@ -425,16 +427,19 @@ class Store:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _commit(self, rel: str, write: Callable[[Any], Any]) -> None:
-        """Write a file whole: `write(fileobj)` fills it; readers see all of it or nothing."""
+    def _commit(self, rel: str, write: Callable[[Any], Any], exclusive: bool = False) -> None:
+        """Write a file whole: `write(fileobj)` fills it; readers see all of it or nothing.
+        exclusive: only if absent (write_table)."""
         path = self.path(rel)
         if not _rel(rel):
             raise StoreError("cannot write to the store root itself; give a relative file path")
         if self._local:
             try:
-                _commit_local(path, write)
+                _commit_local(path, write, exclusive=exclusive)
             except StoreError:
                 raise
+            except FileExistsError:
+                raise self._refused(rel) from None
             except Exception as exc:
                 raise self._error(exc, "write", rel) from None
             return
@@ -446,11 +451,20 @@ class Store:
             raise StoreError(f"cannot serialize {self.join(rel)}: {type(exc).__name__}: "
                              f"{self._scrub(str(exc))}") from None
         try:
-            if self._is_s3:
+            if self._is_s3 and exclusive:
+                bucket, _, key = path.partition("/")
+                self._patient(lambda **t: self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data,
+                                                      IfNoneMatch="*", **t))
+                self.fs.invalidate_cache(path)
+            elif self._is_s3:
                 self._patient(lambda **t: self.fs.pipe_file(path, data, chunksize=_S3_CHUNKSIZE, **t))
             else:
+                if exclusive and self.fs.exists(path):  # no conditional write here: best effort
+                    raise FileExistsError(path)
                 self.fs.pipe_file(path, data)
         except Exception as exc:
+            if exclusive and _precondition_failed(exc):
+                raise self._refused(rel) from None
             raise self._error(exc, "write", rel) from None
 
     def _cat(self, paths: list[str], on_error: str, **kw) -> dict[str, Any]:
@@ -461,6 +475,24 @@ class Store:
             return {}
         blobs = self.fs.cat_ranges(paths, [None] * len(paths), [None] * len(paths), on_error=on_error, **kw)
         return dict(zip(paths, blobs))
+
+    def _refused(self, rel: str) -> CommitRefusedError:
+        return CommitRefusedError(f"{_redact_uri(self.join(rel))} is already there (another attempt committed "
+                                  f"it first); left as it was")
+
+    def set_aside(self, rel: str, suffix: str) -> None:
+        """Move the file at `rel` to `rel + suffix` (a records file that failed its checks, kept for
+        a person to look at, so that its unit can be committed afresh with an exclusive write)."""
+        try:
+            if self._local:
+                os.replace(self.path(rel), self.path(rel) + suffix)
+            else:
+                self.fs.mv(self.path(rel), self.path(rel) + suffix)
+                self.fs.invalidate_cache()
+        except FileNotFoundError:
+            return
+        except Exception as exc:
+            raise self._error(exc, "move aside", rel) from None
 
     def _patient(self, call: Callable[..., Any]) -> Any:
         """call() on local and other stores; on S3 call(timeout=seconds left), tried again while
@@ -486,13 +518,15 @@ class Store:
                    f"create it or fix the store URI")
         elif isinstance(exc, FileNotFoundError):
             msg = f"cannot {action} {where}: not found"
-        elif isinstance(exc, PermissionError) or names & {"AccessDenied", "InvalidAccessKeyId"}:
-            msg = (f"cannot {action} {where}: permission denied; check the credentials (AWS_ACCESS_KEY_ID "
-                   f"/ AWS_PROFILE or storage_options) and the bucket policy" if self._is_s3
-                   else f"cannot {action} {where}: permission denied; check the folder's permissions")
+        elif self._is_s3 and (isinstance(exc, PermissionError) or names & {"AccessDenied", "InvalidAccessKeyId"}):
+            return CredentialsError(f"cannot {action} {where}: permission denied; check the credentials "
+                                    f"(AWS_ACCESS_KEY_ID / AWS_PROFILE or storage_options) and the bucket policy {detail}")
+        elif isinstance(exc, PermissionError):
+            msg = f"cannot {action} {where}: permission denied; check the folder's permissions"
         elif retry.no_credentials(exc):
-            msg = (f"cannot {action} {where}: no usable AWS credentials; set AWS_ACCESS_KEY_ID and "
-                   f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass key/secret in storage_options")
+            return CredentialsError(
+                f"cannot {action} {where}: no usable AWS credentials; set AWS_ACCESS_KEY_ID and "
+                f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass key/secret in storage_options {detail}")
         elif self._is_s3 and retry.timed_out(exc):
             msg = (f"cannot {action} {where}: S3 endpoint {endpoint} did not answer within {retry.operation_seconds():g} s "
                    f"(the bound of one operation, {RETRY_ENV}); it is unreachable or too slow: check "
@@ -515,6 +549,17 @@ def _version(info: Mapping[str, Any]) -> Version:
         modified = modified.timestamp()
     tag = info.get("ETag") or f"{info.get('size')}-{modified}"
     return Version(str(tag), float(modified))
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """An S3 conditional write that found the object there (412, or 409 for a racing one)."""
+    if isinstance(exc, FileExistsError):
+        return True
+    for e in (exc, exc.__cause__, exc.__context__):
+        code = str(((getattr(e, "response", None) or {}).get("Error") or {}).get("Code", ""))
+        if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+            return True
+    return False
 
 
 def _rel(*parts: str) -> str:

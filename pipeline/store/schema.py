@@ -60,9 +60,12 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("iterations", "int64?", "Attack iterations per run (PGD steps, APGD/FAB iterations) actually used, after any convergence doubling; null in records written before it existed."),
     ("eot", "int64?", "EOT draws per gradient actually used; null in records written before it existed."),
     ("precision", "string?", "What the defense's networks computed in on `device`: float32, bf16 or fp16 (the engine's autocast, resolved from the job and the device type); null where the writer did not record it."),
+
+    ("node", "string?", "Ray node id of the worker that committed the unit; null outside Ray and in records written before it existed."),
+    ("attempt", "int64?", "Which call of the unit the driver issued that committed it (1 first; a retry, a requeue after a lost node or a speculative copy counts up); null in records written before it existed."),
 ]
 
-OPTIONAL = frozenset({"iterations", "eot", "precision"})
+OPTIONAL = frozenset({"iterations", "eot", "precision", "node", "attempt"})
 """Columns added after the first release: a record may leave them out (they are then null)."""
 
 _TYPES: dict[str, pa.DataType] = {
