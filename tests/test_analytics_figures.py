@@ -222,4 +222,4 @@ def test_worker_keeps_adversarial_images(tmp_path):
     result = analyze([run], plot_dir=tmp_path / "plots", robustbench_dir=str(tmp_path / "rb"))
     assert "examples-rdc-optimal.png" in [Path(p).name for p in result["plots"]]
     entry = json.loads(next((tmp_path / "rb").rglob("*.json")).read_text())
-    assert entry["number_forward_passes"] == 4.0 and entry["n_examples"] == 2
+    assert entry["number_forward_passes"] == 4 and entry["robustsweep"]["n_examples"] == 2

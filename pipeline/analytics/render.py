@@ -14,16 +14,16 @@ from collections.abc import Callable, Mapping, Sequence
 
 from rich.table import Table
 
-from pipeline.analytics.report import SECTIONS, stage_order
+from pipeline.analytics.report import ROBUST_RULE, SECTIONS, stage_order
 
 TITLES = {
-    "headline": "Robust accuracy, worst case over every attack and path per example (vote over R passes; 95% Wilson)",
-    "summary": "Accuracy per defense, attack and budget (95% Wilson intervals)",
+    "headline": f"Robust accuracy: {ROBUST_RULE} (95% Wilson)",
+    "summary": "Accuracy per defense, attack and budget (robust: first of the R passes; 95% Wilson intervals)",
     "classes": "Robust accuracy per class (%)",
     "stages": "Attack stage that broke each example",
     "cost": "Cost per example",
     "flags": "Sanity flags",
-    "compare": "Paired comparison (same attack, eps and examples)",
+    "compare": "Paired comparison (same attack, eps and examples; path worst: right on every path that ran)",
 }
 """Heading of each report section."""
 
@@ -74,7 +74,8 @@ def columns(section: str, rows: Sequence[dict]) -> list[Column]:
             ("defense", lambda r: _marked(r, str(r["defense"])), False), ("norm", lambda r: str(r["norm"]), False),
             ("eps", lambda r: format_eps(r["eps"], r["norm"]), True), ("n", lambda r: str(r["n"]), True),
             ("robust % [95% CI]", lambda r: _interval(r["robust_acc"], r["robust_lo"], r["robust_hi"]), True),
-            ("single-pass %", lambda r: _pct(r["single_acc"]), True), ("worst %", lambda r: _pct(r["worst_acc"]), True),
+            ("vote %", lambda r: _pct(r["vote_acc"]), True),
+            ("all-passes %", lambda r: _pct(r["all_passes_acc"]), True),
             ("attacks", lambda r: ", ".join(r["attacks"]), False),
             ("sweep flags", lambda r: ", ".join(r["sweep_flags"]), False),
         ]
@@ -84,7 +85,8 @@ def columns(section: str, rows: Sequence[dict]) -> list[Column]:
             ("n", lambda r: str(r["n"]), True),
             ("clean % [95% CI]", lambda r: _interval(r["clean_acc"], r["clean_lo"], r["clean_hi"]), True),
             ("robust % [95% CI]", lambda r: _interval(r["robust_acc"], r["robust_lo"], r["robust_hi"]), True),
-            ("vote %", lambda r: _pct(r["vote_acc"]), True), ("worst %", lambda r: _pct(r["worst_acc"]), True),
+            ("vote %", lambda r: _pct(r["vote_acc"]), True),
+            ("all-passes %", lambda r: _pct(r["all_passes_acc"]), True),
             ("fwd/ex", lambda r: f"{r['forward_per_example']:.1f}", True),
             ("bwd/ex", lambda r: f"{r['backward_per_example']:.1f}", True),
             ("s/ex", lambda r: f"{r['seconds_per_example']:.3g}", True),
@@ -121,7 +123,8 @@ def columns(section: str, rows: Sequence[dict]) -> list[Column]:
     if section == "compare":
         level = f"{100 * rows[0]['level']:g}%" if rows else "95%"
         return [
-            ("attack", lambda r: str(r["attack"]), False), ("norm", lambda r: str(r["norm"]), False),
+            ("attack", lambda r: str(r["attack"]), False), ("path", lambda r: str(r.get("path", "")), False),
+            ("norm", lambda r: str(r["norm"]), False),
             ("eps", lambda r: format_eps(r["eps"], r["norm"]), True), ("n", lambda r: str(r["n"]), True),
             ("A", lambda r: str(r["a"]), False), ("A %", lambda r: _pct(r["acc_a"]), True),
             ("B", lambda r: str(r["b"]), False), ("B %", lambda r: _pct(r["acc_b"]), True),

@@ -92,14 +92,15 @@ def compare_cmd(
     a: str = typer.Option(..., "--a", help="defense A (its name in the results)"),
     b: str = typer.Option(..., "--b", help="defense B"),
     attack: Optional[str] = typer.Option(None, help="only this attack (default: every attack both ran under)"),
-    metric: str = typer.Option("robust", help="robust (single pass), clean, vote or worst (over the R passes)"),
+    metric: str = typer.Option("robust", help="robust (first of the R passes, the report's rule), clean, vote (majority of the R passes) or all-passes"),
+    path: str = typer.Option("worst", help="worst (right on every gradient path that ran: the report's rule), adaptive, oblivious or transfer"),
     resamples: int = typer.Option(10_000, help="bootstrap resamples"),
     seed: int = typer.Option(0, help="seed of the bootstrap"),
     format: str = typer.Option("table", "--format", help="table, markdown, csv or json"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
 ):
-    """Paired A vs B on the same (attack, eps, example): accuracy difference with a bootstrap interval, exact McNemar test."""
+    """Paired A vs B on the same (attack, eps, example), and on each one's worst case over all its attacks ("all attacks"): accuracy difference with a bootstrap interval, exact McNemar test."""
     from pipeline.analytics import connect
     from pipeline.analytics.compare import compare
 
@@ -109,7 +110,8 @@ def compare_cmd(
     left_out: list[str] = []
     con = connect(uris, endpoint_url=endpoint_url, skip_bad=skip_bad, notes=left_out)
     try:
-        rows = compare(con, a, b, metric=metric, attack=attack, resamples=resamples, seed=seed)
+        rows = compare(con, a, b, metric=metric, attack=attack, path=path, resamples=resamples, seed=seed,
+                       notes=left_out)
     finally:
         con.close()
     emit_report({"compare": rows}, format)
