@@ -144,21 +144,22 @@ def paired_counts(source: Source, a: str, b: str, metric: str = "robust", attack
                                  + ", ".join(p for p in PATHS[1:] if p != path))
         # Per defense and example: right on every chosen path (and, for ALL_ATTACKS, every attack).
         # count(*) FILTER, not count_if: count_if of a group whose values are all NULL is NULL.
-        tables = f"""
+        def tables(attack_key: str) -> str:
+            return f"""
             SELECT attack, norm, eps,
                    count(*) FILTER (WHERE ok_a AND ok_b), count(*) FILTER (WHERE ok_a AND NOT ok_b),
                    count(*) FILTER (WHERE NOT ok_a AND ok_b), count(*) FILTER (WHERE NOT ok_a AND NOT ok_b),
                    count(*) FILTER (WHERE ok_a IS NOT NULL AND ok_b IS NULL),
                    count(*) FILTER (WHERE ok_a IS NULL AND ok_b IS NOT NULL)
-            FROM (SELECT attack, norm, eps, example_id,
+            FROM (SELECT {attack_key} AS attack, norm, eps, example_id,
                          bool_and(ok) FILTER (WHERE defense = $a) AS ok_a,
                          bool_and(ok) FILTER (WHERE defense = $b) AS ok_b
                   FROM x GROUP BY ALL)
             GROUP BY ALL"""
         found = con.execute(f"""
             WITH x AS (SELECT attack, norm, eps, example_id, defense, {col} AS ok FROM results WHERE {where})
-            {tables}
-            {"" if attack else f"UNION ALL {tables.replace('SELECT attack,', 'SELECT $all AS attack,', 1)}"}
+            SELECT * FROM ({tables("attack")}
+                           {"" if attack else f"UNION ALL {tables('$all')}"})
             ORDER BY attack = $all, attack, norm, eps
         """, {**params, "all": ALL_ATTACKS}).fetchall()
     finally:
