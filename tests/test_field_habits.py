@@ -134,7 +134,7 @@ def test_mi_job_attacks_the_deterministic_classifier_with_autoattack_standard():
         for d in a.defenses:
             by_defense.setdefault(d, []).append(a.name)
     assert "aa-standard" in by_defense["plain-standard"] and "aa-rand" not in by_defense["plain-standard"]
-    for mi in ("mi-pl", "mi-ol", "mi-combined-at"):
+    for mi in ("mi-pl-Standard", "mi-ol-Standard", "mi-combined-at"):
         assert "aa-rand" in by_defense[mi] and "aa-standard" not in by_defense[mi]
     raw = tomllib.loads((ROOT / "jobs" / "mi_cifar10.toml").read_text())
     assert all(a.get("eps") in ("8/255", None) for a in raw["attacks"])  # written as the field writes it

@@ -436,7 +436,7 @@ def test_model_references_parse_once():
     assert parse_model_ref("checkpoints/cifar10-unet").kind == "folder"
     with pytest.raises(ConfigError, match="needs an architecture"):
         parse_model_ref("robustbench:Standard.pt")
-    with pytest.raises(ConfigError, match=r"defense plain-erm: model robustbench:wrn-99-1:x\.pt: 'wrn-99-1' is not a robustbench preset"):
+    with pytest.raises(ConfigError, match=r"defense plain-x: model robustbench:wrn-99-1:x\.pt: 'wrn-99-1' is not a robustbench preset"):
         check_job_models(parse_job({"data": {"dataset": "cifar10"}, "attacks": [{"kind": "none"}],
                                     "defenses": [{"kind": "plain", "model": "robustbench:wrn-99-1:x.pt"}]}))
     with pytest.raises(ConfigError, match="carries no configuration"):

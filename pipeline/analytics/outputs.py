@@ -11,6 +11,14 @@ from pipeline.analytics.html import page
 from pipeline.analytics.plots import all_plots, write_plots
 from pipeline.analytics.report import SECTIONS, build_report
 from pipeline.analytics.source import connect, open_runs
+from pipeline.config.datasets import DATASETS
+
+
+def class_names(plans: Sequence[dict]) -> tuple[str, ...]:
+    """The class names of the runs' dataset (config.datasets), where they share one that has them."""
+    datasets = {p["job"]["data"]["dataset"] for p in plans if "job" in p}
+    (only,) = datasets if len(datasets) == 1 else (None,)
+    return DATASETS[only].class_names if only in DATASETS else ()
 
 
 def analyze(uris: Sequence[str], *, endpoint_url: str | None = None, sections: Sequence[str] = SECTIONS,
@@ -30,10 +38,10 @@ def analyze(uris: Sequence[str], *, endpoint_url: str | None = None, sections: S
     out: dict = {"plots": [], "notes": [], "robustbench": [], "html": None}
     try:
         wanted = SECTIONS if html_path is not None else sections
-        report = build_report(con, wanted)
-        out["report"] = {k: v for k, v in report.items() if k in sections}
-        runs = open_runs(uris, endpoint_url) if (plot_dir or html_path or robustbench_dir) else []
+        runs = open_runs(uris, endpoint_url) if (plot_dir or html_path or robustbench_dir or "classes" in wanted) else []
         plans = [plan for _, plan in runs if plan is not None]
+        report = build_report(con, wanted, class_names=class_names(plans))
+        out["report"] = {k: v for k, v in report.items() if k in sections}
         plots: list = []
         if plot_dir is not None or html_path is not None:
             plots, out["notes"] = all_plots(con, plans=plans, runs=runs, summary=report.get("summary"),

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from pipeline.analytics.render import format_eps
 from pipeline.analytics.report import summarize
@@ -49,6 +52,33 @@ def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)  # no bbox_inches="tight": that would change the pixel size
     return buf.getvalue()
+
+
+LEGEND_BESIDE = 8
+"""Up to this many entries the legend stands beside the chart; more go below it, in columns."""
+LEGEND_MAX = 24
+"""More entries than this would not fit the fixed-size figure legibly: the rest are counted in the last one."""
+LEGEND_WRAP = 48  # characters per legend line
+
+
+def _legend(fig: Figure, ax) -> None:
+    """The figure's legend, sized to stay inside the fixed-size figure and leave the chart most of it:
+    beside the chart for a few entries, below it in up to four columns of smaller type for more,
+    long labels wrapped, and entries past LEGEND_MAX summed up in one."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    if len(handles) > LEGEND_MAX:
+        extra = len(handles) - (LEGEND_MAX - 1)
+        handles, labels = handles[:LEGEND_MAX - 1], labels[:LEGEND_MAX - 1]
+        handles.append(Line2D([], [], linestyle="none"))
+        labels.append(f"... and {extra} more (see the summary table)")
+    labels = [textwrap.fill(label, LEGEND_WRAP) for label in labels]
+    if len(handles) <= LEGEND_BESIDE:
+        fig.legend(handles, labels, loc="outside right upper", fontsize="small")
+        return
+    ncols = min(3, math.ceil(len(handles) / 6))
+    fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize="xx-small" if ncols > 2 else "x-small")
 
 
 def _chart() -> tuple[Figure, object]:
@@ -86,7 +116,7 @@ def robust_vs_eps(summary: Sequence[dict]) -> list[Plot]:
         ax.set_ylim(-2, 102)
         ax.set_title(f"Robust accuracy against eps ({norm}), 95% Wilson intervals")
         ax.grid(alpha=0.3)
-        fig.legend(loc="outside right upper", fontsize="small")
+        _legend(fig, ax)
         plots.append((f"robust_vs_eps-{safe_name(norm)}.png", _png(fig)))
     return plots
 
@@ -146,7 +176,7 @@ def robust_vs_timesteps(summary: Sequence[dict], timesteps: Mapping[str, tuple[s
         ax.set_ylim(-2, 102)
         ax.set_title(f"Robust accuracy against RDC timesteps ({norm}), 95% Wilson intervals")
         ax.grid(alpha=0.3, which="both")
-        fig.legend(loc="outside right upper", fontsize="small")
+        _legend(fig, ax)
         plots.append((f"robust_vs_timesteps-{safe_name(norm)}.png", _png(fig)))
     return plots
 
@@ -176,7 +206,7 @@ def clean_vs_robust(summary: Sequence[dict]) -> list[Plot]:
         ax.set_ylim(0, 105)
         ax.set_title(f"Clean and robust accuracy, {norm} eps {format_eps(eps, norm)}")
         ax.grid(alpha=0.3, axis="y")
-        fig.legend(loc="outside right upper", fontsize="small")
+        _legend(fig, ax)
         plots.append((f"clean_vs_robust-{safe_name(norm)}-{_eps_name(eps, norm)}.png", _png(fig)))
     return plots
 

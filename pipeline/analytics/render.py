@@ -95,7 +95,8 @@ def columns(section: str, rows: Sequence[dict]) -> list[Column]:
         ]
     if section == "classes":
         return group + [
-            ("label", lambda r: str(r["label"]), True), ("n", lambda r: str(r["n"]), True),
+            ("label", lambda r: str(r["label"]), True), ("class", lambda r: str(r.get("class", r["label"])), False),
+            ("n", lambda r: str(r["n"]), True),
             ("clean %", lambda r: _pct(r["clean_acc"]), True),
             ("robust % [95% CI]", lambda r: _interval(r["robust_acc"], r["robust_lo"], r["robust_hi"]), True),
         ]
@@ -148,7 +149,9 @@ def _classes_wide(rows: Sequence[dict]) -> tuple[list[str], list[bool], list[lis
     by_group: dict[tuple, dict[int, dict]] = {}
     for r in rows:
         by_group.setdefault(tuple(r[k] for k in ("defense", "attack", "path", "norm", "eps")), {})[r["label"]] = r
-    headers = [c[0] for c in group] + ["n"] + [str(label) for label in labels]
+    named = {r["label"]: r.get("class", str(r["label"])) for r in rows}
+    headers = [c[0] for c in group] + ["n"] + [str(label) if named[label] == str(label) else f"{label} {named[label]}"
+                                                for label in labels]
     body = []
     for per_label in by_group.values():
         first = next(iter(per_label.values()))

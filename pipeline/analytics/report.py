@@ -224,23 +224,25 @@ def headline(source: Source) -> list[dict]:
     return _with_cells(source, _headline)
 
 
-def _classes(con: duckdb.DuckDBPyConnection, cells: str) -> list[dict]:
+def _classes(con: duckdb.DuckDBPyConnection, cells: str, class_names: Sequence[str] = ()) -> list[dict]:
     found = con.execute(f"""
         SELECT {KEYS}, label, sum(n), sum(clean_k), sum(adv_k) FROM {cells} GROUP BY ALL ORDER BY {ORDER}, label
     """).fetchall()
     rows = []
     for *key, label, n, clean_k, adv_k in found:
-        n, adv_k = int(n), int(adv_k)
+        n, adv_k, label = int(n), int(adv_k), int(label)
         lo, hi = wilson_interval(adv_k, n)
-        rows.append({**_key(key), "label": int(label), "n": n, "clean_acc": int(clean_k) / n,
-                     "robust_acc": adv_k / n, "robust_lo": lo, "robust_hi": hi})
+        rows.append({**_key(key), "label": label,
+                     "class": class_names[label] if 0 <= label < len(class_names) else str(label), "n": n,
+                     "clean_acc": int(clean_k) / n, "robust_acc": adv_k / n, "robust_lo": lo, "robust_hi": hi})
     return rows
 
 
-def per_class(source: Source) -> list[dict]:
-    """Accuracy per true label: one row per group and label with n, clean_acc, robust_acc and
-    the robust Wilson 95% interval (robust_lo, robust_hi)."""
-    return _with_cells(source, _classes)
+def per_class(source: Source, class_names: Sequence[str] = ()) -> list[dict]:
+    """Accuracy per true label: one row per group and label with class (its name in
+    `class_names`, e.g. config.datasets.DATASETS["cifar10"].class_names, else the label as
+    text), n, clean_acc, robust_acc and the robust Wilson 95% interval (robust_lo, robust_hi)."""
+    return _with_cells(source, lambda con, cells: _classes(con, cells, class_names))
 
 
 def stage_order(names) -> list[str]:
@@ -317,14 +319,18 @@ def flags(source: Source) -> list[dict]:
 _MAKERS = {"headline": _headline, "summary": _summary, "classes": _classes, "stages": _stages, "cost": _cost, "flags": _flags}
 
 
-def build_report(source: Source, sections: Sequence[str] = SECTIONS) -> dict[str, list[dict]]:
+def build_report(source: Source, sections: Sequence[str] = SECTIONS, class_names: Sequence[str] = ()) -> dict[str, list[dict]]:
     """{section: rows} for the chosen sections (all by default), in SECTIONS order; the records
-    are scanned once."""
+    are scanned once. class_names: see `per_class`."""
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise ConfigError(f"unknown report section(s) {unknown}; choose from {list(SECTIONS)}")
-    return _with_cells(source, lambda con, cells: {name: _MAKERS[name](con, cells)
-                                                   for name in SECTIONS if name in sections})
+
+    def make(con, cells):
+        return {name: (_classes(con, cells, class_names) if name == "classes" else _MAKERS[name](con, cells))
+                for name in SECTIONS if name in sections}
+
+    return _with_cells(source, make)
 
 
 def load_records(uris: Sequence[str], endpoint_url: str | None = None) -> pa.Table:

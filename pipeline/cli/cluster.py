@@ -45,17 +45,17 @@ def submit_cmd(
     out: str = typer.Option(DEFAULT_OUT, help="output URI as the cluster sees it, e.g. s3://bucket/prefix; a relative folder is under the head's home (default: ~/results on the head)"),
     workers: Optional[int] = typer.Option(None, help="worker actors (default: one per GPU of the cluster, else per CPU)"),
     run_id: Optional[str] = typer.Option(None, help="run id (default: job name and hash)"),
-    fresh: bool = typer.Option(False, help="start a new run instead of resuming"),
+    fresh: bool = typer.Option(False, metavar="", help="start a new run instead of resuming"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint as the cluster sees it"),
-    report: bool = typer.Option(True, help="print the report at the end of the job's log"),
+    report: bool = typer.Option(True, metavar="", help="print the report at the end of the job's log"),
     gpus_per_worker: float = typer.Option(1.0, help="GPUs per worker actor, in (0, 1]"),
     min_gpus: int = typer.Option(0, help="the run waits until the cluster has this many GPUs (workers joining late)"),
-    wait: bool = typer.Option(True, help="follow the job's logs until it ends; exit 0 if it succeeded, else 1"),
+    wait: bool = typer.Option(True, metavar="", help="follow the job's logs until it ends; exit 0 if it succeeded, else 1"),
     python: Optional[str] = typer.Option(None, help="the head's interpreter that has the dependencies (default: the first of this interpreter's path, python3, python that imports the package there; checked before submitting)"),
     working_dir: Path = typer.Option(Path("."), help="the project folder that travels to the cluster"),
     env: list[str] = typer.Option([], "--env", help="KEY=VALUE for the job's environment (repeatable)"),
     exclude: list[str] = typer.Option([], "--exclude", help="a path pattern that stays here (repeatable; .venv, .git, results, caches and *.parquet always do)"),
-    forward_aws: bool = typer.Option(True, help="pass the AWS_* variables set here (credentials, region, endpoint) to the job"),
+    forward_aws: bool = typer.Option(True, metavar="", help="pass the AWS_* variables set here (credentials, region, endpoint) to the job"),
 ):
     """Submit a job to a running Ray cluster (Ray Jobs API); prints the submission id."""
     from pipeline.runtime.submit import aws_variables, resolve_out, submit_job
@@ -87,7 +87,7 @@ def submit_cmd(
 def logs_cmd(
     submission_id: str = typer.Argument(..., help="the id `submit` printed (raysubmit_...)"),
     address: str = typer.Option(..., help="the cluster's dashboard URL, http://HEAD:8265"),
-    follow_: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends; exit 0 if it succeeded, else 1"),
+    follow_: bool = typer.Option(False, "--follow/--no-follow", "-f", metavar="", help="stream until the job ends; exit 0 if it succeeded, else 1"),
 ):
     """The logs of a submitted job."""
     from pipeline.runtime.submit import job_logs
@@ -105,7 +105,7 @@ def logs_cmd(
 def stop_cmd(
     submission_id: str = typer.Argument(..., help="the id `submit` printed (raysubmit_...)"),
     address: str = typer.Option(..., help="the cluster's dashboard URL, http://HEAD:8265"),
-    wait: bool = typer.Option(True, help="wait (at most 60 s) until the job has stopped"),
+    wait: bool = typer.Option(True, metavar="", help="wait (at most 60 s) until the job has stopped"),
 ):
     """Stop a submitted job; committed units stay, a later submit of the same job resumes."""
     from pipeline.runtime.submit import stop_job

@@ -129,11 +129,14 @@ def defense_name(spec) -> str:
     """
     if spec.name:
         return spec.name
+    # A published model or a checkpoint folder is named by its file or folder (plain-Wong2020Fast,
+    # rdc-edm-cifar10-32x32-cond-vp): the training method and "unet" describe only default models.
+    label = parse_model_ref(spec.model).label
     if spec.kind == "plain":
-        return f"plain-{spec.method}"
+        return f"plain-{label or spec.method}"
     if spec.kind == "mi":
-        return f"mi-{spec.mode}"
-    model = {"optimal": "optimal", "edm": "edm"}.get(parse_model_ref(spec.model).kind, "unet")
+        return f"mi-{spec.mode}" + (f"-{label}" if label else "")
+    model = label or {"optimal": "optimal"}.get(parse_model_ref(spec.model).kind, "unet")
     return f"rdc-{model}" + ("-edmw" if spec.elbo == "edm" else "") + ("-lm" if spec.lm else "")
 
 

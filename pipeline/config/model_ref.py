@@ -13,8 +13,9 @@ only the shape of the string is checked, so that a job parses where its files ar
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pipeline.errors import ConfigError
 
@@ -38,6 +39,17 @@ class ModelRef:
         if self.kind == "edm":
             return "edm-pkl" if self.path.endswith(".pkl") else "edm-pt"
         return None
+
+    @property
+    def label(self) -> str | None:
+        """What a default defense name says of the model: the file's stem (Wong2020Fast,
+        edm-cifar10-32x32-cond-vp) or the folder's name, in name-safe characters; None for
+        "default" and "optimal", which the defense kind already names."""
+        if self.kind in ("default", "optimal"):
+            return None
+        path = PurePosixPath(self.path.replace("\\", "/").rstrip("/"))
+        stem = path.name if self.kind == "folder" else path.stem
+        return re.sub(r"[^A-Za-z0-9_.+-]+", "-", stem).strip("-.") or self.kind
 
     def missing(self) -> str | None:
         """What a user must fix if the file or folder this names is not there, else None."""
