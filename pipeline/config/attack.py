@@ -36,8 +36,9 @@ FRACTION_FIELDS = ("eps", "step_size")
 
 def fraction(value):
     """A string "a/b" (integers, b > 0) as the float nearest a/b (float(Fraction(8, 255)) == 8 / 255,
-    bit for bit); anything else unchanged, for the field's own validation."""
-    if isinstance(value, str):
+    bit for bit); a string with a "/" that is no such fraction is refused; anything else is left
+    for the field's own validation (and preflight's: a number written as a string is refused there)."""
+    if isinstance(value, str) and "/" in value:
         found = FRACTION.match(value)
         if found is None:
             raise ValueError(f"expected a number or an exact fraction of integers such as \"8/255\", got {value!r}")
