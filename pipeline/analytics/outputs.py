@@ -45,7 +45,7 @@ def analyze(uris: Sequence[str], *, endpoint_url: str | None = None, sections: S
         plots: list = []
         if plot_dir is not None or html_path is not None:
             plots, out["notes"] = all_plots(con, plans=plans, runs=runs, summary=report.get("summary"),
-                                            per_defense=per_defense)
+                                            heads=report.get("headline"), per_defense=per_defense)
         entries = robustbench_entries(con, plans=plans, runs=runs) if (robustbench_dir or html_path) else []
     finally:
         con.close()

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from pipeline.analytics.render import format_eps
-from pipeline.analytics.report import summarize
+from pipeline.analytics.report import headline, summarize
 from pipeline.analytics.source import Source, as_connection
 from pipeline.data import load_split
 from pipeline.errors import DatasetError
@@ -114,10 +114,37 @@ def robust_vs_eps(summary: Sequence[dict]) -> list[Plot]:
         ax.set_xlabel(f"{norm} budget eps (0: clean)")
         ax.set_ylabel("robust accuracy (%)")
         ax.set_ylim(-2, 102)
-        ax.set_title(f"Robust accuracy against eps ({norm}), 95% Wilson intervals")
+        ax.set_title(f"Robust accuracy (first pass) against eps per attack and path ({norm}), 95% Wilson",
+                     fontsize="medium")
         ax.grid(alpha=0.3)
         _legend(fig, ax)
         plots.append((f"robust_vs_eps-{safe_name(norm)}.png", _png(fig)))
+    return plots
+
+
+def headline_vs_eps(rows: Sequence[dict]) -> list[Plot]:
+    """One chart per threat model: the headline robust accuracy (%) against eps, one line per
+    defense (report.ROBUST_RULE: worst over attacks and paths, first pass), 95% Wilson intervals."""
+    plots = []
+    for norm in sorted({r["norm"] for r in rows}):
+        lines: dict[str, list[dict]] = {}
+        for r in rows:
+            if r["norm"] == norm:
+                lines.setdefault(r["defense"], []).append(r)
+        fig, ax = _chart()
+        for defense, own in sorted(lines.items()):
+            own = sorted(own, key=lambda r: r["eps"])
+            ax.errorbar([r["eps"] for r in own], [100 * r["robust_acc"] for r in own], yerr=_yerr(own), marker="o",
+                        capsize=3, label=defense)
+        ticks = sorted({r["eps"] for own in lines.values() for r in own})
+        ax.set_xticks(ticks, [format_eps(t, norm) for t in ticks], rotation=45)
+        ax.set_xlabel(f"{norm} budget eps")
+        ax.set_ylabel("robust accuracy (%)")
+        ax.set_ylim(-2, 102)
+        ax.set_title(f"Robust accuracy ({norm}): first pass, worst over attacks and paths; 95% Wilson", fontsize="medium")
+        ax.grid(alpha=0.3)
+        _legend(fig, ax)
+        plots.append((f"headline-{safe_name(norm)}.png", _png(fig)))
     return plots
 
 
@@ -373,14 +400,17 @@ def example_grids(source: Source, runs: Sequence[tuple], per_defense: int = 6) -
 
 
 def all_plots(source: Source, *, plans: Sequence[Mapping] = (), runs: Sequence[tuple] = (),
-              summary: Sequence[dict] | None = None, per_defense: int = 6) -> tuple[list[Plot], list[str]]:
+              summary: Sequence[dict] | None = None, heads: Sequence[dict] | None = None,
+              per_defense: int = 6) -> tuple[list[Plot], list[str]]:
     """Every figure this module draws, in a stable order, and the notes of what was skipped.
-    summary: `summarize(source)` if already computed."""
+    summary, heads: `summarize(source)`, `headline(source)` if already computed."""
     con, owned = as_connection(source)
     try:
         summary = list(summary) if summary is not None else summarize(con)
+        heads = list(heads) if heads is not None else headline(con)
         names = sorted({r["defense"] for r in summary})
-        plots = robust_vs_eps(summary)
+        plots = headline_vs_eps(heads)
+        plots += robust_vs_eps(summary)
         plots += robust_vs_timesteps(summary, rdc_timesteps(plans, names))
         plots += clean_vs_robust(summary)
         plots += norm_histograms(con)
