@@ -20,7 +20,7 @@ The mixer is `lowbias32` (C. Wellons' hash-prospector), applied Merkle-Damgard s
   same vectorised log and cos as eager torch, so on a CPU every path gives the reference's bits
   (tested). On CUDA, float64 log and cos come from CUDA's math library: a float64 normal may
   differ from the CPU's in its last few bits and a float32 normal by at most one unit in the
-  last place (README, "Randomness"; tests/test_rng.py and the gpu tests hold them to it).
+  last place (docs/math.md, "Randomness"; tests/test_rng.py and the gpu tests hold them to it).
 """
 
 from __future__ import annotations

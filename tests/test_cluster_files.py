@@ -1,4 +1,4 @@
-"""The files in cluster/ and the README's cluster section name things that exist: Ray's own
+"""The files in cluster/ and the cluster docs (docs/clusters.md) name things that exist: Ray's own
 schema accepts the `ray up` file, the RayJob's entrypoint is a real `robustsweep` command with
 options `run` takes and a job file that validates, and the images, versions and pins agree."""
 
@@ -97,8 +97,8 @@ def test_rayjob_names_a_real_entrypoint():
         assert secrets == ["robustsweep-aws"]  # S3 credentials from a Secret, head and workers
 
 
-def test_readme_cluster_section_names_real_commands_and_files():
-    readme = (REPO / "README.md").read_text()
+def test_cluster_docs_name_real_commands_and_files():
+    readme = (REPO / "docs" / "clusters.md").read_text()
     section = readme.split("## From zero to a sweep on a cluster", 1)[1].split("\n## ", 1)[0]
     commands = [line.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", section, re.S)
                 for line in block.replace("\\\n", " ").splitlines()]

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.gpu,
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The stated bound (README, "Randomness"): float64 log and cos of CUDA's math library against
+# The stated bound (docs/math.md, "Randomness"): float64 log and cos of CUDA's math library against
 # the CPU's, then a cast: float32 normals at most 1 ulp apart, float64 ones at most 16.
 BOUND_ULPS = {torch.float32: 1, torch.float64: 16}
 

@@ -151,3 +151,47 @@ def test_a_violation_planted_in_a_copy_of_the_package_fails(tmp_path, planted):
     zoo.write_text(zoo.read_text() + f"\n\ndef _planted():\n    {planted}\n")
     bad, _ = layer_violations(copy)
     assert any(m == "pipeline.models.zoo" and t.startswith(planted.split()[1]) for m, t in bad)
+
+
+def layer_graph(root: Path) -> dict[str, set[str]]:
+    """Which other layers each layer imports directly (base modules grouped as "base")."""
+    def group(layer: str) -> str:
+        return "base" if RANK[layer] == 0 else layer
+
+    graph: dict[str, set[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        module = module_name(root, path)
+        own = layer_of(module)
+        if own not in RANK:
+            continue
+        edges = graph.setdefault(group(own), set())
+        for target in imported_modules(path, module):
+            other = layer_of(target)
+            if other in RANK and group(other) != group(own):
+                edges.add(group(other))
+    return graph
+
+
+def documented_graph(text: str) -> dict[str, set[str]]:
+    """The table under "## Layers" in docs/ARCHITECTURE.md: | layer | imports | ... |."""
+    section = text.split("## Layers", 1)[1].split("\n## ", 1)[0]
+    graph = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0].startswith("`") and cells[0] != "`layer`":
+            graph[cells[0].strip("`")] = {w.strip("`") for w in cells[1].replace(",", " ").split() if w != "-"}
+    return graph
+
+
+def test_architecture_draws_the_real_dependency_graph():
+    """The layer table of docs/ARCHITECTURE.md lists, per layer, exactly the layers it imports."""
+    documented = documented_graph((REPO / "docs" / "ARCHITECTURE.md").read_text())
+    real = layer_graph(REPO / "pipeline")
+    assert documented == real, "docs/ARCHITECTURE.md's layer table differs from the imports: " + "; ".join(
+        f"{k}: documented {sorted(documented.get(k, ()))}, imports {sorted(real.get(k, ()))}"
+        for k in sorted(set(documented) | set(real)) if documented.get(k) != real.get(k))
+
+
+def test_the_documented_graph_is_read_from_the_table():
+    text = "## Layers\n\n| layer | imports |\n|---|---|\n| `cli` | `runtime`, `base` |\n| `base` | - |\n\n## Next\n| `x` | `y` |\n"
+    assert documented_graph(text) == {"cli": {"runtime", "base"}, "base": set()}

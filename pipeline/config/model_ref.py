@@ -62,7 +62,7 @@ class ModelRef:
                         "there (`robustsweep import-model`) or change `model`")
             return None
         if not path.is_file():
-            return f"model file {path} not found; download it (README, 'Evaluate a published model') or change `model`"
+            return f"model file {path} not found; download it (docs/models.md, 'Evaluate a published model') or change `model`"
         return None
 
 

@@ -40,7 +40,7 @@ STARTUP_TIMEOUT = 600.0  # seconds with no actor started and nothing running bef
 
 
 def gang_size(grid_workers: int | str, kind: str, workers: int, units: int) -> int:
-    """The gang a unit runs on (docs/ARCHITECTURE.md, "The grid"; README, "Grid sharding").
+    """The gang a unit runs on (docs/ARCHITECTURE.md, "The grid"; docs/clusters.md, "Grid sharding").
 
     An integer asks for that many actors (at most the pool). "auto": data parallelism while
     units fill the pool, gangs only where workers would idle otherwise: gangs of

@@ -1,7 +1,7 @@
 """The fixed Arrow schema of one result record: one row per (example, defense, attack, eps).
 
 `COLUMNS` is the single source of truth (name, type, meaning); `RECORD_SCHEMA` is built from it
-so the README table and the Parquet files can never disagree. Every column is required
+so the docs' table (docs/results.md) and the Parquet files can never disagree. Every column is required
 (non-null) except `broken_by` and `attack_success`, which are null when no attack ran or when
 the attack does not report them, and the later additions in `OPTIONAL`, which a record may omit.
 """
