@@ -11,14 +11,19 @@ from pipeline.analytics.html import page
 from pipeline.analytics.plots import all_plots, write_plots
 from pipeline.analytics.report import SECTIONS, build_report
 from pipeline.analytics.source import connect, open_runs
-from pipeline.config.datasets import DATASETS
+from pipeline.data import class_names as dataset_classes
+from pipeline.errors import DatasetError
 
 
 def class_names(plans: Sequence[dict]) -> tuple[str, ...]:
     """The class names of the runs' dataset (config.datasets), where they share one that has them."""
     datasets = {p["job"]["data"]["dataset"] for p in plans if "job" in p}
-    (only,) = datasets if len(datasets) == 1 else (None,)
-    return DATASETS[only].class_names if only in DATASETS else ()
+    if len(datasets) != 1:
+        return ()
+    try:
+        return dataset_classes(datasets.pop())
+    except DatasetError:  # a dataset this version does not know: labels as numbers
+        return ()
 
 
 def analyze(uris: Sequence[str], *, endpoint_url: str | None = None, sections: Sequence[str] = SECTIONS,
