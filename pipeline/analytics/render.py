@@ -23,7 +23,7 @@ TITLES = {
     "stages": "Attack stage that broke each example",
     "cost": "Cost per example",
     "flags": "Sanity flags",
-    "compare": "Paired comparison (same attack, eps and examples; path worst: right on every path that ran)",
+    "compare": "Paired comparison on the same examples (per attack, and each defense's worst case over all its attacks)",
 }
 """Heading of each report section."""
 
