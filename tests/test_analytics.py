@@ -153,13 +153,18 @@ def test_robustbench_entries(sweep, tmp_path):
     assert key[(T5, "8/255")]["number_forward_passes"] == 200.0
     assert key[(T20, "8/255")]["number_forward_passes"] is None  # that unit kept no images
     assert key[(T5, "8/255")]["autoattack_acc"] == "60.00" and "R = 3" in key[(T5, "8/255")]["footnote"]
-    mi = key[("mi-pl", "0.5")]  # PGD only: no AutoAttack number, the PGD one beside it
-    assert mi["autoattack_acc"] is None and mi["robust_acc_all_attacks"] == "75.00" and mi["threat_model"] == "L2"
+    mi = key[("mi-pl", "0.5")]  # PGD only: no AutoAttack number; the PGD one is `external`
+    assert mi["autoattack_acc"] is None and mi["external"] == mi["robust_acc"] == "75.00" and mi["threat_model"] == "L2"
+    assert plain["external"] is None and plain["robust_acc"] == "50.00"  # AutoAttack alone: the figure itself
 
     written = write_robustbench(entries, str(tmp_path / "rb"))
     assert len(written) == 5
     doc = json.loads((tmp_path / "rb" / "digits" / "Linf" / "plain-erm_eps8_255.json").read_text())
-    assert doc["autoattack_acc"] == "50.00" and doc["eps"] == "8/255"
+    # RobustBench's model_info layout: its keys in its order, percent strings, whole pass counts as ints.
+    assert list(doc) == ["link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
+                         "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "footnote", "robustsweep"]
+    assert doc["autoattack_acc"] == "50.00" and doc["eps"] == "8/255" and doc["number_forward_passes"] == 1
+    assert doc["robustsweep"]["threat_model"] == "Linf" and doc["robustsweep"]["n_examples"] == 20
 
 
 # --- SQL ------------------------------------------------------------------------------------------------------

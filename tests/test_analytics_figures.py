@@ -28,7 +28,8 @@ from pipeline.store.adversarial import adversarial_path, read_adversarial
 CHART = (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI))  # 800 x 500
 GRID = (round(EXAMPLE_COLUMNS * EXAMPLE_COLUMN_INCHES * DPI), round(6 * EXAMPLE_ROW_INCHES * DPI))  # 6 examples
 EXPECTED = {
-    # one per threat model
+    # one per threat model: the headline figure, and each attack and path
+    "headline-L2.png": CHART, "headline-Linf.png": CHART,
     "robust_vs_eps-L2.png": CHART, "robust_vs_eps-Linf.png": CHART,
     # one per threat model with an RDC family at two or more timestep counts (5 and 20)
     "robust_vs_timesteps-Linf.png": CHART,
@@ -221,4 +222,4 @@ def test_worker_keeps_adversarial_images(tmp_path):
     result = analyze([run], plot_dir=tmp_path / "plots", robustbench_dir=str(tmp_path / "rb"))
     assert "examples-rdc-optimal.png" in [Path(p).name for p in result["plots"]]
     entry = json.loads(next((tmp_path / "rb").rglob("*.json")).read_text())
-    assert entry["number_forward_passes"] == 4.0 and entry["n_examples"] == 2
+    assert entry["number_forward_passes"] == 4 and entry["robustsweep"]["n_examples"] == 2

@@ -43,7 +43,7 @@ def cnn_checkpoint(tmp_path_factory):
 
 def test_build_plain_and_mi_from_a_checkpoint(cnn_checkpoint):
     plain = build_defense(spec({"kind": "plain", "model": str(cnn_checkpoint)}))
-    assert isinstance(plain, Plain) and plain.name == "plain-erm"
+    assert isinstance(plain, Plain) and plain.name == "plain-cnn"  # the folder's name, not a training method
     mi = build_defense(spec({"kind": "mi", "mode": "combined", "model": str(cnn_checkpoint), "name": "mine"}))
     assert isinstance(mi, MixupInference) and mi.name == "mine" and (mi.n_pl, mi.n_ol) == (5, 15)
     assert len(mi.pool_y) == 1442  # the pool is the training split
@@ -129,5 +129,6 @@ def test_each_mi_mode_keeps_its_name_from_the_plan_to_the_records(cnn, digits):
                           Batch(digits.x_test[ids], digits.y_test[ids], ids), 0)
         seen[u.defense] = ({r.defense for r in result.records}, mi.mode, (mi.n_pl, mi.n_ol), result.forward_per_prediction)
     # Draws per prediction: y^, the mixes, and F(x) again for Combined's gap.
-    assert seen == {"mi-pl": ({"mi-pl"}, "pl", (10, 0), 11), "mi-ol": ({"mi-ol"}, "ol", (0, 30), 31),
-                    "mi-combined": ({"mi-combined"}, "combined", (5, 15), 22)}
+    # Named by mode and by the checkpoint folder they stand on (conftest's `cnn`, a folder "ckpt").
+    assert seen == {"mi-pl-ckpt": ({"mi-pl-ckpt"}, "pl", (10, 0), 11), "mi-ol-ckpt": ({"mi-ol-ckpt"}, "ol", (0, 30), 31),
+                    "mi-combined-ckpt": ({"mi-combined-ckpt"}, "combined", (5, 15), 22)}

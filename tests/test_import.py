@@ -438,7 +438,7 @@ def test_model_references_parse_once():
     assert parse_model_ref("checkpoints/cifar10-unet").kind == "folder"
     with pytest.raises(ConfigError, match="needs an architecture"):
         parse_model_ref("robustbench:Standard.pt")
-    with pytest.raises(ConfigError, match=r"defense 'plain-erm'\.model: model robustbench:wrn-99-1:x\.pt: 'wrn-99-1' is not a "
+    with pytest.raises(ConfigError, match=r"defense 'plain-x'\.model: model robustbench:wrn-99-1:x\.pt: 'wrn-99-1' is not a "
                                           r"robustbench preset"):
         preflight_job(parse_job({"data": {"dataset": "cifar10"}, "attacks": [{"kind": "none"}],
                                     "defenses": [{"kind": "plain", "model": "robustbench:wrn-99-1:x.pt"}]}))

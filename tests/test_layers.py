@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Bottom to top, as docs/ARCHITECTURE.md draws them. A module may import its own layer and the
 # layers below it. The base modules are pipeline/<name>.py; the others are subpackages.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "rng", "atomic", "scrub", "names", "flags", "machine"),
+    ("errors", "rng", "atomic", "scrub", "names", "flags", "machine", "unpickle"),
     ("config",),
     ("data",),
     ("models",),

@@ -270,7 +270,7 @@ def test_the_authors_lm_network_must_be_unconditional(tmp_path, standins, monkey
         result = invoke(*args)
         said = " ".join(result.output.split())
         assert result.exit_code == 2, said
-        assert (f"defense 'rdc-unet-edmw-alm'.lm.model: model {cond} has label_dim = 10, but this network must be "
+        assert (f"defense 'rdc-cond-edmw-alm'.lm.model: model {cond} has label_dim = 10, but this network must be "
                 f"unconditional (label_dim = 0 needed)") in said, said
     assert not out.exists()
     job.write_text(text.replace("timesteps = 2\n", "timesteps = 2\n" + lm.format(uncond)))

@@ -241,7 +241,7 @@ def test_authors_lm_from_a_table_loads_its_own_unconditional_network(tmp_path):
              "draws": "fixed", "lm": {"variant": "authors", "model": uncond, "steps": 2}}
     rdc = build_defense(spec(table))
     assert isinstance(rdc.lm, AuthorsLM) and rdc.lm.denoiser.label_dim == 0 and rdc.ts.numel() == 3
-    assert rdc.name == "rdc-unet-edmw-alm-fixed" and not rdc.stochastic
+    assert rdc.name == "rdc-cond-edmw-alm-fixed" and not rdc.stochastic  # named by its checkpoint folder
     x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         assert torch.equal(rdc(x), rdc(x))

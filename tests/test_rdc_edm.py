@@ -139,7 +139,7 @@ def test_defense_table_takes_an_edm_checkpoint_folder(tmp_path):
     for elbo in ("vp", "edm"):
         rdc = build_defense(spec({"kind": "rdc", "model": str(folder), "dataset": "digits", "timesteps": 3,
                                   "elbo": elbo, "lm": {"steps": 1, "timesteps": 2}}))
-        assert isinstance(rdc.eps_model, DenoiserEps) and rdc.name.startswith("rdc-unet")
+        assert isinstance(rdc.eps_model, DenoiserEps) and rdc.name.startswith("rdc-edm")  # the folder's name
         with torch.no_grad():
             logits = rdc(x)
         assert logits.shape == (2, 10) and torch.isfinite(logits).all()

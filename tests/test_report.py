@@ -85,7 +85,7 @@ def test_summarize_groups_and_accuracies():
     assert r8["clean_acc"] == pytest.approx(0.9) and r8["robust_acc"] == pytest.approx(0.8)
     assert (r8["robust_lo"], r8["robust_hi"]) == pytest.approx((0.4902, 0.9433), abs=1e-4)
     assert (r8["clean_lo"], r8["clean_hi"]) == pytest.approx(closed_form(9, 10))
-    assert r8["vote_acc"] == pytest.approx(0.6) and r8["worst_acc"] == pytest.approx(0.5)
+    assert r8["vote_acc"] == pytest.approx(0.6) and r8["all_passes_acc"] == pytest.approx(0.5)
     assert r8["forward_per_example"] == pytest.approx(14.5) and r8["backward_per_example"] == pytest.approx(8)
     assert r8["seconds_per_example"] == pytest.approx(0.45)
     assert r8["flags"] == {"zero_gradient": 3}
@@ -153,7 +153,7 @@ def test_summary_from_parquet(sweep):
     for (defense, eps), (clean, robust, vote, worst) in expected.items():
         (r,) = by_group(rows, defense, eps)
         assert r["n"] == 20
-        assert (r["clean_acc"], r["robust_acc"], r["vote_acc"], r["worst_acc"]) == pytest.approx(
+        assert (r["clean_acc"], r["robust_acc"], r["vote_acc"], r["all_passes_acc"]) == pytest.approx(
             (clean / 20, robust / 20, vote / 20, worst / 20))
         assert (r["robust_lo"], r["robust_hi"]) == pytest.approx(closed_form(robust, 20), abs=1e-12)
         assert (r["clean_lo"], r["clean_hi"]) == pytest.approx(

@@ -209,6 +209,30 @@ def test_submit_follows_a_job_to_success_and_its_rows_exist(head, tmp_path):
     assert res.exit_code == 0 and json.loads(res.stdout)["done"] == 2
 
 
+def test_submit_from_a_venv_that_is_not_activated(head, tmp_path):
+    """The head's PATH has only the system's python3 (no typer): the submitting interpreter is used,
+    and a relative --out lands under the head's home, not in the per-upload working dir."""
+    home = tmp_path / "home"
+    home.mkdir()
+    args = ["submit", str(head.project / "jobs" / "tiny.toml"), "--address", head.address, "--working-dir",
+            str(head.project), "--env", f"ROBUSTSWEEP_CACHE={head.cache}", "--env", "PATH=/usr/bin:/bin",
+            "--env", f"HOME={home}", "--workers", "1", "--no-report", "--run-id", "venv-run"]
+    res = _cli(*args, "--out", "rel-results")
+    assert res.exit_code == 0, res.output
+    assert f"on the head: {sys.executable}" in res.output
+    assert f"results go to {home}/rel-results on the head node" in " ".join(res.output.split())
+    assert len(list((home / "rel-results" / "venv-run" / "records").rglob("unit-*.parquet"))) == 2
+    # An interpreter that lacks the dependencies: refused before the job starts, the fix named.
+    before = [j for j in _jobs(head) if (j.metadata or {}).get("robustsweep_job")]
+    res = _cli(*args, "--python", "python3")
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert "no interpreter on the head imports robustsweep, so the job would fail there; nothing was submitted" in text
+    assert "Tried: python3: ModuleNotFoundError: No module named 'typer'" in text
+    assert "give --python the head's interpreter that has it" in text
+    assert [j for j in _jobs(head) if (j.metadata or {}).get("robustsweep_job")] == before
+
+
 def test_stop_a_long_job(head, tmp_path):
     res = _cli(*_submit_args(head, "long.toml", "--out", str(tmp_path / "out"), "--no-wait"))
     assert res.exit_code == 0, res.output

@@ -47,12 +47,13 @@ def test_headline_is_the_per_example_worst_over_attacks_and_paths():
     head = {r["eps"]: r for r in report["headline"]}
     assert sorted(head) == [16 / 255, 32 / 255]
     h = head[16 / 255]
-    # vote: broken by any of adaptive {0..3}, oblivious {2..6}, transfer {9}: survivors 7, 8.
-    assert (h["n"], h["robust_acc"]) == (10, 0.2)
-    assert h["single_acc"] == 0.1  # single pass: 7 is also broken by the adaptive attack
-    assert h["worst_acc"] == 0.1  # all passes: 8 is also broken
+    # The first pass (the rule of "robust %"): broken by any of adaptive {0..3, 7}, oblivious
+    # {2..6}, transfer {9}: survivor 8.
+    assert (h["n"], h["robust_acc"]) == (10, 0.1) and h["rule"].startswith("first of the R scoring passes")
+    assert h["vote_acc"] == 0.2  # the vote: 7 survives the adaptive attack
+    assert h["all_passes_acc"] == 0.1  # all passes: 8 is broken, 7 survives
     assert h["attacks"] == ["aa-rand (adaptive)", "pgd-eot4 (oblivious)", "transfer-pgd-ce (transfer:plain)"]
-    assert h["robust_lo"] < 0.2 < h["robust_hi"]
+    assert h["robust_lo"] < 0.1 < h["robust_hi"]
     # Each attack's own row stays: the adaptive one alone claims 60%.
     own = {(r["attack"], r["eps"]): r["vote_acc"] for r in report["summary"]}
     assert own[("aa-rand", 16 / 255)] == 0.6 and own[("pgd-eot4", 16 / 255)] == 0.5

@@ -1,28 +1,30 @@
-"""RobustBench-style model cards: one JSON per defense, threat model and budget.
+"""RobustBench model cards: one JSON per defense, threat model and budget, in the layout of
+RobustBench's `model_info/{dataset}/{threat_model}/{model}.json` entries.
 
-The fields follow RobustBench's `model_info/{dataset}/{threat_model}/{model}.json` entries
-(accuracies as percent strings with two decimals, eps as written in papers, e.g. "8/255"),
-plus what a sweep knows beyond them:
+A written file holds RobustBench's keys, in its order and units (accuracies as percent strings
+with two decimals, eps as written in papers, e.g. "8/255", number_forward_passes a number,
+additional_data a bool):
 
-    name, dataset, threat_model, eps, clean_acc, autoattack_acc, number_forward_passes,
-    n_examples, additional_data, architecture, link, authors, venue, reported, footnote,
-    robust_acc_all_attacks, attacks, autoattack_attacks, defense_table
+    link, name, authors, additional_data, number_forward_passes, dataset, venue, architecture,
+    eps, clean_acc, reported, autoattack_acc, [external], footnote
 
-- architecture and additional_data describe the defense's model as the run's plan.json records
-  it (`models`, written by runtime/run.py from each checkpoint's config.json); null or
-  "unknown model" where the plan does not say.
+and what a sweep knows beyond them under one key, "robustsweep" (threat_model, n_examples,
+robust_acc, rule, attacks, autoattack_attacks, vote_acc, all_passes_acc, passes, defense_table,
+eps_value). The robust figure is the report's headline (pipeline.analytics.report: ROBUST_RULE,
+worst over attacks and paths, first of the R passes), over the same examples:
 
-- The entry covers the examples AutoAttack ran on at that budget (all attacked examples when
-  it did not run); n_examples counts them.
-- autoattack_acc: the share of them that every AutoAttack run at that budget left correctly
-  classified (an example broken by any AutoAttack version counts as broken); null when no
-  AutoAttack ran on the defense at that budget.
-- robust_acc_all_attacks: the same over every attack run at that budget (PGD, transfer, ...).
-- clean_acc: the share of them classified correctly without attack (every record of the
-  example must say so; the first of the R passes, as AutoAttack scores).
+- autoattack_acc: that rule over the AutoAttack runs only; when other attacks ran too (PGD,
+  transfer, the oblivious path), the figure over all of them is `external`, the field
+  RobustBench's leaderboard ranks by before autoattack_acc (an evaluation stronger than its own).
+  When no AutoAttack ran, autoattack_acc is null and `external` holds the figure.
+- clean_acc: the share of the examples classified correctly without attack (the first pass;
+  every record of the example must say so).
 - number_forward_passes: network evaluations per prediction of the defense, measured on the
   scoring passes and kept in the footer of the run's adversarial-images files
   (pipeline.store.adversarial); null for runs without them.
+- architecture and additional_data describe the defense's model as the run's plan.json records
+  it (`models`, written by runtime/run.py from each checkpoint's config.json); null or
+  "unknown model" where the plan does not say.
 
 Which attacks are AutoAttack comes from the run's plan.json (attack kind "autoattack"), else
 from the default attack name prefix "aa-".
@@ -33,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from pipeline.analytics.render import format_eps
+from pipeline.analytics.report import ROBUST_COLUMN, ROBUST_RULE, headline
 from pipeline.analytics.source import Source, as_connection
 from pipeline.names import safe_name
 from pipeline.store import Store
@@ -110,8 +113,13 @@ def _pct(k: int, n: int) -> str:
     return f"{100 * k / n:.2f}"
 
 
+def _pct_of(fraction: float) -> str:
+    return f"{100 * fraction:.2f}"
+
+
 def robustbench_entries(source: Source, *, plans: Sequence[Mapping] = (), runs: Sequence[tuple] = ()) -> list[dict]:
-    """One RobustBench-style entry per (defense, norm, eps > 0); see the module docstring."""
+    """One entry per (defense, norm, eps > 0), the report's headline rows with what RobustBench's
+    layout asks beside them (see the module docstring); `robustbench_json` makes the file."""
     kinds = attack_kinds(plans)
     tables = defense_tables(plans)
     cards = model_cards(plans)
@@ -119,47 +127,65 @@ def robustbench_entries(source: Source, *, plans: Sequence[Mapping] = (), runs: 
     passes = forward_passes(runs)
     con, owned = as_connection(source)
     try:
+        head = headline(con)
         names = [r[0] for r in con.execute("SELECT DISTINCT attack FROM results").fetchall()]
         aa = [a for a in names if (kinds.get(a) == "autoattack" if a in kinds else a.startswith("aa-"))]
-        # Per example first (an example counts as robust only if every attack left it right),
-        # then per (defense, norm, eps); when AutoAttack ran, the entry covers its examples.
-        found = con.execute("""
+        # The headline's examples and rows (every attack but `clean`, eps > 0), so that n and the
+        # figure are the headline's; AutoAttack's share among them beside it.
+        found = {(d, n, e): rest for d, n, e, *rest in con.execute(f"""
             WITH per AS (
                 SELECT defense, norm, eps, example_id, bool_and(clean_correct) AS clean,
-                       bool_and(adv_correct) AS all_ok,
-                       bool_and(adv_correct) FILTER (WHERE list_contains($aa, attack)) AS aa_ok,
+                       bool_and({ROBUST_COLUMN}) FILTER (WHERE list_contains($aa, attack)) AS aa_ok,
                        max(passes) AS r
-                FROM results WHERE eps > 0 GROUP BY ALL)
-            SELECT defense, norm, eps, count(*), count_if(clean), count_if(all_ok), count(aa_ok),
-                   count_if(aa_ok AND clean IS NOT NULL), count_if(clean AND aa_ok IS NOT NULL),
-                   count_if(all_ok AND aa_ok IS NOT NULL), max(r)
-            FROM per GROUP BY ALL ORDER BY ALL
-        """, {"aa": aa}).fetchall()
-        attacks = {(d, n, e): a for d, n, e, a in con.execute(
-            "SELECT defense, norm, eps, list_sort(list_distinct(list(attack))) FROM results WHERE eps > 0 GROUP BY ALL"
-        ).fetchall()}
+                FROM results WHERE attack <> 'clean' AND eps > 0 GROUP BY ALL)
+            SELECT defense, norm, eps, count_if(clean), count(aa_ok), count_if(aa_ok), max(r)
+            FROM per GROUP BY ALL
+        """, {"aa": aa}).fetchall()}
     finally:
         if owned:
             con.close()
     entries = []
-    for defense, norm, eps, n, clean_k, all_k, n_aa, aa_k, clean_aa_k, all_aa_k, r in found:
-        used = attacks[(defense, norm, eps)]
-        base, clean, robust_all = (n_aa, clean_aa_k, all_aa_k) if n_aa else (n, clean_k, all_k)
+    for h in head:
+        defense, norm, eps, n = h["defense"], h["norm"], h["eps"], h["n"]
+        clean_k, n_aa, aa_k, r = found[(defense, norm, eps)]
+        used = sorted({a.rsplit(" (", 1)[0] for a in h["attacks"]})
         table, card = tables.get(defense, {}), cards.get(defense, {})
-        footnote = f"robustsweep: attacks {', '.join(used)}"
-        if r > 1:
-            footnote += f"; R = {r} scoring passes, accuracy of the first pass"
+        robust = _pct_of(h["robust_acc"])
+        others = [a for a in used if a not in aa]
+        footnote = (f"robustsweep: robust accuracy = {ROBUST_RULE}; attacks {', '.join(h['attacks'])}"
+                    + (f"; R = {r} scoring passes" if r > 1 else ""))
+        if n_aa and n_aa < n:
+            footnote += f"; AutoAttack ran on {n_aa} of the {n} examples"
         entries.append({
             "name": defense, "dataset": dataset, "threat_model": norm, "eps": format_eps(eps, norm),
-            "clean_acc": _pct(clean, base), "autoattack_acc": _pct(aa_k, n_aa) if n_aa else None,
-            "number_forward_passes": passes.get(defense), "n_examples": int(base),
+            "clean_acc": _pct(clean_k, n), "robust_acc": robust,
+            "autoattack_acc": _pct(aa_k, n_aa) if n_aa else None,
+            "external": robust if (others or not n_aa) else None,
+            "number_forward_passes": passes.get(defense), "n_examples": int(n),
             "additional_data": card.get("additional_data"), "architecture": architecture(table, card),
             "link": "", "authors": "", "venue": "", "reported": "", "footnote": footnote,
-            "robust_acc_all_attacks": _pct(robust_all, base),
-            "attacks": list(used), "autoattack_attacks": [a for a in used if a in aa],
+            "rule": ROBUST_RULE, "vote_acc": _pct_of(h["vote_acc"]), "all_passes_acc": _pct_of(h["all_passes_acc"]),
+            "passes": int(r), "attacks": used, "autoattack_attacks": [a for a in used if a in aa],
             "defense_table": table, "eps_value": eps,
         })
     return entries
+
+
+RB_KEYS = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue", "architecture",
+           "eps", "clean_acc", "reported", "autoattack_acc", "external", "footnote")
+"""The keys of a RobustBench model_info entry, in its files' order (external only when set)."""
+EXTRA_KEYS = ("threat_model", "n_examples", "robust_acc", "rule", "attacks", "autoattack_attacks", "vote_acc",
+              "all_passes_acc", "passes", "defense_table", "eps_value")
+
+
+def robustbench_json(entry: Mapping) -> dict:
+    """The file of an entry: RobustBench's keys (RB_KEYS) and units, the rest under "robustsweep"."""
+    doc = {k: entry.get(k) for k in RB_KEYS if not (k == "external" and entry.get(k) is None)}
+    fwd = doc["number_forward_passes"]
+    if isinstance(fwd, float) and fwd.is_integer():
+        doc["number_forward_passes"] = int(fwd)  # RobustBench writes whole counts as integers
+    doc["robustsweep"] = {k: entry.get(k) for k in EXTRA_KEYS}
+    return doc
 
 
 def entry_path(entry: Mapping) -> str:
@@ -174,6 +200,6 @@ def write_robustbench(entries: Sequence[Mapping], out: str, endpoint_url: str | 
     written = []
     for entry in entries:
         rel = entry_path(entry)
-        store.write_json(rel, dict(entry))
+        store.write_json(rel, robustbench_json(entry))
         written.append(store.join(rel))
     return written

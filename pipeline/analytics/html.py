@@ -74,8 +74,8 @@ def page(report: Mapping[str, Sequence[dict]], plots: Sequence[tuple[str, bytes]
             parts.append(table_html("compare", rows))
     if robustbench:
         parts.append("<h2>RobustBench-style entries</h2>")
-        keys = ["name", "dataset", "threat_model", "eps", "n_examples", "clean_acc", "autoattack_acc",
-                "robust_acc_all_attacks", "number_forward_passes"]
+        keys = ["name", "dataset", "threat_model", "eps", "n_examples", "clean_acc", "robust_acc", "autoattack_acc",
+                "external", "number_forward_passes"]
         head = "".join(f"<th>{esc(k)}</th>" for k in keys)
         body = "".join("<tr>" + "".join(f"<td>{esc('' if e.get(k) is None else str(e.get(k)))}</td>" for k in keys)
                        + "</tr>" for e in robustbench)

@@ -12,8 +12,20 @@ from pipeline.analytics.plots import all_plots, write_plots
 from pipeline.analytics.report import SECTIONS, build_report
 from pipeline.analytics.source import connect, open_runs
 from pipeline.atomic import check_writable
-from pipeline.errors import InputError
+from pipeline.data import class_names as dataset_classes
+from pipeline.errors import DatasetError, InputError
 from pipeline.names import clashes, describe_clashes
+
+
+def class_names(plans: Sequence[dict]) -> tuple[str, ...]:
+    """The class names of the runs' dataset (config.datasets), where they share one that has them."""
+    datasets = {p["job"]["data"]["dataset"] for p in plans if "job" in p}
+    if len(datasets) != 1:
+        return ()
+    try:
+        return dataset_classes(datasets.pop())
+    except DatasetError:  # a dataset this version does not know: labels as numbers
+        return ()
 
 
 def analyze(uris: Sequence[str], *, endpoint_url: str | None = None, sections: Sequence[str] = SECTIONS,
@@ -41,19 +53,19 @@ def analyze(uris: Sequence[str], *, endpoint_url: str | None = None, sections: S
     out: dict = {"plots": [], "notes": [], "robustbench": [], "html": None}
     try:
         wanted = SECTIONS if html_path is not None else sections
-        report = build_report(con, wanted)
+        runs = open_runs(uris, endpoint_url) if (plot_dir or html_path or robustbench_dir or "classes" in wanted) else []
+        plans = [plan for _, plan in runs if plan is not None]
+        report = build_report(con, wanted, class_names=class_names(plans))
         out["report"] = {k: v for k, v in report.items() if k in sections}
         if plot_dir is not None or robustbench_dir is not None:
             defenses = [row[0] for row in con.execute("SELECT DISTINCT defense FROM results").fetchall()]
             if groups := clashes(defenses):
                 raise InputError(f"defenses whose names become one file name would overwrite each other's figures and "
                                  f"exports: {describe_clashes(groups)}. Report these runs apart, or rename a defense")
-        runs = open_runs(uris, endpoint_url) if (plot_dir or html_path or robustbench_dir) else []
-        plans = [plan for _, plan in runs if plan is not None]
         plots: list = []
         if plot_dir is not None or html_path is not None:
             plots, out["notes"] = all_plots(con, plans=plans, runs=runs, summary=report.get("summary"),
-                                            per_defense=per_defense)
+                                            heads=report.get("headline"), per_defense=per_defense)
         entries = robustbench_entries(con, plans=plans, runs=runs) if (robustbench_dir or html_path) else []
     finally:
         con.close()

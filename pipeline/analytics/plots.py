@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from pipeline.analytics.render import format_eps
-from pipeline.analytics.report import summarize
+from pipeline.analytics.report import headline, summarize
 from pipeline.analytics.source import Source, as_connection
 from pipeline.data import load_split
 from pipeline.errors import DatasetError
@@ -49,6 +52,33 @@ def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)  # no bbox_inches="tight": that would change the pixel size
     return buf.getvalue()
+
+
+LEGEND_BESIDE = 8
+"""Up to this many entries the legend stands beside the chart; more go below it, in columns."""
+LEGEND_MAX = 24
+"""More entries than this would not fit the fixed-size figure legibly: the rest are counted in the last one."""
+LEGEND_WRAP = 48  # characters per legend line
+
+
+def _legend(fig: Figure, ax) -> None:
+    """The figure's legend, sized to stay inside the fixed-size figure and leave the chart most of it:
+    beside the chart for a few entries, below it in up to four columns of smaller type for more,
+    long labels wrapped, and entries past LEGEND_MAX summed up in one."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    if len(handles) > LEGEND_MAX:
+        extra = len(handles) - (LEGEND_MAX - 1)
+        handles, labels = handles[:LEGEND_MAX - 1], labels[:LEGEND_MAX - 1]
+        handles.append(Line2D([], [], linestyle="none"))
+        labels.append(f"... and {extra} more (see the summary table)")
+    labels = [textwrap.fill(label, LEGEND_WRAP) for label in labels]
+    if len(handles) <= LEGEND_BESIDE:
+        fig.legend(handles, labels, loc="outside right upper", fontsize="small")
+        return
+    ncols = min(3, math.ceil(len(handles) / 6))
+    fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize="xx-small" if ncols > 2 else "x-small")
 
 
 def _chart() -> tuple[Figure, object]:
@@ -84,10 +114,37 @@ def robust_vs_eps(summary: Sequence[dict]) -> list[Plot]:
         ax.set_xlabel(f"{norm} budget eps (0: clean)")
         ax.set_ylabel("robust accuracy (%)")
         ax.set_ylim(-2, 102)
-        ax.set_title(f"Robust accuracy against eps ({norm}), 95% Wilson intervals")
+        ax.set_title(f"Robust accuracy (first pass) against eps per attack and path ({norm}), 95% Wilson",
+                     fontsize="medium")
         ax.grid(alpha=0.3)
-        fig.legend(loc="outside right upper", fontsize="small")
+        _legend(fig, ax)
         plots.append((f"robust_vs_eps-{safe_name(norm)}.png", _png(fig)))
+    return plots
+
+
+def headline_vs_eps(rows: Sequence[dict]) -> list[Plot]:
+    """One chart per threat model: the headline robust accuracy (%) against eps, one line per
+    defense (report.ROBUST_RULE: worst over attacks and paths, first pass), 95% Wilson intervals."""
+    plots = []
+    for norm in sorted({r["norm"] for r in rows}):
+        lines: dict[str, list[dict]] = {}
+        for r in rows:
+            if r["norm"] == norm:
+                lines.setdefault(r["defense"], []).append(r)
+        fig, ax = _chart()
+        for defense, own in sorted(lines.items()):
+            own = sorted(own, key=lambda r: r["eps"])
+            ax.errorbar([r["eps"] for r in own], [100 * r["robust_acc"] for r in own], yerr=_yerr(own), marker="o",
+                        capsize=3, label=defense)
+        ticks = sorted({r["eps"] for own in lines.values() for r in own})
+        ax.set_xticks(ticks, [format_eps(t, norm) for t in ticks], rotation=45)
+        ax.set_xlabel(f"{norm} budget eps")
+        ax.set_ylabel("robust accuracy (%)")
+        ax.set_ylim(-2, 102)
+        ax.set_title(f"Robust accuracy ({norm}): first pass, worst over attacks and paths; 95% Wilson", fontsize="medium")
+        ax.grid(alpha=0.3)
+        _legend(fig, ax)
+        plots.append((f"headline-{safe_name(norm)}.png", _png(fig)))
     return plots
 
 
@@ -146,7 +203,7 @@ def robust_vs_timesteps(summary: Sequence[dict], timesteps: Mapping[str, tuple[s
         ax.set_ylim(-2, 102)
         ax.set_title(f"Robust accuracy against RDC timesteps ({norm}), 95% Wilson intervals")
         ax.grid(alpha=0.3, which="both")
-        fig.legend(loc="outside right upper", fontsize="small")
+        _legend(fig, ax)
         plots.append((f"robust_vs_timesteps-{safe_name(norm)}.png", _png(fig)))
     return plots
 
@@ -176,7 +233,7 @@ def clean_vs_robust(summary: Sequence[dict]) -> list[Plot]:
         ax.set_ylim(0, 105)
         ax.set_title(f"Clean and robust accuracy, {norm} eps {format_eps(eps, norm)}")
         ax.grid(alpha=0.3, axis="y")
-        fig.legend(loc="outside right upper", fontsize="small")
+        _legend(fig, ax)
         plots.append((f"clean_vs_robust-{safe_name(norm)}-{_eps_name(eps, norm)}.png", _png(fig)))
     return plots
 
@@ -343,14 +400,17 @@ def example_grids(source: Source, runs: Sequence[tuple], per_defense: int = 6) -
 
 
 def all_plots(source: Source, *, plans: Sequence[Mapping] = (), runs: Sequence[tuple] = (),
-              summary: Sequence[dict] | None = None, per_defense: int = 6) -> tuple[list[Plot], list[str]]:
+              summary: Sequence[dict] | None = None, heads: Sequence[dict] | None = None,
+              per_defense: int = 6) -> tuple[list[Plot], list[str]]:
     """Every figure this module draws, in a stable order, and the notes of what was skipped.
-    summary: `summarize(source)` if already computed."""
+    summary, heads: `summarize(source)`, `headline(source)` if already computed."""
     con, owned = as_connection(source)
     try:
         summary = list(summary) if summary is not None else summarize(con)
+        heads = list(heads) if heads is not None else headline(con)
         names = sorted({r["defense"] for r in summary})
-        plots = robust_vs_eps(summary)
+        plots = headline_vs_eps(heads)
+        plots += robust_vs_eps(summary)
         plots += robust_vs_timesteps(summary, rdc_timesteps(plans, names))
         plots += clean_vs_robust(summary)
         plots += norm_histograms(con)

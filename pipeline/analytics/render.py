@@ -15,16 +15,16 @@ from collections.abc import Callable, Mapping, Sequence
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.analytics.report import SECTIONS, stage_order
+from pipeline.analytics.report import ROBUST_RULE, SECTIONS, stage_order
 
 TITLES = {
-    "headline": "Robust accuracy, worst case over every attack and path per example (vote over R passes; 95% Wilson)",
-    "summary": "Accuracy per defense, attack and budget (95% Wilson intervals)",
+    "headline": f"Robust accuracy: {ROBUST_RULE} (95% Wilson)",
+    "summary": "Accuracy per defense, attack and budget (robust: first of the R passes; 95% Wilson intervals)",
     "classes": "Robust accuracy per class (%)",
     "stages": "Attack stage that broke each example",
     "cost": "Cost per example",
     "flags": "Sanity flags",
-    "compare": "Paired comparison (same attack, eps and examples)",
+    "compare": "Paired comparison on the same examples (per attack, and each defense's worst case over all its attacks)",
 }
 """Heading of each report section."""
 
@@ -78,7 +78,8 @@ def columns(section: str, rows: Sequence[dict]) -> list[Column]:
             ("defense", lambda r: _marked(r, str(r["defense"])), False), ("norm", lambda r: str(r["norm"]), False),
             ("eps", lambda r: format_eps(r["eps"], r["norm"]), True), ("n", lambda r: str(r["n"]), True),
             ("robust % [95% CI]", lambda r: _interval(r["robust_acc"], r["robust_lo"], r["robust_hi"]), True),
-            ("single-pass %", lambda r: _pct(r["single_acc"]), True), ("worst %", lambda r: _pct(r["worst_acc"]), True),
+            ("vote %", lambda r: _pct(r["vote_acc"]), True),
+            ("all-passes %", lambda r: _pct(r["all_passes_acc"]), True),
             ("attacks", lambda r: ", ".join(r["attacks"]), False),
             ("sweep flags", lambda r: ", ".join(r["sweep_flags"]), False),
         ]
@@ -88,7 +89,8 @@ def columns(section: str, rows: Sequence[dict]) -> list[Column]:
             ("n", lambda r: str(r["n"]), True),
             ("clean % [95% CI]", lambda r: _interval(r["clean_acc"], r["clean_lo"], r["clean_hi"]), True),
             ("robust % [95% CI]", lambda r: _interval(r["robust_acc"], r["robust_lo"], r["robust_hi"]), True),
-            ("vote %", lambda r: _pct(r["vote_acc"]), True), ("worst %", lambda r: _pct(r["worst_acc"]), True),
+            ("vote %", lambda r: _pct(r["vote_acc"]), True),
+            ("all-passes %", lambda r: _pct(r["all_passes_acc"]), True),
             ("fwd/ex", lambda r: f"{r['forward_per_example']:.1f}", True),
             ("bwd/ex", lambda r: f"{r['backward_per_example']:.1f}", True),
             ("s/ex", lambda r: f"{r['seconds_per_example']:.3g}", True),
@@ -97,7 +99,8 @@ def columns(section: str, rows: Sequence[dict]) -> list[Column]:
         ]
     if section == "classes":
         return group + [
-            ("label", lambda r: str(r["label"]), True), ("n", lambda r: str(r["n"]), True),
+            ("label", lambda r: str(r["label"]), True), ("class", lambda r: str(r.get("class", r["label"])), False),
+            ("n", lambda r: str(r["n"]), True),
             ("clean %", lambda r: _pct(r["clean_acc"]), True),
             ("robust % [95% CI]", lambda r: _interval(r["robust_acc"], r["robust_lo"], r["robust_hi"]), True),
         ]
@@ -125,7 +128,8 @@ def columns(section: str, rows: Sequence[dict]) -> list[Column]:
     if section == "compare":
         level = f"{100 * rows[0]['level']:g}%" if rows else "95%"
         return [
-            ("attack", lambda r: str(r["attack"]), False), ("norm", lambda r: str(r["norm"]), False),
+            ("attack", lambda r: str(r["attack"]), False), ("path", lambda r: str(r.get("path", "")), False),
+            ("norm", lambda r: str(r["norm"]), False),
             ("eps", lambda r: format_eps(r["eps"], r["norm"]), True), ("n", lambda r: str(r["n"]), True),
             ("A", lambda r: str(r["a"]), False), ("A %", lambda r: _pct(r["acc_a"]), True),
             ("B", lambda r: str(r["b"]), False), ("B %", lambda r: _pct(r["acc_b"]), True),
@@ -149,7 +153,9 @@ def _classes_wide(rows: Sequence[dict]) -> tuple[list[str], list[bool], list[lis
     by_group: dict[tuple, dict[int, dict]] = {}
     for r in rows:
         by_group.setdefault(tuple(r[k] for k in ("defense", "attack", "path", "norm", "eps")), {})[r["label"]] = r
-    headers = [c[0] for c in group] + ["n"] + [str(label) for label in labels]
+    named = {r["label"]: r.get("class", str(r["label"])) for r in rows}
+    headers = [c[0] for c in group] + ["n"] + [str(label) if named[label] == str(label) else f"{label} {named[label]}"
+                                                for label in labels]
     body = []
     for per_label in by_group.values():
         first = next(iter(per_label.values()))

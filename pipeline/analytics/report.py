@@ -7,8 +7,10 @@ defense, attack, norm, eps, then path (per class: one row per group and label):
 - headline: the fraction of examples that survive every attack and every gradient path that
   ran on them (adaptive, oblivious, transfer, BPDA, exact through LM), as AutoAttack's
   ensemble and adaptive-evaluation practice demand (Croce & Hein 2020; Tramer et al. 2020),
-  by the first pass, the vote over R passes (the headline figure) and all R passes;
-- summary: n, clean and robust accuracy with 95% Wilson intervals, vote and worst-case accuracy,
+  by the pass rule of `ROBUST_RULE` (the one "robust %"), with the vote over R passes and all R
+  passes beside it under their own names;
+- summary: n, clean and robust accuracy (`ROBUST_RULE`) with 95% Wilson intervals, the vote and
+  all-passes accuracy,
   cost per example, sanity flags with counts, and the sweep's flags of the group
   (pipeline.flags: accuracy_rises_with_eps, weaker_than_transfer, oblivious_beats_adaptive, ...);
 - classes: clean and robust accuracy per true label;
@@ -17,7 +19,8 @@ defense, attack, norm, eps, then path (per class: one row per group and label):
 - cost: device-seconds and network calls (forward, backward), attack queries and gradients;
 - flags: every sanity flag with its count and the fraction of the group's rows.
 
-Accuracies are fractions in [0, 1]. The functions take a DuckDB connection with the view
+Accuracies are fractions in [0, 1]. "Robust accuracy" means one thing everywhere (headline,
+summary, figures, HTML, exports): `ROBUST_COLUMN` under `ROBUST_RULE`. The functions take a DuckDB connection with the view
 `results` (pipeline.analytics.source.connect) or a records table.
 """
 
@@ -47,6 +50,15 @@ STAGE_ORDER = ("clean", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square
 """Known values of broken_by, in the order of AutoAttack standard (apgd-ce, apgd-t, fab-t,
 square) with the other versions' stages fitted in; unknown ones follow alphabetically."""
 SURVIVED = "survived"
+
+ROBUST_COLUMN = "adv_correct"
+"""The record column every "robust accuracy" counts: the first of the R scoring passes."""
+ROBUST_RULE = ("first of the R scoring passes right under every attack and gradient path that ran on the example "
+               "(worst case over attacks and paths)")
+"""The pass rule of "robust %", stated wherever the figure is shown. One pass is what a stochastic defense
+answers when deployed and what AutoAttack and RobustBench score; it does not depend on R. The vote over R
+passes is a different, ensembled classifier (it can sit far above one pass), and all R passes right falls
+as R grows; both stay available as vote_acc and all_passes_acc."""
 
 _NEEDED = GROUP + ("example_id", "label", "broken_by", "flags", "device", "worker", "clean_correct", "adv_correct",
                    "adv_vote_correct", "adv_worst_correct", "forward_passes", "backward_passes", "queries",
@@ -88,7 +100,7 @@ def _cells(con: duckdb.DuckDBPyConnection) -> str:
     con.execute(f"""
         CREATE TEMP TABLE {name} AS
         SELECT {KEYS}, label, broken_by, list_sort(list_distinct(flags)) AS flagset, device, worker,
-               count(*) AS n, count_if(clean_correct) AS clean_k, count_if(adv_correct) AS adv_k,
+               count(*) AS n, count_if(clean_correct) AS clean_k, count_if({ROBUST_COLUMN}) AS adv_k,
                count_if(adv_vote_correct) AS vote_k, count_if(adv_worst_correct) AS worst_k,
                sum(forward_passes) AS fwd, sum(backward_passes) AS bwd, sum(queries) AS q, sum(gradients) AS g,
                sum(seconds) AS sec
@@ -142,7 +154,7 @@ def _summary(con: duckdb.DuckDBPyConnection, cells: str) -> list[dict]:
             **_key(key), "n": n,
             "clean_acc": clean_k / n, "clean_lo": clean_lo, "clean_hi": clean_hi,
             "robust_acc": adv_k / n, "robust_lo": robust_lo, "robust_hi": robust_hi,
-            "vote_acc": int(vote_k) / n, "worst_acc": int(worst_k) / n,
+            "vote_acc": int(vote_k) / n, "all_passes_acc": int(worst_k) / n,
             "forward_per_example": float(fwd) / n, "backward_per_example": float(bwd) / n,
             "seconds_per_example": float(sec) / n,
             "flags": flags.get(tuple(key), {}),
@@ -152,7 +164,9 @@ def _summary(con: duckdb.DuckDBPyConnection, cells: str) -> list[dict]:
 
 
 def _sweep_flags(groups) -> dict[tuple, list[str]]:
-    """pipeline.flags over the summary's groups, robust accuracy by the vote over R passes."""
+    """pipeline.flags over the summary's groups, by the vote over R passes: the flags compare
+    accuracies across eps and paths, where the noise of one pass would raise false alarms; they
+    are a diagnostic of the attack, not the robust accuracy."""
     counts: dict[tuple, dict[float, tuple[int, int]]] = {}
     for defense, attack, path, norm, eps, n, _, _, vote_k, *_ in groups:
         counts.setdefault((defense, attack, path, norm), {})[eps] = (int(vote_k), int(n))
@@ -164,8 +178,8 @@ def summarize(source: Source) -> list[dict]:
     """Accuracies per (defense, attack, path, norm, eps).
 
     Each row: the group keys; n (examples); clean_acc, clean_lo, clean_hi; robust_acc (mean of
-    adv_correct), robust_lo, robust_hi (Wilson 95%); vote_acc (adv_vote_correct: majority over
-    the R passes); worst_acc (adv_worst_correct: all R passes right); forward_per_example,
+    ROBUST_COLUMN, the first pass), robust_lo, robust_hi (Wilson 95%); vote_acc (adv_vote_correct:
+    majority over the R passes); all_passes_acc (adv_worst_correct: all R passes right); forward_per_example,
     backward_per_example (network passes), seconds_per_example (device-seconds); flags {flag:
     number of rows carrying it}; sweep_flags [flags of the group's sweep over eps and paths].
     """
@@ -174,9 +188,9 @@ def summarize(source: Source) -> list[dict]:
 
 def _headline(con: duckdb.DuckDBPyConnection, cells: str) -> list[dict]:
     # Per example, AND over every (attack, path) that ran on it at this (defense, norm, eps).
-    found = con.execute("""
+    found = con.execute(f"""
         WITH per AS (
-            SELECT defense, norm, eps, example_id, bool_and(adv_correct) AS s, bool_and(adv_vote_correct) AS v,
+            SELECT defense, norm, eps, example_id, bool_and({ROBUST_COLUMN}) AS s, bool_and(adv_vote_correct) AS v,
                    bool_and(adv_worst_correct) AS w
             FROM results WHERE attack <> 'clean' AND eps > 0 GROUP BY ALL),
         runs AS (
@@ -192,40 +206,43 @@ def _headline(con: duckdb.DuckDBPyConnection, cells: str) -> list[dict]:
                                                          if f not in flagged[(r["defense"], r["norm"], r["eps"])]]
     rows = []
     for defense, norm, eps, n, s, v, w, attacks in found:
-        n, v = int(n), int(v)
-        lo, hi = wilson_interval(v, n)
+        n, s = int(n), int(s)
+        lo, hi = wilson_interval(s, n)
         rows.append({"defense": defense, "norm": norm, "eps": eps, "n": n, "attacks": list(attacks),
-                     "single_acc": int(s) / n, "robust_acc": v / n, "robust_lo": lo, "robust_hi": hi,
-                     "worst_acc": int(w) / n, "sweep_flags": sorted(flagged.get((defense, norm, eps), []))})
+                     "robust_acc": s / n, "robust_lo": lo, "robust_hi": hi, "rule": ROBUST_RULE,
+                     "vote_acc": int(v) / n, "all_passes_acc": int(w) / n,
+                     "sweep_flags": sorted(flagged.get((defense, norm, eps), []))})
     return rows
 
 
 def headline(source: Source) -> list[dict]:
     """The worst case over attacks and paths, one row per (defense, norm, eps > 0): n (examples);
-    attacks ["attack (path)" that ran]; single_acc (first pass right under every attack);
-    robust_acc (the vote over R passes right under every attack: the headline) with robust_lo,
-    robust_hi (Wilson 95%); worst_acc (all R passes right under every attack); sweep_flags (of
-    any of its groups)."""
+    attacks ["attack (path)" that ran]; robust_acc (ROBUST_RULE: the headline figure) with
+    robust_lo, robust_hi (Wilson 95%) and rule (ROBUST_RULE in words); vote_acc (the vote over R
+    passes right under every attack); all_passes_acc (all R passes right under every attack);
+    sweep_flags (of any of its groups)."""
     return _with_cells(source, _headline)
 
 
-def _classes(con: duckdb.DuckDBPyConnection, cells: str) -> list[dict]:
+def _classes(con: duckdb.DuckDBPyConnection, cells: str, class_names: Sequence[str] = ()) -> list[dict]:
     found = con.execute(f"""
         SELECT {KEYS}, label, sum(n), sum(clean_k), sum(adv_k) FROM {cells} GROUP BY ALL ORDER BY {ORDER}, label
     """).fetchall()
     rows = []
     for *key, label, n, clean_k, adv_k in found:
-        n, adv_k = int(n), int(adv_k)
+        n, adv_k, label = int(n), int(adv_k), int(label)
         lo, hi = wilson_interval(adv_k, n)
-        rows.append({**_key(key), "label": int(label), "n": n, "clean_acc": int(clean_k) / n,
-                     "robust_acc": adv_k / n, "robust_lo": lo, "robust_hi": hi})
+        rows.append({**_key(key), "label": label,
+                     "class": class_names[label] if 0 <= label < len(class_names) else str(label), "n": n,
+                     "clean_acc": int(clean_k) / n, "robust_acc": adv_k / n, "robust_lo": lo, "robust_hi": hi})
     return rows
 
 
-def per_class(source: Source) -> list[dict]:
-    """Accuracy per true label: one row per group and label with n, clean_acc, robust_acc and
-    the robust Wilson 95% interval (robust_lo, robust_hi)."""
-    return _with_cells(source, _classes)
+def per_class(source: Source, class_names: Sequence[str] = ()) -> list[dict]:
+    """Accuracy per true label: one row per group and label with class (its name in
+    `class_names`, e.g. config.datasets.DATASETS["cifar10"].class_names, else the label as
+    text), n, clean_acc, robust_acc and the robust Wilson 95% interval (robust_lo, robust_hi)."""
+    return _with_cells(source, lambda con, cells: _classes(con, cells, class_names))
 
 
 def stage_order(names) -> list[str]:
@@ -302,14 +319,18 @@ def flags(source: Source) -> list[dict]:
 _MAKERS = {"headline": _headline, "summary": _summary, "classes": _classes, "stages": _stages, "cost": _cost, "flags": _flags}
 
 
-def build_report(source: Source, sections: Sequence[str] = SECTIONS) -> dict[str, list[dict]]:
+def build_report(source: Source, sections: Sequence[str] = SECTIONS, class_names: Sequence[str] = ()) -> dict[str, list[dict]]:
     """{section: rows} for the chosen sections (all by default), in SECTIONS order; the records
-    are scanned once."""
+    are scanned once. class_names: see `per_class`."""
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise ConfigError(f"unknown report section(s) {unknown}; choose from {list(SECTIONS)}")
-    return _with_cells(source, lambda con, cells: {name: _MAKERS[name](con, cells)
-                                                   for name in SECTIONS if name in sections})
+
+    def make(con, cells):
+        return {name: (_classes(con, cells, class_names) if name == "classes" else _MAKERS[name](con, cells))
+                for name in SECTIONS if name in sections}
+
+    return _with_cells(source, make)
 
 
 def load_records(uris: Sequence[str], endpoint_url: str | None = None) -> pa.Table:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.common import SKIP_BAD_HELP, console, fails_cleanly, notes
+from pipeline.cli.common import SKIP_BAD_HELP, console, fails_cleanly, no_bool_words, notes
 from pipeline.errors import ConfigError
 
 REPORT_FORMATS = ("table", "markdown", "csv", "json")
@@ -61,13 +61,14 @@ def report_cmd(
     html: Optional[Path] = typer.Option(None, "--html", help="write one self-contained HTML page (tables and figures inline)"),
     robustbench: Optional[str] = typer.Option(None, "--robustbench", help="write RobustBench-style JSON per defense, threat model and eps into this folder or s3:// prefix"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
+    skip_bad: bool = typer.Option(False, "--skip-bad/--no-skip-bad", metavar="", help=SKIP_BAD_HELP),
 ):
     """Accuracy (95% Wilson), per-class accuracy, the attack stage that broke each example, cost, sanity flags; figures and exports."""
     from pipeline.analytics.outputs import analyze
     from pipeline.analytics.report import SECTIONS
 
     check_format(format)
+    no_bool_words(uris)
     sections = section or (["summary"] if format == "csv" else list(SECTIONS))
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
@@ -92,24 +93,27 @@ def compare_cmd(
     a: str = typer.Option(..., "--a", help="defense A (its name in the results)"),
     b: str = typer.Option(..., "--b", help="defense B"),
     attack: Optional[str] = typer.Option(None, help="only this attack (default: every attack both ran under)"),
-    metric: str = typer.Option("robust", help="robust (single pass), clean, vote or worst (over the R passes)"),
+    metric: str = typer.Option("robust", help="robust (first of the R passes, the report's rule), clean, vote (majority of the R passes) or all-passes"),
+    path: str = typer.Option("worst", help="worst (right on every gradient path that ran: the report's rule), adaptive, oblivious or transfer"),
     resamples: int = typer.Option(10_000, help="bootstrap resamples"),
     seed: int = typer.Option(0, help="seed of the bootstrap"),
     format: str = typer.Option("table", "--format", help="table, markdown, csv or json"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
+    skip_bad: bool = typer.Option(False, "--skip-bad/--no-skip-bad", metavar="", help=SKIP_BAD_HELP),
 ):
-    """Paired A vs B on the same (attack, eps, example): accuracy difference with a bootstrap interval, exact McNemar test."""
+    """Paired A vs B on the same (attack, eps, example), and on each one's worst case over all its attacks ("all attacks"): accuracy difference with a bootstrap interval, exact McNemar test."""
     from pipeline.analytics import connect
     from pipeline.analytics.compare import compare
 
     check_format(format)
+    no_bool_words(uris)
     if resamples < 1:
         raise ConfigError(f"--resamples must be >= 1, got {resamples}")
     left_out: list[str] = []
     con = connect(uris, endpoint_url=endpoint_url, skip_bad=skip_bad, notes=left_out)
     try:
-        rows = compare(con, a, b, metric=metric, attack=attack, resamples=resamples, seed=seed)
+        rows = compare(con, a, b, metric=metric, attack=attack, path=path, resamples=resamples, seed=seed,
+                       notes=left_out)
     finally:
         con.close()
     emit_report({"compare": rows}, format)
@@ -122,8 +126,8 @@ def sql_cmd(
     format: str = typer.Option("table", "--format", help="table, csv or json"),
     max_rows: int = typer.Option(1000, help="rows shown by --format table"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
-    unsafe: bool = typer.Option(False, "--unsafe", help="lift the read-only lock: any statement (COPY TO, ATTACH, ...) and any file, with the store's credentials"),
+    skip_bad: bool = typer.Option(False, "--skip-bad/--no-skip-bad", metavar="", help=SKIP_BAD_HELP),
+    unsafe: bool = typer.Option(False, "--unsafe/--no-unsafe", metavar="", help="lift the read-only lock: any statement (COPY TO, ATTACH, ...) and any file, with the store's credentials"),
 ):
     """Run SQL (DuckDB, read-only unless --unsafe) over the records of runs, local or S3: e.g. robustsweep sql results/demo-x "SELECT defense, avg(adv_correct::INT) FROM results GROUP BY ALL"."""
     from rich.console import Console as Out
@@ -133,6 +137,7 @@ def sql_cmd(
     check_format(format, ("table", "csv", "json"))
     if len(args) < 2:
         raise ConfigError('give a run folder and a query: robustsweep sql RUN_URI "SELECT ... FROM results"')
+    no_bool_words(args[:-1])
     left_out: list[str] = []
     table = run_sql(args[:-1], args[-1], endpoint_url=endpoint_url, unsafe=unsafe, skip_bad=skip_bad, notes=left_out)
     notes(left_out)

@@ -55,16 +55,16 @@ def bench_elbo_cmd(
     threads: Optional[int] = typer.Option(1, help="torch threads (0: torch's default)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     chunk: Optional[int] = typer.Option(None, help="engine: network inputs per call (default: the device's)"),
-    channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="engine: channels_last layout"),
+    channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", metavar="", help="engine: channels_last layout"),
     compile: str = typer.Option("off", help="engine: torch.compile 'off', 'forward' (logits only) or 'on' (also gradients)"),
     autocast: str = typer.Option("auto", help="engine: autocast 'auto' (bf16 on CUDA, float32 on a CPU), 'off', 'bf16' or 'fp16'"),
     agreement_timesteps: int = typer.Option(100, help="with bf16/fp16: timesteps of the fp32 agreement check on the digits test split"),
-    grad: bool = typer.Option(True, "--grad/--no-grad", help="also time input gradients"),
-    profile: bool = typer.Option(False, "--profile", help="also profile one example: seconds by kind of operator"),
+    grad: bool = typer.Option(True, "--grad/--no-grad", metavar="", help="also time input gradients"),
+    profile: bool = typer.Option(False, "--profile/--no-profile", metavar="", help="also profile one example: seconds by kind of operator"),
     forward_batch: int = typer.Option(64, help="EDM presets: batch of the timed single forward (fp32 and bf16 autocast)"),
     pruning: Optional[str] = typer.Option(None, help="EDM presets: also time RDC with adaptive class pruning, stages "
                                           "timesteps:keep (Li et al.: 50:5,500:1)"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    as_json: bool = typer.Option(False, "--json/--no-json", metavar="", help="print JSON"),
 ):
     """RDC logits and gradients: the reference strategy (class loop, 64-timestep chunks, one example at a time) vs the engine,
     with FLOPs against a matmul peak measured in the same run. With an EDM preset as --model: one forward of the
@@ -98,7 +98,7 @@ def bench_draws_cmd(
     device: str = typer.Option("cpu", help="cpu or cuda: where the draws and the forward run"),
     threads: Optional[int] = typer.Option(1, help="torch threads (0: torch's default)"),
     repeat: int = typer.Option(3, help="timed rounds of the draws after a warm-up; the best round counts"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    as_json: bool = typer.Option(False, "--json/--no-json", metavar="", help="print JSON"),
 ):
     """The noise of one RDC forward (1000 timesteps; a CIFAR image and a digits one): the device path against the
     reference CPU hashing, and its share of the engine's forward."""
@@ -122,7 +122,7 @@ def bench_scaling_cmd(
     passes: int = typer.Option(2, help="scoring passes"),
     workers: str = typer.Option("1,2", help="worker counts, comma-separated"),
     repeat: int = typer.Option(1, help="rounds per figure; the best is kept"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    as_json: bool = typer.Option(False, "--json/--no-json", metavar="", help="print JSON"),
 ):
     """The same job through Ray (run_job, 1 and 2 actors, one thread each) and split by hand into independent processes."""
     counts = positive_ints(workers, "--workers", "1,2")
@@ -143,7 +143,7 @@ def bench_grid_cmd(
     examples: int = typer.Option(2, help="digits test examples in the batch"),
     gangs: Optional[str] = typer.Option(None, help="gang sizes, comma-separated (default 1,2 and 3 where cores allow)"),
     repeat: int = typer.Option(2, help="timed runs per figure; the best is kept"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    as_json: bool = typer.Option(False, "--json/--no-json", metavar="", help="print JSON"),
 ):
     """Grid sharding: seconds of one batch's RDC logits and of one exact input gradient for G = 1, 2, 3 actors."""
     sizes = positive_ints(gangs, "--gangs", "1,2,3") if gangs else None
@@ -164,7 +164,7 @@ def bench_report_cmd(
     rows: int = typer.Option(1_000_000, help="synthetic records (all columns of the record schema)"),
     files: int = typer.Option(100, help="Parquet files they are written to (like units of a run)"),
     repeats: int = typer.Option(3, help="timed runs; the best is reported"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    as_json: bool = typer.Option(False, "--json/--no-json", metavar="", help="print JSON"),
 ):
     """The full report (every section, rendered) over ROWS synthetic records read from Parquet."""
     if rows < 1 or repeats < 1 or files < 1:
@@ -184,7 +184,7 @@ def bench_attack_cmd(
     repeat: int = typer.Option(3, help="interleaved timed runs of each mode (the fastest counts)"),
     threads: Optional[int] = typer.Option(1, help="torch threads (0: torch's default)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    as_json: bool = typer.Option(False, "--json/--no-json", metavar="", help="print JSON"),
 ):
     """A unit attacked as one batch against one example at a time and against pyautoattack on the same batch and model."""
     from pipeline.bench.attack import bench_attack, format_attack
@@ -203,7 +203,7 @@ def bench_scheduler_cmd(
     seed: int = typer.Option(0, help="seed of the simulated durations, errors and losses"),
     ray_units: int = typer.Option(2000, help="units through a real local Ray cluster (0: skip that part)"),
     ray_actors: int = typer.Option(3, help="real Ray actors (one CPU each) for --ray-units"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    as_json: bool = typer.Option(False, "--json/--no-json", metavar="", help="print JSON"),
 ):
     """The run's scheduler over simulated actors (gangs, losses, retries), then through real Ray actors: the driver's
     seconds a unit and peak memory."""

@@ -42,37 +42,41 @@ def follow(address: str, submission_id: str) -> dict:
 def submit_cmd(
     job: Path = typer.Argument(..., help="job file (TOML) inside the working dir"),
     address: str = typer.Option(..., help="the cluster's dashboard URL, http://HEAD:8265"),
-    out: str = typer.Option(DEFAULT_OUT, help="output URI as the cluster sees it, e.g. s3://bucket/prefix (default: results/ in the job's working dir on the head)"),
+    out: str = typer.Option(DEFAULT_OUT, help="output URI as the cluster sees it, e.g. s3://bucket/prefix; a relative folder is under the head's home (default: ~/results on the head)"),
     workers: Optional[int] = typer.Option(None, help="worker actors (default: one per GPU of the cluster, else per CPU)"),
     run_id: Optional[str] = typer.Option(None, help="run id (default: job name and hash)"),
-    fresh: bool = typer.Option(False, help="start a new run instead of resuming"),
+    fresh: bool = typer.Option(False, metavar="", help="start a new run instead of resuming"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint as the cluster sees it"),
-    report: bool = typer.Option(True, help="print the report at the end of the job's log"),
+    report: bool = typer.Option(True, metavar="", help="print the report at the end of the job's log"),
     gpus_per_worker: float = typer.Option(1.0, help="GPUs per worker actor, in (0, 1]"),
     min_gpus: int = typer.Option(0, help="the run waits until the cluster has this many GPUs (workers joining late)"),
-    wait: bool = typer.Option(True, help="follow the job's logs until it ends; exit 0 if it succeeded, else 1"),
-    python: str = typer.Option("python", help="the interpreter on the head node that has Ray and the dependencies"),
+    wait: bool = typer.Option(True, metavar="", help="follow the job's logs until it ends; exit 0 if it succeeded, else 1"),
+    python: Optional[str] = typer.Option(None, help="the head's interpreter that has the dependencies (default: the first of this interpreter's path, python3, python that imports the package there; checked before submitting)"),
     working_dir: Path = typer.Option(Path("."), help="the project folder that travels to the cluster"),
     env: list[str] = typer.Option([], "--env", help="KEY=VALUE for the job's environment (repeatable)"),
     exclude: list[str] = typer.Option([], "--exclude", help="a path pattern that stays here (repeatable; .venv, .git, results, caches and *.parquet always do)"),
-    forward_aws: bool = typer.Option(True, help="pass the AWS_* variables set here (credentials, region, endpoint) to the job"),
+    forward_aws: bool = typer.Option(True, metavar="", help="pass the AWS_* variables set here (credentials, region, endpoint) to the job"),
     unit_timeout: Optional[float] = typer.Option(None, help="seconds a unit may run; past it its actor is replaced and the unit requeued (default: no limit)"),
-    speculate: bool = typer.Option(False, help="run a second copy of the last stragglers on idle actors; the first commit wins"),
+    speculate: bool = typer.Option(False, metavar="", help="run a second copy of the last stragglers on idle actors; the first commit wins"),
 ):
     """Submit a job to a running Ray cluster (Ray Jobs API); prints the submission id."""
-    from pipeline.runtime.submit import aws_variables, submit_job
+    from pipeline.runtime.submit import aws_variables, resolve_out, submit_job
 
     options = RunOptions(out=out, workers=workers, gpus_per_worker=gpus_per_worker, min_gpus=min_gpus,
                          endpoint_url=endpoint_url, run_id=run_id, fresh=fresh, report=report,
                          unit_timeout=unit_timeout, speculate=speculate)
+    found: list = []
     submission_id = submit_job(job, address, options, working_dir=working_dir, python=python, env=env_pairs(env),
-                               forward_aws=forward_aws, excludes=exclude)
+                               forward_aws=forward_aws, excludes=exclude, found=found)
     print(submission_id, flush=True)
+    head = found[0]
+    console.print(f"on the head: {head.python}")
     if forward_aws and (names := aws_variables()):
         console.print(f"passed to the job: {', '.join(names)} (values not shown)")
     if not ("://" in options.out or Path(options.out).is_absolute()):
-        console.print("[yellow]note:[/] results go to the job's working dir on the head node; "
-                      "give --out s3://bucket/prefix to keep them")
+        console.print(f"[yellow]note:[/] results go to {resolve_out(options.out, head.home)} on the head node (a "
+                      f"relative --out is under the head's home, so that a resubmitted job resumes); give --out "
+                      f"s3://bucket/prefix to share them")
     if not wait:
         console.print(f"submitted {submission_id}: robustsweep status|logs|stop {submission_id} --address {address}")
         return
@@ -86,7 +90,7 @@ def submit_cmd(
 def logs_cmd(
     submission_id: str = typer.Argument(..., help="the id `submit` printed (raysubmit_...)"),
     address: str = typer.Option(..., help="the cluster's dashboard URL, http://HEAD:8265"),
-    follow_: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends; exit 0 if it succeeded, else 1"),
+    follow_: bool = typer.Option(False, "--follow/--no-follow", "-f", metavar="", help="stream until the job ends; exit 0 if it succeeded, else 1"),
 ):
     """The logs of a submitted job."""
     from pipeline.runtime.submit import job_logs
@@ -104,7 +108,7 @@ def logs_cmd(
 def stop_cmd(
     submission_id: str = typer.Argument(..., help="the id `submit` printed (raysubmit_...)"),
     address: str = typer.Option(..., help="the cluster's dashboard URL, http://HEAD:8265"),
-    wait: bool = typer.Option(True, help="wait (at most 60 s) until the job has stopped"),
+    wait: bool = typer.Option(True, metavar="", help="wait (at most 60 s) until the job has stopped"),
 ):
     """Stop a submitted job; committed units stay, a later submit of the same job resumes."""
     from pipeline.runtime.submit import stop_job

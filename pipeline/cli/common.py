@@ -45,6 +45,18 @@ def fails_cleanly(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+BOOL_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
+
+
+def no_bool_words(uris: list[str]) -> None:
+    """ConfigError for a run folder argument that is a boolean word no folder is named: a value
+    written after a flag (`--skip-bad true`), which takes none."""
+    for uri in uris:
+        if uri.lower() in BOOL_WORDS and not Path(uri).exists():
+            raise ConfigError(f"{uri!r} is read as a run folder, and there is none of that name: flags take no value "
+                              f"(write --skip-bad or --no-skip-bad, not --skip-bad {uri})")
+
+
 def notes(lines: list[str]) -> None:
     """Print what a reader left out (bad files skipped, a unit's second copy) as notes on stderr."""
     for line in lines:

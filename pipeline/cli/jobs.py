@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 
 from pipeline.cli.analytics import print_summary
-from pipeline.cli.common import SKIP_BAD_HELP, console, fails_cleanly, load_job_file
+from pipeline.cli.common import SKIP_BAD_HELP, console, fails_cleanly, load_job_file, no_bool_words
 from pipeline.config.run import DEFAULT_OUT, RunOptions
 from pipeline.errors import ConfigError
 
@@ -20,7 +19,8 @@ def validate_cmd(
     job: Path = typer.Argument(..., help="job file (TOML)"),
     out: Optional[str] = typer.Option(None, help="also check this output folder or s3://bucket/prefix"),
 ):
-    """Check a job file (everything `run` checks before it starts) and print what it expands to; writes nothing."""
+    """Check a job file (everything `run` checks before it starts) and print what it expands to (stdout, so it pipes); writes nothing."""
+    from pipeline.analytics.render import format_eps
     from pipeline.config.attack import crafting
     from pipeline.config.defense import defense_name
     from pipeline.data import load_split
@@ -33,16 +33,18 @@ def validate_cmd(
     units = plan(spec, x.shape[0])
     if not units:
         raise ConfigError("the job selects no examples (data.ids / data.limit): nothing to run")
-    console.print(f"[green]ok[/] {escape(str(job))}: run id {run_id_for(spec)}, {len(spec.defenses)} defenses, "
-                  f"{len(spec.attacks)} attacks, {len(units)} units")
-    # Names carry sweep suffixes such as [temperature=0.5]: printed as text, not as console markup.
+    # The expansion is the command's output (stdout, plain text: names carry sweep suffixes such
+    # as [temperature=0.5], which are no markup).
+    print(f"ok {job}: run id {run_id_for(spec)}, {len(spec.defenses)} defenses, {len(spec.attacks)} attacks, "
+          f"{len(units)} units")
     for d in spec.defenses:
-        console.print(f"  defense {d.name}", markup=False)
+        print(f"  defense {d.name}")
     for a in spec.attacks:
         surrogates = sorted({defense_name(s) for s in a.surrogates.values()})
-        eps = crafting(a.spec).eps if a.spec.kind != "none" else 0.0
-        console.print(f"  attack  {a.name} eps={eps:.6g} on {', '.join(a.defenses)}"
-                      + (f" (surrogate {', '.join(surrogates)})" if surrogates else ""), markup=False)
+        inner = crafting(a.spec) if a.spec.kind != "none" else None
+        eps = format_eps(inner.eps, inner.norm) if inner is not None else "0"
+        print(f"  attack  {a.name} eps={eps} on {', '.join(a.defenses)}"
+              + (f" (surrogate {', '.join(surrogates)})" if surrogates else ""))
 
 
 @fails_cleanly
@@ -52,9 +54,9 @@ def run_cmd(
     workers: Optional[int] = typer.Option(None, help="worker actors (default: one per GPU, else per CPU)"),
     address: Optional[str] = typer.Option(None, help="Ray cluster: none starts a local one; 'auto'; ray://host:port"),
     run_id: Optional[str] = typer.Option(None, help="run id (default: job name and hash)"),
-    fresh: bool = typer.Option(False, help="start a new run instead of resuming"),
+    fresh: bool = typer.Option(False, metavar="", help="start a new run instead of resuming"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
-    report: bool = typer.Option(True, help="print the report at the end"),
+    report: bool = typer.Option(True, metavar="", help="print the report at the end"),
     gpus_per_worker: float = typer.Option(1.0, help="GPUs per worker actor; 0.5 or 0.25 pack small models several to a GPU"),
     min_gpus: int = typer.Option(0, help="wait (up to 10 min) until the cluster has this many GPUs before starting workers"),
     lease_wait: float = typer.Option(0.0, help="seconds to wait while another driver holds the run folder (default: refuse at once, exit 2)"),
@@ -87,12 +89,13 @@ def status_cmd(
                               help="a run folder ({out}/{run_id}, local or s3://), or with --address a submission id"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
     address: Optional[str] = typer.Option(None, help="a cluster's dashboard URL (http://HEAD:8265): the argument is then a submission id"),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help=SKIP_BAD_HELP),
+    skip_bad: bool = typer.Option(False, "--skip-bad/--no-skip-bad", metavar="", help=SKIP_BAD_HELP),
 ):
     """Units done / failed / left, rows and throughput of a run; with --address, the state of a submitted job."""
     from pipeline.runtime.status import run_status
     from pipeline.runtime.submit import job_status
 
+    no_bool_words([uri])
     if address is not None:
         st = job_status(address, uri)
     elif uri.startswith("raysubmit_") and not Path(uri).exists():

@@ -22,14 +22,67 @@ moves by less than one example, at most `converge_cap` doublings, default 3).
 
 from __future__ import annotations
 
+import re
+from fractions import Fraction
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, model_validator
 
 from pipeline.config.tables import validate_table
 
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 KINDS = ("autoattack", "pgd", "transfer", "none")
+
+FRACTION = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+FRACTION_FIELDS = ("eps", "step_size")
+"""Budgets a job may write as the field writes them, an exact fraction of integers ("8/255")."""
+
+
+def fraction(value):
+    """A string "a/b" (integers, b > 0) as the float nearest a/b (float(Fraction(8, 255)) == 8 / 255,
+    bit for bit); a string with a "/" that is no such fraction is refused; anything else is left
+    for the field's own validation (and preflight's: a number written as a string is refused there)."""
+    if isinstance(value, str) and "/" in value:
+        found = FRACTION.match(value)
+        if found is None:
+            raise ValueError(f"expected a number or an exact fraction of integers such as \"8/255\", got {value!r}")
+        if int(found.group(2)) == 0:
+            raise ValueError(f"{value!r} divides by zero")
+        return float(Fraction(int(found.group(1)), int(found.group(2))))
+    return value
+
+
+def exact_fractions(table):
+    """An attack table (as written) with its fractions ("8/255", also in eps lists and a transfer's
+    inner attack) turned into floats, so that every later reader (the plan, the hashes, the
+    records) sees the number; strings that are no fraction are left for the validation to name."""
+    if not isinstance(table, dict):
+        return table
+    out = dict(table)
+    for key in FRACTION_FIELDS:
+        value = out.get(key)
+        if isinstance(value, list):
+            out[key] = [_quiet(v) for v in value]
+        else:
+            out[key] = _quiet(value) if key in out else value
+        if key not in table:
+            out.pop(key, None)
+    if isinstance(out.get("sweep"), dict):
+        out["sweep"] = {k: [_quiet(v) for v in vs] if k in FRACTION_FIELDS and isinstance(vs, list) else vs
+                        for k, vs in out["sweep"].items()}
+    if isinstance(out.get("attack"), dict):
+        out["attack"] = exact_fractions(out["attack"])
+    return out
+
+
+def _quiet(value):
+    try:
+        return fraction(value)
+    except ValueError:
+        return value
+
+
+Budget = Annotated[float, BeforeValidator(fraction)]
 
 
 class _Protocol(BaseModel):
@@ -48,12 +101,12 @@ class _Protocol(BaseModel):
 
 class _Attack(_Protocol):
     norm: Literal["Linf", "L2", "L1"] = "Linf"
-    eps: float = Field(8 / 255, ge=0)
+    eps: Budget = Field(8 / 255, ge=0)
 
 
 class NoAttack(_Attack):
     kind: Literal["none"]
-    eps: float = Field(0.0, ge=0)
+    eps: Budget = Field(0.0, ge=0)
 
 
 class AutoAttackSpec(_Attack):
@@ -80,7 +133,7 @@ class PGDSpec(_Attack):
     preset: Literal["lee-kim"] | None = None
     norm: Literal["Linf", "L2"] = "Linf"
     steps: int = Field(100, ge=1)
-    step_size: float | None = Field(None, gt=0)
+    step_size: Budget | None = Field(None, gt=0)
     eot: int = Field(1, ge=1)
     restarts: int = Field(1, ge=1)
     loss: Literal["ce", "dlr", "cw"] = "ce"

@@ -217,11 +217,14 @@ def defense_name(spec) -> str:
     """
     if spec.name:
         return spec.name
+    # A published model or a checkpoint folder is named by its file or folder (plain-Wong2020Fast,
+    # rdc-edm-cifar10-32x32-cond-vp): the training method and "unet" describe only default models.
+    label = spec.model.label
     if spec.kind == "plain":
-        return f"plain-{spec.method}"
+        return f"plain-{label or spec.method}"
     if spec.kind == "mi":
-        return f"mi-{spec.mode}"
-    model = {"optimal": "optimal", "edm": "edm"}.get(spec.model.kind, "unet")
+        return f"mi-{spec.mode}" + (f"-{label}" if label else "")
+    model = label or {"optimal": "optimal"}.get(spec.model.kind, "unet")
     lm = "" if not spec.lm else "-lm" if spec.lm.variant == "paper" else "-alm"
     return f"rdc-{model}" + ("-edmw" if spec.elbo == "edm" else "") + lm + ("-fixed" if spec.draws == "fixed" else "")
 

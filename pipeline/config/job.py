@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.config.attack import AttackSpec, attack_name, parse_attack
+from pipeline.config.attack import AttackSpec, attack_name, exact_fractions, parse_attack
 from pipeline.config.datasets import DatasetName
 from pipeline.config.defense import DefenseSpec, defense_name, parse_defense, surrogate_spec
 from pipeline.config.tables import MAX_DEPTH, too_deep
@@ -75,6 +75,12 @@ class JobSpec(BaseModel):
     data: DataSpec
     defenses: list[dict] = Field(min_length=1)
     attacks: list[dict] = Field(min_length=1)
+
+    @field_validator("attacks", mode="before")
+    @classmethod
+    def _fractions(cls, value):
+        # "8/255" becomes its float here, once: the plan, the job hash and the records see the number.
+        return [exact_fractions(t) for t in value] if isinstance(value, list) else value
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,10 @@ so that a job parses where its files are not.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 
 from pydantic import PlainSerializer, PlainValidator, WithJsonSchema
@@ -83,6 +84,19 @@ class ModelRef:
         if self.kind == "edm":
             return "edm-pkl" if self.path.endswith(".pkl") else "edm-pt"
         return None
+
+    @property
+    def label(self) -> str | None:
+        """What a default defense name says of the model: the file's stem (Wong2020Fast,
+        edm-cifar10-32x32-cond-vp) or the folder's name, in name-safe characters; None for
+        "default" and "optimal", which the defense kind already names."""
+        if self.kind in WORDS:
+            return None
+        if self.zoo and self.path is None:
+            return self.name
+        path = PurePosixPath(self.path.replace("\\", "/").rstrip("/"))
+        stem = path.name if self.kind == "folder" else path.stem
+        return re.sub(r"[^A-Za-z0-9_.+-]+", "-", stem).strip("-.") or self.kind
 
     def missing(self, dataset: str | None = None) -> str | None:
         """What a user must fix if the file or folder this names is not there, else None (a zoo

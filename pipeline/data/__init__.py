@@ -30,6 +30,11 @@ def load_split(name: str, split: str, root: str | None = None, storage_options: 
     return cifar.load(name, split, root or default_root(name), storage_options)
 
 
+def class_names(name: str) -> tuple[str, ...]:
+    """The names of the dataset's classes in label order (CIFAR-10/100), or () where it has none."""
+    return dataset_info(name).class_names
+
+
 def default_root(name: str) -> str:
     """Where a dataset lives when no root is given: $ROBUSTSWEEP_DATA/{name}, else data/{name}."""
     base = os.environ.get(DATA_ENV) or "data"
@@ -39,4 +44,4 @@ def default_root(name: str) -> str:
     return os.path.join(base, name)
 
 
-__all__ = ["load_split", "default_root", "Shard", "make_shards", "select"]
+__all__ = ["load_split", "class_names", "default_root", "Shard", "make_shards", "select"]

@@ -1,6 +1,4 @@
-"""CIFAR-10 and CIFAR-100 readers for the official binary format and for Parquet PNG tables.
-
-Nothing here unpickles: the python-pickle release of CIFAR is not read (a pickle can run code).
+"""CIFAR-10 and CIFAR-100 readers for the official binary and python releases and for Parquet PNG tables.
 
 Layouts accepted under `root` (a local folder or an fsspec URI such as s3://bucket/prefix):
 
@@ -9,6 +7,12 @@ Layouts accepted under `root` (a local folder or an fsspec URI such as s3://buck
   `train.bin` / `test.bin`; each record is 2 label bytes (coarse, fine) + 3072 pixel bytes.
   Pixels are the R plane, then G, then B, each 32x32 row-major. The files may lie in `root`
   or in its usual subfolder (`cifar-10-batches-bin`, `cifar-100-binary`).
+- python release (what RobustBench and torchvision download): CIFAR-10 `data_batch_1` ..
+  `data_batch_5` and `test_batch`, CIFAR-100 `train` / `test`, each a pickled dict with `data`
+  (uint8 (n, 3072), the same R, G, B planes) and `labels` (CIFAR-100: `fine_labels`), in `root`
+  or in `cifar-10-batches-py` / `cifar-100-python`. They are read through the allow-list
+  unpickler (pipeline.unpickle: numpy arrays of plain numbers, lists, dicts; nothing imported,
+  nothing executed): a file naming any other global is refused.
 - Parquet tables: `{root}/{split}.parquet`, `{root}/{split}-*.parquet` or, as Hugging Face
   lays them out, `{root}/**/{split}-*.parquet`. An image column `img` or `image` holds PNG
   bytes (binary, or a struct with a `bytes` field); a label column `label` (CIFAR-10) or
@@ -29,6 +33,7 @@ import torch
 
 from pipeline.config.datasets import DATASETS
 from pipeline.errors import DatasetError
+from pipeline.unpickle import NUMPY, arrays, load_allowlisted
 
 SHAPE = DATASETS["cifar10"].shape
 PIXELS = SHAPE[0] * SHAPE[1] * SHAPE[2]
@@ -47,6 +52,10 @@ class Variant:
     train_files: tuple[str, ...]
     test_files: tuple[str, ...]
     label_columns: tuple[str, ...]  # Parquet label columns, first present wins
+    python_subfolder: str = ""
+    python_train: tuple[str, ...] = ()
+    python_test: tuple[str, ...] = ()
+    python_label: str = "labels"  # the key of the labels in a python-release batch
 
     @property
     def record_size(self) -> int:
@@ -54,6 +63,9 @@ class Variant:
 
     def binary_files(self, split: str) -> tuple[str, ...]:
         return self.train_files if split == "train" else self.test_files
+
+    def python_files(self, split: str) -> tuple[str, ...]:
+        return self.python_train if split == "train" else self.python_test
 
 
 CIFAR10 = Variant(
@@ -65,6 +77,9 @@ CIFAR10 = Variant(
     train_files=tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
     test_files=("test_batch.bin",),
     label_columns=("label",),
+    python_subfolder="cifar-10-batches-py",
+    python_train=tuple(f"data_batch_{i}" for i in range(1, 6)),
+    python_test=("test_batch",),
 )
 CIFAR100 = Variant(
     name="cifar100",
@@ -76,6 +91,10 @@ CIFAR100 = Variant(
     test_files=("test.bin",),
     # "label" alone would be ambiguous next to "coarse_label", so fine_label is looked up first.
     label_columns=("fine_label", "label"),
+    python_subfolder="cifar-100-python",
+    python_train=("train",),
+    python_test=("test",),
+    python_label="fine_labels",
 )
 VARIANTS = {v.name: v for v in (CIFAR10, CIFAR100)}
 IMAGE_COLUMNS = ("img", "image")
@@ -101,6 +120,9 @@ def load(name: str, split: str, root: str, storage_options: dict | None = None) 
     folder = _binary_folder(fs, path, variant, split)
     if folder is not None:
         return _load_binary(fs, folder, variant, split)
+    folder = _binary_folder(fs, path, variant, split, python=True)
+    if folder is not None:
+        return _load_python(fs, folder, variant, split)
     tables = _parquet_files(fs, path, split)
     if tables:
         return _load_parquet(fs, tables, variant)
@@ -121,14 +143,16 @@ def _basenames(fs, folder: str) -> set[str]:
         return set()
 
 
-def _binary_folder(fs, path: str, variant: Variant, split: str) -> str | None:
-    """The folder (root or its usual subfolder) holding this split's binary files, or None.
+def _binary_folder(fs, path: str, variant: Variant, split: str, python: bool = False) -> str | None:
+    """The folder (root or its usual subfolder) holding this split's binary files (python: the
+    python release's batches), or None.
 
     A folder with only some of the expected files is an error, not a fallback: silently
     reading four of five training batches would shrink the split without anyone noticing.
     """
-    expected = variant.binary_files(split)
-    for folder in (path, posixpath.join(path, variant.subfolder)):
+    expected = variant.python_files(split) if python else variant.binary_files(split)
+    subfolder = variant.python_subfolder if python else variant.subfolder
+    for folder in (path, posixpath.join(path, subfolder)):
         present = _basenames(fs, folder)
         found = [f for f in expected if f in present]
         if not found:
@@ -165,6 +189,31 @@ def _read_binary_file(fs, file: str, variant: Variant) -> tuple[np.ndarray, np.n
     return pixels, labels
 
 
+def _load_python(fs, folder: str, variant: Variant, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    parts = [_read_python_file(fs, posixpath.join(folder, f), variant) for f in variant.python_files(split)]
+    return _to_tensors(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+
+
+def _read_python_file(fs, file: str, variant: Variant) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels uint8 (n, 3, 32, 32), labels int64 (n,)) of one python-release batch."""
+    with fs.open(file, "rb") as f:
+        raw = f.read()
+    batch = arrays(load_allowlisted(raw, file, NUMPY, DatasetError, what=f"a {variant.name} batch"))
+    if not isinstance(batch, dict):
+        raise DatasetError(f"{file}: expected a pickled dict of a {variant.name} batch, got {type(batch).__name__}")
+    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    data, labels = batch.get("data"), batch.get(variant.python_label)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != PIXELS:
+        shown = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DatasetError(f"{file}: 'data' must be uint8 (n, {PIXELS}), got {shown}")
+    if not isinstance(labels, (list, np.ndarray)) or len(labels) != len(data) or \
+            not all(isinstance(v, (int, np.integer)) for v in labels):
+        raise DatasetError(f"{file}: {variant.python_label!r} must be {len(data)} integer labels")
+    labels = np.asarray(labels, dtype=np.int64)
+    _check_labels(labels, file, variant)
+    return data.reshape(-1, *SHAPE), labels
+
+
 def _check_labels(labels: np.ndarray, file: str, variant: Variant, first_row: int = 0) -> None:
     bad = np.flatnonzero((labels < 0) | (labels >= variant.num_classes))
     if bad.size:
@@ -184,14 +233,10 @@ def _parquet_files(fs, path: str, split: str) -> list[str]:
 
 def _nothing_found_message(fs, root: str, path: str, variant: Variant, split: str) -> str:
     expected = ", ".join(variant.binary_files(split))
-    message = (f"no {variant.name} {split} data found in {root!r}: expected binary files {expected} "
-               f"(in the folder or in {variant.subfolder}/), or Parquet files {split}.parquet, "
-               f"{split}-*.parquet or **/{split}-*.parquet")
-    names = _basenames(fs, path)
-    if names & {"cifar-10-batches-py", "cifar-100-python", "data_batch_1", "test_batch", "train", "test"}:
-        message += ("; the python-pickle release seems to be there, which robustsweep does not read "
-                    "(unpickling can run code): use the binary release or Parquet tables")
-    return message
+    return (f"no {variant.name} {split} data found in {root!r}: expected binary files {expected} "
+            f"(in the folder or in {variant.subfolder}/), python batches {', '.join(variant.python_files(split))} "
+            f"(in the folder or in {variant.python_subfolder}/), or Parquet files {split}.parquet, "
+            f"{split}-*.parquet or **/{split}-*.parquet")
 
 
 def _load_parquet(fs, files: list[str], variant: Variant) -> tuple[torch.Tensor, torch.Tensor]:

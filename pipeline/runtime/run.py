@@ -77,6 +77,13 @@ class Stopped(KeyboardInterrupt):
 
 @dataclass
 class RunResult:
+    """What `run_job` returns: run_id and uri (the run folder, {out}/{run_id}); units (planned),
+    skipped (already committed: the resume), done (committed by this call), failed (unit ids
+    written to failures/ after their tries); rows (records written by this call); seconds
+    (wall time); workers (actors used); redone ({unit id: why} for committed files that failed
+    their seal and were run again); lost (actors lost and replaced). `ok`: no unit failed.
+    The results themselves are the run folder's records: `pipeline.analytics.connect([result.uri])`."""
+
     run_id: str
     uri: str
     units: int

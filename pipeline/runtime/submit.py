@@ -4,7 +4,17 @@
 then hands the cluster the project folder as the runtime_env's `working_dir` and the entrypoint
 `PYTHON -m pipeline.cli run JOB --address auto ...`. So the code that runs is the code that was
 submitted; the nodes need only the dependencies (the package installed with the same
-constraints), and PYTHON must be the interpreter that runs Ray on the head node.
+constraints).
+
+PYTHON is found on the head before the job is submitted (`check_head`): a short check job with the
+same runtime_env tries the interpreters in turn (the one given, else the submitting interpreter,
+`sys.executable`, which is the head's own when both share a machine or an image, then `python3`
+and `python` on the head's PATH) and keeps the first that imports the package and its
+dependencies. When none does, nothing is submitted and ConfigError says what each one lacked and
+what to do. The same check returns the head's home folder: a relative `out` would otherwise land
+in the per-upload working dir (`.../_ray_pkg_<hash>/`), which changes with every edit of the
+project, so that a resubmitted job would not find its run to resume; it is resolved against the
+head's home instead (`results` -> `~/results` on the head).
 
 Submission ids are Ray's (`raysubmit_...`); `job_status`, `job_logs`, `follow_job`,
 `wait_for_job` and `stop_job` take one. The address is the head's dashboard URL,
@@ -21,10 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fnmatch
 import logging
 import os
+import posixpath
 import shlex
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
@@ -77,25 +90,98 @@ def runtime_env(working_dir: str | os.PathLike, *, env: dict[str, str] | None = 
     return result
 
 
+CHECK_SECONDS = 300.0
+"""How long the check job may take (the first upload of the working dir happens during it)."""
+_OK, _NO = "ROBUSTSWEEP_PYTHON_OK", "ROBUSTSWEEP_PYTHON_NO"
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """What `check_head` found on the head: the interpreter that imports the package, and the home folder."""
+
+    python: str
+    home: str
+
+
+def candidates(python: str | None) -> list[str]:
+    """The interpreters to try on the head: `python` alone when given, else the submitting one, python3, python."""
+    if python:
+        return [python]
+    return list(dict.fromkeys([sys.executable, "python3", "python"]))
+
+
+def check_command(pythons: Iterable[str]) -> str:
+    """A shell command that prints `_OK PYTHON HOME` for the first of `pythons` that imports
+    pipeline.cli (and so typer, ray, torch, ...), and `_NO PYTHON: its last error line` for each before it."""
+    probe = "import os, pipeline.cli; print(os.path.expanduser('~'))"
+    lines = []
+    for py in pythons:
+        q = shlex.quote(py)
+        lines.append(f"if out=$({q} -c {shlex.quote(probe)} 2>&1); then echo {_OK} {q} \"$(printf '%s' \"$out\" | tail -n 1)\"; exit 0; fi; "
+                     f"echo {_NO} {q}: \"$(printf '%s' \"$out\" | tail -n 1)\"")
+    return "sh -c " + shlex.quote("; ".join(lines) + "; exit 3")
+
+
+def check_head(client, address: str, renv: dict, python: str | None, secrets: Iterable[str] = (),
+               timeout: float = CHECK_SECONDS) -> Head:
+    """Run `check_command` on the head as a job with the runtime_env `renv`; the Head it found, or
+    ConfigError naming each interpreter's failure and the fixes (nothing else is submitted)."""
+    pythons = candidates(python)
+    try:
+        sid = client.submit_job(entrypoint=check_command(pythons), runtime_env=renv,
+                                metadata={"robustsweep_check": "python"})
+    except Exception as exc:
+        raise _cluster_error(exc, address, "submit the environment check", secrets=secrets) from None
+    info = wait_for_job(address, sid, timeout=timeout, poll=0.5, client=client)
+    logs = _call(client.get_job_logs, address, sid)
+    for line in logs.splitlines():
+        if line.startswith(_OK + " "):
+            _, found, home = line.split(" ", 2)
+            return Head(found, home.strip())
+    lacks = [line[len(_NO) + 1:] for line in logs.splitlines() if line.startswith(_NO + " ")]
+    if not lacks:  # the check did not get to run an interpreter: the runtime_env itself failed
+        raise ClusterError(f"the environment check on {_shown(address)} ended {info['status']}: "
+                           f"{scrub(str(info['message']), secrets)}; its log: {scrub(logs[-2000:], secrets)}")
+    tried = "; ".join(lacks)
+    fix = (f"install the project on the head (`pip install -c constraints.txt .` in the interpreter that runs Ray), "
+           f"or give --python the head's interpreter that has it (e.g. /opt/venv/bin/python)")
+    raise ConfigError(f"no interpreter on the head imports robustsweep, so the job would fail there; nothing was "
+                      f"submitted. Tried: {tried}. To fix: {fix}")
+
+
+def resolve_out(out: str, home: str) -> str:
+    """`out` as the run on the head should see it: URIs and absolute paths as given, a relative
+    folder under the head's home (never under the per-upload working dir)."""
+    if "://" in out or posixpath.isabs(out):
+        return out
+    return posixpath.normpath(posixpath.join(home, out))
+
+
 def submit_job(job: str | os.PathLike, address: str, options: RunOptions = RunOptions(), *,
-               working_dir: str | os.PathLike = ".", python: str = "python", env: dict[str, str] | None = None,
-               forward_aws: bool = True, excludes: Iterable[str] = (), submission_id: str | None = None) -> str:
+               working_dir: str | os.PathLike = ".", python: str | None = None, env: dict[str, str] | None = None,
+               forward_aws: bool = True, excludes: Iterable[str] = (), submission_id: str | None = None,
+               found: list | None = None) -> str:
     """Validate `job`, submit it to the cluster at `address` (http://HEAD:8265); return the submission id.
 
     The job file must lie inside `working_dir` (the folder that travels to the cluster). `options`
-    are those of `run_job` (checked when they were made); a relative `options.out` lands in the
-    job's working dir on the head node, so give the cluster an s3:// URI. Raises ConfigError for a
-    bad job, address or env (nothing is sent) and ClusterError when the cluster cannot be reached
-    or refuses the job.
+    are those of `run_job` (checked when they were made). python: the head's interpreter (None:
+    found by `check_head`, see the module docstring); a relative `options.out` is resolved against
+    the head's home. found: a list that receives the `Head` the check found. Raises ConfigError
+    for a bad job, address or env, or a head without the package (nothing is sent), and
+    ClusterError when the cluster cannot be reached or refuses the job.
     """
     load_job(job)
     root = Path(working_dir).resolve()
     excludes = list(excludes)
     rel = _relative_job(Path(job), root, excludes)
-    command = entrypoint(rel, options, python=python)
     renv = runtime_env(root, env=env, forward_aws=forward_aws, excludes=excludes)
     secrets = [v for k, v in renv.get("env_vars", {}).items() if k in AWS_CREDENTIALS]
     client = _client(address)
+    head = check_head(client, address, renv, python, secrets)
+    if found is not None:
+        found.append(head)
+    options = dataclasses.replace(options, out=resolve_out(options.out, head.home))
+    command = entrypoint(rel, options, python=head.python)
     try:
         return client.submit_job(entrypoint=command, runtime_env=renv, submission_id=submission_id,
                                  metadata={"robustsweep_job": rel})
@@ -157,10 +243,10 @@ def follow_job(address: str, submission_id: str, write: Callable[[str], object],
 
 
 def wait_for_job(address: str, submission_id: str, timeout: float | None = None, poll: float = 1.0,
-                 until: Iterable[str] = TERMINAL) -> dict:
+                 until: Iterable[str] = TERMINAL, client=None) -> dict:
     """Poll until the job's status is one of `until` (default: ended); return its `job_status`.
     Raises ClusterError when `timeout` seconds pass first."""
-    client = _client(address)
+    client = client or _client(address)
     wanted = set(until)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
