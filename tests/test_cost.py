@@ -16,7 +16,8 @@ from pipeline.diffusion.optimal import OptimalEps
 from pipeline.models.registry import build_model
 from pipeline.models.unet import unet_config
 from pipeline.protocol import Batch, build_attack, evaluate
-from pipeline.protocol.cost import calls, elbo_evaluations, per_prediction, structure, unit_cost
+from pipeline.defenses.build import defense_structure
+from pipeline.protocol.cost import calls, elbo_evaluations, per_prediction, unit_cost
 
 N = 4  # examples per unit
 
@@ -160,7 +161,7 @@ def test_calls_follow_the_defense_objects(defenses):
 ])
 def test_structure_costs_as_the_real_defense(defenses, table):
     """A structure (no weights, no data) costs what the defense build_defense builds costs."""
-    d = structure(spec(table))
+    d = defense_structure(spec(table))
     real = {"plain": defenses["plain"], "mi": None, "rdc": None}[table["kind"]]
     if table["kind"] == "mi":
         real = MixupInference(defenses["plain"].classifier, torch.zeros(10, 1, 8, 8), torch.arange(10), 10,

@@ -13,6 +13,7 @@ diffusion/schedule.py, EDMGrid).
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from pipeline.config.datasets import dataset_info
 from pipeline.config.defense import DefenseSpec, RDCSpec, defense_name
@@ -70,6 +71,11 @@ def _build_rdc(spec: RDCSpec, channels: int, size: int, K: int) -> Defense:
         elif spec.elbo == "edm":
             raise ConfigError(f"defense.elbo = \"edm\" evaluates a denoiser at any noise level; model {spec.model!r} "
                               "is an eps-model of the 1000 VP timesteps: use elbo = \"vp\" or an EDM checkpoint")
+    return _rdc(spec, eps_model, schedule, channels, size, K)
+
+
+def _rdc(spec: RDCSpec, eps_model: nn.Module, schedule, channels: int, size: int, K: int) -> RDC:
+    """The RDC of a spec around its noise predictor: LM, timesteps, pruning, engine as the spec says."""
     lm = None
     if spec.lm is not None:
         lm = LikelihoodMaximization(eps_model, K, schedule, steps=spec.lm.steps, mu=spec.lm.mu, eta=spec.lm.eta,
@@ -79,3 +85,41 @@ def _build_rdc(spec: RDCSpec, channels: int, size: int, K: int) -> Defense:
     engine = EngineOptions(**spec.engine.model_dump()) if spec.engine else None
     return RDC(eps_model, K, channels, size, schedule=schedule, timesteps=timesteps, prior=spec.prior, temperature=spec.temperature,
                pruning=spec.pruning, lm=lm, batch_size=spec.batch_size, seed=spec.seed, engine=engine)
+
+
+# --- a defense's structure, without weights or data ------------------------------------------
+class _Placeholder(nn.Module):
+    """A network that is never run: a defense built around it has the structure of the real one
+    (cells, LM, pruning, the engine's kind of model), which is all that costing it reads."""
+
+    def forward(self, *args):
+        raise RuntimeError("a structure's placeholder network is never evaluated")
+
+
+class _AllClassesPlaceholder(_Placeholder):
+    """The placeholder of the optimal model, which gives every class of a pair in one call."""
+
+    def all_classes(self, x_t, t):
+        raise RuntimeError("a structure's placeholder network is never evaluated")
+
+
+def defense_structure(spec: DefenseSpec, name: str | None = None) -> Defense:
+    """The defense of a parsed spec as built by build_defense, but around placeholder networks
+    and a one-image-per-class MI pool: it reads no weights or data (a job on a cluster's models
+    is costed anywhere, pipeline/protocol/cost.py) and must never be evaluated."""
+    if isinstance(spec, dict):
+        raise ConfigError("defense_structure takes a parsed spec; parse a table with pipeline.config.spec(table)")
+    info = dataset_info(spec.dataset)
+    channels, size, K = info.channels, info.size, info.classes
+    if spec.kind == "plain":
+        defense = Plain(_Placeholder(), K, channels, size)
+    elif spec.kind == "mi":
+        pool_x, pool_y = torch.zeros(K, channels, size, size), torch.arange(K)
+        defense = MixupInference(_Placeholder(), pool_x, pool_y, K, mode=spec.mode, lam=spec.lam, n_pl=spec.n_pl,
+                                 n_ol=spec.n_ol, threshold=spec.threshold, seed=spec.seed)
+    else:
+        eps_model = _AllClassesPlaceholder() if spec.model == "optimal" else _Placeholder()
+        defense = _rdc(spec, eps_model, SCHEDULES[spec.elbo](), channels, size, K)
+    defense.spec = spec
+    defense.name = name or defense_name(spec)
+    return defense

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-from torch import nn
-
 from pipeline.attacks.base import Attack, Stage
 from pipeline.defenses.base import Defense
 from pipeline.defenses.elbo import ElboEngine
@@ -288,53 +285,4 @@ def unit_cost(defense: Defense, attack: Attack, n: int, *, attacked: int | None 
     return UnitCost(n, tally, scoring, fwd, bwd)
 
 
-# --- a defense's structure without its weights ------------------------------------------------
-class _Placeholder(nn.Module):
-    """A network that is never run: a defense built around it shows its structure (cells, LM,
-    pruning), which is all that its costing reads."""
-
-    def forward(self, *args):
-        raise RuntimeError("a costing placeholder is never evaluated")
-
-
-class _AllClassesPlaceholder(_Placeholder):
-    def all_classes(self, x_t, t):
-        raise RuntimeError("a costing placeholder is never evaluated")
-
-
-def structure(spec, name: str | None = None) -> Defense:
-    """The defense of a parsed spec as `calls` sees it, built by the same constructors as
-    build_defense but around placeholder networks and a one-image-per-class MI pool: no
-    weights or data are read, so a job on a cluster's models can be costed anywhere."""
-    from pipeline.config.datasets import dataset_info
-    from pipeline.config.defense import defense_name
-    from pipeline.defenses.engine import EngineOptions
-    from pipeline.defenses.lm import LikelihoodMaximization
-    from pipeline.diffusion.schedule import SCHEDULES
-
-    info = dataset_info(spec.dataset)
-    C, size, K = info.channels, info.size, info.classes
-    if spec.kind == "plain":
-        d = Plain(_Placeholder(), K, C, size)
-    elif spec.kind == "mi":
-        pool_x, pool_y = torch.zeros(K, C, size, size), torch.arange(K)
-        d = MixupInference(_Placeholder(), pool_x, pool_y, K, mode=spec.mode, lam=spec.lam, n_pl=spec.n_pl,
-                           n_ol=spec.n_ol, threshold=spec.threshold, seed=spec.seed)
-    else:
-        schedule = SCHEDULES[spec.elbo]()
-        eps_model = _AllClassesPlaceholder() if spec.model == "optimal" else _Placeholder()
-        lm = None
-        if spec.lm is not None:
-            lm = LikelihoodMaximization(eps_model, K, schedule, steps=spec.lm.steps, mu=spec.lm.mu, eta=spec.lm.eta,
-                                        gamma=spec.lm.gamma, timesteps=spec.lm.timesteps, samples=spec.lm.samples,
-                                        gradient=spec.lm.gradient)
-        engine = EngineOptions(**spec.engine.model_dump()) if spec.engine else None
-        d = RDC(eps_model, K, C, size, schedule=schedule, timesteps=None if spec.timesteps == "all" else spec.timesteps,
-                prior=spec.prior, temperature=spec.temperature, pruning=spec.pruning, lm=lm,
-                batch_size=spec.batch_size, seed=spec.seed, engine=engine)
-    d.spec = spec
-    d.name = name or defense_name(spec)
-    return d
-
-
-__all__ = ["Span", "Tally", "UnitCost", "calls", "elbo_evaluations", "per_prediction", "structure", "unit_cost"]
+__all__ = ["Span", "Tally", "UnitCost", "calls", "elbo_evaluations", "per_prediction", "unit_cost"]
