@@ -4,6 +4,9 @@ the predicted range where one does."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -173,3 +176,114 @@ def test_structure_costs_as_the_real_defense(defenses, table):
                    pruning=table.get("pruning"), lm=lm)
     for rows, backwards in ((1, 0), (7, 1), (3, 10)):
         assert calls(d, rows, backwards) == calls(real, rows, backwards)
+
+
+# --- FLOPs, the estimate, `plan` and the budget guard ------------------------------------------
+def test_flops_of_an_evaluation_are_the_closed_form_and_kept_in_the_cache(cnn, tmp_path, monkeypatch):
+    from pipeline.defenses.flops import flops_per_evaluation
+
+    monkeypatch.setenv("ROBUSTSWEEP_CACHE", str(tmp_path))
+    plain = spec({"kind": "plain", "model": cnn})
+    w = 32  # SmallCNN's width on digits: 3x3 convolutions at 8x8 then 4x4, then two linear layers
+    closed = 2 * 9 * 64 * (1 * w + w * w) + 2 * 9 * 16 * (w * 2 * w + 2 * w * 2 * w) + 2 * (8 * w * 4 * w + 4 * w * 10)
+    assert flops_per_evaluation(plain) == closed
+    cached = json.loads((tmp_path / "flops.json").read_text())
+    assert list(cached.values()) == [closed]
+    (tmp_path / "flops.json").write_text(json.dumps({k: 7 for k in cached}))  # counted once: the cache answers
+    assert flops_per_evaluation(plain) == 7
+    assert flops_per_evaluation(spec({"kind": "rdc", "model": "optimal"})) is None  # no network
+
+
+def _job(tmp_path, cnn, extra: str = "") -> Path:
+    path = tmp_path / "job.toml"
+    path.write_text(f"""name = "tiny"
+{extra}
+[data]
+dataset = "digits"
+split = "test"
+limit = 6
+shard_size = 4
+
+[[defenses]]
+kind = "plain"
+model = "{cnn}"
+
+[[attacks]]
+kind = "pgd"
+eps = [0.0, 0.1]
+steps = 5
+""")
+    return path
+
+
+def test_the_estimate_sums_unit_costs_and_prices_them_on_a_profile(cnn, tmp_path, monkeypatch):
+    from pipeline.config.job import load_job
+    from pipeline.defenses.flops import flops_per_evaluation
+    from pipeline.runtime.estimate import device_profile, estimate_job
+
+    monkeypatch.setenv("ROBUSTSWEEP_CACHE", str(tmp_path))
+    job = load_job(_job(tmp_path, cnn))
+    profile = device_profile("a100", 0.5)
+    est = estimate_job(job, 355, profile, workers=2)
+    zero, attacked = est.rows
+    assert (zero.eps, zero.units, zero.examples) == (0.0, 2, 6)
+    # eps 0, per example: the masking check and the selection's judgement, then one scoring pass
+    # of the clean and one of the adversarial input (a deterministic defense is scored once)
+    assert zero.forward.exact and zero.forward.lo == 6 * 4 and zero.backward.lo == 6
+    F = flops_per_evaluation(job.defenses[0].spec)
+    assert zero.flops.lo == pytest.approx(6 * (2 * F + 2 * F + 2 * F))  # a backward costs two forwards
+    assert zero.hours.lo == pytest.approx(zero.flops.lo / (312e12 * 0.5) / 3600)
+    assert not attacked.forward.exact and attacked.forward.lo == zero.forward.lo
+    assert est.hours.hi == pytest.approx(zero.hours.hi + attacked.hours.hi)
+
+
+def test_plan_prints_the_table_and_json_and_refuses_bad_profiles(cnn, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    monkeypatch.setenv("ROBUSTSWEEP_CACHE", str(tmp_path))
+    job = str(_job(tmp_path, cnn))
+    table = CliRunner().invoke(app, ["plan", job, "--device", "h200", "--workers", "3"])
+    assert table.exit_code == 0, table.output
+    assert "defense" in table.output and "device-h" in table.output and "on 3 worker(s)" in table.output
+    doc = json.loads(CliRunner().invoke(app, ["plan", job, "--json", "--efficiency", "0.25"]).output)
+    assert doc["device"] == "h100" and doc["efficiency"] == 0.25 and len(doc["rows"]) == 2
+    assert doc["rows"][0]["forward"] == [24, 24]
+    for args, message in ((["--device", "tpu"], "device (--device) 'tpu' is unknown"),
+                          (["--efficiency", "0"], "efficiency (--efficiency) must be in (0, 1]"),
+                          (["--efficiency", "1.5"], "efficiency (--efficiency) must be in (0, 1]"),
+                          (["--workers", "0"], "workers (--workers) must be >= 1")):
+        result = CliRunner().invoke(app, ["plan", job, *args])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+
+
+def test_the_budget_guard_refuses_before_any_work(cnn, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.config.job import load_job
+    from pipeline.config.run import RunOptions
+    from pipeline.errors import BudgetError
+    from pipeline.runtime.estimate import guard
+    from pipeline.runtime.plan import plan
+    from pipeline.runtime.run import run_job
+
+    monkeypatch.setenv("ROBUSTSWEEP_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "results"
+    # the job file's budget: about 1e-12 device-hours is far below this job's
+    job = load_job(_job(tmp_path, cnn, "max_gpu_hours = 1e-15"))
+    with pytest.raises(BudgetError, match=r"up to .* device-hours on h100, above its budget max_gpu_hours = 1e-15"):
+        run_job(job, RunOptions(out=str(out)))
+    assert not any(out.rglob("*"))  # no run folder, lease, plan or model was written
+    # the command line's budget wins over the job file's, either way
+    units = plan(job, 355)
+    assert guard(job, units, RunOptions(out=str(out), max_gpu_hours=1.0)).hours.hi < 1.0
+    result = CliRunner().invoke(app, ["run", str(_job(tmp_path, cnn)), "--out", str(out), "--max-gpu-hours", "1e-15",
+                                      "--device", "a100"])
+    assert result.exit_code == 2
+    assert "above its budget max_gpu_hours = 1e-15" in result.output and "PFLOP" in result.output
+    assert not any(out.rglob("*"))
+    # a budget that is no number of hours is refused as input
+    with pytest.raises(Exception, match="max_gpu_hours"):
+        load_job(_job(tmp_path, cnn, "max_gpu_hours = -1"))

@@ -45,6 +45,38 @@ def validate_cmd(
                       + (f" (surrogate {', '.join(surrogates)})" if surrogates else ""), markup=False)
 
 
+EFFICIENCY_HELP = "the fraction of the device's dense peak a run reaches, in (0, 1] (default 0.3 for GPUs)"
+
+
+@fails_cleanly
+def plan_cmd(
+    job: Path = typer.Argument(..., help="job file (TOML)"),
+    device: str = typer.Option("h100", help="device profile: h100, h200, a100 (dense bf16), h100-tf32, h200-tf32, "
+                                            "a100-tf32, or cpu (measured by `robustsweep bench cost`)"),
+    efficiency: Optional[float] = typer.Option(None, help=EFFICIENCY_HELP),
+    workers: int = typer.Option(1, help="devices the job runs on, for the wall time"),
+    as_json: bool = typer.Option(False, "--json", help="print the estimate as JSON"),
+):
+    """What a job will cost before it runs: per (defense, attack, eps), its units, network evaluations
+    (forward / backward; a range where outcomes decide), PFLOP and device-hours; writes nothing."""
+    from pipeline.data import load_split
+    from pipeline.runtime.estimate import device_profile, estimate_job, format_estimate
+    from pipeline.runtime.preflight import preflight_job
+
+    profile = device_profile(device, efficiency)
+    if workers < 1:
+        raise ConfigError(f"workers (--workers) must be >= 1, got {workers}")
+    spec = load_job_file(job, files=True)
+    preflight_job(spec)
+    data = spec.spec.data
+    x, _ = load_split(data.dataset, data.split, root=data.root)
+    estimate = estimate_job(spec, x.shape[0], profile, workers)
+    if as_json:
+        print(json.dumps(estimate.as_dict(), indent=2))
+    else:
+        print(format_estimate(estimate))
+
+
 @fails_cleanly
 def run_cmd(
     job: Path = typer.Argument(..., help="job file (TOML)"),
@@ -58,12 +90,16 @@ def run_cmd(
     gpus_per_worker: float = typer.Option(1.0, help="GPUs per worker actor; 0.5 or 0.25 pack small models several to a GPU"),
     min_gpus: int = typer.Option(0, help="wait (up to 10 min) until the cluster has this many GPUs before starting workers"),
     lease_wait: float = typer.Option(0.0, help="seconds to wait while another driver holds the run folder (default: refuse at once, exit 2)"),
+    max_gpu_hours: Optional[float] = typer.Option(None, help="refuse (exit 2, before any work) a job whose estimate is above this many device-hours (default: the job file's max_gpu_hours)"),
+    device: str = typer.Option("h100", help="the device profile the budget is counted on (see `robustsweep plan`)"),
+    efficiency: Optional[float] = typer.Option(None, help=EFFICIENCY_HELP),
 ):
     """Run a job on a Ray cluster (resuming committed units) and print its report."""
     from pipeline.runtime.run import run_job
 
     options = RunOptions(out=out, workers=workers, gpus_per_worker=gpus_per_worker, address=address, min_gpus=min_gpus,
-                         endpoint_url=endpoint_url, run_id=run_id, fresh=fresh, report=report)
+                         endpoint_url=endpoint_url, run_id=run_id, fresh=fresh, report=report,
+                         max_gpu_hours=max_gpu_hours, device=device, efficiency=efficiency)
     spec = load_job_file(job, files=True)
     result = run_job(spec, options, progress=True, lease_wait=lease_wait)
     console.print(f"run {result.run_id}: {result.done} units done, {result.skipped} already committed, "

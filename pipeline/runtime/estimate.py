@@ -9,15 +9,18 @@ or a speed measured from a run's own records (`calibrate`).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
+from pipeline.atomic import atomic_write
 from pipeline.config.attack import TransferSpec
 from pipeline.config.job import Job
 from pipeline.defenses.build import defense_structure
 from pipeline.defenses.flops import BACKWARD_FACTOR, flops_per_evaluation, network_config
 from pipeline.errors import BudgetError, ConfigError
 from pipeline.models.unet import unet_config
+from pipeline.models.zoo import cache_dir
 from pipeline.protocol.build import build_attack
 from pipeline.protocol.cost import ZERO, Span, UnitCost, unit_cost
 from pipeline.runtime.plan import Unit, plan
@@ -51,6 +54,18 @@ PEAKS: dict[str, tuple[float, str]] = {
 }
 
 
+def measured_profile() -> dict | None:
+    """The CPU profile `robustsweep bench cost` saved on this machine (model cache, profiles.json), if any."""
+    path = cache_dir() / "profiles.json"
+    return json.loads(path.read_text()).get("cpu") if path.is_file() else None
+
+
+def save_measured_profile(profile: dict) -> None:
+    """Keep a measured CPU profile for `plan --device cpu` (model cache, profiles.json)."""
+    data = json.dumps({"cpu": profile}, indent=1).encode()
+    atomic_write(cache_dir() / "profiles.json", lambda f: f.write(data))
+
+
 def device_profile(name: str, efficiency: float | None = None, measured: dict | None = None) -> DeviceProfile:
     """A named profile: one of PEAKS at `efficiency` (default EFFICIENCY), or "cpu", the speed
     `robustsweep bench cost` measured on this machine (`measured`: its saved profile), whose
@@ -59,6 +74,7 @@ def device_profile(name: str, efficiency: float | None = None, measured: dict | 
         raise ConfigError(f"efficiency (--efficiency) must be in (0, 1], got {efficiency!r}")
     key = name.lower()
     if key == "cpu":
+        measured = measured or measured_profile()
         if not measured:
             raise ConfigError("device 'cpu' has no measured speed yet: run `robustsweep bench cost` on this "
                               "machine first (it saves the profile in the model cache)")
@@ -215,6 +231,18 @@ def format_estimate(estimate: Estimate) -> str:
     return "\n".join(out)
 
 
+def guard(job: Job, units: list[Unit], options) -> Estimate | None:
+    """The budget guard of `run`, before any work: BudgetError when the estimate of `units` on
+    options.device is above options.max_gpu_hours, else the job file's max_gpu_hours; None
+    when neither sets a budget."""
+    budget = options.max_gpu_hours if options.max_gpu_hours is not None else job.spec.max_gpu_hours
+    if budget is None:
+        return None
+    estimate = estimate_units(units, device_profile(options.device, options.efficiency), options.workers or 1)
+    check_budget(estimate, budget)
+    return estimate
+
+
 def check_budget(estimate: Estimate, max_hours: float) -> None:
     """BudgetError (exit 2) when the upper estimate of device-hours is above max_hours."""
     if not (isinstance(max_hours, (int, float)) and max_hours > 0 and math.isfinite(max_hours)):
@@ -228,4 +256,4 @@ def check_budget(estimate: Estimate, max_hours: float) -> None:
 
 
 __all__ = ["DeviceProfile", "Estimate", "PEAKS", "Row", "check_budget", "device_profile", "format_estimate", "estimate_job",
-           "estimate_units", "network_flops", "predicted_unit_seconds"]
+           "estimate_units", "guard", "measured_profile", "network_flops", "save_measured_profile", "predicted_unit_seconds"]
