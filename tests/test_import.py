@@ -502,7 +502,7 @@ def _point_models_at(doc: dict, files: dict[str, Path]) -> dict:
     return doc
 
 
-@pytest.mark.parametrize("name", ["rdc_cifar10_edm.toml", "mi_cifar10.toml"])
+@pytest.mark.parametrize("name", ["rdc_cifar10_edm.toml", "rdc_cifar10_edm_honest.toml", "mi_cifar10.toml"])
 def test_shipped_published_model_jobs_validate_and_name_missing_files(tmp_path, name):
     doc = _job_doc(name)
     job = parse_job(doc)
@@ -514,15 +514,20 @@ def test_shipped_published_model_jobs_validate_and_name_missing_files(tmp_path, 
     check_job_models(parse_job(_point_models_at(doc, files)))
 
 
-def test_rdc_edm_job_is_the_papers_protocol():
+def test_rdc_edm_jobs_are_the_authors_demo_and_our_protocol():
     job = load_job(REPO / "jobs" / "rdc_cifar10_edm.toml")
     assert job.spec.data.dataset == "cifar10" and job.spec.data.limit == 512
-    (defense,) = [d for d in job.defenses if d.table.get("lm")]
-    assert defense.table["timesteps"] == "all" and parse_model_ref(defense.table["model"]).kind == "edm"
+    (defense,) = job.defenses
+    assert defense.table["timesteps"] == "authors" and defense.table["elbo"] == "edm" and defense.table["draws"] == "fixed"
+    assert parse_model_ref(defense.table["model"]).kind == "edm" and parse_model_ref(defense.table["lm"]["model"]).kind == "edm"
     attacks = {(a.table["kind"], a.table.get("version") or a.table.get("preset"), a.table.get("norm", "Linf"), a.table["eps"])
                for a in job.attacks}
-    assert attacks == {("autoattack", "rand", "Linf", 8 / 255), ("autoattack", "rand", "L2", 0.5),
-                       ("pgd", "lee-kim", "Linf", 8 / 255)}
+    assert attacks == {("autoattack", "custom", "Linf", 8 / 255), ("autoattack", "standard", "Linf", 8 / 255)}
+    honest = load_job(REPO / "jobs" / "rdc_cifar10_edm_honest.toml")
+    (fresh,) = honest.defenses
+    assert fresh.table["draws"] == "fresh" and fresh.table["lm"] == defense.table["lm"]
+    attacks = {(a.table["kind"], a.table.get("version") or a.table.get("preset")) for a in honest.attacks}
+    assert attacks == {("autoattack", "rand"), ("pgd", "lee-kim")}
 
 
 @pytest.mark.slow

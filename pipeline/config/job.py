@@ -200,6 +200,13 @@ def expand(spec: JobSpec, source: str = "<job>") -> Job:
             if any(a.name == name and a.table.get("eps") == table.get("eps") and set(a.defenses) & set(targets)
                    and a.table.get("path", "adaptive") == table.get("path", "adaptive") for a in attacks):
                 raise ConfigError(f"{where}.name: two attacks are named {name!r} at the same eps; give them distinct names")
+            if getattr(parsed, "lm_gradient", None) == "exact":
+                authors = [d.name for d in defenses if d.name in targets and d.spec.kind == "rdc"
+                           and d.spec.lm is not None and d.spec.lm.variant == "authors"]
+                if authors:
+                    raise ConfigError(f"{where}.lm_gradient: \"exact\" differentiates LM's steps, but defense "
+                                      f"{authors[0]!r} runs the authors' LM, which attacks cross by BPDA only; "
+                                      "leave lm_gradient out or limit the attack's `defenses`")
             surrogates = {}
             if parsed.kind == "transfer":
                 by_name = {d.name: d.spec for d in defenses}

@@ -7,7 +7,9 @@ pipeline.models.importer. An EDM network (config arch "edm", a denoiser D(x; sig
 RDC as eps_hat = (x - D) / sigma (diffusion/denoiser.py). RDC's `elbo` picks the ELBO's timesteps
 and weights: "vp", DDPM's T = 1000 VP timesteps with weight 1 (the paper), or "edm", the RDC
 authors' EDM weighting on 1000 noise levels (EDM denoisers and the optimal model only;
-diffusion/schedule.py, EDMGrid).
+diffusion/schedule.py, EDMGrid); `timesteps = "authors[:N]"` is that weighting on the authors' grid
+of N levels (125 by default). `lm` is the paper's LM on RDC's network, or with variant "authors"
+the authors' code's LM on its own unconditional EDM network (defenses/lm.py, AuthorsLM).
 """
 
 from __future__ import annotations
@@ -16,17 +18,17 @@ import torch
 from torch import nn
 
 from pipeline.config.datasets import dataset_info
-from pipeline.config.defense import DefenseSpec, RDCSpec, defense_name
+from pipeline.config.defense import AuthorsGrid, DefenseSpec, RDCSpec, defense_name
 from pipeline.data import load_split
 from pipeline.defenses.base import Defense
 from pipeline.defenses.engine import EngineOptions
-from pipeline.defenses.lm import LikelihoodMaximization
+from pipeline.defenses.lm import AuthorsLM, LikelihoodMaximization
 from pipeline.defenses.mi import MixupInference
 from pipeline.defenses.plain import Plain
 from pipeline.defenses.rdc import RDC
 from pipeline.diffusion.denoiser import DenoiserEps
 from pipeline.diffusion.optimal import OptimalEps
-from pipeline.diffusion.schedule import SCHEDULES
+from pipeline.diffusion.schedule import SCHEDULES, EDMGrid
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models.zoo import load_model
 
@@ -56,8 +58,44 @@ def build_defense(spec: DefenseSpec, device: str | torch.device | None = None, n
     return defense.to(device or "cpu").eval().requires_grad_(False)
 
 
+def _edm_denoiser(model: str, dataset: str, channels: int, size: int, classes: int | None, what: str):
+    """An EDM network D(x; sigma, y) named by `model`, checked against the dataset's images."""
+    net, config, _ = load_model(model, dataset, "diffusion", channels, classes=classes)
+    if config.get("arch") != "edm":
+        raise ConfigError(f"{what} {model!r} is not an EDM network (config arch {config.get('arch')!r}); "
+                          "it must be a denoiser D(x; sigma)")
+    if config.get("img_resolution") != size:
+        raise CheckpointError(f"{what} {model}: EDM network of resolution {config.get('img_resolution')}, "
+                              f"dataset {dataset} has {size}x{size} images")
+    return net
+
+
+def _build_lm(spec: RDCSpec, eps_model, schedule, channels: int, size: int, K: int, denoiser=None):
+    """The spec's LM; denoiser: the authors' LM's network when the caller has it (else it is loaded)."""
+    lm = spec.lm
+    if lm is None:
+        return None
+    if lm.variant == "authors":
+        try:
+            denoiser = denoiser if denoiser is not None else _edm_denoiser(lm.model, spec.dataset, channels, size, 0, "defense.lm.model")
+        except CheckpointError as exc:
+            raise CheckpointError(f"defense.lm.model: the authors' LM runs an unconditional EDM network "
+                                  f"(label_dim 0): {exc}") from None
+        options = EngineOptions(**spec.engine.model_dump()) if spec.engine else None
+        return AuthorsLM(denoiser, steps=lm.steps, lr=lm.lr, sigma=lm.sigma, options=options)
+    return LikelihoodMaximization(eps_model, K, schedule, steps=lm.steps, mu=lm.mu, eta=lm.eta, gamma=lm.gamma,
+                                  timesteps=lm.timesteps, samples=lm.samples, gradient=lm.gradient)
+
+
+def rdc_schedule(spec: RDCSpec):
+    """The ELBO's schedule of a spec: `elbo`'s, on the authors' grid of N levels where timesteps names it."""
+    if isinstance(spec.timesteps, AuthorsGrid):
+        return EDMGrid(T=spec.timesteps.levels)
+    return SCHEDULES[spec.elbo]()
+
+
 def _build_rdc(spec: RDCSpec, channels: int, size: int, K: int) -> Defense:
-    schedule = SCHEDULES[spec.elbo]()
+    schedule = rdc_schedule(spec)
     if spec.model == "optimal":
         x, y = load_split(spec.dataset, "train", root=spec.data_root)
         eps_model = OptimalEps(x, y, K, schedule=schedule)
@@ -71,20 +109,16 @@ def _build_rdc(spec: RDCSpec, channels: int, size: int, K: int) -> Defense:
         elif spec.elbo == "edm":
             raise ConfigError(f"defense.elbo = \"edm\" evaluates a denoiser at any noise level; model {spec.model!r} "
                               "is an eps-model of the 1000 VP timesteps: use elbo = \"vp\" or an EDM checkpoint")
-    return _rdc(spec, eps_model, schedule, channels, size, K)
+    return _rdc(spec, eps_model, schedule, channels, size, K, _build_lm(spec, eps_model, schedule, channels, size, K))
 
 
-def _rdc(spec: RDCSpec, eps_model: nn.Module, schedule, channels: int, size: int, K: int) -> RDC:
-    """The RDC of a spec around its noise predictor: LM, timesteps, pruning, engine as the spec says."""
-    lm = None
-    if spec.lm is not None:
-        lm = LikelihoodMaximization(eps_model, K, schedule, steps=spec.lm.steps, mu=spec.lm.mu, eta=spec.lm.eta,
-                                    gamma=spec.lm.gamma, timesteps=spec.lm.timesteps, samples=spec.lm.samples,
-                                    gradient=spec.lm.gradient)
-    timesteps = None if spec.timesteps == "all" else spec.timesteps
+def _rdc(spec: RDCSpec, eps_model: nn.Module, schedule, channels: int, size: int, K: int, lm) -> RDC:
+    """The RDC of a spec around its noise predictor and LM: timesteps, pruning, engine, draws as the spec says."""
+    timesteps = None if spec.timesteps == "all" or isinstance(spec.timesteps, AuthorsGrid) else spec.timesteps
     engine = EngineOptions(**spec.engine.model_dump()) if spec.engine else None
     return RDC(eps_model, K, channels, size, schedule=schedule, timesteps=timesteps, prior=spec.prior, temperature=spec.temperature,
-               pruning=spec.pruning, lm=lm, batch_size=spec.batch_size, seed=spec.seed, engine=engine)
+               pruning=spec.pruning, lm=lm, batch_size=spec.batch_size, seed=spec.seed, engine=engine,
+               draws=spec.draws, attack_noise=spec.attack_noise)
 
 
 # --- a defense's structure, without weights or data ------------------------------------------
@@ -119,7 +153,9 @@ def defense_structure(spec: DefenseSpec, name: str | None = None) -> Defense:
                                  n_ol=spec.n_ol, threshold=spec.threshold, seed=spec.seed)
     else:
         eps_model = _AllClassesPlaceholder() if spec.model == "optimal" else _Placeholder()
-        defense = _rdc(spec, eps_model, SCHEDULES[spec.elbo](), channels, size, K)
+        schedule = rdc_schedule(spec)
+        lm = _build_lm(spec, eps_model, schedule, channels, size, K, denoiser=_Placeholder())
+        defense = _rdc(spec, eps_model, schedule, channels, size, K, lm)
     defense.spec = spec
     defense.name = name or defense_name(spec)
     return defense

@@ -4,7 +4,8 @@ A diffusion classifier (rdc.py) needs, for every (example, class, timestep) it s
 
     err = || eps_theta(sqrt(a_t) (2x - 1) + s_t e_t, t, y) - e_t ||^2
 
-with one noise e_t per (example, t) shared by all classes, and a weighted sum of them per
+with one noise e_t per (example, t) shared by all classes (or, for `Evaluations.per_class`,
+one per (example, class, t): the RDC authors' gradient path), and a weighted sum of them per
 (example, class). `ElboEngine` computes them; the caller says which evaluations and with what
 weights (`Evaluations`), and keeps the paper's equations to itself.
 
@@ -44,13 +45,17 @@ from pipeline.rng import Draw
 
 @dataclass(frozen=True)
 class Evaluations:
-    """A set of ELBO terms: row ex (E,) of the batch, class cls (E,), timestep ts[j] (E,), weight (E,)."""
+    """A set of ELBO terms: row ex (E,) of the batch, class cls (E,), timestep ts[j] (E,), weight (E,).
+
+    per_class: each class draws its own noise at (example, t) instead of sharing one.
+    """
 
     ex: torch.Tensor
     cls: torch.Tensor
     j: torch.Tensor
     ts: torch.Tensor
     weight: torch.Tensor
+    per_class: bool = False
 
 
 # --- the order of evaluations ---------------------------------------------------------------
@@ -130,9 +135,20 @@ class ElboEngine:
         return self.errors_vjp(x, ev, draw, w)
 
     # --- the noise and the chunks ---------------------------------------------------------
-    def noise(self, draw: Draw, ts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """e_t for every row and timestep in ts: (B, len(ts), C, H, W), shared by all classes."""
-        return draw.normal(rng.ELBO_NOISE, ts, tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    def noise(self, draw: Draw, ts: torch.Tensor, x: torch.Tensor, per_class: bool = False) -> torch.Tensor:
+        """e_t for every row and timestep in ts: (B, len(ts), C, H, W), shared by all classes;
+        per_class: (B, K, len(ts), C, H, W), class k's at draw index (k + 1) T + t, apart from the shared ones."""
+        shape = tuple(x.shape[1:])
+        if not per_class:
+            return draw.normal(rng.ELBO_NOISE, ts, shape, dtype=x.dtype, device=x.device)
+        K, T = self.num_classes, self.schedule.T
+        index = (torch.arange(1, K + 1).view(-1, 1) * T + ts.view(1, -1)).reshape(-1)
+        noise = draw.normal(rng.ELBO_NOISE, index, shape, dtype=x.dtype, device=x.device)
+        return noise.view(x.shape[0], K, ts.numel(), *shape)
+
+    def _pair_rows(self, ev: Evaluations) -> torch.Tensor:
+        """What a "pair" shares an x_t by: the row, or with per-class noise the (row, class)."""
+        return ev.ex * self.num_classes + ev.cls if ev.per_class else ev.ex
 
     def network(self) -> bool:
         """Whether eps_model is a network evaluated per class (not the optimal model's all_classes)."""
@@ -140,18 +156,24 @@ class ElboEngine:
 
     def chunks(self, ev: Evaluations, x: torch.Tensor) -> Plan:
         """The evaluations in (example, t) order, cut into chunks of whole pairs."""
+        rows = self._pair_rows(ev)
         if self.network():
-            return plan(ev.ex, ev.j, ev.ts.numel(), engine.chunk_size(self.options, self.batch_size, x))
+            return plan(rows, ev.j, ev.ts.numel(), engine.chunk_size(self.options, self.batch_size, x))
         # One all_classes call computes every class of a pair: a pair costs K network inputs.
-        return plan(ev.ex, ev.j, ev.ts.numel(), min(self.options.chunk or self.batch_size, self.batch_size),
+        return plan(rows, ev.j, ev.ts.numel(), min(self.options.chunk or self.batch_size, self.batch_size),
                     per_pair=self.num_classes)
 
     def _noisy(self, x: torch.Tensor, noise: torch.Tensor, ts: torch.Tensor, pairs: torch.Tensor):
-        """x_t = sqrt(a_t) (2x - 1) + s_t e_t, e_t and t for pairs ex * len(ts) + j: (M, C, H, W), (M, C, H, W), (M,)."""
+        """x_t = sqrt(a_t) (2x - 1) + s_t e_t, e_t and t for pairs ex * len(ts) + j (with per-class
+        noise, (ex * K + class) * len(ts) + j): (M, C, H, W), (M, C, H, W), (M,)."""
         ex, j = (pairs // ts.numel()).to(x.device), (pairs % ts.numel()).to(x.device)
         sqrt_a, s = self.schedule.coefficients(ts.to(x.device), x.dtype)
         shape = (-1,) + (1,) * (x.dim() - 1)
-        e = noise[ex, j]
+        if noise.dim() == x.dim() + 2:  # per-class noise (B, K, n_ts, ...)
+            ex, c = ex // self.num_classes, ex % self.num_classes
+            e = noise[ex, c, j]
+        else:
+            e = noise[ex, j]
         x_t = sqrt_a[j].view(shape) * (2.0 * x[ex] - 1.0) + s[j].view(shape) * e
         return x_t, e, ts.to(x.device)[j]
 
@@ -174,7 +196,7 @@ class ElboEngine:
     # --- errors and their gradients -------------------------------------------------------
     def errors(self, x: torch.Tensor, ev: Evaluations, draw: Draw) -> torch.Tensor:
         """||eps_theta(x_t, t, y) - e_t||^2 for every evaluation, (E,); no graph is kept."""
-        noise = self.noise(draw, ev.ts, x)
+        noise = self.noise(draw, ev.ts, x, ev.per_class)
         chunks = self.chunks(ev, x)
         err = x.new_zeros(ev.ex.numel())
         for chunk in chunks.bounds:
@@ -186,10 +208,10 @@ class ElboEngine:
     def errors_vjp(self, x: torch.Tensor, ev: Evaluations, draw: Draw, w: torch.Tensor) -> torch.Tensor:
         """d/dx sum_e w_e err_e for known weights w (E,), chunk by chunk so memory stays bounded.
 
-        The class-independent part of the network runs once per (example, t) and receives
-        the sum of its classes' gradients.
+        The class-independent part of the network runs once per (example, t) (per (example,
+        class, t) with per-class noise) and receives the sum of its classes' gradients.
         """
-        noise = self.noise(draw, ev.ts, x)
+        noise = self.noise(draw, ev.ts, x, ev.per_class)
         chunks = self.chunks(ev, x)
         grad = torch.zeros_like(x)
         for chunk in chunks.bounds:
@@ -215,7 +237,7 @@ class ElboEngine:
         and x_t = sqrt(a_t)(2x - 1) + s_t e_t, so d err_e / dx = 2 sqrt(a_t) stem^T(d err_e / dh_e),
         and the weighted sums are taken before the (linear) stem^T.
         """
-        noise = self.noise(draw, ev.ts, x)
+        noise = self.noise(draw, ev.ts, x, ev.per_class)
         chunks = self.chunks(ev, x)
         B, K = x.shape[0], self.num_classes
         model = self.eps_model

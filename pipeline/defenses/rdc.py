@@ -5,11 +5,16 @@ By Bayes' rule with the diffusion ELBO as log p(x | y) (paper eq. 4-5):
     logit_y(x) = -(1/|S|) sum_{t in S} w_t || eps_theta(sqrt(a_t) x + s_t e_t, t, y) - e_t ||^2 / tau + log p(y)
 
 with w_t = 1, S all T timesteps or a systematic subsample, one noise e_t per (example, t)
-shared by all classes, tau a temperature (1 in the paper). The schedule gives a_t, s_t and
-w_t (diffusion/schedule.py): DDPM's VP schedule with w_t = 1, or the RDC authors' EDM
-weighting on a grid of noise levels for EDM denoisers (diffusion/denoiser.py). Likelihood maximization (lm.py)
-may run first. Adaptive class pruning (Li et al. 2023) spends few timesteps on every class,
-keeps the best, and spends the rest on those.
+shared by all classes (under attack, optionally one per (example, class, t), as the RDC
+authors' gradient path draws it: `attack_noise`), tau a temperature (1 in the paper). The
+schedule gives a_t, s_t and w_t (diffusion/schedule.py): DDPM's VP schedule with w_t = 1, or
+the RDC authors' EDM weighting on a grid of noise levels for EDM denoisers
+(diffusion/denoiser.py). Likelihood maximization (lm.py: the paper's, or the authors' code's)
+may run first. With `draws = "fixed"` every call draws the same numbers, whatever the example
+or the call (the authors' code reseeds before every LM and ELBO), so the defense is a
+deterministic function of its input and reports itself as not stochastic. Adaptive class
+pruning (Li et al. 2023) spends few timesteps on every class, keeps the best, and spends the
+rest on those (its noise is always shared by the classes).
 
 The squared errors, their chunking over the network and their input gradients belong to the
 ELBO engine (elbo.py: `ElboEngine`); this module turns the paper's grid of (class, timestep)
@@ -27,7 +32,7 @@ from pipeline.rng import Draw
 from pipeline.defenses.base import Defense
 from pipeline.defenses.elbo import ElboEngine, Evaluations
 from pipeline.defenses.engine import EngineOptions
-from pipeline.defenses.lm import LikelihoodMaximization
+from pipeline.defenses.lm import AuthorsLM, LikelihoodMaximization
 
 
 class RDC(Defense):
@@ -40,6 +45,8 @@ class RDC(Defense):
     or None; batch_size: network inputs per call (the memory budget); engine: how the
     network runs (EngineOptions: chunk, channels_last, autocast, compile, CUDA graphs).
     batch_size and engine belong to the ELBO engine, `self.elbo` (its `options`).
+    draws: "fresh" (a new draw per call) or "fixed" (one draw for every call and example);
+    attack_noise: "shared" or "per-class", the ELBO noise when an input gradient is taken.
     """
 
     stochastic = True
@@ -47,9 +54,17 @@ class RDC(Defense):
 
     def __init__(self, eps_model: nn.Module, num_classes: int, in_channels: int, image_size: int, *,
                  schedule: NoiseSchedule | None = None, timesteps=None, prior=None, temperature: float = 1.0,
-                 pruning=None, prune_margin: float = 1.0, lm: LikelihoodMaximization | None = None,
-                 batch_size: int = 4096, seed: int = 0, engine: EngineOptions | None = None):
+                 pruning=None, prune_margin: float = 1.0, lm: LikelihoodMaximization | AuthorsLM | None = None,
+                 batch_size: int = 4096, seed: int = 0, engine: EngineOptions | None = None,
+                 draws: str = "fresh", attack_noise: str = "shared"):
         super().__init__(num_classes, in_channels, image_size, seed)
+        if draws not in ("fresh", "fixed"):
+            raise ConfigError(f"draws must be 'fresh' or 'fixed', got {draws!r}")
+        if attack_noise not in ("shared", "per-class"):
+            raise ConfigError(f"attack_noise must be 'shared' or 'per-class', got {attack_noise!r}")
+        self.fixed_seed = seed if draws == "fixed" else None
+        self.stochastic = draws == "fresh"
+        self.attack_noise = attack_noise
         self.eps_model = eps_model
         self.schedule = schedule or VPSchedule()
         self.ts = self._timesteps(timesteps)
@@ -91,6 +106,18 @@ class RDC(Defense):
             stages.append((int(n), int(keep)))
         return stages
 
+    def next_draw(self, batch: int) -> Draw:
+        """A fresh draw per call; with fixed draws, the job seed's draw of example 0, call 0 for every row."""
+        draw = super().next_draw(batch)
+        if self.fixed_seed is None:
+            return draw
+        zeros = torch.zeros(batch, dtype=torch.int64)
+        return Draw(self.fixed_seed, zeros, zeros)
+
+    def per_class_noise(self, x: torch.Tensor) -> bool:
+        """Whether this ELBO evaluation draws noise per class: attack_noise says so and a gradient flows to x."""
+        return self.attack_noise == "per-class" and torch.is_grad_enabled() and x.requires_grad
+
     # --- the grid --------------------------------------------------------------------
     def grid(self) -> torch.Tensor:
         """Cells (K * |S|, 2): rows (class, timestep)."""
@@ -129,7 +156,7 @@ class RDC(Defense):
 
     def elbo_partial(self, x_lm: torch.Tensor, cells: torch.Tensor, draw: Draw) -> torch.Tensor:
         """The ELBO part of `partial` at an already purified input x_lm (B, C, H, W), shape (B, K)."""
-        ev = self.cell_evaluations(x_lm, cells)
+        ev = self.cell_evaluations(x_lm, cells, self.per_class_noise(x_lm))
         n_total = self.ts.numel()
         out = self.elbo.weighted_sum(x_lm, ev, draw)
         prior = torch.zeros(self.num_classes, dtype=torch.float64).index_add_(
@@ -139,15 +166,16 @@ class RDC(Defense):
     def grid_partial_vjp(self, x_p: torch.Tensor, cells: torch.Tensor, draw: Draw, grad_total: torch.Tensor) -> torch.Tensor:
         """grad_total^T d grid_partial / dx_p straight from the engine's backward (one recompute, not two)."""
         self.check_cells(cells)
-        return self.elbo.weighted_sum_vjp(x_p.detach(), self.cell_evaluations(x_p, cells), draw, grad_total)
+        ev = self.cell_evaluations(x_p, cells, self.attack_noise == "per-class")
+        return self.elbo.weighted_sum_vjp(x_p.detach(), ev, draw, grad_total)
 
-    def cell_evaluations(self, x: torch.Tensor, cells: torch.Tensor) -> Evaluations:
+    def cell_evaluations(self, x: torch.Tensor, cells: torch.Tensor, per_class: bool = False) -> Evaluations:
         """Every (row, class, timestep) of `cells` for the rows of x, weighted -w_t / (|S| tau)."""
         ts, j = torch.unique(cells[:, 1], return_inverse=True)
         B, n = x.shape[0], cells.shape[0]
         w_t = self.schedule.weight(ts, x[0].numel())[j]
         return Evaluations(ex=torch.arange(B).repeat_interleave(n), cls=cells[:, 0].repeat(B), j=j.repeat(B), ts=ts,
-                           weight=(-w_t / (self.ts.numel() * self.temperature)).repeat(B))
+                           weight=(-w_t / (self.ts.numel() * self.temperature)).repeat(B), per_class=per_class)
 
     # --- pruning ---------------------------------------------------------------------
     def evaluate(self, x: torch.Tensor, draw: Draw, cells: torch.Tensor | None = None) -> torch.Tensor:

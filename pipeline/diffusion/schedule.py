@@ -84,6 +84,11 @@ class EDMGrid(NoiseSchedule):
     EDM's training distribution divides; we keep theirs, which produced their published
     figures. With D - x_0 = sigma (e - eps_hat), the term is lambda_i ||eps_hat - e||^2 / T
     with lambda_i = T w_i sigma_i^2 / (C H W): `weight`.
+
+    The levels are sigma_i = sigma_lo + i (sigma_hi - sigma_lo) / T, i = 0 .. T - 1, d sigma =
+    (sigma_hi - sigma_lo) / T: the left ends of their linspace(1e-4, 3, T + 1). T = 1000 is their
+    classifier's default; their demo passes linspace(1e-4, 3, 126), T = 125 (a job's
+    `timesteps = "authors"`, or "authors:N" for T = N).
     """
 
     def __init__(self, T: int = 1000, sigma_lo: float = 1e-4, sigma_hi: float = 3.0, P_mean: float = -1.2,

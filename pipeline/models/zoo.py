@@ -53,19 +53,23 @@ def default_checkpoint(dataset: str, role: str) -> Path:
     return path
 
 
-def load_model(spec: str, dataset: str, role: str, in_channels: int | None = None) -> tuple[nn.Module, dict, dict]:
+def load_model(spec: str, dataset: str, role: str, in_channels: int | None = None,
+               classes: int | None = None) -> tuple[nn.Module, dict, dict]:
     """A model by spec: "default" (the cached default of dataset and role), a checkpoint folder, or a
     published file ("edm:[PRESET:]PATH", "robustbench:ARCH:PATH"; see pipeline.models.importer).
 
-    The model must fit the dataset: its class count (and input channels) are checked.
+    The model must fit the dataset: its class count (and input channels) are checked. classes:
+    the class count (an EDM network's label_dim) it must have instead of the dataset's, 0 for an
+    unconditional network.
     """
     ref = parse_model_ref(spec)
-    K = dataset_info(dataset).classes
+    K = dataset_info(dataset).classes if classes is None else classes
+    needs = "the dataset needs" if classes is None else "expected"
     if ref.kind in ("edm", "robustbench"):
         model, config, meta = load_ref(ref, num_classes=K)
         for key, want in _expected(config, K, in_channels).items():
             if config.get(key) != want:
-                raise CheckpointError(f"model {spec}: {key} is {config.get(key)!r}, the dataset needs {want}")
+                raise CheckpointError(f"model {spec}: {key} is {config.get(key)!r}, {needs} {want}")
         return model.eval(), config, meta
     folder = default_checkpoint(dataset, role) if ref.kind == "default" else Path(ref.path)
     if not folder.exists():

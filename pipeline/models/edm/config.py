@@ -35,6 +35,10 @@ EDM_PRESETS: dict[str, dict] = {
                                     augment_dim=0, dropout=0.10, use_fp16=True, **_ADM),
     "rdc-cifar10-cond-edm": dict(precond="edm", label_dim=10, **_CIFAR, **_DDPMPP),
     "rdc-cifar100-cond-edm": dict(precond="edm", label_dim=100, **_CIFAR, **_DDPMPP),
+    # Their unconditional files (edm_cifar_uncond_vp.pt, edm_cifar100_uncond_vp.pt), the network
+    # of their likelihood maximization.
+    "rdc-cifar10-uncond-edm": dict(precond="edm", label_dim=0, **_CIFAR, **_DDPMPP),
+    "rdc-cifar100-uncond-edm": dict(precond="edm", label_dim=0, **_CIFAR, **_DDPMPP),
 }
 
 _COMMON = {"img_resolution", "img_channels", "label_dim", "use_fp16", "model_type", "precond",
