@@ -41,6 +41,8 @@ def defenses(linear_classifier, digits):
         "rdc-optimal": RDC(optimal, 10, 1, 8, timesteps=4),
         "rdc-optimal-lm": RDC(optimal, 10, 1, 8, timesteps=3, lm=lm),
         "rdc-unet-pruned": RDC(unet, 10, 1, 8, pruning=[(1, 3), (2, 1)]),
+        # the RDC authors' setting: one fixed draw (a deterministic defense), per-class noise under attack
+        "rdc-optimal-fixed": RDC(optimal, 10, 1, 8, timesteps=3, draws="fixed", attack_noise="per-class"),
     }
 
 
@@ -59,7 +61,7 @@ AA_STANDARD = {"kind": "autoattack", "version": "standard", "eps": 0.1, "n_iter"
 
 
 @pytest.mark.parametrize("name", ["plain", "mi-pl", "mi-ol", "mi-combined", "rdc-optimal", "rdc-optimal-lm",
-                                  "rdc-unet-pruned"])
+                                  "rdc-unet-pruned", "rdc-optimal-fixed"])
 @pytest.mark.parametrize("table", [CLEAN, PGD_EPS0], ids=["none", "pgd-eps0"])
 def test_predicted_equals_recorded_where_no_outcome_decides(defenses, digits, name, table):
     defense = defenses[name]
@@ -71,7 +73,7 @@ def test_predicted_equals_recorded_where_no_outcome_decides(defenses, digits, na
 
 
 RANGED = [pytest.param(name, table, id=f"{name}-{tid}")
-          for name in ("plain", "mi-pl", "mi-combined", "rdc-optimal-lm")
+          for name in ("plain", "mi-pl", "mi-combined", "rdc-optimal-lm", "rdc-optimal-fixed")
           for tid, table in (("pgd", PGD), ("aa-rand", AA_RAND), ("aa-rand-single", {**AA_RAND, "batched": False}))]
 # the network's pruned RDC (the slowest to run) under PGD: its calls with gradients, per class
 RANGED.append(pytest.param("rdc-unet-pruned", PGD, id="rdc-unet-pruned-pgd"))
@@ -180,18 +182,30 @@ def test_structure_costs_as_the_real_defense(defenses, table):
 
 # --- FLOPs, the estimate, `plan` and the budget guard ------------------------------------------
 def test_flops_of_an_evaluation_are_the_closed_form_and_kept_in_the_cache(cnn, tmp_path, monkeypatch):
-    from pipeline.defenses.flops import flops_per_evaluation
+    from pipeline.defenses.flops import evaluation_flops
 
     monkeypatch.setenv("ROBUSTSWEEP_CACHE", str(tmp_path))
     plain = spec({"kind": "plain", "model": cnn})
     w = 32  # SmallCNN's width on digits: 3x3 convolutions at 8x8 then 4x4, then two linear layers
     closed = 2 * 9 * 64 * (1 * w + w * w) + 2 * 9 * 16 * (w * 2 * w + 2 * w * 2 * w) + 2 * (8 * w * 4 * w + 4 * w * 10)
-    assert flops_per_evaluation(plain) == closed
+    # the input gradient with frozen weights: each layer's transpose, as many FLOPs as its forward
+    assert evaluation_flops(plain) == (closed, closed)
     cached = json.loads((tmp_path / "flops.json").read_text())
-    assert list(cached.values()) == [closed]
-    (tmp_path / "flops.json").write_text(json.dumps({k: 7 for k in cached}))  # counted once: the cache answers
-    assert flops_per_evaluation(plain) == 7
-    assert flops_per_evaluation(spec({"kind": "rdc", "model": "optimal"})) is None  # no network
+    assert list(cached.values()) == [[closed, closed]]
+    (tmp_path / "flops.json").write_text(json.dumps({k: [7, 8] for k in cached}))  # counted once: the cache answers
+    assert evaluation_flops(plain) == (7, 8)
+    assert evaluation_flops(spec({"kind": "rdc", "model": "optimal"})) is None  # no network
+
+
+@pytest.mark.slow
+def test_edm_ddpmpp_costs_the_published_flops(tmp_path, monkeypatch):
+    """EDM's DDPM++ CIFAR-10 network: 42.4 GFLOP a forward, 85.1 with the input gradient."""
+    from pipeline.defenses.flops import evaluation_flops
+
+    monkeypatch.setenv("ROBUSTSWEEP_CACHE", str(tmp_path))
+    forward, backward = evaluation_flops(spec({"kind": "rdc", "dataset": "cifar10", "elbo": "edm",
+                                               "model": "edm:rdc-cifar10-cond-edm:absent.pt"}))
+    assert round(forward / 1e9, 1) == 42.4 and round((forward + backward) / 1e9, 1) == 85.1
 
 
 def _job(tmp_path, cnn, extra: str = "") -> Path:
@@ -218,7 +232,7 @@ steps = 5
 
 def test_the_estimate_sums_unit_costs_and_prices_them_on_a_profile(cnn, tmp_path, monkeypatch):
     from pipeline.config.job import load_job
-    from pipeline.defenses.flops import flops_per_evaluation
+    from pipeline.defenses.flops import evaluation_flops
     from pipeline.runtime.estimate import device_profile, estimate_job
 
     monkeypatch.setenv("ROBUSTSWEEP_CACHE", str(tmp_path))
@@ -230,8 +244,8 @@ def test_the_estimate_sums_unit_costs_and_prices_them_on_a_profile(cnn, tmp_path
     # eps 0, per example: the masking check and the selection's judgement, then one scoring pass
     # of the clean and one of the adversarial input (a deterministic defense is scored once)
     assert zero.forward.exact and zero.forward.lo == 6 * 4 and zero.backward.lo == 6
-    F = flops_per_evaluation(job.defenses[0].spec)
-    assert zero.flops.lo == pytest.approx(6 * (2 * F + 2 * F + 2 * F))  # a backward costs two forwards
+    F, B = evaluation_flops(job.defenses[0].spec)
+    assert zero.flops.lo == pytest.approx(6 * (4 * F + B))
     assert zero.hours.lo == pytest.approx(zero.flops.lo / (312e12 * 0.5) / 3600)
     assert not attacked.forward.exact and attacked.forward.lo == zero.forward.lo
     assert est.hours.hi == pytest.approx(zero.hours.hi + attacked.hours.hi)

@@ -10,9 +10,9 @@ import typer
 from rich.markup import escape
 
 from pipeline.cli.analytics import print_summary
-from pipeline.cli.common import SKIP_BAD_HELP, console, fails_cleanly, load_job_file
+from pipeline.cli.common import SKIP_BAD_HELP, console, fails_cleanly, load_job_file, notes
 from pipeline.config.run import DEFAULT_OUT, RunOptions
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DatasetError
 
 
 @fails_cleanly
@@ -61,16 +61,21 @@ def plan_cmd(
     (forward / backward; a range where outcomes decide), PFLOP and device-hours; writes nothing."""
     from pipeline.data import load_split
     from pipeline.runtime.estimate import device_profile, estimate_job, format_estimate
-    from pipeline.runtime.preflight import preflight_job
 
     profile = device_profile(device, efficiency)
     if workers < 1:
         raise ConfigError(f"workers (--workers) must be >= 1, got {workers}")
-    spec = load_job_file(job, files=True)
-    preflight_job(spec)
+    spec = load_job_file(job)  # the model files and data may live on the cluster only
     data = spec.spec.data
-    x, _ = load_split(data.dataset, data.split, root=data.root)
-    estimate = estimate_job(spec, x.shape[0], profile, workers)
+    try:
+        n = load_split(data.dataset, data.split, root=data.root)[0].shape[0]
+    except DatasetError as exc:
+        # Without the split here, the examples the job names are enough to plan them.
+        if data.ids is None and data.limit is None:
+            raise DatasetError(f"{exc}; plan needs the split, or data.limit / data.ids to count the examples") from None
+        n = max(data.ids) + 1 if data.ids is not None else data.limit
+        notes([f"data: {data.dataset} {data.split} not found here; planned on the examples the job names ({n})"])
+    estimate = estimate_job(spec, n, profile, workers)
     if as_json:
         print(json.dumps(estimate.as_dict(), indent=2))
     else:

@@ -76,8 +76,9 @@ def calls(defense: Defense, rows: int, backwards: int = 0) -> dict[str, tuple[in
         if defense.lm is not None:
             n = rows * defense.lm.steps * defense.lm.samples  # each LM step: a forward and a backward per sample
             out["lm steps"] = (n, n)
-        per_image = elbo_evaluations(defense)
-        n = rows * per_image
+        # With per-class attack noise the optimal model forms an x_t per class wherever a gradient flows.
+        per_class = backwards > 0 and getattr(defense, "attack_noise", "shared") == "per-class"
+        n = rows * elbo_evaluations(defense, per_class)
         engine: ElboEngine = defense.elbo
         if backwards == 0:
             out["elbo"] = (n, 0)
@@ -93,11 +94,12 @@ def _pixels(defense: Defense) -> int:
     return defense.in_channels * defense.image_size * defense.image_size
 
 
-def elbo_evaluations(rdc: RDC) -> int:
+def elbo_evaluations(rdc: RDC, per_class_noise: bool = False) -> int:
     """RDC's network evaluations per image for one logit vector: timesteps x classes, or with
     pruning each stage's timesteps x the classes still in it; the optimal model computes every
-    class of an (example, timestep) pair in one evaluation."""
-    per_class = rdc.elbo.network()
+    class of an (example, timestep) pair in one evaluation, or of an (example, class, timestep)
+    triple when each class draws its own noise."""
+    per_class = rdc.elbo.network() or per_class_noise
     if rdc.pruning is None:
         return int(rdc.ts.numel()) * (rdc.num_classes if per_class else 1)
     total, active = 0, rdc.num_classes

@@ -17,12 +17,12 @@ from pipeline.atomic import atomic_write
 from pipeline.config.attack import TransferSpec
 from pipeline.config.job import Job
 from pipeline.defenses.build import defense_structure
-from pipeline.defenses.flops import BACKWARD_FACTOR, flops_per_evaluation, network_config
+from pipeline.defenses.flops import evaluation_flops, network_config
 from pipeline.errors import BudgetError, ConfigError
 from pipeline.models.unet import unet_config
 from pipeline.models.zoo import cache_dir
 from pipeline.protocol.build import build_attack
-from pipeline.protocol.cost import ZERO, Span, UnitCost, unit_cost
+from pipeline.protocol.cost import ZERO, Span, Tally, UnitCost, unit_cost
 from pipeline.runtime.plan import Unit, plan
 from pipeline.training.classifier import default_classifier_config
 
@@ -87,20 +87,43 @@ def device_profile(name: str, efficiency: float | None = None, measured: dict | 
 
 
 # --- FLOPs ------------------------------------------------------------------------------------
-def network_flops(spec) -> int | None:
-    """FLOPs of one evaluation of the network of defense `spec`; an untrained default model is
+@dataclass(frozen=True)
+class Flops:
+    """FLOPs of one evaluation of a defense's network, and of one of its LM's steps (the same
+    network, or the authors' LM's own); None where not known."""
+
+    network: tuple[int, int] | None  # (forward, backward)
+    lm: tuple[int, int] | None
+
+    def of(self, component: str) -> tuple[int, int] | None:
+        return self.lm if component == "lm steps" else self.network
+
+
+def network_flops(spec) -> Flops:
+    """FLOPs of one evaluation of the networks of defense `spec`; an untrained default model is
     counted from its training recipe's config, which is what will be trained."""
-    config = network_config(spec)
-    if config is None and spec.model == "default":
-        config = unet_config(spec.dataset) if spec.kind == "rdc" else default_classifier_config(spec.dataset)
-    return flops_per_evaluation(spec, config=config) if config is not None else None
+    out = []
+    for lm in (False, True):
+        config = network_config(spec, lm)
+        if config is None and (spec.model == "default" and not (lm and getattr(getattr(spec, "lm", None), "variant", None) == "authors")):
+            config = unet_config(spec.dataset) if spec.kind == "rdc" else default_classifier_config(spec.dataset)
+        out.append(evaluation_flops(spec, config=config, lm=lm) if config is not None else None)
+    return Flops(*out)
 
 
-def _unit_flops(cost: UnitCost, attacked_flops: int | None, defense_flops: int | None) -> Span | None:
-    if attacked_flops is None or defense_flops is None:
-        return None
-    a = cost.attack.forward * attacked_flops + cost.attack.backward * (attacked_flops * BACKWARD_FACTOR)
-    return a + cost.scoring.forward * defense_flops
+def _tally_flops(tally: Tally, flops: Flops) -> Span | None:
+    total = ZERO
+    for (_, component), (f, b) in tally.parts.items():
+        per = flops.of(component)
+        if per is None:
+            return None
+        total = total + f * per[0] + b * per[1]
+    return total
+
+
+def _unit_flops(cost: UnitCost, attacked: Flops, defense: Flops) -> Span | None:
+    a, s = _tally_flops(cost.attack, attacked), _tally_flops(cost.scoring, defense)
+    return None if a is None or s is None else a + s
 
 
 # --- the estimate -----------------------------------------------------------------------------
@@ -156,7 +179,7 @@ class Estimate:
                 "wall_hours": self.wall_hours.as_list(), "unknown": [f"{r.defense} / {r.attack}" for r in self.unknown]}
 
 
-def _unit_cost(unit: Unit, cache: dict) -> tuple[UnitCost, int | None, int | None]:
+def _unit_cost(unit: Unit, cache: dict) -> tuple[UnitCost, Flops, Flops]:
     key = (unit.defense, unit.attack, unit.eps, len(unit.example_ids))
     if key not in cache:
         defense = defense_structure(unit.defense_spec, unit.defense)
