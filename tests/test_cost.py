@@ -301,3 +301,18 @@ def test_the_budget_guard_refuses_before_any_work(cnn, tmp_path, monkeypatch):
     # a budget that is no number of hours is refused as input
     with pytest.raises(Exception, match="max_gpu_hours"):
         load_job(_job(tmp_path, cnn, "max_gpu_hours = -1"))
+
+
+def test_progress_counts_what_is_left_at_the_runs_own_speed(cnn, tmp_path, monkeypatch):
+    from pipeline.config.job import load_job
+    from pipeline.runtime.estimate import progress
+    from pipeline.runtime.plan import plan
+
+    monkeypatch.setenv("ROBUSTSWEEP_CACHE", str(tmp_path))
+    units = plan(load_job(_job(tmp_path, cnn)), 355)  # eps 0 (exact) and 0.1 (a range), two shards each
+    done = units[0]  # 4 examples at eps 0: 4 x (4 forward + 1 backward) evaluations
+    out = progress(units, {done.unit_id}, forward=16, backward=4, seconds=2.0)
+    assert out["evaluations_spent"] == 20 and out["seconds_per_evaluation"] == 0.1
+    left = out["evaluations_left"]
+    assert left[0] == out["evaluations_estimated"][0] - 20 and left[1] == out["evaluations_estimated"][1] - 20
+    assert out["eta_worker_seconds"] == [round(left[0] * 0.1, 1), round(left[1] * 0.1, 1)]

@@ -230,6 +230,25 @@ def estimate_job(job: Job, n_examples: int, profile: DeviceProfile, workers: int
     return estimate_units(plan(job, n_examples), profile, workers)
 
 
+def progress(units: list[Unit], done: set[str], forward: float, backward: float, seconds: float) -> dict:
+    """Spent / estimated / left of a run in network evaluations (forward + backward), and an ETA
+    in worker-seconds at the speed its committed units ran: `forward`, `backward`, `seconds` are
+    the sums over their records, `done` their unit ids."""
+    cache: dict = {}
+    total = left = ZERO
+    for u in units:
+        cost = _unit_cost(u, cache)[0]
+        evaluations = cost.forward + cost.backward
+        total = total + evaluations
+        if u.unit_id not in done:
+            left = left + evaluations
+    spent = forward + backward
+    rate = seconds / spent if spent else None
+    return {"evaluations_spent": spent, "evaluations_estimated": total.as_list(), "evaluations_left": left.as_list(),
+            "seconds_per_evaluation": rate,
+            "eta_worker_seconds": None if rate is None else [round(v * rate, 1) for v in left.as_list()]}
+
+
 def _span(s: Span | None, fmt: str) -> str:
     if s is None:
         return "?"
@@ -279,4 +298,4 @@ def check_budget(estimate: Estimate, max_hours: float) -> None:
 
 
 __all__ = ["DeviceProfile", "Estimate", "PEAKS", "Row", "check_budget", "device_profile", "format_estimate", "estimate_job",
-           "estimate_units", "guard", "measured_profile", "network_flops", "save_measured_profile", "predicted_unit_seconds"]
+           "estimate_units", "guard", "progress", "measured_profile", "network_flops", "save_measured_profile", "predicted_unit_seconds"]
