@@ -249,6 +249,34 @@ def progress(units: list[Unit], done: set[str], forward: float, backward: float,
             "eta_worker_seconds": None if rate is None else [round(v * rate, 1) for v in left.as_list()]}
 
 
+def calibrate(uri: str, endpoint_url: str | None = None) -> dict:
+    """A measured profile from a run's own records: the FLOPs its committed units spent (records'
+    forward / backward evaluations x the defense network's FLOPs) over their worker-seconds.
+    Transfer units and networks of unknown FLOPs are left out. {"flops_per_second", "what"}."""
+    from pipeline.store import Store
+
+    store = Store(uri, endpoint_url=endpoint_url)
+    doc = store.read_json("plan.json")
+    units = {u["unit_id"]: Unit.from_dict(u) for u in doc["units"]}
+    table = store.read_records("records", columns=["unit_id", "seconds", "forward_passes", "backward_passes"])
+    known: dict[str, Flops] = {}
+    flops = seconds = 0.0
+    n = 0
+    for unit_id, sec, fwd, bwd in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+        u = units.get(unit_id)
+        if u is None or isinstance(u.attack_spec, TransferSpec):
+            continue
+        if u.defense not in known:
+            known[u.defense] = network_flops(u.defense_spec)
+        per = known[u.defense].network
+        if per is None or getattr(getattr(u.defense_spec, "lm", None), "variant", None) == "authors":
+            continue
+        flops, seconds, n = flops + fwd * per[0] + bwd * per[1], seconds + sec, n + 1
+    if not n or seconds <= 0:
+        raise ConfigError(f"{uri}: no committed records of a defense whose network FLOPs are known to calibrate on")
+    return {"flops_per_second": flops / seconds, "what": f"this machine, calibrated on run {doc['run_id']} ({n} records)"}
+
+
 def _span(s: Span | None, fmt: str) -> str:
     if s is None:
         return "?"
@@ -298,4 +326,4 @@ def check_budget(estimate: Estimate, max_hours: float) -> None:
 
 
 __all__ = ["DeviceProfile", "Estimate", "PEAKS", "Row", "check_budget", "device_profile", "format_estimate", "estimate_job",
-           "estimate_units", "guard", "progress", "measured_profile", "network_flops", "save_measured_profile", "predicted_unit_seconds"]
+           "calibrate", "estimate_units", "guard", "progress", "measured_profile", "network_flops", "save_measured_profile", "predicted_unit_seconds"]
