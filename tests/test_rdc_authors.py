@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from edm_cases import TINY, fill_weights
+from pipeline.config import spec
 from pipeline.config.defense import AuthorsGrid, parse_defense
 from pipeline.config.job import load_job
 from pipeline.defenses.build import build_defense, rdc_schedule
@@ -238,7 +239,7 @@ def test_authors_lm_from_a_table_loads_its_own_unconditional_network(tmp_path):
     cond10, uncond = folder("cond", 10), folder("uncond", 0)
     table = {"kind": "rdc", "model": cond10, "dataset": "digits", "elbo": "edm", "timesteps": "authors:3",
              "draws": "fixed", "lm": {"variant": "authors", "model": uncond, "steps": 2}}
-    rdc = build_defense(table)
+    rdc = build_defense(spec(table))
     assert isinstance(rdc.lm, AuthorsLM) and rdc.lm.denoiser.label_dim == 0 and rdc.ts.numel() == 3
     assert rdc.name == "rdc-unet-edmw-alm-fixed" and not rdc.stochastic
     x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(9))
@@ -246,7 +247,7 @@ def test_authors_lm_from_a_table_loads_its_own_unconditional_network(tmp_path):
         assert torch.equal(rdc(x), rdc(x))
     with pytest.raises(CheckpointError, match=r"defense.lm.model: the authors' LM runs an unconditional EDM network "
                                               r"\(label_dim 0\): .*'label_dim' is 10, expected 0"):
-        build_defense({**table, "lm": {"variant": "authors", "model": cond10}})
+        build_defense(spec({**table, "lm": {"variant": "authors", "model": cond10}}))
 
 
 def test_a_job_asking_the_exact_lm_gradient_of_the_authors_lm_is_refused():

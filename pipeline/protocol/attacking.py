@@ -57,14 +57,14 @@ def attacked_model(defense: Defense, attack: Attack) -> tuple[Defense, str]:
 def lm_gradient(defense: Defense, mode: str | None):
     """Temporarily set how gradients cross the defense's likelihood maximization."""
     lm = defense.likelihood_maximization()
-    before = lm.gradient if lm is not None else None
-    if lm is not None and mode is not None:
-        lm.gradient = mode
+    if mode is None or lm is None:
+        yield
+        return
+    before, lm.gradient = lm.gradient, mode
     try:
         yield
     finally:
-        if lm is not None:
-            lm.gradient = before
+        lm.gradient = before
 
 
 @dataclass(frozen=True)
