@@ -61,6 +61,10 @@ class ClusterError(RobustsweepError):
     message names the address and what to check (never credentials)."""
 
 
+class BudgetError(ConfigError):
+    """A job whose estimated device-hours are above its budget (max_gpu_hours / --max-gpu-hours)."""
+
+
 class RunMismatchError(ConfigError):
     """A run id is reused with a job other than the one its plan.json records; the message names
     the fields that differ."""

@@ -27,7 +27,7 @@ def test_fails_cleanly_maps_bad_input_to_2_and_other_failures_to_1(error, code):
 
 def test_every_command_group_is_assembled():
     names = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
-    assert names == {"accuracy", "validate", "run", "status", "submit", "logs", "stop", "report", "compare", "sql",
+    assert names == {"accuracy", "validate", "plan", "run", "status", "submit", "logs", "stop", "report", "compare", "sql",
                      "train", "bench", "import-model", "models"}
 
 

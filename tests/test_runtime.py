@@ -85,6 +85,14 @@ def test_resume_skips_committed_units(ray_cluster, cnn, tmp_path):
     status = run_status(first.uri)
     assert (status["units"], status["done"], status["left"], status["failed"], status["rows"]) == (8, 8, 0, 0, 32)
     assert status["examples_per_worker_second"] > 0
+    # the records the workers wrote lie in the cost model's prediction, and nothing is left
+    cost = status["cost"]
+    assert cost["evaluations_estimated"][0] <= cost["evaluations_spent"] <= cost["evaluations_estimated"][1]
+    assert cost["evaluations_left"] == [0, 0] and cost["eta_worker_seconds"] == [0.0, 0.0]
+    # the run calibrates this machine (the `cpu` profile of `plan`)
+    from pipeline.runtime.estimate import calibrate
+
+    assert calibrate(first.uri)["flops_per_second"] > 0
     fresh = run_job(job, RunOptions(out=str(tmp_path), workers=2, fresh=True), progress=False)
     assert fresh.run_id != first.run_id and fresh.done == 8
 

@@ -9,7 +9,7 @@ from pipeline.cli.analytics import compare_cmd, report_cmd, sql_cmd
 from pipeline.cli.bench import bench_app
 from pipeline.cli.cluster import logs_cmd, stop_cmd, submit_cmd
 from pipeline.cli.evaluate import accuracy_cmd
-from pipeline.cli.jobs import run_cmd, status_cmd, validate_cmd
+from pipeline.cli.jobs import plan_cmd, run_cmd, status_cmd, validate_cmd
 from pipeline.cli.models import import_model_cmd, models_cmd
 from pipeline.cli.train import train_app
 
@@ -18,6 +18,7 @@ app = typer.Typer(help="Robustness sweeps of inference-time defenses (RDC, Mixup
 app.add_typer(train_app, name="train")
 app.command("accuracy")(accuracy_cmd)
 app.command("validate")(validate_cmd)
+app.command("plan")(plan_cmd)
 app.command("run")(run_cmd)
 app.command("status")(status_cmd)
 app.command("submit")(submit_cmd)

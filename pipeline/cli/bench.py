@@ -218,3 +218,29 @@ def bench_scheduler_cmd(
     if ray_units:
         result["ray"] = bench_scheduler_ray(units=ray_units, actors=ray_actors, seed=seed)
     show(result, as_json, lambda r: format_scheduler(r) + (format_scheduler_ray(r["ray"]) if "ray" in r else []))
+
+
+@bench_app.command("cost")
+@fails_cleanly
+def cost_cmd(
+    run: str = typer.Argument(..., metavar="RUN_URI", help="a run folder whose records calibrate this machine"),
+    predict: Optional[str] = typer.Option(None, metavar="JOB", help="then estimate this job on the calibrated profile"),
+    save: bool = typer.Option(True, metavar="", help="keep the profile for `plan --device cpu` (model cache, profiles.json)"),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+):
+    """The speed of this machine in FLOP/s, from a run's own records and seconds: the `cpu` device profile."""
+    from pathlib import Path
+
+    from pipeline.cli.common import load_job_file
+    from pipeline.data import load_split
+    from pipeline.runtime.estimate import calibrate, device_profile, estimate_job, format_estimate, save_measured_profile
+
+    profile = calibrate(run, endpoint_url)
+    say([f"cpu: {profile['flops_per_second'] / 1e9:.4g} GFLOP/s ({profile['what']})"])
+    if save:
+        save_measured_profile(profile)
+    if predict is not None:
+        job = load_job_file(Path(predict))
+        data = job.spec.data
+        n = load_split(data.dataset, data.split, root=data.root)[0].shape[0]
+        say(format_estimate(estimate_job(job, n, device_profile("cpu", measured=profile))).splitlines())

@@ -49,7 +49,7 @@ def import_model_cmd(
 def models_cmd(
     dataset: Optional[str] = typer.Option(None, help="only the zoo names of this dataset (cifar10, cifar100)"),
     threat: Optional[str] = typer.Option(None, help="only the zoo names of this threat model (Linf, L2)"),
-    supported: bool = typer.Option(False, "--supported", help="only what loads"),
+    supported: bool = typer.Option(False, "--supported/--all", metavar="", help="only what loads"),
     format: str = typer.Option("text", "--format", help="text or json"),
 ):
     """List the architecture presets and RobustBench's zoo names, with architecture and whether they load."""

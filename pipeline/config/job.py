@@ -75,6 +75,8 @@ class JobSpec(BaseModel):
     data: DataSpec
     defenses: list[dict] = Field(min_length=1)
     attacks: list[dict] = Field(min_length=1)
+    # The most device-hours `run` may start (runtime/estimate.py, its upper estimate); None: no limit.
+    max_gpu_hours: float | None = Field(None, gt=0, allow_inf_nan=False)
 
     @field_validator("attacks", mode="before")
     @classmethod
@@ -115,8 +117,10 @@ class Job:
 
     @property
     def hash(self) -> str:
-        """The job's hash, without grid_workers: how a unit is computed does not change its rows."""
+        """The job's hash, without grid_workers or the budget: how a unit is computed, or whether it
+        may start, does not change its rows."""
         doc = self.spec.model_dump()
+        doc.pop("max_gpu_hours")
         doc["defenses"] = [{k: v for k, v in d.items() if k != "grid_workers"} for d in doc["defenses"]]
         return content_hash(doc)
 

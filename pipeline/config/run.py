@@ -31,6 +31,9 @@ class RunOptions:
     report: bool = True
     unit_timeout: float | None = None
     speculate: bool = False
+    max_gpu_hours: float | None = None  # refuse a job estimated above this many device-hours (over the job file's)
+    device: str = "h100"  # the device profile the budget is counted on (runtime/estimate.py)
+    efficiency: float | None = None  # the fraction of the profile's peak a run reaches (default: the profile's)
 
     def __post_init__(self):
         if self.unit_timeout is not None and not self.unit_timeout > 0:
@@ -41,6 +44,10 @@ class RunOptions:
             raise ConfigError(f"workers (--workers) must be >= 1, got {self.workers}")
         if self.min_gpus < 0:
             raise ConfigError(f"min_gpus (--min-gpus) must be >= 0, got {self.min_gpus}")
+        if self.max_gpu_hours is not None and not (0 < self.max_gpu_hours < float("inf")):
+            raise ConfigError(f"max_gpu_hours (--max-gpu-hours) must be a positive number, got {self.max_gpu_hours:g}")
+        if self.efficiency is not None and not 0 < self.efficiency <= 1:
+            raise ConfigError(f"efficiency (--efficiency) must be in (0, 1], got {self.efficiency:g}")
 
     def run_flags(self) -> list[str]:
         """The options as `robustsweep run` flags (those left at their defaults omitted), without --address."""
@@ -65,4 +72,10 @@ class RunOptions:
             flags += ["--unit-timeout", f"{self.unit_timeout:g}"]
         if self.speculate:
             flags.append("--speculate")
+        if self.max_gpu_hours is not None:
+            flags += ["--max-gpu-hours", f"{self.max_gpu_hours:g}"]
+        if self.device != "h100":
+            flags += ["--device", self.device]
+        if self.efficiency is not None:
+            flags += ["--efficiency", f"{self.efficiency:g}"]
         return flags

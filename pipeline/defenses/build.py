@@ -15,6 +15,7 @@ the authors' code's LM on its own unconditional EDM network (defenses/lm.py, Aut
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from pipeline.config.datasets import dataset_info
 from pipeline.config.model_ref import ModelRef
@@ -79,13 +80,14 @@ def _edm_denoiser(model: ModelRef, dataset: str, channels: int, size: int, class
     return net
 
 
-def _build_lm(spec: RDCSpec, eps_model, schedule, channels: int, size: int, K: int):
+def _build_lm(spec: RDCSpec, eps_model, schedule, channels: int, size: int, K: int, denoiser=None):
+    """The spec's LM; denoiser: the authors' LM's network when the caller has it (else it is loaded)."""
     lm = spec.lm
     if lm is None:
         return None
     if lm.variant == "authors":
         try:
-            denoiser = _edm_denoiser(lm.model, spec.dataset, channels, size, 0, "defense.lm.model")
+            denoiser = denoiser if denoiser is not None else _edm_denoiser(lm.model, spec.dataset, channels, size, 0, "defense.lm.model")
         except CheckpointError as exc:
             raise CheckpointError(f"defense.lm.model: the authors' LM runs an unconditional EDM network "
                                   f"(label_dim 0): {exc}") from None
@@ -117,9 +119,53 @@ def _build_rdc(spec: RDCSpec, channels: int, size: int, K: int) -> Defense:
         elif spec.elbo == "edm":
             raise ConfigError(f"defense.elbo = \"edm\" evaluates a denoiser at any noise level; model {str(spec.model)!r} "
                               "is an eps-model of the 1000 VP timesteps: use elbo = \"vp\" or an EDM checkpoint")
-    lm = _build_lm(spec, eps_model, schedule, channels, size, K)
+    return _rdc(spec, eps_model, schedule, channels, size, K, _build_lm(spec, eps_model, schedule, channels, size, K))
+
+
+def _rdc(spec: RDCSpec, eps_model: nn.Module, schedule, channels: int, size: int, K: int, lm) -> RDC:
+    """The RDC of a spec around its noise predictor and LM: timesteps, pruning, engine, draws as the spec says."""
     timesteps = None if spec.timesteps == "all" or isinstance(spec.timesteps, AuthorsGrid) else spec.timesteps
     engine = EngineOptions(**spec.engine.model_dump()) if spec.engine else None
     return RDC(eps_model, K, channels, size, schedule=schedule, timesteps=timesteps, prior=spec.prior, temperature=spec.temperature,
                pruning=spec.pruning, lm=lm, batch_size=spec.batch_size, seed=spec.seed, engine=engine,
                draws=spec.draws, attack_noise=spec.attack_noise)
+
+
+# --- a defense's structure, without weights or data ------------------------------------------
+class _Placeholder(nn.Module):
+    """A network that is never run: a defense built around it has the structure of the real one
+    (cells, LM, pruning, the engine's kind of model), which is all that costing it reads."""
+
+    def forward(self, *args):
+        raise RuntimeError("a structure's placeholder network is never evaluated")
+
+
+class _AllClassesPlaceholder(_Placeholder):
+    """The placeholder of the optimal model, which gives every class of a pair in one call."""
+
+    def all_classes(self, x_t, t):
+        raise RuntimeError("a structure's placeholder network is never evaluated")
+
+
+def defense_structure(spec: DefenseSpec, name: str | None = None) -> Defense:
+    """The defense of a parsed spec as built by build_defense, but around placeholder networks
+    and a one-image-per-class MI pool: it reads no weights or data (a job on a cluster's models
+    is costed anywhere, pipeline/protocol/cost.py) and must never be evaluated."""
+    if isinstance(spec, dict):
+        raise ConfigError("defense_structure takes a parsed spec; parse a table with pipeline.config.spec(table)")
+    info = dataset_info(spec.dataset)
+    channels, size, K = info.channels, info.size, info.classes
+    if spec.kind == "plain":
+        defense = Plain(_Placeholder(), K, channels, size)
+    elif spec.kind == "mi":
+        pool_x, pool_y = torch.zeros(K, channels, size, size), torch.arange(K)
+        defense = MixupInference(_Placeholder(), pool_x, pool_y, K, mode=spec.mode, lam=spec.lam, n_pl=spec.n_pl,
+                                 n_ol=spec.n_ol, threshold=spec.threshold, seed=spec.seed)
+    else:
+        eps_model = _AllClassesPlaceholder() if spec.model.kind == "optimal" else _Placeholder()
+        schedule = rdc_schedule(spec)
+        lm = _build_lm(spec, eps_model, schedule, channels, size, K, denoiser=_Placeholder())
+        defense = _rdc(spec, eps_model, schedule, channels, size, K, lm)
+    defense.spec = spec
+    defense.name = name or defense_name(spec)
+    return defense

@@ -39,6 +39,7 @@ from pipeline.models.zoo import model_card
 from pipeline.runtime import faults
 from pipeline.training.defaults import prepare_defaults, role_of
 from pipeline.runtime.plan import Unit, plan, plan_document, run_id_for
+from pipeline.runtime.estimate import guard
 from pipeline.runtime.preflight import preflight_run
 from pipeline.runtime.reach import RETRY_ENV as RAY_RETRY_ENV
 from pipeline.runtime.reach import check_reachable, retry_seconds
@@ -192,6 +193,7 @@ def run_job(job: Job, options: RunOptions = RunOptions(), *, progress: bool = Tr
     units = plan(job, x.shape[0])
     if not units:
         raise ConfigError("the job selects no examples (data.ids / data.limit): nothing to run")
+    guard(job, units, options)  # a job above its budget stops here, before the lease and any training
     if options.address is not None:
         # Before the lease, the checks and any model training; also when this process already
         # holds a Ray connection, so that a wrong address is never silently replaced by it.
