@@ -86,14 +86,6 @@ class AutoAttack(Attack):
         # What `scaled` multiplies: APGD's iterations and the EOT draws of its gradient stages.
         self._apgd = (aa.apgd.n_iter, max(aa.apgd.eot_iter, aa.apgd_targeted.eot_iter))
 
-    @property
-    def eps(self) -> float:
-        return self.spec.eps
-
-    @property
-    def norm(self) -> str:
-        return self.spec.norm
-
     def scaled(self, k: int, *, eot: bool = True) -> "AutoAttack":
         if k == 1:
             return self

@@ -43,7 +43,7 @@ class Stage:
 
 class Attack(ABC):
     """An attack as the protocol runs it. Subclasses set `spec`, `name` and `stages` and
-    implement `eps`, `norm`, `scaled` and `run`."""
+    implement `scaled` and `run`; `eps` and `norm` are the spec's unless a subclass says otherwise."""
 
     spec: object  # the parsed spec (pipeline.config.attack) it was built from
     name: str  # its name in records (the job's planned name)
@@ -51,14 +51,14 @@ class Attack(ABC):
     surrogate: nn.Module | None = None  # the model it crafts on instead of the defense (a transfer's)
 
     @property
-    @abstractmethod
     def eps(self) -> float:
         """The radius of the ball the points stay in (0 when no attack runs)."""
+        return self.spec.eps
 
     @property
-    @abstractmethod
     def norm(self) -> str:
         """"Linf", "L2" or "L1"."""
+        return self.spec.norm
 
     @property
     def iterations(self) -> int:
@@ -104,10 +104,6 @@ class Clean(Attack):
     @property
     def eps(self) -> float:
         return 0.0
-
-    @property
-    def norm(self) -> str:
-        return self.spec.norm
 
     def scaled(self, k: int, *, eot: bool = True) -> "Clean":
         return self

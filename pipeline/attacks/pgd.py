@@ -118,14 +118,6 @@ class PGD(Attack):
         self.spec, self.name = spec, name
         self.stages = (Stage("pgd", spec.steps, restarts=spec.restarts, eot=spec.eot),)
 
-    @property
-    def eps(self) -> float:
-        return self.spec.eps
-
-    @property
-    def norm(self) -> str:
-        return self.spec.norm
-
     def scaled(self, k: int, *, eot: bool = True) -> "PGD":
         if k == 1:
             return self

@@ -23,7 +23,6 @@ import hashlib
 import io
 import os
 import pickle
-import pickletools
 import struct
 import zipfile
 import zlib
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import CheckpointError
+from pipeline.unpickle import prescan
 
 # torch.save's legacy stream starts with these (torch/serialization.py).
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -294,31 +294,8 @@ def _short(value, n: int = 120) -> str:
     return text if len(text) <= n else text[:n] + "..."
 
 
-MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
-
-
-def _prescan(f: io.BytesIO, where: str) -> None:
-    """Walk the pickle's opcodes without running them, then rewind.
-
-    The C unpickler trusts two kinds of numbers that a damaged or hostile file can inflate: memo
-    indices (it grows its memo table to the index) and length prefixes (it allocates the length
-    before reading). Here a memo index must not exceed the number of opcodes before it, and every
-    length must be backed by bytes that are there (pickletools reads them).
-    """
-    start = f.tell()
-    try:
-        for count, (opcode, arg, _) in enumerate(pickletools.genops(f)):
-            if opcode.name in MEMO_PUTS and (not isinstance(arg, int) or not 0 <= arg <= count):
-                raise CheckpointError(f"{where}: memo index {arg!r} at opcode {count} is out of range; the file is damaged")
-    except CheckpointError:
-        raise
-    except Exception as exc:  # pickletools reports a damaged stream as ValueError, EOFError, ...
-        raise CheckpointError(f"{where} is not a readable pickle: {type(exc).__name__}: {exc}") from None
-    f.seek(start)
-
-
 def _load(f: io.BytesIO, where: str, storages=None):
-    _prescan(f, where)
+    prescan(f, where, CheckpointError)
     try:
         return RestrictedUnpickler(f, where, storages).load()
     except CheckpointError as exc:
