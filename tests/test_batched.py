@@ -65,7 +65,7 @@ def job_doc(cnn):
     }
 
 
-DROP = {"seconds", "worker", "run_id"}
+DROP = {"seconds", "worker", "run_id", "node", "attempt"}  # where and by which call, not what
 
 
 def rows(table) -> list[tuple]:

@@ -103,6 +103,7 @@ steps = 1
     assert headline["robust_acc"] in (0.0, 0.5, 1.0)
     (export,) = (tmp_path / "rb").glob("**/*.json")
     entry = json.loads(export.read_text())
-    assert (entry["dataset"], entry["threat_model"], entry["eps"], entry["n_examples"]) == ("cifar10", "Linf", "8/255", 2)
-    assert entry["defense_table"]["model"] == str(folder)
+    ours = entry["robustsweep"]  # what a sweep knows beyond RobustBench's model_info keys
+    assert (entry["dataset"], ours["threat_model"], entry["eps"], ours["n_examples"]) == ("cifar10", "Linf", "8/255", 2)
+    assert ours["defense_table"]["model"] == str(folder)
     assert float(entry["clean_acc"]) == 100 * sum(r["clean_correct"] for r in rows) / 2

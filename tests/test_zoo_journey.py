@@ -29,7 +29,7 @@ seed = 0
 [data]
 dataset = "cifar10"
 split = "test"
-root = "data/cifar10"
+root = "{root}"
 limit = 2
 shard_size = 2
 
@@ -69,21 +69,26 @@ def lay_out(folder: Path, name: str = "Wong2020Fast") -> Path:
     return path
 
 
-def cli(*args, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def cli(*args, cwd: Path, timeout: int = 600, models: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("ROBUSTBENCH_MODELS", None)  # RobustBench's default place: ./models
+    if models is not None:  # where the driver, and through it the workers, find RobustBench's folder
+        env["ROBUSTBENCH_MODELS"] = str(models)
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
 @pytest.mark.slow
-def test_mi_on_a_robustbench_model_by_name_runs_and_reports(tmp_path):
+def test_mi_on_a_robustbench_model_by_name_runs_and_reports(tmp_path, ray_cluster):
     lay_out(tmp_path)
-    (tmp_path / "job.toml").write_text(JOB.format(model="robustbench:Linf/Wong2020Fast"))
-    validate = cli("validate", "job.toml", cwd=tmp_path)
+    # The data root is absolute and the models' folder named by ROBUSTBENCH_MODELS: the run goes to
+    # the session's Ray cluster, whose workers start in another folder (the variable travels to them).
+    (tmp_path / "job.toml").write_text(JOB.format(model="robustbench:Linf/Wong2020Fast", root=tmp_path / "data" / "cifar10"))
+    validate = cli("validate", "job.toml", cwd=tmp_path)  # RobustBench's default place, ./models
     assert validate.returncode == 0, validate.stderr
-    run = cli("run", "job.toml", "--out", "results", "--workers", "1", "--no-report", cwd=tmp_path)
+    run = cli("run", "job.toml", "--out", tmp_path / "results", "--workers", "1", "--address", ray_cluster,
+              "--no-report", cwd=tmp_path, models=tmp_path / "models")
     assert run.returncode == 0, run.stderr
     (run_dir,) = [p for p in (tmp_path / "results").iterdir() if p.is_dir()]
     report = cli("report", str(run_dir), "--format", "json", "--robustbench", "rb", cwd=tmp_path, timeout=300)
@@ -97,14 +102,14 @@ def test_a_job_naming_a_model_we_cannot_build_exits_2_before_any_work(tmp_path, 
     lay_out(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("ROBUSTBENCH_MODELS", raising=False)
-    (tmp_path / "job.toml").write_text(JOB.format(model="robustbench:Linf/Kang2021Stable"))
+    (tmp_path / "job.toml").write_text(JOB.format(model="robustbench:Linf/Kang2021Stable", root="data/cifar10"))
     result = CliRunner().invoke(app, ["validate", "job.toml"])
     assert result.exit_code == 2
     assert "defense 'mi-combined-wong'.model: RobustBench's cifar10 Linf model Kang2021Stable" in result.output
     assert "is not supported: its ODE block is not implemented here" in result.output
-    (tmp_path / "job.toml").write_text(JOB.format(model="robustbench:Linf/Standard"))
+    (tmp_path / "job.toml").write_text(JOB.format(model="robustbench:Linf/Standard", root="data/cifar10"))
     result = CliRunner().invoke(app, ["validate", "job.toml"])
     assert result.exit_code == 2 and "defense 'mi-combined-wong'.model: model file models/cifar10/Linf/Standard.pt not found; download it" in result.output
-    (tmp_path / "job.toml").write_text(JOB.format(model="robustbench:Linf/Wong2020Fast"))
+    (tmp_path / "job.toml").write_text(JOB.format(model="robustbench:Linf/Wong2020Fast", root="data/cifar10"))
     result = CliRunner().invoke(app, ["validate", "job.toml"])
     assert result.exit_code == 0, result.output

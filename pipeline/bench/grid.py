@@ -36,8 +36,9 @@ def bench_grid(*, model: str = "default", timesteps: int = 1000, examples: int =
     x = load_split("digits", "test")[0][:examples]
     ids = list(range(examples))
     torch.set_num_threads(1)
-    prepare_defaults([parse_defense(table)], progress=False)  # before any actor asks: building never trains
-    defense = build_defense(parse_defense(table))
+    spec = parse_defense(table)
+    prepare_defaults([spec], progress=False)  # before any actor asks: building never trains
+    defense = build_defense(spec)
     out: dict = {"model": model, "timesteps": timesteps, "examples": examples, "gangs": list(gangs),
                  "threads_per_actor": 1, "cores": cores, **machine_info("cpu"), "ray": ray.__version__,
                  "repeat": repeat, "load_before": load_average()}
@@ -46,7 +47,7 @@ def bench_grid(*, model: str = "default", timesteps: int = 1000, examples: int =
         for g in gangs:
             actors = [ray.remote(Worker).options(num_cpus=1).remote(f"bench-{i}", "cpu", 1) for i in range(g)]
             ray.get([a.ping.remote() for a in actors])
-            gang = Gang(actors, table)
+            gang = Gang(actors, spec)
             shard(defense, gang)
 
             def logits():

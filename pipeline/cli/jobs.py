@@ -120,7 +120,7 @@ def run_cmd(
     if options.report:
         print_summary([result.uri], options.endpoint_url)
     if result.failed:
-        console.print(f"[bold red]{len(result.failed)} units failed[/]; see {escape(result.uri)}/failures/")
+        console.print(f"{len(result.failed)} units failed; see {result.uri}/failures/", style="bold red", markup=False)
         raise typer.Exit(1)
 
 

@@ -24,6 +24,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, NodeDiedError, RayActorError, WorkerCrashedError
 
 from pipeline.defenses.base import Defense
+from pipeline.config.defense import DefenseSpec
 from pipeline.errors import GridError
 from pipeline.rng import Draw
 
@@ -57,11 +58,11 @@ class Gang:
     """G members evaluating one defense's grid: an optional local leader and remote actors.
 
     local: the leader's own defense, which computes shard 0 in this process (None: all
-    shards remote). actors: Ray actor handles with a `grid_call(table, kind, x, cells, draw,
-    extra)` method (runtime/worker.py). table: the defense table the actors build from.
+    shards remote). actors: Ray actor handles with a `grid_call(spec, kind, x, cells, draw,
+    extra)` method (runtime/worker.py). table: the defense spec the actors build from.
     """
 
-    def __init__(self, actors: list, table: dict, local: Defense | None = None, timeout: float = 600.0):
+    def __init__(self, actors: list, table: DefenseSpec, local: Defense | None = None, timeout: float = 600.0):
         if not actors and local is None:
             raise GridError("a gang needs at least one member")
         self.table = table

@@ -51,9 +51,11 @@ from pipeline.runtime.worker import UnitResult, Worker, WorkerContext
 
 LOST = (RayActorError, ActorDiedError, ActorUnavailableError, NodeDiedError, WorkerCrashedError)
 # What a worker needs of the driver's environment to reach the store as the driver does
-# (credentials, region, endpoint, retry budget); the values travel in the actors' runtime_env.
+# (credentials, region, endpoint, retry budget) and the folders its data and RobustBench files are
+# found in; the values travel in the actors' runtime_env.
 WORKER_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
-              "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "ROBUSTSWEEP_S3_RETRY_SECONDS", faults.ENV)
+              "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "ROBUSTSWEEP_S3_RETRY_SECONDS", "ROBUSTSWEEP_DATA",
+              "ROBUSTBENCH_MODELS", faults.ENV)
 GROW_EVERY = 2.0  # seconds between looks at the cluster's size (a cheap GCS call)
 PROBE_TIMEOUT = 300.0  # seconds the first actor's store probe may take (model-free; S3 retries included)
 
