@@ -81,6 +81,7 @@ def test_gpu_constraints_pin_every_dependency_at_the_tested_version():
     cpu = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
                if line and not line.startswith("#"))
     assert pins["torch"] == cpu["torch"].split("+")[0]  # same version, the CUDA build
+    assert {**cpu, "torch": pins["torch"]} == pins  # every other pin the same: what `make setup` installed
     assert pins["ray"] == ray.__version__
     spec = importlib.util.spec_from_file_location("gpu_constraints", REPO / "scripts" / "gpu_constraints.py")
     script = importlib.util.module_from_spec(spec)
