@@ -67,3 +67,18 @@ def test_every_shipped_model_reference_dumps_as_written(path):
         assert d.spec.model_dump()["model"] == written
         assert d.spec.model_dump(mode="json")["model"] == written
         assert str(d.spec.model) == written and parse_model_ref(written) == d.spec.model
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/jobs.md"])
+def test_the_job_files_the_docs_show_validate(page, tmp_path, monkeypatch):
+    """A reader copies the job a page shows into a file and validates it, as the page says."""
+    text = (REPO / page).read_text()
+    blocks = [b for b in text.split("```toml\n")[1:]]
+    jobs = [b.split("```", 1)[0] for b in blocks if "[data]" in b.split("```", 1)[0]]
+    assert jobs, f"{page} shows no job file"
+    monkeypatch.chdir(tmp_path)
+    for i, job in enumerate(jobs):
+        path = tmp_path / f"job{i}.toml"
+        path.write_text(job)
+        result = CliRunner().invoke(app, ["validate", str(path)])
+        assert result.exit_code == 0, f"{page}, job {i}: {result.output}"
