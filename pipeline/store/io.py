@@ -463,7 +463,7 @@ class Store:
                     raise FileExistsError(path)
                 self.fs.pipe_file(path, data)
         except Exception as exc:
-            if exclusive and _precondition_failed(exc):
+            if exclusive and retry.precondition_failed(exc):
                 raise self._refused(rel) from None
             raise self._error(exc, "write", rel) from None
 
@@ -549,17 +549,6 @@ def _version(info: Mapping[str, Any]) -> Version:
         modified = modified.timestamp()
     tag = info.get("ETag") or f"{info.get('size')}-{modified}"
     return Version(str(tag), float(modified))
-
-
-def _precondition_failed(exc: BaseException) -> bool:
-    """An S3 conditional write that found the object there (412, or 409 for a racing one)."""
-    if isinstance(exc, FileExistsError):
-        return True
-    for e in (exc, exc.__cause__, exc.__context__):
-        code = str(((getattr(e, "response", None) or {}).get("Error") or {}).get("Code", ""))
-        if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
-            return True
-    return False
 
 
 def _rel(*parts: str) -> str:
