@@ -44,6 +44,7 @@ from pipeline.runtime.preflight import preflight_run
 from pipeline.runtime.reach import RETRY_ENV as RAY_RETRY_ENV
 from pipeline.runtime.reach import check_reachable, retry_seconds
 from pipeline.runtime.scheduler import Failed, Outcome, Scheduler, gang_size
+from pipeline.runtime.submit import AWS_CREDENTIALS, AWS_SETTINGS
 from pipeline.config.job import Job
 from pipeline.config.preflight import check_output
 from pipeline.config.run import RunOptions
@@ -53,9 +54,8 @@ LOST = (RayActorError, ActorDiedError, ActorUnavailableError, NodeDiedError, Wor
 # What a worker needs of the driver's environment to reach the store as the driver does
 # (credentials, region, endpoint, retry budget) and the folders its data and RobustBench files are
 # found in; the values travel in the actors' runtime_env.
-WORKER_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
-              "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "ROBUSTSWEEP_S3_RETRY_SECONDS", "ROBUSTSWEEP_DATA",
-              "ROBUSTBENCH_MODELS", faults.ENV)
+WORKER_ENV = (*AWS_CREDENTIALS, *AWS_SETTINGS, "AWS_ENDPOINT_URL_S3", "ROBUSTSWEEP_S3_RETRY_SECONDS",
+              "ROBUSTSWEEP_DATA", "ROBUSTBENCH_MODELS", faults.ENV)
 GROW_EVERY = 2.0  # seconds between looks at the cluster's size (a cheap GCS call)
 PROBE_TIMEOUT = 300.0  # seconds the first actor's store probe may take (model-free; S3 retries included)
 
