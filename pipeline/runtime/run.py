@@ -209,8 +209,10 @@ def run_job(job: Job, options: RunOptions = RunOptions(), *, progress: bool = Tr
 def _read_only(store: Store, run_id: str) -> bool:
     """Whether the run folder exists on local storage this process cannot write (a read-only
     mount, an immutable folder); the preflight let it through because it holds a plan."""
-    folder = store.path(run_id)
-    return store._local and os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK)
+    if store.backend != "local":
+        return False
+    folder = store.local_path(run_id)
+    return os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK)
 
 
 def _finished(job: Job, store: Store, units: list[Unit], run_id: str, start: float) -> RunResult:
