@@ -223,24 +223,58 @@ def bench_scheduler_cmd(
 @bench_app.command("cost")
 @fails_cleanly
 def cost_cmd(
-    run: str = typer.Argument(..., metavar="RUN_URI", help="a run folder whose records calibrate this machine"),
-    predict: Optional[str] = typer.Option(None, metavar="JOB", help="then estimate this job on the calibrated profile"),
+    run: Optional[str] = typer.Argument(None, metavar="[RUN_URI]", help="only calibrate the `cpu` profile (FLOP/s) on this "
+                                        "run's records, as before"),
+    predict: Optional[str] = typer.Option(None, metavar="JOB", help="with RUN_URI: then estimate this job on the calibrated profile"),
+    job: str = typer.Option("jobs/demo.toml", help="the job whose wall time is predicted, run and compared"),
+    calibration: Optional[str] = typer.Option(None, metavar="RUN_URI", help="an existing calibration run (of another job) "
+                                              "instead of running the built-in one; needs --calibration-wall"),
+    calibration_wall: Optional[float] = typer.Option(None, metavar="SECONDS", help="wall seconds of --calibration"),
+    measured: Optional[str] = typer.Option(None, metavar="RUN_URI", help="an existing complete run of --job instead of "
+                                           "running it; needs --measured-wall"),
+    measured_wall: Optional[float] = typer.Option(None, metavar="SECONDS", help="wall seconds of --measured"),
+    workers: Optional[int] = typer.Option(None, help="worker actors of both runs (default: one per CPU, as `run`)"),
+    out: Optional[str] = typer.Option(None, help="where the runs go (default: a new temporary folder)"),
     save: bool = typer.Option(True, metavar="", help="keep the profile for `plan --device cpu` (model cache, profiles.json)"),
     endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint (default: AWS_ENDPOINT_URL)"),
+    as_json: bool = typer.Option(False, "--json/--no-json", metavar="", help="print JSON"),
 ):
-    """The speed of this machine in FLOP/s, from a run's own records and seconds: the `cpu` device profile."""
+    """Predict a job's wall time (default jobs/demo.toml) from a run of another job on this machine, run it, and print
+    both with per (defense, attack) seconds. With RUN_URI: only this machine's speed in FLOP/s, the `cpu` profile."""
     from pathlib import Path
 
-    from pipeline.cli.common import load_job_file
-    from pipeline.data import load_split
-    from pipeline.runtime.estimate import calibrate, device_profile, estimate_job, format_estimate, save_measured_profile
+    if run is not None:
+        given = [o for o, v in (("--calibration", calibration), ("--measured", measured)) if v is not None]
+        if given:
+            raise ConfigError(f"{given[0]} is for the wall-time prediction; RUN_URI only calibrates the cpu profile: give one or the other")
+        from pipeline.cli.common import load_job_file
+        from pipeline.data import load_split
+        from pipeline.runtime.estimate import calibrate, device_profile, estimate_job, format_estimate, save_measured_profile
 
-    profile = calibrate(run, endpoint_url)
-    say([f"cpu: {profile['flops_per_second'] / 1e9:.4g} GFLOP/s ({profile['what']})"])
-    if save:
-        save_measured_profile(profile)
+        profile = calibrate(run, endpoint_url)
+        say([f"cpu: {profile['flops_per_second'] / 1e9:.4g} GFLOP/s ({profile['what']})"])
+        if save:
+            save_measured_profile(profile)
+        if predict is not None:
+            target = load_job_file(Path(predict))
+            data = target.spec.data
+            n = load_split(data.dataset, data.split, root=data.root)[0].shape[0]
+            say(format_estimate(estimate_job(target, n, device_profile("cpu", measured=profile))).splitlines())
+        return
     if predict is not None:
-        job = load_job_file(Path(predict))
-        data = job.spec.data
-        n = load_split(data.dataset, data.split, root=data.root)[0].shape[0]
-        say(format_estimate(estimate_job(job, n, device_profile("cpu", measured=profile))).splitlines())
+        raise ConfigError("--predict needs RUN_URI (it estimates on the FLOP/s profile); the wall-time prediction uses --job")
+    for name, uri, wall in (("--calibration", calibration, calibration_wall), ("--measured", measured, measured_wall)):
+        if (uri is None) != (wall is None):
+            raise ConfigError(f"{name} and {name}-wall go together: the wall seconds of a finished run are not in its "
+                              f"folder; got {name} {uri!r} and {name}-wall {wall!r}")
+        if wall is not None and not wall > 0:
+            raise ConfigError(f"{name}-wall must be a positive number of seconds, got {wall!r}")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if not Path(job).is_file():
+        raise ConfigError(f"--job: no job file at {job}")
+    from pipeline.bench.cost import bench_cost, format_cost
+
+    result = bench_cost(job, calibration=calibration, calibration_wall=calibration_wall, measured=measured,
+                        measured_wall=measured_wall, workers=workers, out=out, endpoint_url=endpoint_url, save=save)
+    show(result, as_json, format_cost)
