@@ -176,11 +176,13 @@ def bench_cost(job_path: str = "jobs/demo.toml", *, calibration: str | None = No
     workers = workers or os.cpu_count() or 1
     out = out or tempfile.mkdtemp(prefix="bench-cost-")
     result: dict = {"job": str(job_path), "workers": workers, "out": out, "machine": machine_info()}
-    if calibration is None:
+    ran = calibration is None
+    if ran:
         run = timed_run(parse_job(calibration_job(), "<calibration job>"), out, workers)
         calibration, calibration_wall = run["uri"], run["wall"]
         result["calibration_load"] = run["load"]
-    cal = calibrate_on(calibration, calibration_wall, endpoint_url, workers)
+    # a given run ran on as many actors as wrote its records
+    cal = calibrate_on(calibration, calibration_wall, endpoint_url, workers if ran else None)
     if save:
         save_measured_profile(calibrate(calibration, endpoint_url))
     result["calibration"] = {"uri": calibration, "wall": cal.wall, "makespan": cal.makespan, "startup": cal.startup,
@@ -230,6 +232,8 @@ def format_cost(r: dict) -> list[str]:
              f"{r['job']} on {r['workers']} workers: predicted {p['wall']:.1f} s (start-up {p['startup']:.1f} + makespan "
              f"{p['makespan']:.1f}), measured {m['wall']:.1f} s (its records' makespan {m['makespan_of_recorded']:.1f}); "
              f"predicted / measured = {r['ratio']:.3f}"]
+    lines.append("seconds per evaluation (forward + w x backward): " + ", ".join(
+        f"{k} {v * 1e6:.1f} us (w {c['backward_weight'][k]:.2f})" for k, v in c["seconds_per_evaluation"].items()))
     if p["unknown"]:
         lines.append(f"{len(p['unknown'])} units have no known speed and are not in the prediction")
     head = ("defense", "attack", "units", "pred s", "rec s", "pred/rec", "pred fwd", "rec fwd", "pred bwd", "rec bwd", "range point")
@@ -240,9 +244,10 @@ def format_cost(r: dict) -> list[str]:
     widths = [max(len(t[i]) for t in table) for i in range(len(head))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip() for t in table]
     mach = r["machine"]
+    loads = [f"{name} {r[key][0][0]:g} -> {r[key][1][0]:g}" for name, key in
+             (("calibration", "calibration_load"), ("measured run", "measured_load")) if key in r]
     lines.append(f"machine: {mach['processor']}, {mach['cpus']} CPUs, torch {mach['torch']}"
-                 + (f"; load before/after the calibration {r['calibration_load']}" if "calibration_load" in r else "")
-                 + (f", the measured run {r['measured_load']}" if "measured_load" in r else ""))
+                 + (f"; 1-minute load before -> after: {', '.join(loads)}" if loads else ""))
     return lines
 
 
