@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from pipeline.config.run import RunOptions
 from pipeline.runtime import plan, run_job
 from pipeline.runtime.faults import ENV
 from pipeline.store import Store
+from pipeline.store.adversarial import adversarial_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 AWS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
@@ -196,6 +198,50 @@ def test_a_node_that_joins_mid_run_gets_an_actor(nodes, cnn, tmp_path, monkeypat
         run.thread.join(timeout=240)
         if added is not None:
             nodes.remove_node(added)
+
+
+def test_a_late_write_from_a_node_declared_dead_is_refused(nodes, cnn, tmp_path, monkeypatch):
+    """The unit's first attempt is held on node A; A's raylet is paused (SIGSTOP) until the GCS
+    declares the node dead; the driver requeues the unit and it commits on another node. Then the
+    held worker, which was never stopped, is let go: it reaches its commit and is refused, and the
+    committed files keep the second attempt's bytes."""
+    from ray._private import ray_constants
+
+    j = job(cnn, limit=2)
+    (unit,) = plan(j, 355)
+    faults(monkeypatch, tmp_path, hold_once=[unit.unit_id], after_commit=True)
+    run = Background(j, RunOptions(out=str(tmp_path / "out"), workers=1))
+    paused, raylet = None, None
+    try:
+        wait_for(lambda: any(tmp_path.glob("running-*")))
+        marker = next(tmp_path.glob("running-*")).name
+        paused = next(n for n in nodes.worker_nodes if n.node_id in marker)
+        raylet = paused.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process
+        os.kill(raylet.pid, signal.SIGSTOP)  # the node stops answering; its worker goes on holding
+        result, wall = run.join()
+        assert result.ok and result.done == 1 and result.lost == 1
+        table = committed(result.uri, limit=2)
+        assert table.column("attempt").to_pylist() == [2, 2]
+        assert paused.node_id not in set(table.column("node").to_pylist())
+        files = [Path(result.uri) / unit.path, Path(result.uri) / adversarial_path(unit.path)]
+        before = [f.read_bytes() for f in files]
+        assert [json.loads(f.read_text()) for f in tmp_path.glob(f"commit-{unit.unit_id}-*.json")] == \
+            [{"attempt": 2, "committed": True}]
+        (tmp_path / "release").touch()  # the first attempt, on the dead node, goes on to its commit
+        wait_for(lambda: any(tmp_path.glob(f"commit-{unit.unit_id}-1-*.json")), timeout=60)
+        (late,) = tmp_path.glob(f"commit-{unit.unit_id}-1-*.json")
+        assert json.loads(late.read_text()) == {"attempt": 1, "committed": False}
+        assert [f.read_bytes() for f in files] == before
+        table = committed(result.uri, limit=2)
+        assert table.column("attempt").to_pylist() == [2, 2]
+        print(f"FAULT late write from a dead node: units redone 1, late commit refused, wall {wall:.1f} s")
+    finally:
+        (tmp_path / "release").touch()
+        run.thread.join(timeout=240)
+        if raylet is not None:
+            os.kill(raylet.pid, signal.SIGCONT)
+            nodes.remove_node(paused, allow_graceful=False)
+            add_node(nodes)  # the module's two worker nodes, for the tests after this one
 
 
 def test_a_unit_survives_three_node_losses(nodes, cnn, tmp_path, monkeypatch):

@@ -118,6 +118,7 @@ class Worker:
         wrote = commit_unit(store, f"{ctx.run_id}/{u.path}", table, u.example_ids,
                             {"x_adv": result.x_adv, "forward_per_prediction": result.forward_per_prediction},
                             unit_id=u.unit_id, run_id=ctx.run_id, job_hash=ctx.job_hash, attempt=attempt)
+        faults.after_commit(u.unit_id, attempt, wrote)
         return UnitResult(u.unit_id, table.num_rows, time.perf_counter() - start, self.name,
                           tuple(gang.lost()) if gang else (), gang.size if gang else 1, committed=wrote)
 
