@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -153,6 +156,69 @@ def test_stop_ends_with_one_line_saying_how_to_resume_and_exit_1(nodes, cnn, tmp
     assert proc.returncode == 1, err
     assert "stopped (SIGTERM)" in text and "run the same `robustsweep run` command again" in text
     assert "Traceback" not in err
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# `connect` in a fresh process (this module's own holds a Ray connection, and connect keeps one it finds):
+# prints "connecting", then "joined" or the error's type, the seconds connect took and the message.
+CONNECT = """
+import sys, time
+from pipeline.runtime.run import connect
+print("connecting", flush=True)
+t0 = time.monotonic()
+try:
+    connect(sys.argv[1], budget=float(sys.argv[2]))
+    print("joined", flush=True)
+except Exception as exc:
+    print(type(exc).__name__, round(time.monotonic() - t0, 1), exc, flush=True)
+"""
+
+
+def test_a_ray_client_address_is_retried_until_its_server_is_up(nodes):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", CONNECT, f"ray://127.0.0.1:{port}", "60"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    server = None
+    try:
+        assert proc.stdout.readline().strip() == "connecting"
+        time.sleep(3)  # not a wait for anything: the server comes up after connect's first tries were refused
+        server = subprocess.Popen([sys.executable, "-m", "ray.util.client.server", "--address", nodes.address, "--host",
+                                   "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and out.strip() == "joined", (out, err)
+    finally:
+        proc.kill()
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def test_a_ray_client_address_with_nothing_listening_is_unreachable_within_the_budget():
+    address = f"ray://127.0.0.1:{free_port()}"
+    out = subprocess.run([sys.executable, "-c", CONNECT, address, "3"], capture_output=True, text=True, timeout=120).stdout
+    name, seconds, message = out.splitlines()[1].split(" ", 2)
+    # Within the budget (the last backoff that would overrun it is not slept), plus one bounded try at most.
+    assert name == "ClusterUnreachableError" and float(seconds) < 3 + 5, out
+    assert message.startswith(f"cannot join the Ray cluster at {address} (--address): ConnectionRefusedError"), message
+
+
+def test_run_with_an_unreachable_ray_client_address_exits_1_with_one_line(cnn, tmp_path):
+    address = f"ray://127.0.0.1:{free_port()}"
+    (tmp_path / "job.toml").write_text(
+        f'name = "faults"\nseed = 1\n[data]\ndataset = "digits"\nsplit = "test"\nlimit = 2\nshard_size = 2\n'
+        f'[[defenses]]\nkind = "plain"\nmodel = "{cnn}"\n[[attacks]]\nkind = "none"\n')
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "job.toml"), "--out",
+                           str(tmp_path / "out"), "--address", address, "--no-report"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "ROBUSTSWEEP_RAY_RETRY_SECONDS": "2"})
+    text = " ".join(proc.stderr.split())
+    assert proc.returncode == 1, proc.stderr
+    assert text.startswith("error: no Ray cluster answers at 127.0.0.1:") and f"(--address {address})" in text, text
+    assert "Traceback" not in proc.stderr
+
 
 class Background:
     """run_job in a thread (Ray's test cluster adds and removes nodes only from the main thread)."""

@@ -42,7 +42,7 @@ from pipeline.runtime.plan import Unit, plan, plan_document, run_id_for
 from pipeline.runtime.estimate import guard
 from pipeline.runtime.preflight import preflight_run
 from pipeline.runtime.reach import RETRY_ENV as RAY_RETRY_ENV
-from pipeline.runtime.reach import check_reachable, retry_seconds
+from pipeline.runtime.reach import check_reachable, host_port, retry_seconds
 from pipeline.runtime.scheduler import Failed, Outcome, Scheduler, gang_size
 from pipeline.runtime.submit import AWS_CREDENTIALS, AWS_SETTINGS
 from pipeline.config.job import Job
@@ -113,7 +113,9 @@ def connect(address: str | None, budget: float | None = None) -> bool:
 
     Joining is retried with backoff for `budget` seconds (ROBUSTSWEEP_RAY_RETRY_SECONDS, like
     check_reachable): a ray:// client server that has just come up, or is busy, refuses the first
-    handshake (ConnectionAbortedError) where a GCS address would have waited.
+    handshake (ConnectionAbortedError) where a GCS address would have waited. A ray:// try is
+    bounded (`_client_try`): Ray's own client retries three times with growing waits, about 30 s
+    per call, which would swallow the budget in one try.
     """
     if ray.is_initialized():
         return False
@@ -122,11 +124,17 @@ def connect(address: str | None, budget: float | None = None) -> bool:
         return True
     budget = retry_seconds() if budget is None else budget
     deadline, delay = time.monotonic() + budget, 0.5
+    client = address.startswith("ray://")
     while True:
         try:
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            if client:
+                _client_try(address)
+            else:
+                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
             return False
         except (ConnectionError, TimeoutError, RaySystemError) as exc:
+            error = exc
+        except OSError as exc:  # the TCP look before a client try: refused, unreachable, unknown host
             error = exc
         if ray.is_initialized():
             ray.shutdown()
@@ -134,9 +142,39 @@ def connect(address: str | None, budget: float | None = None) -> bool:
             break
         time.sleep(delay * random.uniform(0.5, 1.5))
         delay = min(2 * delay, 4.0)
+    reason = str(error).splitlines()[0] if str(error) else ""
     raise ClusterUnreachableError(f"cannot join the Ray cluster at {address} (--address): {type(error).__name__}: "
-                                  f"{str(error).splitlines()[0] if str(error) else ''}; retried for {budget:g} s "
-                                  f"({RAY_RETRY_ENV}); check that the head is up and its client port open") from None
+                                  f"{reason}; retried for {budget:g} s ({RAY_RETRY_ENV}); check that the head is "
+                                  f"up and its client port open") from None
+
+
+CLIENT_TRY_S = 5.0  # seconds one ray:// try may wait for the TCP connection (Ray's client then waits up to 5 s more)
+
+
+def _client_try(address: str) -> None:
+    """One bounded try at a ray:// address: a TCP connect first (nothing listening fails here at
+    once, not after Ray's client has waited), then Ray's client with one connection attempt
+    (`connection_retries=1`: its channel waits at most RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S,
+    5 s by default). `ray.init` offers no way to pass that, so the client is called as ray.init
+    calls it, with the same arguments: the job's namespace and runtime_env from the environment,
+    and the remote ray.init's logging options."""
+    import socket
+
+    from ray.job_config import JobConfig
+    from ray.util.client_connect import connect as client_connect
+
+    target = host_port(address)
+    if target is not None:
+        socket.create_connection(target, timeout=CLIENT_TRY_S).close()
+    config = JobConfig()
+    if os.environ.get("RAY_NAMESPACE"):
+        config.set_ray_namespace(os.environ["RAY_NAMESPACE"])
+    if os.environ.get("RAY_RUNTIME_ENV"):
+        import json
+
+        config.set_runtime_env(json.loads(os.environ["RAY_RUNTIME_ENV"]))
+    client_connect(address[len("ray://"):], connection_retries=1, job_config=config,
+                   ray_init_kwargs={"logging_level": "ERROR", "log_to_driver": False})
 
 
 def default_workers(gpus_per_worker: float = 1.0) -> tuple[int, bool]:
