@@ -199,6 +199,13 @@ def predicted_unit_seconds(unit: Unit, profile: DeviceProfile, _cache: dict | No
     return None if flops is None else flops.hi / profile.flops_per_second
 
 
+def unit_evaluations(unit: Unit, _cache: dict | None = None) -> Span:
+    """The network evaluations (forward + backward) the cost model predicts for one unit: what
+    its records' `forward_passes` + `backward_passes` will sum to (e.g. for a per-unit deadline)."""
+    cost = _unit_cost(unit, {} if _cache is None else _cache)[0]
+    return cost.forward + cost.backward
+
+
 def estimate_units(units: list[Unit], profile: DeviceProfile, workers: int = 1) -> Estimate:
     """The estimate of planned units, one row per (defense, attack, eps) in plan order."""
     if workers < 1:
@@ -326,4 +333,4 @@ def check_budget(estimate: Estimate, max_hours: float) -> None:
 
 
 __all__ = ["DeviceProfile", "Estimate", "PEAKS", "Row", "check_budget", "device_profile", "format_estimate", "estimate_job",
-           "calibrate", "estimate_units", "guard", "progress", "measured_profile", "network_flops", "save_measured_profile", "predicted_unit_seconds"]
+           "calibrate", "estimate_units", "guard", "progress", "measured_profile", "network_flops", "save_measured_profile", "predicted_unit_seconds", "unit_evaluations"]

@@ -39,7 +39,7 @@ from pipeline.models.zoo import model_card
 from pipeline.runtime import faults
 from pipeline.training.defaults import prepare_defaults, role_of
 from pipeline.runtime.plan import Unit, plan, plan_document, run_id_for
-from pipeline.runtime.estimate import guard
+from pipeline.runtime.estimate import guard, unit_evaluations
 from pipeline.runtime.preflight import preflight_run
 from pipeline.runtime.reach import RETRY_ENV as RAY_RETRY_ENV
 from pipeline.runtime.reach import check_reachable, host_port, retry_seconds
@@ -65,13 +65,46 @@ def worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in WORKER_ENV if os.environ.get(k)}
 
 
-def unit_deadline(unit: Unit, options: RunOptions) -> float | None:
+def unit_deadline(unit: Unit, options: RunOptions, rate: float | None = None, _cache: dict | None = None) -> float | None:
     """Seconds `unit` may run before its actor is replaced and it is requeued; None: no limit.
 
-    The one place a deadline is decided: today the run's `unit_timeout`; a cost model of the
-    unit (its attack's evaluations times the defense's seconds per evaluation) can feed it here.
+    The one place a deadline is decided: the run's `unit_timeout` when given; else, once `rate`
+    is known (seconds per network evaluation, measured in this run on committed units of the
+    unit's defense: `Deadlines`), `deadline_factor` x the cost model's upper count of the unit's
+    evaluations (runtime/estimate.py `unit_evaluations`) x `rate`, never below `deadline_floor`.
+    Before any unit of its defense has committed there is nothing to scale a prediction by (a
+    device profile's peak says little about a busy or slow node), so no limit.
     """
-    return options.unit_timeout
+    if options.unit_timeout is not None:
+        return options.unit_timeout
+    if rate is None:
+        return None
+    predicted = unit_evaluations(unit, _cache).hi
+    return max(options.deadline_floor, options.deadline_factor * predicted * rate)
+
+
+class Deadlines:
+    """The scheduler's `deadline(unit)`: `unit_deadline` with the speed this run measured on each
+    defense, from the committed units' results (their seconds over their records' evaluations)."""
+
+    def __init__(self, options: RunOptions):
+        self.options = options
+        self.spent: dict[str, list[float]] = {}  # defense -> [seconds, evaluations] of its committed units
+        self.cache: dict = {}  # the cost model's units, by (defense, attack, eps, examples)
+
+    def record(self, unit: Unit, result: UnitResult) -> None:
+        if result.evaluations > 0:
+            spent = self.spent.setdefault(unit.defense, [0.0, 0.0])
+            spent[0] += result.seconds
+            spent[1] += result.evaluations
+
+    def rate(self, defense: str) -> float | None:
+        """Seconds per network evaluation of `defense` in this run so far; None before one has committed."""
+        spent = self.spent.get(defense)
+        return spent[0] / spent[1] if spent else None
+
+    def __call__(self, unit: Unit) -> float | None:
+        return unit_deadline(unit, self.options, self.rate(unit.defense), self.cache)
 
 
 class Stopped(KeyboardInterrupt):
@@ -392,8 +425,8 @@ def _drain(todo: list[Unit], ctx: WorkerContext, store: Store, result: RunResult
                    TextColumn("{task.fields[pool]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
                    disable=not progress)
     actors = RayActors(ctx, use_gpu, options.gpus_per_worker)
-    scheduler = Scheduler(todo, actors, n, gangs=gangs, deadline=lambda unit: unit_deadline(unit, options),
-                          speculate=options.speculate)
+    deadlines = Deadlines(options)
+    scheduler = Scheduler(todo, actors, n, gangs=gangs, deadline=deadlines, speculate=options.speculate)
     grown = time.monotonic()
     try:
         _probe(scheduler, ctx)
@@ -414,6 +447,7 @@ def _drain(todo: list[Unit], ctx: WorkerContext, store: Store, result: RunResult
                         continue
                     result.done += 1
                     result.rows += event.value.rows
+                    deadlines.record(unit, event.value)
                     examples += len(unit.example_ids)
                     if failure in stale:
                         store.remove(failure)
