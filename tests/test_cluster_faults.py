@@ -113,6 +113,22 @@ def test_a_hung_actor_loses_its_unit_at_the_deadline_and_the_run_ends(nodes, cnn
     print(f"FAULT hung actor: units redone 1, wall {wall:.1f} s")
 
 
+def test_a_hung_actor_without_unit_timeout_loses_its_unit_at_the_cost_model_deadline(nodes, cnn, tmp_path, monkeypatch):
+    j = job(cnn)
+    hung = plan(j, 355)[0].unit_id
+    faults(monkeypatch, tmp_path, stop_once=[hung])
+    # No --unit-timeout: once a unit has committed, the others get 4 x predicted x measured rate,
+    # at least the floor (5 s here: a real unit's first call, model load included, takes well under it).
+    t0 = time.monotonic()
+    result = run_job(j, RunOptions(out=str(tmp_path / "out"), workers=2, deadline_floor=5), progress=False)
+    wall = time.monotonic() - t0
+    assert result.ok and result.done == 4 and result.timed_out == 1 and result.replaced == 1 and not result.failed
+    table = committed(result.uri)
+    attempts = dict(zip(table.column("unit_id").to_pylist(), table.column("attempt").to_pylist()))
+    assert attempts[hung] == 2
+    print(f"FAULT hung actor, cost-model deadline: units redone 1, wall {wall:.1f} s")
+
+
 def test_run_address_with_s3_output_and_credentials_only_in_the_driver(nodes, cnn, tmp_path, s3_server, s3_bucket):
     @ray.remote(num_cpus=1)
     def worker_key():
