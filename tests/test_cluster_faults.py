@@ -60,8 +60,10 @@ def nodes():
     with no_aws():
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "include_dashboard": False,
+            # A paused raylet fails its health checks by timing out, not by refusing: a short
+            # timeout has a paused node declared dead in seconds.
             "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
-                               "health_check_failure_threshold": 4}})
+                               "health_check_timeout_ms": 1000, "health_check_failure_threshold": 4}})
     for _ in range(2):
         add_node(cluster)
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
