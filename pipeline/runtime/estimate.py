@@ -24,6 +24,7 @@ from pipeline.models.zoo import cache_dir
 from pipeline.protocol.build import build_attack
 from pipeline.protocol.cost import ZERO, Span, Tally, UnitCost, unit_cost
 from pipeline.runtime.plan import Unit, plan
+from pipeline.runtime.scheduler import gang_size
 from pipeline.training.classifier import default_classifier_config
 
 EFFICIENCY = 0.3  # the fraction of a GPU's dense peak a run is assumed to reach unless told
@@ -179,15 +180,18 @@ class Estimate:
                 "wall_hours": self.wall_hours.as_list(), "unknown": [f"{r.defense} / {r.attack}" for r in self.unknown]}
 
 
-def _unit_cost(unit: Unit, cache: dict) -> tuple[UnitCost, Flops, Flops]:
-    key = (unit.defense, unit.attack, unit.eps, len(unit.example_ids))
+def _unit_cost(unit: Unit, cache: dict, gang: int = 1) -> tuple[UnitCost, Flops, Flops]:
+    """The unit's predicted cost on `gang` actors, and the FLOPs of its attacked and its defense networks."""
+    # The tables, not the names: an attack's adaptive and oblivious units share its name.
+    key = (json.dumps([unit.defense_table, unit.attack_table], sort_keys=True, default=str), unit.eps,
+           len(unit.example_ids), gang)
     if key not in cache:
         defense = defense_structure(unit.defense_spec, unit.defense)
         surrogate = defense_structure(unit.surrogate_spec) if unit.surrogate_spec is not None else None
         attack = build_attack(unit.attack_spec, defense.num_classes, surrogate=surrogate, name=unit.attack)
         d_flops = network_flops(unit.defense_spec)
         a_flops = network_flops(unit.surrogate_spec) if isinstance(unit.attack_spec, TransferSpec) else d_flops
-        cache[key] = (unit_cost(defense, attack, len(unit.example_ids)), a_flops, d_flops)
+        cache[key] = (unit_cost(defense, attack, len(unit.example_ids), gang=gang), a_flops, d_flops)
     return cache[key]
 
 
@@ -207,7 +211,8 @@ def unit_evaluations(unit: Unit, _cache: dict | None = None) -> Span:
 
 
 def estimate_units(units: list[Unit], profile: DeviceProfile, workers: int = 1) -> Estimate:
-    """The estimate of planned units, one row per (defense, attack, eps) in plan order."""
+    """The estimate of planned units, one row per (defense, attack, eps) in plan order, on a pool of
+    `workers` actors (a unit's gang is sized on it as the run sizes it: scheduler.gang_size)."""
     if workers < 1:
         raise ConfigError(f"workers (--workers) must be >= 1, got {workers}")
     cache: dict = {}
@@ -215,12 +220,13 @@ def estimate_units(units: list[Unit], profile: DeviceProfile, workers: int = 1) 
     for u in units:
         groups.setdefault((u.defense, u.attack, u.eps), []).append(u)
     rows = []
+    gangs = {u.unit_id: gang_size(u.grid_workers, u.defense_spec.kind, workers, len(units)) for u in units}
     for (d, a, eps), members in groups.items():
         fwd = bwd = ZERO
         flops: Span | None = ZERO
         longest = 0.0
         for u in members:
-            cost, a_flops, d_flops = _unit_cost(u, cache)
+            cost, a_flops, d_flops = _unit_cost(u, cache, gangs[u.unit_id])
             fwd, bwd = fwd + cost.forward, bwd + cost.backward
             f = _unit_flops(cost, a_flops, d_flops)
             flops = None if f is None or flops is None else flops + f
