@@ -203,10 +203,11 @@ def predicted_unit_seconds(unit: Unit, profile: DeviceProfile, _cache: dict | No
     return None if flops is None else flops.hi / profile.flops_per_second
 
 
-def unit_evaluations(unit: Unit, _cache: dict | None = None) -> Span:
-    """The network evaluations (forward + backward) the cost model predicts for one unit: what
-    its records' `forward_passes` + `backward_passes` will sum to (e.g. for a per-unit deadline)."""
-    cost = _unit_cost(unit, {} if _cache is None else _cache)[0]
+def unit_evaluations(unit: Unit, _cache: dict | None = None, gang: int = 1) -> Span:
+    """The network evaluations (forward + backward) the cost model predicts for one unit on `gang`
+    actors: what its records' `forward_passes` + `backward_passes` will sum to (e.g. for a
+    per-unit deadline)."""
+    cost = _unit_cost(unit, {} if _cache is None else _cache, gang)[0]
     return cost.forward + cost.backward
 
 

@@ -65,13 +65,15 @@ def worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in WORKER_ENV if os.environ.get(k)}
 
 
-def unit_deadline(unit: Unit, options: RunOptions, rate: float | None = None, _cache: dict | None = None) -> float | None:
+def unit_deadline(unit: Unit, options: RunOptions, rate: float | None = None, _cache: dict | None = None,
+                  gang: int = 1) -> float | None:
     """Seconds `unit` may run before its actor is replaced and it is requeued; None: no limit.
 
     The one place a deadline is decided: the run's `unit_timeout` when given; else, once `rate`
     is known (seconds per network evaluation, measured in this run on committed units of the
     unit's defense: `Deadlines`), `deadline_factor` x the cost model's upper count of the unit's
-    evaluations (runtime/estimate.py `unit_evaluations`) x `rate`, never below `deadline_floor`.
+    evaluations on its `gang` (runtime/estimate.py `unit_evaluations`) x `rate`, never below
+    `deadline_floor`.
     Before any unit of its defense has committed there is nothing to scale a prediction by (a
     device profile's peak says little about a busy or slow node), so no limit.
     """
@@ -79,7 +81,7 @@ def unit_deadline(unit: Unit, options: RunOptions, rate: float | None = None, _c
         return options.unit_timeout
     if rate is None:
         return None
-    predicted = unit_evaluations(unit, _cache).hi
+    predicted = unit_evaluations(unit, _cache, gang).hi
     return max(options.deadline_floor, options.deadline_factor * predicted * rate)
 
 
@@ -87,8 +89,8 @@ class Deadlines:
     """The scheduler's `deadline(unit)`: `unit_deadline` with the speed this run measured on each
     defense, from the committed units' results (their seconds over their records' evaluations)."""
 
-    def __init__(self, options: RunOptions):
-        self.options = options
+    def __init__(self, options: RunOptions, gangs: dict[str, int] | None = None):
+        self.options, self.gangs = options, gangs or {}
         self.spent: dict[str, list[float]] = {}  # defense -> [seconds, evaluations] of its committed units
         self.cache: dict = {}  # the cost model's units, by (defense, attack, eps, examples)
 
@@ -104,7 +106,7 @@ class Deadlines:
         return spent[0] / spent[1] if spent else None
 
     def __call__(self, unit: Unit) -> float | None:
-        return unit_deadline(unit, self.options, self.rate(unit.defense), self.cache)
+        return unit_deadline(unit, self.options, self.rate(unit.defense), self.cache, self.gangs.get(unit.unit_id, 1))
 
 
 class Stopped(KeyboardInterrupt):
@@ -425,7 +427,7 @@ def _drain(todo: list[Unit], ctx: WorkerContext, store: Store, result: RunResult
                    TextColumn("{task.fields[pool]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
                    disable=not progress)
     actors = RayActors(ctx, use_gpu, options.gpus_per_worker)
-    deadlines = Deadlines(options)
+    deadlines = Deadlines(options, gangs)
     scheduler = Scheduler(todo, actors, n, gangs=gangs, deadline=deadlines, speculate=options.speculate)
     grown = time.monotonic()
     try:
