@@ -18,7 +18,8 @@ from pipeline.config.attack import TransferSpec
 from pipeline.config.job import Job
 from pipeline.defenses.build import defense_structure
 from pipeline.defenses.flops import evaluation_flops, network_config
-from pipeline.errors import BudgetError, ConfigError, RobustsweepError
+from pipeline.data import load_split
+from pipeline.errors import BudgetError, ConfigError, DatasetError, RobustsweepError
 from pipeline.models.unet import unet_config
 from pipeline.models.zoo import cache_dir
 from pipeline.protocol.build import build_attack
@@ -227,6 +228,21 @@ def estimate_units(units: list[Unit], profile: DeviceProfile, workers: int = 1) 
     return Estimate(tuple(rows), profile, workers)
 
 
+def split_size(job: Job) -> tuple[int, str | None]:
+    """The number of examples of the job's split, counted here, and a note when it could not be:
+    without the split (its data may live on the cluster only), the examples the job names
+    (data.ids / data.limit) are enough to plan them. DatasetError when the job names none."""
+    data = job.spec.data
+    try:
+        return load_split(data.dataset, data.split, root=data.root)[0].shape[0], None
+    except DatasetError as exc:
+        if data.ids is None and data.limit is None:
+            raise DatasetError(f"{exc}; the estimate needs the split, or data.limit / data.ids to count the "
+                               f"examples") from None
+        n = max(data.ids) + 1 if data.ids is not None else data.limit
+        return n, f"data: {data.dataset} {data.split} not found here; planned on the examples the job names ({n})"
+
+
 def estimate_job(job: Job, n_examples: int, profile: DeviceProfile, workers: int = 1) -> Estimate:
     """The estimate of every unit `job` plans over a split of n_examples."""
     return estimate_units(plan(job, n_examples), profile, workers)
@@ -408,4 +424,4 @@ def check_budget(estimate: Estimate, max_hours: float) -> None:
 
 __all__ = ["DeviceProfile", "Estimate", "PEAKS", "Row", "check_budget", "device_profile", "format_estimate", "estimate_job",
            "calibrate", "estimate_units", "guard", "progress", "measured_profile", "network_flops", "save_measured_profile", "predicted_unit_seconds",
-           "prediction_document", "pricing_profile", "write_prediction"]
+           "prediction_document", "pricing_profile", "split_size", "write_prediction"]
