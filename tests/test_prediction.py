@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.analytics import build_report, connect, prediction, report_markdown, to_csv
+from pipeline.analytics import build_report, connect, prediction
 from pipeline.analytics.outputs import analyze, predictions
 from pipeline.analytics.source import open_runs
 from pipeline.cli import app
@@ -161,6 +161,24 @@ def test_every_format_renders_the_section(ran, tmp_path):
     page = tmp_path / "page.html"
     assert runner.invoke(app, ["report", str(folder), "--html", str(page)]).exit_code == 0
     assert 'data-section="prediction"' in page.read_text()
+
+
+def test_several_runs_each_against_its_own_prediction(ran, cnn, tmp_path, monkeypatch):
+    monkeypatch.setenv("ROBUSTSWEEP_CACHE", str(tmp_path / "cache"))  # no measured CPU profile: unpriced
+    _, _, folder, _ = ran
+    path = _job_file(tmp_path, cnn)
+    # another job under other names: rows of two jobs never share a label, nor units an id
+    path.write_text(path.read_text().replace('name = "loop"', 'name = "other"').replace(
+        'kind = "plain"', 'kind = "plain"\nname = "plain-other"'))
+    other = load_job(path)
+    _run_units(other, tmp_path / "results", "other-run", False, RunOptions(out=str(tmp_path / "results")))
+    result = analyze([str(folder), str(tmp_path / "results" / "other-run")], sections=["prediction"])
+    rows = result["report"]["prediction"]
+    assert [(r["run_id"], r["defense"], r["attack"], r["device"], r["in_range"]) for r in rows] == [
+        ("loop-run", "plain-ckpt", "clean", "a100", True), ("loop-run", "plain-ckpt", "pgd-ce", "a100", True),
+        ("other-run", "plain-other", "clean", None, True), ("other-run", "plain-other", "pgd-ce", None, True)]
+    assert rows[2]["seconds_predicted"] is None and rows[2]["note"].startswith("not priced")
+    assert any(n.startswith("prediction of run other-run: not priced") for n in result["notes"])
 
 
 def test_verify_and_status_take_the_file_and_the_analytics_read_it_without_torch(ran):
