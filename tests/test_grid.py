@@ -211,3 +211,71 @@ def test_run_waits_for_gpus_then_gives_up_naming_them(ray_cluster):
     with pytest.raises(ClusterError, match=f"--min-gpus asked for {GPU_NODES + 5}"):
         wait_for_gpus(GPU_NODES + 5, 1.5)
     assert "--min-gpus 4" in entrypoint("jobs/demo.toml", RunOptions(min_gpus=4))
+
+
+@pytest.fixture(scope="module")
+def random_unet(tmp_path_factory):
+    """A randomly initialised digits UNet checkpoint: a network RDC whose input gradients come
+    from the engine's Jacobian path (one backward a call), where a gang's VJP recomputes."""
+    from pipeline.models.checkpoint import save_checkpoint
+    from pipeline.models.registry import build_model
+    from pipeline.models.unet import unet_config
+
+    folder = tmp_path_factory.mktemp("unet") / "ckpt"
+    torch.manual_seed(0)
+    config = unet_config("digits")
+    save_checkpoint(folder, build_model(config), config, {})
+    return str(folder)
+
+
+def gang_job(defense):
+    return parse_job({"name": "gang-cost", "seed": 3,
+                      "data": {"dataset": "digits", "split": "test", "limit": 4, "shard_size": 4},
+                      "defenses": [defense],
+                      "attacks": [{"kind": "pgd", "eps": 0.1, "steps": 2, "eot": 1, "restarts": 1, "passes": 2}]})
+
+
+@pytest.mark.parametrize("gang", [1, 2])
+def test_a_gang_spends_what_the_cost_model_predicts(ray_cluster, random_unet, tmp_path, gang):
+    """A deterministic network RDC (fixed draws) under PGD: given how many examples the attack ran
+    on, the predicted evaluations are exact, with or without a gang (whose backward recomputes
+    the forward that one actor's Jacobian path takes once)."""
+    from pipeline.defenses.build import defense_structure
+    from pipeline.protocol import build_attack
+    from pipeline.protocol.cost import unit_cost
+    from pipeline.runtime.estimate import device_profile, estimate_units
+    from pipeline.runtime.plan import plan
+
+    job = gang_job({"kind": "rdc", "model": random_unet, "timesteps": 2, "draws": "fixed", "grid_workers": gang})
+    result = run_job(job, RunOptions(out=str(tmp_path), workers=2), progress=False)
+    assert result.ok
+    table = Store(result.uri).read_records(columns=["clean_correct", "forward_passes", "backward_passes"])
+    recorded = sum(table.column("forward_passes").to_pylist()), sum(table.column("backward_passes").to_pylist())
+    (unit,) = plan(job, 4)
+    defense = defense_structure(unit.defense_spec, unit.defense)
+    attack = build_attack(unit.attack_spec, 10)
+    attacked = sum(table.column("clean_correct").to_pylist())
+    cost = unit_cost(defense, attack, 4, attacked=attacked, gang=gang)
+    assert cost.exact and (cost.forward.lo, cost.backward.lo) == recorded
+    if gang > 1:  # the recompute is real: one actor's prediction would be short
+        single = unit_cost(defense, attack, 4, attacked=attacked)
+        assert single.forward.lo < recorded[0]
+    (row,) = estimate_units([unit], device_profile("h100"), workers=2).rows
+    assert recorded[0] in row.forward and recorded[1] in row.backward
+
+
+def test_a_gang_of_mixup_inference_spends_within_the_predicted_range(ray_cluster, cnn, tmp_path):
+    """MI's draws sharded over 2 actors: the records lie in the range the estimate gives the unit
+    on a pool of 2, which counts each backward's recomputed draws."""
+    from pipeline.runtime.estimate import device_profile, estimate_units
+    from pipeline.runtime.plan import plan
+
+    job = gang_job({"kind": "mi", "mode": "pl", "model": cnn, "n_pl": 4, "grid_workers": 2})
+    result = run_job(job, RunOptions(out=str(tmp_path), workers=2), progress=False)
+    assert result.ok
+    table = Store(result.uri).read_records(columns=["forward_passes", "backward_passes"])
+    fwd, bwd = (sum(table.column(c).to_pylist()) for c in ("forward_passes", "backward_passes"))
+    (row,) = estimate_units(plan(job, 4), device_profile("h100"), workers=2).rows
+    (alone,) = estimate_units(plan(job, 4), device_profile("h100"), workers=1).rows
+    assert fwd in row.forward and bwd in row.backward, (row.forward, fwd, row.backward, bwd)
+    assert row.forward.lo > alone.forward.lo and row.backward == alone.backward

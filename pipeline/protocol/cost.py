@@ -56,18 +56,22 @@ ZERO = Span(0, 0)
 
 
 # --- one call of a defense ------------------------------------------------------------------
-def calls(defense: Defense, rows: int, backwards: int = 0) -> dict[str, tuple[int, int]]:
+def calls(defense: Defense, rows: int, backwards: int = 0, gang: int = 1) -> dict[str, tuple[int, int]]:
     """The network evaluations (forward, backward) of one call of `defense` on `rows` images, by
     what spends them; `backwards`: how many backward passes run through the call's output (0: a
-    call without a gradient; FAB's untargeted step runs one per class)."""
+    call without a gradient; FAB's untargeted step runs one per class); `gang`: the actors its
+    grid is sharded over (runtime/grid.py), whose members keep no graph: each backward is a VJP
+    that evaluates its cells again."""
     if rows == 0:
         return {}
+    sharded = gang > 1 and backwards > 0
     if isinstance(defense, Plain):
         return {"classifier": (rows, rows * backwards)}
     if isinstance(defense, MixupInference):
         draws = int(defense.grid().shape[0])
         # The predicted label and Combined's switch take no gradient: their outputs only choose.
-        out = {"mi label": (rows, 0), "mi draws": (rows * draws, rows * draws * backwards)}
+        n = rows * draws
+        out = {"mi label": (rows, 0), "mi draws": (n + n * backwards if sharded else n, n * backwards)}
         if defense.mode == "combined":
             out["mi switch"] = (rows, 0)
         return out
@@ -82,7 +86,7 @@ def calls(defense: Defense, rows: int, backwards: int = 0) -> dict[str, tuple[in
         engine: ElboEngine = defense.elbo
         if backwards == 0:
             out["elbo"] = (n, 0)
-        elif engine.network() and rows * _pixels(defense) * defense.num_classes <= ElboEngine.JACOBIAN_VALUES:
+        elif not sharded and engine.network() and rows * _pixels(defense) * defense.num_classes <= ElboEngine.JACOBIAN_VALUES:
             out["elbo"] = (n, n)  # input gradients taken in forward, counted once whatever backward does
         else:
             out["elbo"] = (n + n * backwards, n * backwards)  # each backward recomputes its chunks
@@ -121,9 +125,10 @@ class Tally:
 
     parts: dict[tuple[str, str], tuple[Span, Span]] = field(default_factory=dict)
 
-    def add(self, phase: str, model: Defense, rows_lo: int, rows_hi: int, times: int = 1, backwards: int = 0) -> None:
+    def add(self, phase: str, model: Defense, rows_lo: int, rows_hi: int, times: int = 1, backwards: int = 0,
+            gang: int = 1) -> None:
         """`times` calls of `model`, each on between rows_lo and rows_hi images."""
-        lo, hi = calls(model, rows_lo, backwards), calls(model, rows_hi, backwards)
+        lo, hi = calls(model, rows_lo, backwards, gang), calls(model, rows_hi, backwards, gang)
         for comp in set(lo) | set(hi):
             f_lo, b_lo = lo.get(comp, (0, 0))
             f_hi, b_hi = hi.get(comp, (0, 0))
@@ -154,8 +159,9 @@ class Tally:
 class _Group:
     """The replay of `attack_group` on b rows: the attacked model A, the selection passes S."""
 
-    def __init__(self, defense: Defense, attack: Attack, attacked: Defense, b: int, passes: int):
+    def __init__(self, defense: Defense, attack: Attack, attacked: Defense, b: int, passes: int, gang: int = 1):
         self.A, self.b, self.tally = attacked, b, Tally()
+        self.gang = gang if attacked is defense else 1  # a surrogate or base classifier is not sharded
         self.S = attack.spec.selection_passes or (passes if attacked.stochastic else 1)
         self.stochastic = attacked.stochastic or defense.stochastic
 
@@ -164,7 +170,7 @@ class _Group:
         self.tally.add("selection", self.A, rows_lo, rows_hi, times * (self.S if self.A.stochastic else 1))
 
     def model(self, phase: str, rows_lo: int, rows_hi: int, times: int = 1, backwards: int = 0) -> None:
-        self.tally.add(phase, self.A, rows_lo, rows_hi, times, backwards)
+        self.tally.add(phase, self.A, rows_lo, rows_hi, times, backwards, self.gang)
 
     def stage(self, s: Stage, eps: float, first: tuple[int, int]) -> None:
         """One stage of a run, entered by between first[0] and first[1] examples."""
@@ -214,8 +220,8 @@ class _Group:
 
 
 def _attack_phase(defense: Defense, attack: Attack, attacked: Defense, b: int, passes: int,
-                  attacked_rows: int | None) -> Tally:
-    g = _Group(defense, attack, attacked, b, passes)
+                  attacked_rows: int | None, gang: int = 1) -> Tally:
+    g = _Group(defense, attack, attacked, b, passes, gang)
     g.model("gradient check", b, b, backwards=1)
     if not attack.stages:
         return g.tally
@@ -223,7 +229,7 @@ def _attack_phase(defense: Defense, attack: Attack, attacked: Defense, b: int, p
     doublings = attack.spec.converge_cap + 1 if attack.spec.converge else 1
     for k in range(doublings):
         ran = attack.scaled(2 ** k, eot=attacked.stochastic)
-        run = _Group(defense, ran, attacked, b, passes)
+        run = _Group(defense, ran, attacked, b, passes, gang)
         for i, s in enumerate(ran.stages):
             if i == 0 and k == 0:
                 first = (0, b) if attacked_rows is None else (attacked_rows, attacked_rows)
@@ -260,8 +266,9 @@ class UnitCost:
                 "parts": self.attack.as_rows() + self.scoring.as_rows()}
 
 
-def unit_cost(defense: Defense, attack: Attack, n: int, *, attacked: int | None = None) -> UnitCost:
-    """The network evaluations `evaluate(defense, attack, Batch of n examples, seed)` records.
+def unit_cost(defense: Defense, attack: Attack, n: int, *, attacked: int | None = None, gang: int = 1) -> UnitCost:
+    """The network evaluations `evaluate(defense, attack, Batch of n examples, seed)` records,
+    on `gang` actors (runtime/scheduler.py: gang_size).
 
     attacked: given the outcome, how many examples the attack's first run attacks (those its
     selection finds correct in some pass); it applies to a batched attack only.
@@ -273,7 +280,7 @@ def unit_cost(defense: Defense, attack: Attack, n: int, *, attacked: int | None 
     given = attacked if spec.batched else None
     tally, per_record = Tally(), []
     for b in (g for g in groups if g):
-        t = _attack_phase(defense, attack, model, b, passes, given)
+        t = _attack_phase(defense, attack, model, b, passes, given, gang)
         tally.merge(t)
         per_record.append((b, t))
     scoring = Tally()

@@ -25,6 +25,7 @@ from pipeline.models.zoo import cache_dir
 from pipeline.protocol.build import build_attack
 from pipeline.protocol.cost import ZERO, Span, Tally, UnitCost, unit_cost
 from pipeline.runtime.plan import Unit, plan
+from pipeline.runtime.scheduler import gang_size
 from pipeline.store.verify import PREDICTED
 from pipeline.training.classifier import default_classifier_config
 
@@ -182,15 +183,18 @@ class Estimate:
                 "wall_hours": self.wall_hours.as_list(), "unknown": [f"{r.defense} / {r.attack}" for r in self.unknown]}
 
 
-def _unit_cost(unit: Unit, cache: dict) -> tuple[UnitCost, Flops, Flops]:
-    key = (unit.defense, unit.attack, unit.eps, len(unit.example_ids))
+def _unit_cost(unit: Unit, cache: dict, gang: int = 1) -> tuple[UnitCost, Flops, Flops]:
+    """The unit's predicted cost on `gang` actors, and the FLOPs of its attacked and its defense networks."""
+    # The tables, not the names: an attack's adaptive and oblivious units share its name.
+    key = (json.dumps([unit.defense_table, unit.attack_table], sort_keys=True, default=str), unit.eps,
+           len(unit.example_ids), gang)
     if key not in cache:
         defense = defense_structure(unit.defense_spec, unit.defense)
         surrogate = defense_structure(unit.surrogate_spec) if unit.surrogate_spec is not None else None
         attack = build_attack(unit.attack_spec, defense.num_classes, surrogate=surrogate, name=unit.attack)
         d_flops = network_flops(unit.defense_spec)
         a_flops = network_flops(unit.surrogate_spec) if isinstance(unit.attack_spec, TransferSpec) else d_flops
-        cache[key] = (unit_cost(defense, attack, len(unit.example_ids)), a_flops, d_flops)
+        cache[key] = (unit_cost(defense, attack, len(unit.example_ids), gang=gang), a_flops, d_flops)
     return cache[key]
 
 
@@ -203,7 +207,8 @@ def predicted_unit_seconds(unit: Unit, profile: DeviceProfile, _cache: dict | No
 
 
 def estimate_units(units: list[Unit], profile: DeviceProfile, workers: int = 1) -> Estimate:
-    """The estimate of planned units, one row per (defense, attack, eps) in plan order."""
+    """The estimate of planned units, one row per (defense, attack, eps) in plan order, on a pool of
+    `workers` actors (a unit's gang is sized on it as the run sizes it: scheduler.gang_size)."""
     if workers < 1:
         raise ConfigError(f"workers (--workers) must be >= 1, got {workers}")
     cache: dict = {}
@@ -211,12 +216,13 @@ def estimate_units(units: list[Unit], profile: DeviceProfile, workers: int = 1) 
     for u in units:
         groups.setdefault((u.defense, u.attack, u.eps), []).append(u)
     rows = []
+    gangs = {u.unit_id: gang_size(u.grid_workers, u.defense_spec.kind, workers, len(units)) for u in units}
     for (d, a, eps), members in groups.items():
         fwd = bwd = ZERO
         flops: Span | None = ZERO
         longest = 0.0
         for u in members:
-            cost, a_flops, d_flops = _unit_cost(u, cache)
+            cost, a_flops, d_flops = _unit_cost(u, cache, gangs[u.unit_id])
             fwd, bwd = fwd + cost.forward, bwd + cost.backward
             f = _unit_flops(cost, a_flops, d_flops)
             flops = None if f is None or flops is None else flops + f
@@ -328,19 +334,22 @@ def pricing_profile(options, use_gpu: bool, measured: dict | None = None) -> tup
 
 
 def prediction_document(units: list[Unit], run_id: str, job_hash: str, profile: DeviceProfile | None,
-                        pricing: str) -> dict:
+                        pricing: str, workers: int = 1) -> dict:
     """predicted.json: per planned unit (plan order) its predicted network evaluations in forward
     and backward as [lo, hi] (`parts`: an index into the document's `parts`, the evaluations by
     (phase, component), shared by the units of one shape), its FLOPs [lo, hi] (None where a
-    network's FLOPs are not known) and its seconds on `profile` (None when unpriced). Nothing in
-    it depends on the clock, so the same plan and profile give the same bytes."""
+    network's FLOPs are not known) and its seconds on `profile` (None when unpriced), each unit on
+    the gang the run gives it on a pool of `workers` actors. Nothing in it depends on the clock, so
+    the same plan, profile and pool give the same bytes."""
     cache: dict = {}
     shapes: dict[tuple, int] = {}
     parts: list[list[dict]] = []
     rows = []
     for u in units:
-        cost, a_flops, d_flops = _unit_cost(u, cache)
-        key = (u.defense, u.attack, u.eps, len(u.example_ids))
+        gang = gang_size(u.grid_workers, u.defense_spec.kind, workers, len(units))
+        cost, a_flops, d_flops = _unit_cost(u, cache, gang)
+        key = (json.dumps([u.defense_table, u.attack_table], sort_keys=True, default=str), u.eps,
+               len(u.example_ids), gang)  # as _unit_cost keys them: the tables, not the names
         if key not in shapes:
             shapes[key] = len(parts)
             parts.append([{**r, "forward": [_number(v) for v in r["forward"]],
@@ -358,16 +367,18 @@ def prediction_document(units: list[Unit], run_id: str, job_hash: str, profile: 
             "pricing": pricing, "units": rows, "parts": parts}
 
 
-def write_prediction(store, run_id: str, job_hash: str, units: list[Unit], options, use_gpu: bool) -> str | None:
-    """Write `{run_id}/predicted.json` once (a resume leaves the one there); returns why none
-    was written, None when it was (or is there). A unit the cost model cannot cost leaves the
-    run folder without one: the run goes on, its report says the prediction is not available."""
+def write_prediction(store, run_id: str, job_hash: str, units: list[Unit], options, use_gpu: bool,
+                     workers: int = 1) -> str | None:
+    """Write `{run_id}/predicted.json` once (a resume leaves the one there), the units costed on a
+    pool of `workers` actors; returns why none was written, None when it was (or is there). A
+    unit the cost model cannot cost leaves the run folder without one: the run goes on, its
+    report says the prediction is not available."""
     rel = f"{run_id}/{PREDICTED}"
     if store.exists(rel):
         return None
     try:
         profile, pricing = pricing_profile(options, use_gpu)
-        doc = prediction_document(units, run_id, job_hash, profile, pricing)
+        doc = prediction_document(units, run_id, job_hash, profile, pricing, workers)
     except RobustsweepError as exc:
         return f"no {PREDICTED}: {exc}"
     store.write_json(rel, doc)

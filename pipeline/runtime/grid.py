@@ -40,8 +40,10 @@ def member_call(defense: Defense, kind: str, x: torch.Tensor, cells: torch.Tenso
     """
     defense.cost.reset()
     if kind == "partial":
+        # Detached: the leader's x requires a gradient, and an engine that sees one takes input
+        # gradients in forward, which the gang's backward (a VJP per member) would never use.
         with torch.no_grad():
-            out = defense.grid_partial(x, cells, draw)
+            out = defense.grid_partial(x.detach(), cells, draw)
     elif kind == "vjp":
         out = defense.grid_partial_vjp(x, cells, draw, extra)
     elif kind == "lm":

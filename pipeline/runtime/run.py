@@ -275,7 +275,7 @@ def _run_leased(job: Job, options: RunOptions, store: Store, units: list[Unit], 
         n = options.workers or n
         result.workers = n
         # The prediction, once the pool says what the units run on (it prices their seconds).
-        missing = write_prediction(store, run_id, job.hash, units, options, use_gpu)
+        missing = write_prediction(store, run_id, job.hash, units, options, use_gpu, n)
         if missing and progress:
             print(f"run {run_id}: {missing}; the report will say the prediction is not available", file=sys.stderr)
         ctx = WorkerContext(run_id, job.hash, options.out, job.spec.seed, data, endpoint_url=options.endpoint_url)
