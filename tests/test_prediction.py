@@ -178,7 +178,7 @@ def test_several_runs_each_against_its_own_prediction(ran, cnn, tmp_path, monkey
         ("loop-run", "plain-ckpt", "clean", "a100", True), ("loop-run", "plain-ckpt", "pgd-ce", "a100", True),
         ("other-run", "plain-other", "clean", None, True), ("other-run", "plain-other", "pgd-ce", None, True)]
     assert rows[2]["seconds_predicted"] is None and rows[2]["note"].startswith("not priced")
-    assert any(n.startswith("prediction of run other-run: not priced") for n in result["notes"])
+    assert "not priced: a CPU-only pool" in rows[2]["note"] and result["notes"] == []  # the section says it
 
 
 def test_verify_and_status_take_the_file_and_the_analytics_read_it_without_torch(ran):
@@ -209,7 +209,9 @@ def test_an_old_run_folder_says_not_available(ran, tmp_path):
     old = tmp_path / "loop-run"
     shutil.copytree(folder, old)
     (old / PREDICTED).unlink()
-    rows = analyze([str(old)], sections=["prediction"])["report"]["prediction"]
+    result = analyze([str(old)], sections=["prediction"])
+    rows = result["report"]["prediction"]
+    assert result["notes"] == []  # the section itself says it
     assert rows and all(r["forward_predicted"] is None and r["in_range"] is None for r in rows)
     assert all(r["note"].startswith("not available: ") and "does not exist" in r["note"] for r in rows)
     assert rows[0]["forward_recorded"] > 0  # the recorded side is still there
@@ -222,6 +224,8 @@ def test_an_old_run_folder_says_not_available(ran, tmp_path):
     got, why = read_prediction(store, plan_doc)
     assert got is None and "not of this run's plan.json" in why
     assert predictions([(store, plan_doc)]) == {"loop-run": why}
+    notes = analyze([str(old)], sections=["prediction"])["notes"]  # a foreign prediction is worth a note
+    assert notes == [f"prediction of run loop-run: {why}"]
     (old / PREDICTED).write_text("{not json")
     assert read_prediction(store, plan_doc)[0] is None
     # a records table without predictions at all (a notebook's): the section still reads

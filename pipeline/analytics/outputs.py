@@ -16,7 +16,7 @@ from pipeline.data import class_names as dataset_classes
 from pipeline.errors import DatasetError, InputError
 from pipeline.names import clashes, describe_clashes
 from pipeline.store import Store
-from pipeline.store.verify import read_prediction
+from pipeline.store.verify import ABSENT, read_prediction
 
 
 def class_names(plans: Sequence[dict]) -> tuple[str, ...]:
@@ -73,8 +73,10 @@ def analyze(uris: Sequence[str], *, endpoint_url: str | None = None, sections: S
         predicted = predictions(runs) if "prediction" in wanted else {}
         report = build_report(con, wanted, class_names=class_names(plans), predictions=predicted)
         if "prediction" in sections:
-            read_notes += [f"prediction of run {run_id}: {why if isinstance(why, str) else why.get('pricing')}"
-                           for run_id, why in predicted.items() if isinstance(why, str) or why.get("profile") is None]
+            # A damaged prediction, or one of another run, is worth a note; a folder without one (or an
+            # unpriced one) says so in the section itself, with the reason in its `note` field.
+            read_notes += [f"prediction of run {run_id}: {why}" for run_id, why in predicted.items()
+                           if isinstance(why, str) and not why.endswith(ABSENT)]
         out["report"] = {k: v for k, v in report.items() if k in sections}
         if plot_dir is not None or robustbench_dir is not None:
             defenses = [row[0] for row in con.execute("SELECT DISTINCT defense FROM results").fetchall()]

@@ -155,7 +155,7 @@ def columns(section: str, rows: Sequence[dict]) -> list[Column]:
             ("s recorded", lambda r: f"{r['seconds_recorded']:.3g}", True),
             ("recorded/predicted s", lambda r: _span(r["seconds_ratio"], ".3g"), True),
             ("device", lambda r: r["device"] or "", False),
-            # the reason in full is in the data formats and, once per run, in the report's notes
+            # the reason in full is in the data formats (and, for a damaged prediction, in the notes)
             ("note", lambda r: r["note"].split(":", 1)[0], False),
         ]
     if section == "flags":

@@ -33,6 +33,7 @@ from pipeline.store.io import Store
 RECORDS = "records"
 PREDICTED = "predicted.json"
 PREDICTION_FORMATS = (1,)  # the layouts of predicted.json this version reads
+ABSENT = "does not exist (a run written before predictions were kept)"  # how read_prediction ends when there is none
 
 
 @dataclass
@@ -130,7 +131,7 @@ def read_prediction(store: Store, plan: dict | None = None) -> tuple[dict | None
     the file's content: a report without a prediction is still a report."""
     try:
         if not store.exists(PREDICTED):
-            return None, f"not available: {store.join(PREDICTED)} does not exist (a run written before predictions were kept)"
+            return None, f"not available: {store.join(PREDICTED)} {ABSENT}"
         doc = store.read_json(PREDICTED)
     except StoreError as exc:
         return None, f"not available: {exc}"
