@@ -11,7 +11,7 @@ import typer
 from pipeline.cli.analytics import print_summary
 from pipeline.cli.common import SKIP_BAD_HELP, console, fails_cleanly, load_job_file, no_bool_words, notes
 from pipeline.config.run import DEADLINE_FACTOR, DEADLINE_FLOOR, DEFAULT_OUT, RunOptions
-from pipeline.errors import ConfigError, DatasetError
+from pipeline.errors import ConfigError
 
 
 @fails_cleanly
@@ -61,22 +61,14 @@ def plan_cmd(
 ):
     """What a job will cost before it runs: per (defense, attack, eps), its units, network evaluations
     (forward / backward; a range where outcomes decide), PFLOP and device-hours; writes nothing."""
-    from pipeline.data import load_split
-    from pipeline.runtime.estimate import device_profile, estimate_job, format_estimate
+    from pipeline.runtime.estimate import device_profile, estimate_job, format_estimate, split_size
 
     profile = device_profile(device, efficiency)
     if workers < 1:
         raise ConfigError(f"workers (--workers) must be >= 1, got {workers}")
     spec = load_job_file(job)  # the model files and data may live on the cluster only
-    data = spec.spec.data
-    try:
-        n = load_split(data.dataset, data.split, root=data.root)[0].shape[0]
-    except DatasetError as exc:
-        # Without the split here, the examples the job names are enough to plan them.
-        if data.ids is None and data.limit is None:
-            raise DatasetError(f"{exc}; plan needs the split, or data.limit / data.ids to count the examples") from None
-        n = max(data.ids) + 1 if data.ids is not None else data.limit
-        notes([f"data: {data.dataset} {data.split} not found here; planned on the examples the job names ({n})"])
+    n, note = split_size(spec)
+    notes([note] if note else [])
     estimate = estimate_job(spec, n, profile, workers)
     if as_json:
         print(json.dumps(estimate.as_dict(), indent=2))
@@ -106,7 +98,11 @@ def run_cmd(
     efficiency: Optional[float] = typer.Option(None, help=EFFICIENCY_HELP),
 ):
     """Run a job on a Ray cluster (resuming committed units) and print its report."""
+    from pipeline.runtime.estimate import device_profile
     from pipeline.runtime.run import run_job
+
+    if max_gpu_hours is not None or device.lower() != "cpu":  # cpu: a measured profile, which may be absent
+        device_profile(device, efficiency)  # the prediction prices on it: a wrong name or efficiency exits 2 here
 
     options = RunOptions(out=out, workers=workers, gpus_per_worker=gpus_per_worker, address=address, min_gpus=min_gpus,
                          endpoint_url=endpoint_url, run_id=run_id, fresh=fresh, report=report,

@@ -39,7 +39,7 @@ from pipeline.models.zoo import model_card
 from pipeline.runtime import faults
 from pipeline.training.defaults import prepare_defaults, role_of
 from pipeline.runtime.plan import Unit, plan, plan_document, run_id_for
-from pipeline.runtime.estimate import guard, unit_evaluations
+from pipeline.runtime.estimate import guard, unit_evaluations, write_prediction
 from pipeline.runtime.preflight import preflight_run
 from pipeline.runtime.reach import RETRY_ENV as RAY_RETRY_ENV
 from pipeline.runtime.reach import check_reachable, host_port, retry_seconds
@@ -347,6 +347,10 @@ def _run_leased(job: Job, options: RunOptions, store: Store, units: list[Unit], 
         n, use_gpu = default_workers(options.gpus_per_worker)
         n = options.workers or n
         result.workers = n
+        # The prediction, once the pool says what the units run on (it prices their seconds).
+        missing = write_prediction(store, run_id, job.hash, units, options, use_gpu, n)
+        if missing and progress:
+            print(f"run {run_id}: {missing}; the report will say the prediction is not available", file=sys.stderr)
         ctx = WorkerContext(run_id, job.hash, options.out, job.spec.seed, data, endpoint_url=options.endpoint_url)
         _drain(todo, ctx, store, result, n, use_gpu, options, progress, lease)
     except KeyboardInterrupt:
