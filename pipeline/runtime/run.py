@@ -377,12 +377,15 @@ class RayActors:
         self.ctx, self.use_gpu, self.gpus_per_worker = ctx, use_gpu, gpus_per_worker
         self.resource = "GPU" if use_gpu else "CPU"
         self.env = worker_env()
+        # One actor class for the run: each ray.remote() draws a new class id, which Ray exports
+        # and keeps as another type of task for every actor started or replaced.
+        self.cls = ray.remote(Worker)
 
     def start(self, slot: int):
         options = {"num_cpus": 1, "max_restarts": 0}
         if self.env:
             options["runtime_env"] = {"env_vars": dict(self.env)}
-        cls = ray.remote(Worker)
+        cls = self.cls
         if self.use_gpu:
             # The GPU does the work; the CPU share only keeps Ray from packing more actors than cores.
             options["num_cpus"] = min(1.0, self.gpus_per_worker)
