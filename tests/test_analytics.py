@@ -206,7 +206,7 @@ def invoke(*args):
 def test_report_command(sweep, tmp_path):
     result = invoke("report", sweep, "--format", "markdown")
     assert result.exit_code == 0, result.output
-    assert result.stdout.count("### ") == 6 and "| 50.0 [29.9, 70.1] |" in result.stdout
+    assert result.stdout.count("### ") == 7 and "| 50.0 [29.9, 70.1] |" in result.stdout
     result = invoke("report", sweep, "--format", "json", "--section", "stages", "--section", "flags")
     assert result.exit_code == 0, result.output
     assert set(json.loads(result.stdout)) == {"stages", "flags"}

@@ -149,7 +149,7 @@ def parse(text: str) -> _Page:
 def test_html_page_is_self_contained(outputs):
     _, root, _ = outputs
     page = parse((root / "page" / "report.html").read_text(encoding="utf-8"))
-    assert page.tables == ["headline", "summary", "classes", "stages", "cost", "flags", "robustbench"]
+    assert page.tables == ["headline", "summary", "classes", "stages", "cost", "prediction", "flags", "robustbench"]
     assert page.external == []
     assert len(page.images) == len(EXPECTED)
     sizes = sorted(png_size(base64.b64decode(src.split(",", 1)[1])) for src in page.images)
@@ -176,7 +176,7 @@ def test_html_page_in_headless_chromium(outputs, tmp_path):
     dom = chromium("--dump-dom", url, profile=tmp_path / "profile-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
     page = parse(dom.stdout)  # the document as the browser built it
-    assert page.tables == ["headline", "summary", "classes", "stages", "cost", "flags", "robustbench"]
+    assert page.tables == ["headline", "summary", "classes", "stages", "cost", "prediction", "flags", "robustbench"]
     assert len(page.images) == len(EXPECTED) and all(s.startswith("data:image/png;base64,") for s in page.images)
     assert "rdc-optimal[timesteps=20]" in dom.stdout and "70.0 [48.1, 85.5]" in dom.stdout
 

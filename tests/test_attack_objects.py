@@ -146,7 +146,9 @@ def test_worker_values_are_frozen_dataclasses_that_survive_pickling(cnn, tmp_pat
     ctx = WorkerContext("r", job.hash, str(tmp_path), 0, job.spec.data)
     (unit,) = plan(job, 355)
     result = Worker("w0", "cpu").run_unit(unit, pickle.loads(pickle.dumps(ctx)))
-    assert result == UnitResult(unit.unit_id, 2, result.seconds, "w0", (), 1)
+    table = Store(str(tmp_path)).read_table(f"r/{unit.path}")
+    passes = sum(table.column("forward_passes").to_pylist()) + sum(table.column("backward_passes").to_pylist())
+    assert result == UnitResult(unit.unit_id, 2, result.seconds, "w0", (), 1, evaluations=passes)
     assert pickle.loads(pickle.dumps(result)) == result
     for value in (ctx, result):
         with pytest.raises(dataclasses.FrozenInstanceError):

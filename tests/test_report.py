@@ -169,7 +169,7 @@ def test_classes_stages_cost_flags(sweep):
     con = connect([sweep])
     report = build_report(con)
     con.close()
-    assert list(report) == ["headline", "summary", "classes", "stages", "cost", "flags"]
+    assert list(report) == ["headline", "summary", "classes", "stages", "cost", "prediction", "flags"]
 
     classes = by_group(report["classes"], "rdc-optimal[timesteps=20]", 8 / 255)
     assert [c["label"] for c in classes] == list(range(10)) and all(c["n"] == 2 for c in classes)
@@ -202,7 +202,7 @@ def test_report_formats(sweep):
     report = build_report(con)
     con.close()
     md = report_markdown(report)
-    assert md.count("### ") == 6 and "| clean | apgd-ce | apgd-t | square |" in section_markdown(
+    assert md.count("### ") == 7 and "| clean | apgd-ce | apgd-t | square |" in section_markdown(
         "stages", by_group(report["stages"], "plain-erm", 8 / 255))
     # Per-class, pivoted: one column per label; rdc t20 reads 0.0 0.0 50.0 50.0 100.0 ...
     wide = section_markdown("classes", report["classes"]).splitlines()

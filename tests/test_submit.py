@@ -113,10 +113,11 @@ def _jobs(head: Head) -> list:
 
 
 def test_entrypoint_and_runtime_env(monkeypatch, tmp_path):
-    cmd = entrypoint("jobs/x y.toml", RunOptions(out="s3://b/p", workers=4, fresh=True, report=False, gpus_per_worker=0.5),
+    cmd = entrypoint("jobs/x y.toml", RunOptions(out="s3://b/p", workers=4, fresh=True, report=False, gpus_per_worker=0.5,
+                                                 max_gpu_hours=12.5, device="a100", efficiency=0.4),
                      python="/opt/py/bin/python")
     assert cmd == ("/opt/py/bin/python -m pipeline.cli run 'jobs/x y.toml' --address auto --out s3://b/p --workers 4 "
-                   "--fresh --no-report --gpus-per-worker 0.5")
+                   "--fresh --no-report --gpus-per-worker 0.5 --max-gpu-hours 12.5 --device a100 --efficiency 0.4")
     words = cmd.split()[3:]  # every option the entrypoint uses is one `run` takes
     help_text = CliRunner().invoke(app, ["run", "--help"]).output
     assert all(w in help_text for w in words if w.startswith("--"))
@@ -154,6 +155,30 @@ def test_bad_input_is_refused_before_anything_is_sent(tmp_path):
     assert res.exit_code == 2 and "--address" in res.output
 
 
+def test_a_job_above_its_budget_is_refused_before_anything_is_sent(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROBUSTSWEEP_CACHE", str(tmp_path / "cache"))  # the default model's FLOPs, from its recipe
+    job = tmp_path / "plain.toml"
+    job.write_text(TINY.replace('kind = "rdc"\nmodel = "optimal"\ntimesteps = 4', 'kind = "plain"'))
+    # A closed port: a submission that got as far as the cluster would be a ClusterError (exit 1).
+    closed = f"http://127.0.0.1:{free_port()}"
+    args = ["submit", str(job), "--address", closed, "--working-dir", str(tmp_path)]
+    res = _cli(*args, "--max-gpu-hours", "1e-15", "--device", "a100", "--efficiency", "0.5")
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert "device-hours on a100, above its budget max_gpu_hours = 1e-15; nothing was started" in text and "PFLOP" in text
+    with_budget = tmp_path / "budget.toml"  # the job file's budget, as `run` takes it
+    with_budget.write_text("max_gpu_hours = 1e-15\n" + job.read_text())
+    res = _cli("submit", str(with_budget), "--address", closed, "--working-dir", str(tmp_path))
+    assert res.exit_code == 2 and "above its budget" in res.output, res.output
+    # within the budget the check lets it through: it goes on to the cluster, which is not there
+    res = _cli(*args, "--max-gpu-hours", "1000")
+    assert res.exit_code == 1 and "cannot reach the Ray dashboard" in res.output, res.output
+    for bad, message in ((["--device", "tpu"], "device (--device) 'tpu' is unknown"),
+                         (["--efficiency", "2"], "efficiency (--efficiency) must be in (0, 1]")):
+        res = _cli(*args, *bad)
+        assert res.exit_code == 2 and message in res.output, (bad, res.output)
+
+
 def test_unreachable_cluster_is_a_cluster_error():
     closed = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ClusterError, match="cannot reach the Ray dashboard"):
@@ -178,7 +203,9 @@ def test_bad_spec_submits_nothing(head):
 def test_submit_follows_a_job_to_success_and_its_rows_exist(head, tmp_path):
     out = tmp_path / "out"
     t0 = time.perf_counter()
-    res = _cli(*_submit_args(head, "tiny.toml", "--out", str(out), "--run-id", "tiny-run"))
+    # a budget the estimate fits in travels to the run, with the profile it is counted on
+    res = _cli(*_submit_args(head, "tiny.toml", "--out", str(out), "--run-id", "tiny-run", "--max-gpu-hours", "1000",
+                             "--device", "a100", "--efficiency", "0.5"))
     assert res.exit_code == 0, res.output
     submission_id = res.stdout.splitlines()[0]
     assert submission_id.startswith("raysubmit_")
@@ -195,6 +222,7 @@ def test_submit_follows_a_job_to_success_and_its_rows_exist(head, tmp_path):
     st = json.loads(res.stdout)
     assert st["status"] == "SUCCEEDED" and st["driver_exit_code"] == 0
     assert "pipeline.cli run jobs/tiny.toml --address auto" in st["entrypoint"]
+    assert st["entrypoint"].endswith("--max-gpu-hours 1000 --device a100 --efficiency 0.5")
     res = _cli("logs", submission_id, "--address", head.address)
     assert res.exit_code == 0 and "2 units done" in res.stdout
 

@@ -15,6 +15,8 @@ from pipeline.atomic import check_writable
 from pipeline.data import class_names as dataset_classes
 from pipeline.errors import DatasetError, InputError
 from pipeline.names import clashes, describe_clashes
+from pipeline.store import Store
+from pipeline.store.verify import ABSENT, read_prediction
 
 
 def class_names(plans: Sequence[dict]) -> tuple[str, ...]:
@@ -26,6 +28,18 @@ def class_names(plans: Sequence[dict]) -> tuple[str, ...]:
         return dataset_classes(datasets.pop())
     except DatasetError:  # a dataset this version does not know: labels as numbers
         return ()
+
+
+def predictions(runs: Sequence[tuple[Store, dict | None]]) -> dict[str, dict | str]:
+    """{run_id: its predicted.json, or why there is none} of the run folders (store, plan.json);
+    a folder without a plan is keyed by its prediction's own run id, where it has one."""
+    out: dict[str, dict | str] = {}
+    for store, plan in runs:
+        doc, why = read_prediction(store, plan)
+        run_id = plan["run_id"] if plan is not None else (doc or {}).get("run_id")
+        if isinstance(run_id, str):
+            out[run_id] = doc if doc is not None else why
+    return out
 
 
 def analyze(uris: Sequence[str], *, endpoint_url: str | None = None, sections: Sequence[str] = SECTIONS,
@@ -53,9 +67,16 @@ def analyze(uris: Sequence[str], *, endpoint_url: str | None = None, sections: S
     out: dict = {"plots": [], "notes": [], "robustbench": [], "html": None}
     try:
         wanted = SECTIONS if html_path is not None else sections
-        runs = open_runs(uris, endpoint_url) if (plot_dir or html_path or robustbench_dir or "classes" in wanted) else []
+        runs = (open_runs(uris, endpoint_url)
+                if (plot_dir or html_path or robustbench_dir or "classes" in wanted or "prediction" in wanted) else [])
         plans = [plan for _, plan in runs if plan is not None]
-        report = build_report(con, wanted, class_names=class_names(plans))
+        predicted = predictions(runs) if "prediction" in wanted else {}
+        report = build_report(con, wanted, class_names=class_names(plans), predictions=predicted)
+        if "prediction" in sections:
+            # A damaged prediction, or one of another run, is worth a note; a folder without one (or an
+            # unpriced one) says so in the section itself, with the reason in its `note` field.
+            read_notes += [f"prediction of run {run_id}: {why}" for run_id, why in predicted.items()
+                           if isinstance(why, str) and not why.endswith(ABSENT)]
         out["report"] = {k: v for k, v in report.items() if k in sections}
         if plot_dir is not None or robustbench_dir is not None:
             defenses = [row[0] for row in con.execute("SELECT DISTINCT defense FROM results").fetchall()]

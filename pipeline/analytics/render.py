@@ -23,6 +23,7 @@ TITLES = {
     "classes": "Robust accuracy per class (%)",
     "stages": "Attack stage that broke each example",
     "cost": "Cost per example",
+    "prediction": "Predicted against recorded cost (the run's predicted.json; network evaluations and device-seconds)",
     "flags": "Sanity flags",
     "compare": "Paired comparison on the same examples (per attack, and each defense's worst case over all its attacks)",
 }
@@ -49,6 +50,24 @@ def _pct(x: float) -> str:
 
 def _interval(acc: float, lo: float, hi: float) -> str:
     return f"{_pct(acc)} [{_pct(lo)}, {_pct(hi)}]"
+
+
+def _amount(v, fmt: str = ".6g") -> str:
+    return str(v) if isinstance(v, int) else format(v, fmt)
+
+
+def _span(pair, fmt: str = ".6g") -> str:
+    """[lo, hi] as one number when exact, lo-hi when a range; "-" when there is none."""
+    if pair is None or None in pair:
+        return "-"
+    lo, hi = pair
+    return _amount(lo, fmt) if lo == hi else f"{_amount(lo, fmt)}-{_amount(hi, fmt)}"
+
+
+def _in_range(row: Mapping) -> str:
+    if row["in_range"] is None:
+        return "-"
+    return "yes" if row["in_range"] else f"NO ({row['units_outside']} of {row['units']} units)"
 
 
 def _group_columns() -> list[Column]:
@@ -121,6 +140,23 @@ def columns(section: str, rows: Sequence[dict]) -> list[Column]:
             ("grads/ex", lambda r: f"{r['gradients_per_example']:.1f}", True),
             ("devices", lambda r: ", ".join(r["devices"]), False),
             ("workers", lambda r: str(r["workers"]), True),
+        ]
+    if section == "prediction":
+        return [
+            ("run", lambda r: str(r["run_id"]), False), ("defense", lambda r: str(r["defense"]), False),
+            ("attack", lambda r: str(r["attack"]), False), ("eps", lambda r: format_eps(r["eps"], r["norm"]), True),
+            ("units", lambda r: str(r["units"]), True), ("n", lambda r: str(r["n"]), True),
+            ("fwd predicted", lambda r: _span(r["forward_predicted"]), True),
+            ("fwd recorded", lambda r: _amount(r["forward_recorded"]), True),
+            ("bwd predicted", lambda r: _span(r["backward_predicted"]), True),
+            ("bwd recorded", lambda r: _amount(r["backward_recorded"]), True),
+            ("in range", _in_range, False),
+            ("s predicted", lambda r: _span(r["seconds_predicted"], ".3g"), True),
+            ("s recorded", lambda r: f"{r['seconds_recorded']:.3g}", True),
+            ("recorded/predicted s", lambda r: _span(r["seconds_ratio"], ".3g"), True),
+            ("device", lambda r: r["device"] or "", False),
+            # the reason in full is in the data formats (and, for a damaged prediction, in the notes)
+            ("note", lambda r: r["note"].split(":", 1)[0], False),
         ]
     if section == "flags":
         return group + [("flag", lambda r: str(r["flag"]), False), ("rows", lambda r: str(r["count"]), True),

@@ -17,6 +17,10 @@ defense, attack, norm, eps, then path (per class: one row per group and label):
 - stages: which attack stage broke each example (`broken_by`: the AutoAttack stage, pgd, or
   clean when the clean input was already wrong), and how many survived every stage;
 - cost: device-seconds and network calls (forward, backward), attack queries and gradients;
+- prediction: per run and (defense, attack, eps), the network evaluations and seconds the run's
+  predicted.json (written by `run` from the cost model, runtime/estimate.py) said its committed
+  units would spend, against what their records spent, and whether each unit's recorded
+  evaluations lie in its predicted range; "not available" for a run folder without one;
 - flags: every sanity flag with its count and the fraction of the group's rows.
 
 Accuracies are fractions in [0, 1]. "Robust accuracy" means one thing everywhere (headline,
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
@@ -43,7 +47,7 @@ Z95 = 1.959963984540054
 GROUP = ("defense", "attack", "path", "norm", "eps")
 ORDER = "defense, attack, norm, eps, path"
 KEYS = ", ".join(GROUP)
-SECTIONS = ("headline", "summary", "classes", "stages", "cost", "flags")
+SECTIONS = ("headline", "summary", "classes", "stages", "cost", "prediction", "flags")
 """The sections of `build_report`, in the order they are shown."""
 
 STAGE_ORDER = ("clean", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square", "pgd")
@@ -84,40 +88,61 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def _cells(con: duckdb.DuckDBPyConnection) -> str:
+_UNIT_KEYS = ("run_id", "unit_id")
+_AGGREGATES = f"""count(*) AS n, count_if(clean_correct) AS clean_k, count_if({ROBUST_COLUMN}) AS adv_k,
+               count_if(adv_vote_correct) AS vote_k, count_if(adv_worst_correct) AS worst_k,
+               sum(forward_passes) AS fwd, sum(backward_passes) AS bwd, sum(queries) AS q, sum(gradients) AS g,
+               sum(seconds) AS sec"""
+_CELL_COLUMNS = f"{KEYS}, label, broken_by, flagset, device, worker, n, clean_k, adv_k, vote_k, worst_k, fwd, bwd, q, g, sec"
+
+
+def _cells(con: duckdb.DuckDBPyConnection, units: bool = False) -> str:
     """Aggregate the records once into a small temp table; returns its name.
 
     One row per (group, label, broken_by, set of flags, device, worker) with counts and sums:
     every section is computed from it, so the Parquet files are scanned once whatever the number
     of sections (a scan costs the opening of every file, which dominates for runs of many units).
+    units: also `{name}_units`, one row per (run_id, unit_id) with its group and sums (what the
+    prediction section compares), from the same scan (a second grouping set).
     """
     have = set(columns_of(con))
-    missing = [c for c in _NEEDED if c not in have]
+    missing = [c for c in _NEEDED + (_UNIT_KEYS if units else ()) if c not in have]
     if missing:
         raise StoreError(f"records table lacks column(s) {missing} needed for the report")
     name = f"_report_cells_{uuid.uuid4().hex[:12]}"
     # list_distinct: a flag counts once per row even if a writer repeated it.
+    flagset = "list_sort(list_distinct(flags)) AS flagset"
+    if not units:
+        con.execute(f"CREATE TEMP TABLE {name} AS SELECT {KEYS}, label, broken_by, {flagset}, device, worker, "
+                    f"{_AGGREGATES} FROM results GROUP BY ALL")
+        return name
+    both = f"{name}_both"
     con.execute(f"""
-        CREATE TEMP TABLE {name} AS
-        SELECT {KEYS}, label, broken_by, list_sort(list_distinct(flags)) AS flagset, device, worker,
-               count(*) AS n, count_if(clean_correct) AS clean_k, count_if({ROBUST_COLUMN}) AS adv_k,
-               count_if(adv_vote_correct) AS vote_k, count_if(adv_worst_correct) AS worst_k,
-               sum(forward_passes) AS fwd, sum(backward_passes) AS bwd, sum(queries) AS q, sum(gradients) AS g,
-               sum(seconds) AS sec
-        FROM results GROUP BY ALL
+        CREATE TEMP TABLE {both} AS
+        SELECT {KEYS}, label, broken_by, {flagset}, device, worker, run_id, unit_id, grouping(run_id) = 0 AS per_unit,
+               {_AGGREGATES}
+        FROM results GROUP BY GROUPING SETS (({KEYS}, label, broken_by, flagset, device, worker),
+                                             (run_id, unit_id, defense, attack, norm, eps))
     """)
+    try:
+        con.execute(f"CREATE TEMP TABLE {name} AS SELECT {_CELL_COLUMNS} FROM {both} WHERE NOT per_unit")
+        con.execute(f"CREATE TEMP TABLE {name}_units AS SELECT run_id, unit_id, defense, attack, norm, eps, n, fwd, "
+                    f"bwd, sec FROM {both} WHERE per_unit")
+    finally:
+        con.execute(f"DROP TABLE IF EXISTS {both}")
     return name
 
 
-def _with_cells(source: Source, make):
-    """make(con, cells table name) on a connection for `source`; the temp table is dropped after."""
+def _with_cells(source: Source, make, units: bool = False):
+    """make(con, cells table name) on a connection for `source`; the temp tables are dropped after."""
     con, owned = as_connection(source)
     try:
-        name = _cells(con)
+        name = _cells(con, units)
         try:
             return make(con, name)
         finally:
             con.execute(f"DROP TABLE IF EXISTS {name}")
+            con.execute(f"DROP TABLE IF EXISTS {name}_units")
     finally:
         if owned:
             con.close()
@@ -298,6 +323,92 @@ def cost(source: Source) -> list[dict]:
     return _with_cells(source, _cost)
 
 
+NO_PREDICTION = "not available: the run folder holds no predicted.json (a run written before predictions were kept)"
+
+
+def _range(lo, hi) -> list | None:
+    if lo is None or hi is None:
+        return None
+    return [_count(lo), _count(hi)]
+
+
+def _count(v):
+    v = float(v)
+    return int(v) if v.is_integer() else v
+
+
+def _predicted_table(predictions: Mapping[str, dict | str]) -> pa.Table:
+    """The predicted units of every run that has a prediction, as a table DuckDB joins on."""
+    cols: dict[str, list] = {k: [] for k in ("run_id", "unit_id", "f_lo", "f_hi", "b_lo", "b_hi", "s_lo", "s_hi")}
+    for run_id, doc in predictions.items():
+        if not isinstance(doc, Mapping):
+            continue
+        for u in doc["units"]:
+            seconds = u.get("seconds") or (None, None)
+            for key, value in zip(cols, (run_id, u["unit_id"], *u["forward"], *u["backward"], *seconds)):
+                cols[key].append(value)
+    types = [pa.string(), pa.string()] + [pa.float64()] * 6
+    return pa.table({k: pa.array(v, type=t) for (k, v), t in zip(cols.items(), types)})
+
+
+def _prediction(con: duckdb.DuckDBPyConnection, cells: str, predictions: Mapping[str, dict | str] | None) -> list[dict]:
+    predictions = predictions or {}
+    table = f"_predicted_{uuid.uuid4().hex[:12]}"
+    con.register(table, _predicted_table(predictions))
+    try:
+        found = con.execute(f"""
+            SELECT u.run_id, u.defense, u.attack, any_value(u.norm), u.eps, count(*), sum(u.n), count(p.unit_id),
+                   sum(u.fwd), sum(u.bwd), sum(u.sec), sum(p.f_lo), sum(p.f_hi), sum(p.b_lo), sum(p.b_hi),
+                   count(p.s_lo), sum(p.s_lo), sum(p.s_hi),
+                   count_if(p.unit_id IS NOT NULL AND NOT (u.fwd BETWEEN p.f_lo AND p.f_hi AND u.bwd BETWEEN p.b_lo AND p.b_hi))
+            FROM {cells}_units u LEFT JOIN {table} p ON u.run_id = p.run_id AND u.unit_id = p.unit_id
+            GROUP BY u.run_id, u.defense, u.attack, u.eps ORDER BY u.run_id, u.defense, u.attack, 4, u.eps
+        """).fetchall()
+    finally:
+        con.unregister(table)
+    rows = []
+    for (run_id, defense, attack, norm, eps, units, n, predicted, fwd, bwd, sec, f_lo, f_hi, b_lo, b_hi, priced, s_lo, s_hi,
+         outside) in found:
+        doc = predictions.get(run_id, NO_PREDICTION)
+        units, predicted, sec = int(units), int(predicted), float(sec)
+        whole = isinstance(doc, Mapping) and predicted == units
+        profile = doc.get("profile") if isinstance(doc, Mapping) else None
+        if not isinstance(doc, Mapping):
+            note = doc
+        elif not whole:
+            note = f"not available: {units - predicted} of {units} units are not in the run's predicted.json"
+        elif profile is None:
+            note = doc.get("pricing") or "not priced"
+        else:
+            note = ""
+        timed = whole and profile is not None and int(priced) == units
+        rows.append({
+            "run_id": run_id, "defense": defense, "attack": attack, "norm": norm, "eps": eps, "units": units, "n": int(n),
+            "forward_predicted": _range(f_lo, f_hi) if whole else None, "forward_recorded": _count(fwd),
+            "backward_predicted": _range(b_lo, b_hi) if whole else None, "backward_recorded": _count(bwd),
+            "in_range": (int(outside) == 0) if whole else None, "units_outside": int(outside) if whole else None,
+            "seconds_predicted": [float(s_lo), float(s_hi)] if timed else None, "seconds_recorded": sec,
+            "seconds_ratio": [sec / float(s_hi) if s_hi else None, sec / float(s_lo) if s_lo else None] if timed else None,
+            "device": profile.get("device") if timed else None, "note": note,
+        })
+    return rows
+
+
+def prediction(source: Source, predictions: Mapping[str, dict | str] | None = None) -> list[dict]:
+    """Predicted against recorded cost, one row per run and (defense, attack, eps) of its records.
+
+    predictions: {run_id: the run's predicted.json (store.verify.read_prediction), or why there is
+    none}; a run absent from it has none. Each row: run_id, the group keys and norm; units (with
+    records) and n (examples); forward_predicted and backward_predicted [lo, hi] (the sums of those
+    units' predicted ranges) beside forward_recorded and backward_recorded (the sums of their
+    records' forward_passes / backward_passes); in_range (every unit's recorded evaluations, forward
+    and backward, lie in its own predicted range) and units_outside; seconds_predicted [lo, hi] on
+    the run's profile (`device`) beside seconds_recorded (the records' seconds) and seconds_ratio
+    [recorded / hi, recorded / lo]. Predicted fields are None where the run has no prediction, and
+    seconds where it was not priced; `note` says why (empty when all is there)."""
+    return _with_cells(source, lambda con, cells: _prediction(con, cells, predictions), units=True)
+
+
 def _flags(con: duckdb.DuckDBPyConnection, cells: str) -> list[dict]:
     found = con.execute(f"""
         WITH totals AS (SELECT {KEYS}, sum(n) AS total FROM {cells} GROUP BY ALL),
@@ -319,18 +430,26 @@ def flags(source: Source) -> list[dict]:
 _MAKERS = {"headline": _headline, "summary": _summary, "classes": _classes, "stages": _stages, "cost": _cost, "flags": _flags}
 
 
-def build_report(source: Source, sections: Sequence[str] = SECTIONS, class_names: Sequence[str] = ()) -> dict[str, list[dict]]:
+def build_report(source: Source, sections: Sequence[str] = SECTIONS, class_names: Sequence[str] = (),
+                 predictions: Mapping[str, dict | str] | None = None) -> dict[str, list[dict]]:
     """{section: rows} for the chosen sections (all by default), in SECTIONS order; the records
-    are scanned once. class_names: see `per_class`."""
+    are scanned once. class_names: see `per_class`; predictions: see `prediction`."""
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise ConfigError(f"unknown report section(s) {unknown}; choose from {list(SECTIONS)}")
 
     def make(con, cells):
-        return {name: (_classes(con, cells, class_names) if name == "classes" else _MAKERS[name](con, cells))
-                for name in SECTIONS if name in sections}
+        out = {}
+        for name in (n for n in SECTIONS if n in sections):
+            if name == "classes":
+                out[name] = _classes(con, cells, class_names)
+            elif name == "prediction":
+                out[name] = _prediction(con, cells, predictions)
+            else:
+                out[name] = _MAKERS[name](con, cells)
+        return out
 
-    return _with_cells(source, make)
+    return _with_cells(source, make, units="prediction" in sections)
 
 
 def load_records(uris: Sequence[str], endpoint_url: str | None = None) -> pa.Table:

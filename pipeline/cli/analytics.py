@@ -56,7 +56,7 @@ def print_summary(uris: list[str], endpoint_url: str | None, fmt: str = "table")
 def report_cmd(
     uris: list[str] = typer.Argument(..., help="run folders: {out}/{run_id}, local or s3://; several are combined"),
     format: str = typer.Option("table", "--format", help="table, markdown, csv (one section) or json"),
-    section: list[str] = typer.Option([], "--section", help="headline, summary, classes, stages, cost or flags (repeatable; default all, csv: summary)"),
+    section: list[str] = typer.Option([], "--section", help="headline, summary, classes, stages, cost, prediction or flags (repeatable; default all, csv: summary)"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write the figures (PNG) into this folder"),
     html: Optional[Path] = typer.Option(None, "--html", help="write one self-contained HTML page (tables and figures inline)"),
     robustbench: Optional[str] = typer.Option(None, "--robustbench", help="write RobustBench-style JSON per defense, threat model and eps into this folder or s3:// prefix"),

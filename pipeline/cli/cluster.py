@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.common import console, fails_cleanly
+from pipeline.cli.common import console, fails_cleanly, notes
+from pipeline.cli.jobs import EFFICIENCY_HELP
 from pipeline.config.run import DEFAULT_OUT, RunOptions
 from pipeline.errors import ConfigError
 
@@ -58,16 +59,25 @@ def submit_cmd(
     forward_aws: bool = typer.Option(True, metavar="", help="pass the AWS_* variables set here (credentials, region, endpoint) to the job"),
     unit_timeout: Optional[float] = typer.Option(None, help="seconds a unit may run; past it its actor is replaced and the unit requeued (default: no limit)"),
     speculate: bool = typer.Option(False, metavar="", help="run a second copy of the last stragglers on idle actors; the first commit wins"),
+    max_gpu_hours: Optional[float] = typer.Option(None, help="refuse (exit 2, before submitting) a job whose estimate is above this many device-hours (default: the job file's max_gpu_hours); the run on the cluster checks it again"),
+    device: str = typer.Option("h100", help="the device profile the budget is counted on (see `robustsweep plan`)"),
+    efficiency: Optional[float] = typer.Option(None, help=EFFICIENCY_HELP),
 ):
     """Submit a job to a running Ray cluster (Ray Jobs API); prints the submission id."""
+    from pipeline.runtime.estimate import device_profile
     from pipeline.runtime.submit import aws_variables, resolve_out, submit_job
 
     options = RunOptions(out=out, workers=workers, gpus_per_worker=gpus_per_worker, min_gpus=min_gpus,
                          endpoint_url=endpoint_url, run_id=run_id, fresh=fresh, report=report,
-                         unit_timeout=unit_timeout, speculate=speculate)
+                         unit_timeout=unit_timeout, speculate=speculate, max_gpu_hours=max_gpu_hours, device=device,
+                         efficiency=efficiency)
+    if max_gpu_hours is not None or device.lower() != "cpu":  # cpu: measured on the cluster, maybe not here
+        device_profile(device, efficiency)  # a wrong profile name or efficiency: exit 2 here, not on the cluster
     found: list = []
+    said: list[str] = []
     submission_id = submit_job(job, address, options, working_dir=working_dir, python=python, env=env_pairs(env),
-                               forward_aws=forward_aws, excludes=exclude, found=found)
+                               forward_aws=forward_aws, excludes=exclude, found=found, notes=said)
+    notes(said)
     print(submission_id, flush=True)
     head = found[0]
     console.print(f"on the head: {head.python}")

@@ -10,8 +10,8 @@ import typer
 
 from pipeline.cli.analytics import print_summary
 from pipeline.cli.common import SKIP_BAD_HELP, console, fails_cleanly, load_job_file, no_bool_words, notes
-from pipeline.config.run import DEFAULT_OUT, RunOptions
-from pipeline.errors import ConfigError, DatasetError
+from pipeline.config.run import DEADLINE_FACTOR, DEADLINE_FLOOR, DEFAULT_OUT, RunOptions
+from pipeline.errors import ConfigError
 
 
 @fails_cleanly
@@ -61,22 +61,14 @@ def plan_cmd(
 ):
     """What a job will cost before it runs: per (defense, attack, eps), its units, network evaluations
     (forward / backward; a range where outcomes decide), PFLOP and device-hours; writes nothing."""
-    from pipeline.data import load_split
-    from pipeline.runtime.estimate import device_profile, estimate_job, format_estimate
+    from pipeline.runtime.estimate import device_profile, estimate_job, format_estimate, split_size
 
     profile = device_profile(device, efficiency)
     if workers < 1:
         raise ConfigError(f"workers (--workers) must be >= 1, got {workers}")
     spec = load_job_file(job)  # the model files and data may live on the cluster only
-    data = spec.spec.data
-    try:
-        n = load_split(data.dataset, data.split, root=data.root)[0].shape[0]
-    except DatasetError as exc:
-        # Without the split here, the examples the job names are enough to plan them.
-        if data.ids is None and data.limit is None:
-            raise DatasetError(f"{exc}; plan needs the split, or data.limit / data.ids to count the examples") from None
-        n = max(data.ids) + 1 if data.ids is not None else data.limit
-        notes([f"data: {data.dataset} {data.split} not found here; planned on the examples the job names ({n})"])
+    n, note = split_size(spec)
+    notes([note] if note else [])
     estimate = estimate_job(spec, n, profile, workers)
     if as_json:
         print(json.dumps(estimate.as_dict(), indent=2))
@@ -97,19 +89,25 @@ def run_cmd(
     gpus_per_worker: float = typer.Option(1.0, help="GPUs per worker actor; 0.5 or 0.25 pack small models several to a GPU"),
     min_gpus: int = typer.Option(0, help="wait (up to 10 min) until the cluster has this many GPUs before starting workers"),
     lease_wait: float = typer.Option(0.0, help="seconds to wait while another driver holds the run folder (default: refuse at once, exit 2)"),
-    unit_timeout: Optional[float] = typer.Option(None, help="seconds a unit may run; past it its actor is replaced and the unit requeued (default: no limit)"),
+    unit_timeout: Optional[float] = typer.Option(None, help="seconds a unit may run; past it its actor is replaced and the unit requeued (default: a deadline from the cost model, see --deadline-factor)"),
     speculate: bool = typer.Option(False, metavar="", help="run a second copy of the last stragglers on idle actors; the first commit wins"),
+    deadline_factor: float = typer.Option(DEADLINE_FACTOR, help="without --unit-timeout, a unit may run this many times its predicted network evaluations x the seconds per evaluation measured on this run's committed units of its defense"),
+    deadline_floor: float = typer.Option(DEADLINE_FLOOR, help="seconds: the cost-model deadline is never shorter"),
     max_gpu_hours: Optional[float] = typer.Option(None, help="refuse (exit 2, before any work) a job whose estimate is above this many device-hours (default: the job file's max_gpu_hours)"),
     device: str = typer.Option("h100", help="the device profile the budget is counted on (see `robustsweep plan`)"),
     efficiency: Optional[float] = typer.Option(None, help=EFFICIENCY_HELP),
 ):
     """Run a job on a Ray cluster (resuming committed units) and print its report."""
+    from pipeline.runtime.estimate import device_profile
     from pipeline.runtime.run import run_job
+
+    if max_gpu_hours is not None or device.lower() != "cpu":  # cpu: a measured profile, which may be absent
+        device_profile(device, efficiency)  # the prediction prices on it: a wrong name or efficiency exits 2 here
 
     options = RunOptions(out=out, workers=workers, gpus_per_worker=gpus_per_worker, address=address, min_gpus=min_gpus,
                          endpoint_url=endpoint_url, run_id=run_id, fresh=fresh, report=report,
                          unit_timeout=unit_timeout, speculate=speculate, max_gpu_hours=max_gpu_hours, device=device,
-                         efficiency=efficiency)
+                         efficiency=efficiency, deadline_factor=deadline_factor, deadline_floor=deadline_floor)
     spec = load_job_file(job)
     result = run_job(spec, options, progress=True, lease_wait=lease_wait)
     console.print(f"run {result.run_id}: {result.done} units done, {result.skipped} already committed, "

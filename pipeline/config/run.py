@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from pipeline.errors import ConfigError
 
 DEFAULT_OUT = "results"
+# A unit measured at the run's speed and predicted at its upper count would need a quarter of its
+# deadline; five minutes covers a first unit's model load, a cold cache, a busy node.
+DEADLINE_FACTOR = 4.0
+DEADLINE_FLOOR = 300.0
 
 
 @dataclass(frozen=True)
@@ -17,8 +21,12 @@ class RunOptions:
     local one; "auto"; ray://host:port). min_gpus: wait for this many GPUs before sizing the pool.
     endpoint_url: S3 endpoint. run_id: default the job's name and hash. fresh: a new run instead of
     resuming. report: print the report at the end. unit_timeout: seconds a unit may run before its
-    actor is replaced and the unit requeued (None: no deadline). speculate: a second copy of
-    each of the last stragglers on an idle actor, the first commit wins."""
+    actor is replaced and the unit requeued (None: a deadline from the cost model, below).
+    deadline_factor, deadline_floor: without unit_timeout, a unit may run deadline_factor x its
+    predicted (upper) network evaluations x the seconds per evaluation measured in this run on
+    committed units of its defense, and never less than deadline_floor seconds; no deadline
+    before such a unit has committed (runtime/run.py `unit_deadline`). speculate: a second copy
+    of each of the last stragglers on an idle actor, the first commit wins."""
 
     out: str = DEFAULT_OUT
     workers: int | None = None
@@ -31,6 +39,8 @@ class RunOptions:
     report: bool = True
     unit_timeout: float | None = None
     speculate: bool = False
+    deadline_factor: float = DEADLINE_FACTOR
+    deadline_floor: float = DEADLINE_FLOOR
     max_gpu_hours: float | None = None  # refuse a job estimated above this many device-hours (over the job file's)
     device: str = "h100"  # the device profile the budget is counted on (runtime/estimate.py)
     efficiency: float | None = None  # the fraction of the profile's peak a run reaches (default: the profile's)
@@ -38,6 +48,10 @@ class RunOptions:
     def __post_init__(self):
         if self.unit_timeout is not None and not self.unit_timeout > 0:
             raise ConfigError(f"unit_timeout (--unit-timeout) must be > 0 seconds, got {self.unit_timeout:g}")
+        if not (self.deadline_factor >= 1 and self.deadline_factor < float("inf")):
+            raise ConfigError(f"deadline_factor (--deadline-factor) must be a number >= 1, got {self.deadline_factor:g}")
+        if not (self.deadline_floor > 0 and self.deadline_floor < float("inf")):
+            raise ConfigError(f"deadline_floor (--deadline-floor) must be > 0 seconds, got {self.deadline_floor:g}")
         if not 0 < self.gpus_per_worker <= 1:
             raise ConfigError(f"gpus_per_worker (--gpus-per-worker) must be in (0, 1], got {self.gpus_per_worker:g}")
         if self.workers is not None and self.workers < 1:
@@ -72,6 +86,10 @@ class RunOptions:
             flags += ["--unit-timeout", f"{self.unit_timeout:g}"]
         if self.speculate:
             flags.append("--speculate")
+        if self.deadline_factor != DEADLINE_FACTOR:
+            flags += ["--deadline-factor", f"{self.deadline_factor:g}"]
+        if self.deadline_floor != DEADLINE_FLOOR:
+            flags += ["--deadline-floor", f"{self.deadline_floor:g}"]
         if self.max_gpu_hours is not None:
             flags += ["--max-gpu-hours", f"{self.max_gpu_hours:g}"]
         if self.device != "h100":

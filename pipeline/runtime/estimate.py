@@ -18,15 +18,18 @@ from pipeline.config.attack import TransferSpec
 from pipeline.config.job import Job
 from pipeline.defenses.build import defense_structure
 from pipeline.defenses.flops import evaluation_flops, network_config
-from pipeline.errors import BudgetError, ConfigError
+from pipeline.data import load_split
+from pipeline.errors import BudgetError, ConfigError, DatasetError, RobustsweepError
 from pipeline.models.unet import unet_config
 from pipeline.models.zoo import cache_dir
 from pipeline.protocol.build import build_attack
 from pipeline.protocol.cost import ZERO, Span, Tally, UnitCost, unit_cost
 from pipeline.runtime.plan import Unit, plan
 from pipeline.runtime.scheduler import INFLIGHT, gang_size
+from pipeline.store.verify import PREDICTED
 from pipeline.training.classifier import default_classifier_config
 
+PREDICTION_FORMAT = 1  # predicted.json's layout; a reader refuses one it does not know
 EFFICIENCY = 0.3  # the fraction of a GPU's dense peak a run is assumed to reach unless told
 
 
@@ -210,6 +213,14 @@ def predicted_unit_seconds(unit: Unit, profile: DeviceProfile, _cache: dict | No
     return None if flops is None else flops.hi / profile.flops_per_second
 
 
+def unit_evaluations(unit: Unit, _cache: dict | None = None, gang: int = 1) -> Span:
+    """The network evaluations (forward + backward) the cost model predicts for one unit on `gang`
+    actors: what its records' `forward_passes` + `backward_passes` will sum to (e.g. for a
+    per-unit deadline)."""
+    cost = _unit_cost(unit, {} if _cache is None else _cache, gang)[0]
+    return cost.forward + cost.backward
+
+
 def estimate_units(units: list[Unit], profile: DeviceProfile, workers: int = 1) -> Estimate:
     """The estimate of planned units, one row per (defense, attack, eps) in plan order, on a pool of
     `workers` actors (a unit's gang is sized on it as the run sizes it: scheduler.gang_size)."""
@@ -236,6 +247,21 @@ def estimate_units(units: list[Unit], profile: DeviceProfile, workers: int = 1) 
         rows.append(Row(d, a, eps, len(members), sum(len(u.example_ids) for u in members), fwd, bwd, flops, hours,
                         longest if flops is not None else None))
     return Estimate(tuple(rows), profile, workers)
+
+
+def split_size(job: Job) -> tuple[int, str | None]:
+    """The number of examples of the job's split, counted here, and a note when it could not be:
+    without the split (its data may live on the cluster only), the examples the job names
+    (data.ids / data.limit) are enough to plan them. DatasetError when the job names none."""
+    data = job.spec.data
+    try:
+        return load_split(data.dataset, data.split, root=data.root)[0].shape[0], None
+    except DatasetError as exc:
+        if data.ids is None and data.limit is None:
+            raise DatasetError(f"{exc}; the estimate needs the split, or data.limit / data.ids to count the "
+                               f"examples") from None
+        n = max(data.ids) + 1 if data.ids is not None else data.limit
+        return n, f"data: {data.dataset} {data.split} not found here; planned on the examples the job names ({n})"
 
 
 def estimate_job(job: Job, n_examples: int, profile: DeviceProfile, workers: int = 1) -> Estimate:
@@ -466,6 +492,90 @@ def predicted_wall(unit_seconds: list[float], gangs: list[int], calibration: Cal
     return {"startup": calibration.startup, "makespan": span, "wall": calibration.startup + span}
 
 
+# --- the prediction a run keeps beside its plan ---------------------------------------------------
+def _number(v: float):
+    """A count as JSON writes it best: an int where it is one (evaluations, FLOPs), else the float."""
+    return int(v) if float(v).is_integer() else float(v)
+
+
+def _pair(s: Span | None) -> list | None:
+    return None if s is None else [_number(s.lo), _number(s.hi)]
+
+
+def pricing_profile(options, use_gpu: bool, measured: dict | None = None) -> tuple[DeviceProfile | None, str]:
+    """The profile a run's prediction prices seconds on, and why that one.
+
+    On GPUs: the run's own `--device` / `--efficiency` (those its budget is counted on). On a
+    CPU-only pool: the CPU profile `robustsweep bench cost` saved in the driver's model cache
+    (`measured`, else read from there), where there is one; else (None, why): evaluations and
+    FLOPs only, no seconds. A GPU profile that cannot be made (`--device cpu` without a measured
+    speed) prices nothing either: the prediction never stops a run."""
+    if use_gpu:
+        try:
+            profile = device_profile(options.device, options.efficiency, measured)
+        except ConfigError as exc:
+            return None, f"not priced: {exc}"
+        return profile, f"the run's device profile (--device {profile.name}, efficiency {profile.efficiency:g})"
+    measured = measured or measured_profile()
+    if not measured:
+        return None, ("not priced: a CPU-only pool and no measured CPU profile on the driver (`robustsweep bench "
+                      "cost` saves one)")
+    return (device_profile("cpu", None, measured),
+            "the CPU profile measured by `robustsweep bench cost` on the driver's machine")
+
+
+def prediction_document(units: list[Unit], run_id: str, job_hash: str, profile: DeviceProfile | None,
+                        pricing: str, workers: int = 1) -> dict:
+    """predicted.json: per planned unit (plan order) its predicted network evaluations in forward
+    and backward as [lo, hi] (`parts`: an index into the document's `parts`, the evaluations by
+    (phase, component), shared by the units of one shape), its FLOPs [lo, hi] (None where a
+    network's FLOPs are not known) and its seconds on `profile` (None when unpriced), each unit on
+    the gang the run gives it on a pool of `workers` actors. Nothing in it depends on the clock, so
+    the same plan, profile and pool give the same bytes."""
+    cache: dict = {}
+    shapes: dict[tuple, int] = {}
+    parts: list[list[dict]] = []
+    rows = []
+    for u in units:
+        gang = gang_size(u.grid_workers, u.defense_spec.kind, workers, len(units))
+        cost, a_flops, d_flops = _unit_cost(u, cache, gang)
+        key = (json.dumps([u.defense_table, u.attack_table], sort_keys=True, default=str), u.eps,
+               len(u.example_ids), gang)  # as _unit_cost keys them: the tables, not the names
+        if key not in shapes:
+            shapes[key] = len(parts)
+            parts.append([{**r, "forward": [_number(v) for v in r["forward"]],
+                           "backward": [_number(v) for v in r["backward"]]}
+                          for r in cost.attack.as_rows() + cost.scoring.as_rows()])
+        flops = _unit_flops(cost, a_flops, d_flops)
+        seconds = None if flops is None or profile is None else flops * (1 / profile.flops_per_second)
+        rows.append({"unit_id": u.unit_id, "defense": u.defense, "attack": u.attack, "eps": u.eps,
+                     "examples": len(u.example_ids), "forward": _pair(cost.forward), "backward": _pair(cost.backward),
+                     "flops": _pair(flops), "seconds": _pair(seconds), "parts": shapes[key]})
+    priced = None if profile is None else {"device": profile.name, "what": profile.what, "peak_flops": profile.peak,
+                                           "efficiency": profile.efficiency,
+                                           "flops_per_second": profile.flops_per_second}
+    return {"format": PREDICTION_FORMAT, "run_id": run_id, "job_hash": job_hash, "profile": priced,
+            "pricing": pricing, "units": rows, "parts": parts}
+
+
+def write_prediction(store, run_id: str, job_hash: str, units: list[Unit], options, use_gpu: bool,
+                     workers: int = 1) -> str | None:
+    """Write `{run_id}/predicted.json` once (a resume leaves the one there), the units costed on a
+    pool of `workers` actors; returns why none was written, None when it was (or is there). A
+    unit the cost model cannot cost leaves the run folder without one: the run goes on, its
+    report says the prediction is not available."""
+    rel = f"{run_id}/{PREDICTED}"
+    if store.exists(rel):
+        return None
+    try:
+        profile, pricing = pricing_profile(options, use_gpu)
+        doc = prediction_document(units, run_id, job_hash, profile, pricing, workers)
+    except RobustsweepError as exc:
+        return f"no {PREDICTED}: {exc}"
+    store.write_json(rel, doc)
+    return None
+
+
 def _span(s: Span | None, fmt: str) -> str:
     if s is None:
         return "?"
@@ -517,4 +627,5 @@ def check_budget(estimate: Estimate, max_hours: float) -> None:
 __all__ = ["Calibration", "Observed", "backward_weight", "calibrated_unit_seconds", "fit_calibration", "landed",
            "makespan", "network_key", "point", "predicted_wall", "range_key", "unit_cost_of", "unit_point",
            "DeviceProfile", "Estimate", "PEAKS", "Row", "check_budget", "device_profile", "format_estimate", "estimate_job",
-           "calibrate", "estimate_units", "guard", "progress", "measured_profile", "network_flops", "save_measured_profile", "predicted_unit_seconds"]
+           "calibrate", "estimate_units", "guard", "progress", "measured_profile", "network_flops", "save_measured_profile", "predicted_unit_seconds",
+           "prediction_document", "pricing_profile", "split_size", "write_prediction", "unit_evaluations"]

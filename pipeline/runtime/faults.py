@@ -6,7 +6,9 @@ The variable holds JSON: {"dir": folder for once-markers, "raise_once": [unit id
 "stop_once": [...] (the worker stops itself before its commit: a hung worker),
 "slow": {unit id: seconds} (that unit waits first, every attempt; a marker
 "running-{unit}-{node id}-{pid}" says where it has started), "hold": [...] (those units write the
-same marker, then wait until a file "release" appears in "dir")}.
+same marker, then wait until a file "release" appears in "dir"), "hold_once": [...] (as "hold", for
+the first attempt only: the next attempt runs at once), "after_commit": true (each commit writes
+"commit-{unit}-{attempt}-{pid}.json" holding {"attempt", "committed"}: a refused late write is seen)}.
 Unset, this does nothing. It is read by the workers, so it travels with their environment.
 """
 
@@ -44,14 +46,15 @@ def inject(unit_id: str) -> None:
     folder = plan.get("dir", ".")
     if plan.get("sleep_s"):
         time.sleep(float(plan["sleep_s"]))
-    if unit_id in plan.get("slow", {}) or unit_id in plan.get("hold", []):
+    held = unit_id in plan.get("hold", []) or (unit_id in plan.get("hold_once", []) and _once(folder, "hold", unit_id))
+    if unit_id in plan.get("slow", {}) or held:
         import ray
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
         (Path(folder) / f"running-{unit_id}-{node}-{os.getpid()}").touch()
         time.sleep(float(plan.get("slow", {}).get(unit_id, 0)))
         deadline = time.monotonic() + 600
-        while unit_id in plan.get("hold", []) and not (Path(folder) / "release").exists() and time.monotonic() < deadline:
+        while held and not (Path(folder) / "release").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
     if unit_id in plan.get("raise_always", []):
         raise InjectedFault(f"unit {unit_id} fails on purpose (raise_always)")
@@ -70,3 +73,17 @@ def before_commit(unit_id: str) -> None:
     plan = json.loads(raw)
     if unit_id in plan.get("stop_once", []) and _once(plan.get("dir", "."), "stop", unit_id):
         os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def after_commit(unit_id: str, attempt: int, committed: bool) -> None:
+    """With "after_commit" in the plan, say what became of this attempt's commit (a file per
+    attempt and process: whether the store took it or refused it as late)."""
+    raw = os.environ.get(ENV)
+    if not raw:
+        return
+    plan = json.loads(raw)
+    if plan.get("after_commit"):
+        path = Path(plan.get("dir", ".")) / f"commit-{unit_id}-{attempt}-{os.getpid()}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"attempt": attempt, "committed": committed}))
+        os.replace(tmp, path)  # a reader never sees half a file

@@ -39,10 +39,10 @@ from pipeline.models.zoo import model_card
 from pipeline.runtime import faults
 from pipeline.training.defaults import prepare_defaults, role_of
 from pipeline.runtime.plan import Unit, plan, plan_document, run_id_for
-from pipeline.runtime.estimate import guard
+from pipeline.runtime.estimate import guard, unit_evaluations, write_prediction
 from pipeline.runtime.preflight import preflight_run
 from pipeline.runtime.reach import RETRY_ENV as RAY_RETRY_ENV
-from pipeline.runtime.reach import check_reachable, retry_seconds
+from pipeline.runtime.reach import check_reachable, host_port, retry_seconds
 from pipeline.runtime.scheduler import Failed, Outcome, Scheduler, gang_size
 from pipeline.runtime.submit import AWS_CREDENTIALS, AWS_SETTINGS
 from pipeline.config.job import Job
@@ -65,13 +65,48 @@ def worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in WORKER_ENV if os.environ.get(k)}
 
 
-def unit_deadline(unit: Unit, options: RunOptions) -> float | None:
+def unit_deadline(unit: Unit, options: RunOptions, rate: float | None = None, _cache: dict | None = None,
+                  gang: int = 1) -> float | None:
     """Seconds `unit` may run before its actor is replaced and it is requeued; None: no limit.
 
-    The one place a deadline is decided: today the run's `unit_timeout`; a cost model of the
-    unit (its attack's evaluations times the defense's seconds per evaluation) can feed it here.
+    The one place a deadline is decided: the run's `unit_timeout` when given; else, once `rate`
+    is known (seconds per network evaluation, measured in this run on committed units of the
+    unit's defense: `Deadlines`), `deadline_factor` x the cost model's upper count of the unit's
+    evaluations on its `gang` (runtime/estimate.py `unit_evaluations`) x `rate`, never below
+    `deadline_floor`.
+    Before any unit of its defense has committed there is nothing to scale a prediction by (a
+    device profile's peak says little about a busy or slow node), so no limit.
     """
-    return options.unit_timeout
+    if options.unit_timeout is not None:
+        return options.unit_timeout
+    if rate is None:
+        return None
+    predicted = unit_evaluations(unit, _cache, gang).hi
+    return max(options.deadline_floor, options.deadline_factor * predicted * rate)
+
+
+class Deadlines:
+    """The scheduler's `deadline(unit)`: `unit_deadline` with the speed this run measured on each
+    defense, from the committed units' results (their seconds over their records' evaluations)."""
+
+    def __init__(self, options: RunOptions, gangs: dict[str, int] | None = None):
+        self.options, self.gangs = options, gangs or {}
+        self.spent: dict[str, list[float]] = {}  # defense -> [seconds, evaluations] of its committed units
+        self.cache: dict = {}  # the cost model's units, by (defense, attack, eps, examples)
+
+    def record(self, unit: Unit, result: UnitResult) -> None:
+        if result.evaluations > 0:
+            spent = self.spent.setdefault(unit.defense, [0.0, 0.0])
+            spent[0] += result.seconds
+            spent[1] += result.evaluations
+
+    def rate(self, defense: str) -> float | None:
+        """Seconds per network evaluation of `defense` in this run so far; None before one has committed."""
+        spent = self.spent.get(defense)
+        return spent[0] / spent[1] if spent else None
+
+    def __call__(self, unit: Unit) -> float | None:
+        return unit_deadline(unit, self.options, self.rate(unit.defense), self.cache, self.gangs.get(unit.unit_id, 1))
 
 
 class Stopped(KeyboardInterrupt):
@@ -113,7 +148,9 @@ def connect(address: str | None, budget: float | None = None) -> bool:
 
     Joining is retried with backoff for `budget` seconds (ROBUSTSWEEP_RAY_RETRY_SECONDS, like
     check_reachable): a ray:// client server that has just come up, or is busy, refuses the first
-    handshake (ConnectionAbortedError) where a GCS address would have waited.
+    handshake (ConnectionAbortedError) where a GCS address would have waited. A ray:// try is
+    bounded (`_client_try`): Ray's own client retries three times with growing waits, about 30 s
+    per call, which would swallow the budget in one try.
     """
     if ray.is_initialized():
         return False
@@ -122,11 +159,17 @@ def connect(address: str | None, budget: float | None = None) -> bool:
         return True
     budget = retry_seconds() if budget is None else budget
     deadline, delay = time.monotonic() + budget, 0.5
+    client = address.startswith("ray://")
     while True:
         try:
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+            if client:
+                _client_try(address)
+            else:
+                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
             return False
         except (ConnectionError, TimeoutError, RaySystemError) as exc:
+            error = exc
+        except OSError as exc:  # the TCP look before a client try: refused, unreachable, unknown host
             error = exc
         if ray.is_initialized():
             ray.shutdown()
@@ -134,9 +177,39 @@ def connect(address: str | None, budget: float | None = None) -> bool:
             break
         time.sleep(delay * random.uniform(0.5, 1.5))
         delay = min(2 * delay, 4.0)
+    reason = str(error).splitlines()[0] if str(error) else ""
     raise ClusterUnreachableError(f"cannot join the Ray cluster at {address} (--address): {type(error).__name__}: "
-                                  f"{str(error).splitlines()[0] if str(error) else ''}; retried for {budget:g} s "
-                                  f"({RAY_RETRY_ENV}); check that the head is up and its client port open") from None
+                                  f"{reason}; retried for {budget:g} s ({RAY_RETRY_ENV}); check that the head is "
+                                  f"up and its client port open") from None
+
+
+CLIENT_TRY_S = 5.0  # seconds one ray:// try may wait for the TCP connection (Ray's client then waits up to 5 s more)
+
+
+def _client_try(address: str) -> None:
+    """One bounded try at a ray:// address: a TCP connect first (nothing listening fails here at
+    once, not after Ray's client has waited), then Ray's client with one connection attempt
+    (`connection_retries=1`: its channel waits at most RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S,
+    5 s by default). `ray.init` offers no way to pass that, so the client is called as ray.init
+    calls it, with the same arguments: the job's namespace and runtime_env from the environment,
+    and the remote ray.init's logging options."""
+    import socket
+
+    from ray.job_config import JobConfig
+    from ray.util.client_connect import connect as client_connect
+
+    target = host_port(address)
+    if target is not None:
+        socket.create_connection(target, timeout=CLIENT_TRY_S).close()
+    config = JobConfig()
+    if os.environ.get("RAY_NAMESPACE"):
+        config.set_ray_namespace(os.environ["RAY_NAMESPACE"])
+    if os.environ.get("RAY_RUNTIME_ENV"):
+        import json
+
+        config.set_runtime_env(json.loads(os.environ["RAY_RUNTIME_ENV"]))
+    client_connect(address[len("ray://"):], connection_retries=1, job_config=config,
+                   ray_init_kwargs={"logging_level": "ERROR", "log_to_driver": False})
 
 
 def default_workers(gpus_per_worker: float = 1.0) -> tuple[int, bool]:
@@ -274,6 +347,10 @@ def _run_leased(job: Job, options: RunOptions, store: Store, units: list[Unit], 
         n, use_gpu = default_workers(options.gpus_per_worker)
         n = options.workers or n
         result.workers = n
+        # The prediction, once the pool says what the units run on (it prices their seconds).
+        missing = write_prediction(store, run_id, job.hash, units, options, use_gpu, n)
+        if missing and progress:
+            print(f"run {run_id}: {missing}; the report will say the prediction is not available", file=sys.stderr)
         ctx = WorkerContext(run_id, job.hash, options.out, job.spec.seed, data, endpoint_url=options.endpoint_url)
         _drain(todo, ctx, store, result, n, use_gpu, options, progress, lease)
     except KeyboardInterrupt:
@@ -300,12 +377,15 @@ class RayActors:
         self.ctx, self.use_gpu, self.gpus_per_worker = ctx, use_gpu, gpus_per_worker
         self.resource = "GPU" if use_gpu else "CPU"
         self.env = worker_env()
+        # One actor class for the run: each ray.remote() draws a new class id, which Ray exports
+        # and keeps as another type of task for every actor started or replaced.
+        self.cls = ray.remote(Worker)
 
     def start(self, slot: int):
         options = {"num_cpus": 1, "max_restarts": 0}
         if self.env:
             options["runtime_env"] = {"env_vars": dict(self.env)}
-        cls = ray.remote(Worker)
+        cls = self.cls
         if self.use_gpu:
             # The GPU does the work; the CPU share only keeps Ray from packing more actors than cores.
             options["num_cpus"] = min(1.0, self.gpus_per_worker)
@@ -354,8 +434,8 @@ def _drain(todo: list[Unit], ctx: WorkerContext, store: Store, result: RunResult
                    TextColumn("{task.fields[pool]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
                    disable=not progress)
     actors = RayActors(ctx, use_gpu, options.gpus_per_worker)
-    scheduler = Scheduler(todo, actors, n, gangs=gangs, deadline=lambda unit: unit_deadline(unit, options),
-                          speculate=options.speculate)
+    deadlines = Deadlines(options, gangs)
+    scheduler = Scheduler(todo, actors, n, gangs=gangs, deadline=deadlines, speculate=options.speculate)
     grown = time.monotonic()
     try:
         _probe(scheduler, ctx)
@@ -376,6 +456,7 @@ def _drain(todo: list[Unit], ctx: WorkerContext, store: Store, result: RunResult
                         continue
                     result.done += 1
                     result.rows += event.value.rows
+                    deadlines.record(unit, event.value)
                     examples += len(unit.example_ids)
                     if failure in stale:
                         store.remove(failure)

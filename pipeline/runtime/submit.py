@@ -160,17 +160,21 @@ def resolve_out(out: str, home: str) -> str:
 def submit_job(job: str | os.PathLike, address: str, options: RunOptions = RunOptions(), *,
                working_dir: str | os.PathLike = ".", python: str | None = None, env: dict[str, str] | None = None,
                forward_aws: bool = True, excludes: Iterable[str] = (), submission_id: str | None = None,
-               found: list | None = None) -> str:
+               found: list | None = None, notes: list[str] | None = None) -> str:
     """Validate `job`, submit it to the cluster at `address` (http://HEAD:8265); return the submission id.
 
     The job file must lie inside `working_dir` (the folder that travels to the cluster). `options`
     are those of `run_job` (checked when they were made). python: the head's interpreter (None:
     found by `check_head`, see the module docstring); a relative `options.out` is resolved against
-    the head's home. found: a list that receives the `Head` the check found. Raises ConfigError
-    for a bad job, address or env, or a head without the package (nothing is sent), and
-    ClusterError when the cluster cannot be reached or refuses the job.
+    the head's home. found: a list that receives the `Head` the check found. A budget
+    (options.max_gpu_hours, else the job file's max_gpu_hours) is checked here first, as `run`
+    checks it (`budget_here`); notes: a list that receives what that check could not do here.
+    Raises ConfigError for a bad job, address or env, or a head without the package, and
+    BudgetError for a job above its budget (nothing is sent), and ClusterError when the cluster
+    cannot be reached or refuses the job.
     """
-    load_job(job)
+    spec = load_job(job)
+    budget_here(spec, options, notes)
     root = Path(working_dir).resolve()
     excludes = list(excludes)
     rel = _relative_job(Path(job), root, excludes)
@@ -187,6 +191,29 @@ def submit_job(job: str | os.PathLike, address: str, options: RunOptions = RunOp
                                  metadata={"robustsweep_job": rel})
     except Exception as exc:  # the SDK raises RuntimeError, ValueError, requests' errors
         raise _cluster_error(exc, address, "submit the job", secrets=secrets) from None
+
+
+def budget_here(job, options: RunOptions, notes: list[str] | None = None) -> None:
+    """The budget guard of `run` (runtime/estimate.py: guard), before anything is sent: BudgetError
+    (exit 2) when the job's estimate on options.device is above its budget. The examples are
+    counted from the split here, else from the job's data.ids / data.limit; a job that names
+    neither and whose split is not here is left to the run's own guard on the cluster (a note
+    says so)."""
+    if (options.max_gpu_hours if options.max_gpu_hours is not None else job.spec.max_gpu_hours) is None:
+        return
+    from pipeline.errors import DatasetError
+    from pipeline.runtime.estimate import guard, split_size
+    from pipeline.runtime.plan import plan
+
+    try:
+        n, note = split_size(job)
+    except DatasetError as exc:
+        if notes is not None:
+            notes.append(f"budget not checked before submitting ({exc}); the run checks it on the cluster")
+        return
+    if note and notes is not None:
+        notes.append(note)
+    guard(job, plan(job, n), options)
 
 
 def job_status(address: str, submission_id: str) -> dict:

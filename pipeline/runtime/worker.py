@@ -47,6 +47,7 @@ class UnitResult:
     lost_peers: tuple[int, ...] = ()  # positions, in the unit's peer list, of gang members lost on the way
     gang: int = 1
     committed: bool = True  # False: another attempt had committed the unit first; its file was left as it was
+    evaluations: int = 0  # network evaluations its records count (forward + backward passes): the run's measured speed
 
 
 def visible_device(want_gpu: bool) -> str:
@@ -118,8 +119,10 @@ class Worker:
         wrote = commit_unit(store, f"{ctx.run_id}/{u.path}", table, u.example_ids,
                             {"x_adv": result.x_adv, "forward_per_prediction": result.forward_per_prediction},
                             unit_id=u.unit_id, run_id=ctx.run_id, job_hash=ctx.job_hash, attempt=attempt)
+        faults.after_commit(u.unit_id, attempt, wrote)
         return UnitResult(u.unit_id, table.num_rows, time.perf_counter() - start, self.name,
-                          tuple(gang.lost()) if gang else (), gang.size if gang else 1, committed=wrote)
+                          tuple(gang.lost()) if gang else (), gang.size if gang else 1, committed=wrote,
+                          evaluations=sum(r.forward_passes + r.backward_passes for r in result.records))
 
     def probe(self, ctx: WorkerContext) -> str:
         """Write, read back and remove a small file in the run folder, as a unit's commit would:

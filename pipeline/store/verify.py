@@ -12,6 +12,12 @@ name the plan's run id and job hash and one of its units, with that unit's numbe
 file copied from another run or job, or a records/ that links to another run's, is refused by
 name like any other bad file. (A folder of records without a plan, written by hand, is only
 checked against its seals, and so is a folder whose plan.json is damaged, with --skip-bad.)
+
+Besides records/, a run folder holds plan.json, failures/, the driver's lease and, from the
+first driver that sized its pool, predicted.json (runtime/estimate.py: `prediction_document`):
+the cost model's prediction of every planned unit, which the report sets beside what the
+records spent. It is no record file: nothing here counts it, and `read_prediction` reads it for
+the report, taking only one of this run (its run id and job hash those of plan.json).
 """
 
 from __future__ import annotations
@@ -20,11 +26,14 @@ import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pipeline.errors import BadFileError
+from pipeline.errors import BadFileError, StoreError
 from pipeline.store.binding import read_plan
 from pipeline.store.io import Store
 
 RECORDS = "records"
+PREDICTED = "predicted.json"
+PREDICTION_FORMATS = (1,)  # the layouts of predicted.json this version reads
+ABSENT = "does not exist (a run written before predictions were kept)"  # how read_prediction ends when there is none
 
 
 @dataclass
@@ -113,3 +122,49 @@ def verify_runs(stores: Sequence[Store], *, skip_bad: bool = False) -> Verified:
     if not skip_bad:
         out.refuse_bad()
     return out
+
+
+def read_prediction(store: Store, plan: dict | None = None) -> tuple[dict | None, str | None]:
+    """(predicted.json, None) of a run folder, or (None, why not) when it has none (a run folder
+    written before predictions were kept, or whose cost model failed), when it is damaged, or
+    when it is of another run or job than `plan` (the folder's plan.json). Never raises for
+    the file's content: a report without a prediction is still a report."""
+    try:
+        if not store.exists(PREDICTED):
+            return None, f"not available: {store.join(PREDICTED)} {ABSENT}"
+        doc = store.read_json(PREDICTED)
+    except StoreError as exc:
+        return None, f"not available: {exc}"
+    problem = _prediction_problem(doc, plan)
+    if problem:
+        return None, f"not available: {store.join(PREDICTED)} {problem}"
+    return doc, None
+
+
+def _pair(value) -> bool:
+    return (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                                for v in value) and value[0] <= value[1])
+
+
+def _prediction_problem(doc, plan: dict | None) -> str | None:
+    if not isinstance(doc, dict):
+        return "is not a JSON object"
+    if doc.get("format") not in PREDICTION_FORMATS:
+        return f"has format {doc.get('format')!r}, which this version does not read"
+    if plan is not None and (doc.get("run_id"), doc.get("job_hash")) != (plan["run_id"], plan["job_hash"]):
+        return (f"is of run {doc.get('run_id')!r} (job {doc.get('job_hash')!r}), not of this run's plan.json "
+                f"({plan['run_id']!r}, job {plan['job_hash']!r})")
+    profile = doc.get("profile")
+    if profile is not None and not (isinstance(profile, dict) and isinstance(profile.get("device"), str)):
+        return "has a 'profile' that is neither null nor an object with a device"
+    units = doc.get("units")
+    if not isinstance(units, list):
+        return "has no list of 'units'"
+    for i, u in enumerate(units):
+        if not (isinstance(u, dict) and isinstance(u.get("unit_id"), str) and _pair(u.get("forward"))
+                and _pair(u.get("backward"))):
+            return f"units[{i}] is not a unit's prediction (unit_id, forward [lo, hi], backward [lo, hi])"
+        for key in ("flops", "seconds"):
+            if u.get(key) is not None and not _pair(u[key]):
+                return f"units[{i}].{key} is neither null nor [lo, hi]"
+    return None
