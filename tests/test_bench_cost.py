@@ -130,3 +130,18 @@ def test_a_folder_without_a_plan_is_refused(tmp_path):
     result = CliRunner().invoke(app, ["bench", "cost", "--calibration", str(tmp_path), "--calibration-wall", "5",
                                       "--measured", str(tmp_path), "--measured-wall", "5"])
     assert result.exit_code == 2 and "no plan.json" in result.output
+
+
+def test_a_network_the_calibration_did_not_run_is_priced_by_its_flops(tiny_run):
+    from pipeline.bench.cost import calibrate_on
+    from pipeline.runtime.estimate import Calibration, calibrated_unit_seconds, unit_cost_of
+
+    uri, units = tiny_run
+    cal = calibrate_on(uri, wall=100.0)
+    other = Calibration({}, {}, cal.fractions, cal.startup, 1, cal.wall, cal.makespan, 2e9, "")
+    u = next(u for u in units if u.eps > 0)
+    cost, flops = unit_cost_of(u, {})
+    seconds, forward, backward, how = calibrated_unit_seconds(u, cost, flops, other)
+    assert how == "calibrated, FLOP/s" and seconds == pytest.approx((forward * flops[0] + backward * flops[1]) / 2e9)
+    unknown = Calibration({}, {}, cal.fractions, cal.startup, 1, cal.wall, cal.makespan, None, "")
+    assert calibrated_unit_seconds(u, cost, flops, unknown)[0] is None
