@@ -327,7 +327,7 @@ def calibrate(uri: str, endpoint_url: str | None = None) -> dict:
 def network_key(spec) -> str:
     """What prices an evaluation: the defense's kind and network (model card), not its budgets:
     kind, dataset, model and training method."""
-    return ":".join(str(v) for v in (spec.kind, spec.dataset, spec.model, getattr(spec, "method", "")))
+    return ":".join(str(v) for v in (spec.kind, spec.dataset, spec.model, getattr(spec, "method", None)) if v is not None)
 
 
 def range_key(unit: Unit) -> tuple[str, str, str]:
