@@ -155,7 +155,8 @@ def connect(address: str | None, budget: float | None = None) -> bool:
     if ray.is_initialized():
         return False
     if address is None:
-        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        # "local": a new cluster of our own, never one that happens to run on this machine.
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         return True
     budget = retry_seconds() if budget is None else budget
     deadline, delay = time.monotonic() + budget, 0.5
