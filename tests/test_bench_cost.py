@@ -1,4 +1,4 @@
-"""`robustsweep bench cost`: the arithmetic of a wall time predicted from another run (runtime/estimate.py,
+"""`robustsweep bench cost`: the arithmetic of a wall time predicted from another run (runtime/calibration.py,
 bench/cost.py) on a tiny real run, and its options; no timings are asserted."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.protocol.cost import Span
-from pipeline.runtime.estimate import landed, makespan, point, range_key, unit_point
+from pipeline.runtime.calibration import landed, makespan, point, range_key, unit_point
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_a_point_in_a_range_is_where_the_calibration_landed():
 def test_calibrated_rates_reproduce_the_calibration_runs_own_seconds(tiny_run):
     from pipeline.bench.cost import calibrate_on, predict_units, read_run
     from pipeline.defenses.flops import evaluation_flops
-    from pipeline.runtime.estimate import network_key
+    from pipeline.runtime.calibration import network_key
 
     uri, units = tiny_run
     _, planned, sums, workers = read_run(uri)
@@ -96,7 +96,8 @@ def test_calibrated_rates_reproduce_the_calibration_runs_own_seconds(tiny_run):
 
 def test_a_range_without_calibration_falls_back_to_its_midpoint(tiny_run):
     from pipeline.bench.cost import calibrate_on
-    from pipeline.runtime.estimate import Calibration, unit_cost_of
+    from pipeline.runtime.calibration import Calibration
+    from pipeline.runtime.estimate import unit_cost_of
 
     uri, units = tiny_run
     cal = calibrate_on(uri, wall=100.0)
@@ -134,7 +135,8 @@ def test_a_folder_without_a_plan_is_refused(tmp_path):
 
 def test_a_network_the_calibration_did_not_run_is_priced_by_its_flops(tiny_run):
     from pipeline.bench.cost import calibrate_on
-    from pipeline.runtime.estimate import Calibration, calibrated_unit_seconds, unit_cost_of
+    from pipeline.runtime.calibration import Calibration, calibrated_unit_seconds
+    from pipeline.runtime.estimate import unit_cost_of
 
     uri, units = tiny_run
     cal = calibrate_on(uri, wall=100.0)
@@ -145,3 +147,21 @@ def test_a_network_the_calibration_did_not_run_is_priced_by_its_flops(tiny_run):
     assert how == "calibrated, FLOP/s" and seconds == pytest.approx((forward * flops[0] + backward * flops[1]) / 2e9)
     unknown = Calibration({}, {}, cal.fractions, cal.startup, 1, cal.wall, cal.makespan, None, "")
     assert calibrated_unit_seconds(u, cost, flops, unknown)[0] is None
+
+
+def test_a_run_predicted_from_itself_takes_its_own_wall_time(tiny_run, cnn, tmp_path):
+    """`bench cost --calibration RUN --measured RUN` on the same run: every unit's seconds are its
+    records', so the predicted wall is the given one (start-up = wall - makespan, added back)."""
+    from pipeline.bench.cost import bench_cost, format_cost
+
+    uri, units = tiny_run
+    job = tmp_path / "tiny.toml"
+    job.write_text(f'name = "tiny-cost"\nseed = 3\n[data]\ndataset = "digits"\nsplit = "test"\nlimit = 6\n'
+                   f'shard_size = 2\n[[defenses]]\nkind = "plain"\nmodel = "{cnn}"\n'
+                   f'[[attacks]]\nkind = "pgd"\neps = [0.0, 0.1]\nsteps = 3\n')
+    result = bench_cost(str(job), calibration=uri, calibration_wall=30.0, measured=uri, measured_wall=30.0,
+                        workers=1, save=False)
+    assert result["predicted"]["wall"] == pytest.approx(30.0)
+    assert result["ratio"] == pytest.approx(1.0)
+    assert result["measured"]["makespan_of_recorded"] == pytest.approx(result["calibration"]["makespan"])
+    assert any("predicted / measured = 1.000" in line for line in format_cost(result))

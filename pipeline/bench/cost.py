@@ -3,7 +3,7 @@
 The calibration run (a small built-in job on digits with the demo's kinds of defenses and
 attacks, on other examples, another seed and smaller budgets; or a run given by its folder)
 is read back: per unit, its records' seconds and evaluations beside the evaluations
-pipeline/protocol/cost.py predicts for it. runtime/estimate.py turns them into seconds per
+pipeline/protocol/cost.py predicts for it. runtime/calibration.py turns them into seconds per
 evaluation of each network, where in each outcome-dependent range the spend landed, and the
 start-up (its wall seconds less the makespan of its units). The target job (jobs/demo.toml)
 is then predicted unit by unit and scheduled on the same worker count, run fresh (its models
@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import os
 import tempfile
-from pathlib import Path
 
 from pipeline.bench.common import load_average, local_ray, machine_info, timed
 from pipeline.config.job import Job, parse_job
 from pipeline.config.run import RunOptions
 from pipeline.errors import ConfigError
-from pipeline.runtime.estimate import (Calibration, Observed, calibrate, calibrated_unit_seconds, fit_calibration,
-                                       network_key, predicted_wall, save_measured_profile, unit_cost_of)
+from pipeline.runtime.calibration import calibrate_on, makespan, network_key, predict_units, read_run, unit_label
+from pipeline.runtime.estimate import calibrate, save_measured_profile
 from pipeline.runtime.plan import Unit
-from pipeline.runtime.scheduler import gang_size
+from pipeline.runtime.scheduler import INFLIGHT, gang_size
 
 EPS = [8 / 255, 16 / 255, 32 / 255, 64 / 255]
 
@@ -71,78 +70,12 @@ def timed_run(job: Job, out: str, workers: int) -> dict:
     return {"uri": result.uri, "wall": wall, "load": [load, load_average()]}
 
 
-def read_run(uri: str, endpoint_url: str | None = None) -> tuple[str, list[Unit], dict[str, dict], int]:
-    """(run id, planned units, {unit id: sums of its records' seconds, forward_passes,
-    backward_passes and their count}, workers: the distinct actors that wrote them)."""
-    from pipeline.store import Store
-
-    store = Store(uri, endpoint_url=endpoint_url)
-    if not store.exists("plan.json"):
-        raise ConfigError(f"{uri}: no plan.json; expected a run folder written by `robustsweep run`")
-    doc = store.read_json("plan.json")
-    units = [Unit.from_dict(u) for u in doc["units"]]
-    table = store.read_records("records", columns=["unit_id", "seconds", "forward_passes", "backward_passes", "worker"])
-    sums: dict[str, dict] = {}
-    workers = set()
-    for unit_id, sec, fwd, bwd, worker in zip(*(table.column(c).to_pylist() for c in table.column_names)):
-        s = sums.setdefault(unit_id, {"seconds": 0.0, "forward": 0.0, "backward": 0.0, "records": 0})
-        s["seconds"] += sec
-        s["forward"] += fwd
-        s["backward"] += bwd
-        s["records"] += 1
-        workers.add(worker)
-    return doc["run_id"], units, sums, max(1, len(workers))
-
-
-def calibrate_on(uri: str, wall: float, endpoint_url: str | None = None, workers: int | None = None) -> Calibration:
-    """The Calibration of the run at `uri`, which took `wall` seconds (on `workers` actors; default:
-    as many as wrote its records)."""
-    run_id, units, sums, found = read_run(uri, endpoint_url)
-    workers = workers or found
-    cache: dict = {}
-    observed = []
-    for u in units:
-        s = sums.get(u.unit_id)
-        if s is None or u.surrogate_spec is not None:
-            continue  # not committed, or a transfer unit (two networks)
-        cost, flops = unit_cost_of(u, cache, gang_size(u.grid_workers, u.defense_spec.kind, workers, len(units)))
-        observed.append(Observed(u, s["seconds"], s["forward"], s["backward"], cost, flops))
-    return fit_calibration(observed, workers, wall, f"run {run_id} ({len(observed)} units, {workers} workers)")
-
-
-def _label(u: Unit) -> tuple[str, str]:
-    path = u.attack_table.get("path")
-    return u.defense, u.attack + (f" ({path})" if path else "")
-
-
-def predict_units(units: list[Unit], calibration: Calibration, workers: int) -> dict:
-    """The prediction of planned `units` on `workers` actors: per unit seconds and evaluations,
-    per (defense, attack) sums, and the wall seconds; units whose speed is not known are listed
-    and left out of the makespan."""
-    cache: dict = {}
-    per_unit, seconds, gangs, unknown, hows = {}, [], [], [], set()
-    for u in units:
-        gang = gang_size(u.grid_workers, u.defense_spec.kind, workers, len(units))
-        cost, flops = unit_cost_of(u, cache, gang)
-        sec, fwd, bwd, how = calibrated_unit_seconds(u, cost, flops, calibration)
-        hows.add(how)
-        per_unit[u.unit_id] = {"seconds": sec, "forward": fwd, "backward": bwd, "how": how,
-                               "range_forward": cost.forward.as_list(), "range_backward": cost.backward.as_list()}
-        if sec is None:
-            unknown.append(u.unit_id)
-        else:
-            seconds.append(sec)
-            gangs.append(gang)
-    wall = predicted_wall(seconds, gangs, calibration, workers)
-    return {"units": per_unit, "workers": workers, "unknown": unknown, "how": sorted(hows), **wall}
-
-
 def compare(units: list[Unit], prediction: dict, sums: dict[str, dict]) -> list[dict]:
     """Per (defense, attack) in plan order: predicted and recorded seconds and evaluations."""
     rows: dict[tuple, dict] = {}
     for u in units:
         p, r = prediction["units"][u.unit_id], sums.get(u.unit_id, {})
-        row = rows.setdefault(_label(u), {"defense": _label(u)[0], "attack": _label(u)[1], "network": network_key(u.defense_spec),
+        row = rows.setdefault(unit_label(u), {"defense": unit_label(u)[0], "attack": unit_label(u)[1], "network": network_key(u.defense_spec),
                                           "units": 0, "predicted_seconds": 0.0, "recorded_seconds": 0.0,
                                           "predicted_forward": 0.0, "recorded_forward": 0.0,
                                           "predicted_backward": 0.0, "recorded_backward": 0.0, "how": set()})
@@ -213,9 +146,6 @@ def bench_cost(job_path: str = "jobs/demo.toml", *, calibration: str | None = No
 
 
 def _recorded_makespan(units: list[Unit], sums: dict[str, dict], workers: int) -> float:
-    from pipeline.runtime.estimate import makespan
-    from pipeline.runtime.scheduler import INFLIGHT
-
     return makespan([sums[u.unit_id]["seconds"] for u in units], workers,
                     [gang_size(u.grid_workers, u.defense_spec.kind, workers, len(units)) for u in units], INFLIGHT)
 

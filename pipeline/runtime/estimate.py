@@ -25,7 +25,7 @@ from pipeline.models.zoo import cache_dir
 from pipeline.protocol.build import build_attack
 from pipeline.protocol.cost import ZERO, Span, Tally, UnitCost, unit_cost
 from pipeline.runtime.plan import Unit, plan
-from pipeline.runtime.scheduler import INFLIGHT, gang_size
+from pipeline.runtime.scheduler import gang_size
 from pipeline.store.verify import PREDICTED
 from pipeline.training.classifier import default_classifier_config
 
@@ -317,181 +317,6 @@ def calibrate(uri: str, endpoint_url: str | None = None) -> dict:
 
 
 # --- a calibrated prediction of wall time --------------------------------------------------------
-# A run of another job on the same machine gives three things a FLOP count cannot: the seconds one
-# evaluation of each network takes there (RDC's optimal model has no FLOPs at all), where in a
-# range [lo, hi] the spend of an outcome-dependent attack lands (later AutoAttack stages attack
-# only the survivors), and the start-up a run pays before and around its units. The functions
-# below are the arithmetic; reading runs and timing them is pipeline/bench/cost.py's.
-
-
-def network_key(spec) -> str:
-    """What prices an evaluation: the defense's kind and network (model card), not its budgets:
-    kind, dataset, model and training method."""
-    return ":".join(str(v) for v in (spec.kind, spec.dataset, spec.model, getattr(spec, "method", None)) if v is not None)
-
-
-def range_key(unit: Unit) -> tuple[str, str, str]:
-    """Where a unit's spend lands in its range depends on the defense (network and mode) and
-    on the attack's kind, version and path; not on its iterations, which scale lo and hi alike."""
-    spec, table = unit.defense_spec, unit.attack_table
-    defense = network_key(spec) + (f":{spec.mode}" if getattr(spec, "mode", None) else "")
-    attack = ":".join(str(table.get(k, "")) for k in ("kind", "version", "path"))
-    return defense, attack, format(float(unit.eps), ".6g")
-
-
-def point(span: Span, fraction: float) -> float:
-    """The point of [lo, hi] at `fraction` of its width: lo + fraction (hi - lo)."""
-    return span.lo + fraction * (span.hi - span.lo)
-
-
-def landed(recorded: float, span: Span) -> float | None:
-    """Where `recorded` lies in `span` as a fraction of its width, clipped to [0, 1]; None for an
-    exact span (no width to place it in)."""
-    if span.hi <= span.lo:
-        return None
-    return min(1.0, max(0.0, (recorded - span.lo) / (span.hi - span.lo)))
-
-
-def makespan(seconds: list[float], workers: int, gangs: list[int] | None = None, inflight: int = 1) -> float:
-    """Seconds until the last of `seconds` (units in queue order) ends on `workers` actors, dispatched
-    as the run's scheduler does (runtime/scheduler.py): a one-actor unit to the actor with the fewest
-    units in flight (lowest slot among equals) while it has fewer than `inflight`, where it runs after
-    those; a gang of G waits at the head of the queue until G actors are idle and takes the lowest.
-    With inflight 1 this is list scheduling: each unit starts on the first actor to be free."""
-    if workers < 1:
-        raise ConfigError(f"workers must be >= 1, got {workers}")
-    gangs = gangs or [1] * len(seconds)
-    ends: list[list[float]] = [[] for _ in range(workers)]  # each actor's units' end times, in order
-    now = 0.0
-    for s, g in zip(seconds, gangs):
-        g = min(max(1, g), workers)
-        while True:
-            load = [sum(1 for e in ends[a] if e > now) for a in range(workers)]
-            if g == 1 and min(load) < inflight:
-                a = min(range(workers), key=lambda i: (load[i], i))
-                start = max([now] + ends[a][-1:])
-                ends[a].append(start + s)
-                break
-            idle = [a for a in range(workers) if load[a] == 0]
-            if g > 1 and len(idle) >= g:
-                for a in idle[:g]:
-                    ends[a].append(now + s)
-                break
-            now = min(e for a in range(workers) for e in ends[a] if e > now)
-    return max((e[-1] for e in ends if e), default=0.0)
-
-
-@dataclass(frozen=True)
-class Observed:
-    """One committed unit of a calibration run: its recorded seconds and evaluations (sums over
-    its records) beside its predicted evaluations and the FLOPs of one evaluation of its network."""
-
-    unit: Unit
-    seconds: float
-    forward: float
-    backward: float
-    cost: UnitCost
-    flops: tuple[int, int] | None  # (forward, backward) of one network evaluation; None: not known
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """What a calibration run measured. rates: seconds per evaluation of each network (forward
-    + backward x its weight); weights: a backward evaluation in forward ones (its FLOP ratio where
-    known, else 1); fractions: range_key (and range_key without eps) -> where the recorded forward
-    and backward evaluations landed in their ranges; startup: its wall seconds less its units'
-    makespan; flops_per_second: the fallback for a network it did not run (None: none known)."""
-
-    rates: dict[str, float]
-    weights: dict[str, float]
-    fractions: dict[tuple, tuple[float | None, float | None]]
-    startup: float
-    workers: int
-    wall: float
-    makespan: float
-    flops_per_second: float | None
-    what: str
-
-
-def backward_weight(flops: tuple[int, int] | None) -> float:
-    """A backward evaluation in forward ones: the network's FLOP ratio where known, else 1."""
-    return flops[1] / flops[0] if flops and flops[0] > 0 else 1.0
-
-
-def _ratio(num: float, den: float) -> float | None:
-    return num / den if den > 0 else None
-
-
-def fit_calibration(observed: list[Observed], workers: int, wall: float, what: str = "") -> Calibration:
-    """The Calibration of a run whose units are `observed` (in plan order), which took `wall`
-    seconds on `workers` actors."""
-    if not observed:
-        raise ConfigError("the calibration run has no committed units to calibrate on")
-    rates, weights, flops_total, flops_seconds = {}, {}, 0.0, 0.0
-    by_net: dict[str, list[Observed]] = {}
-    for o in observed:
-        by_net.setdefault(network_key(o.unit.defense_spec), []).append(o)
-    for key, members in by_net.items():
-        w = weights[key] = backward_weight(members[0].flops)
-        evaluations = sum(o.forward + w * o.backward for o in members)
-        seconds = sum(o.seconds for o in members)
-        if evaluations > 0:
-            rates[key] = seconds / evaluations
-        if members[0].flops is not None:
-            f, b = members[0].flops
-            flops_total += sum(o.forward * f + o.backward * b for o in members)
-            flops_seconds += seconds
-    sums: dict[tuple, list[float]] = {}
-    for o in observed:
-        k = range_key(o.unit)
-        for key in (k, k[:2]):
-            acc = sums.setdefault(key, [0.0] * 6)
-            for i, v in enumerate((o.forward, o.cost.forward.lo, o.cost.forward.hi,
-                                   o.backward, o.cost.backward.lo, o.cost.backward.hi)):
-                acc[i] += v
-    fractions = {key: (landed(a[0], Span(a[1], a[2])), landed(a[3], Span(a[4], a[5]))) for key, a in sums.items()}
-    span = makespan([o.seconds for o in observed], workers, inflight=INFLIGHT)
-    return Calibration(rates, weights, fractions, max(0.0, wall - span), workers, wall, span,
-                       _ratio(flops_total, flops_seconds), what)
-
-
-def unit_point(unit: Unit, cost: UnitCost, calibration: Calibration) -> tuple[float, float, str]:
-    """A unit's forward and backward evaluations as single numbers: where the calibration run's
-    landed in the same (defense, attack, eps) ranges, else in the same (defense, attack), else
-    the midpoint; and which of the three it used ("exact" where the range has no width)."""
-    if cost.exact:
-        return cost.forward.lo, cost.backward.lo, "exact"
-    k = range_key(unit)
-    for key, how in ((k, "calibrated"), (k[:2], "calibrated, other eps")):
-        if key in calibration.fractions:
-            f, b = calibration.fractions[key]
-            return point(cost.forward, 0.5 if f is None else f), point(cost.backward, 0.5 if b is None else b), how
-    return point(cost.forward, 0.5), point(cost.backward, 0.5), "midpoint"
-
-
-def calibrated_unit_seconds(unit: Unit, cost: UnitCost, flops: tuple[int, int] | None,
-                            calibration: Calibration) -> tuple[float | None, float, float, str]:
-    """(seconds, forward, backward, how) of a unit predicted from a calibration: its point
-    evaluations at the seconds per evaluation measured for its network, else (a network the
-    calibration run did not have) its FLOPs at the calibration's FLOP/s; seconds None where neither
-    is known."""
-    forward, backward, how = unit_point(unit, cost, calibration)
-    key = network_key(unit.defense_spec)
-    if key in calibration.rates:
-        w = calibration.weights.get(key, backward_weight(flops))
-        return calibration.rates[key] * (forward + w * backward), forward, backward, how
-    if flops is not None and calibration.flops_per_second:
-        return (forward * flops[0] + backward * flops[1]) / calibration.flops_per_second, forward, backward, how + ", FLOP/s"
-    return None, forward, backward, how + ", speed unknown"
-
-
-def predicted_wall(unit_seconds: list[float], gangs: list[int], calibration: Calibration, workers: int) -> dict:
-    """The wall seconds of a run: the calibration's start-up plus the makespan of its units'
-    predicted seconds (plan order) on `workers` actors."""
-    span = makespan(unit_seconds, workers, gangs, inflight=INFLIGHT)
-    return {"startup": calibration.startup, "makespan": span, "wall": calibration.startup + span}
-
-
 # --- the prediction a run keeps beside its plan ---------------------------------------------------
 def _number(v: float):
     """A count as JSON writes it best: an int where it is one (evaluations, FLOPs), else the float."""
@@ -624,8 +449,6 @@ def check_budget(estimate: Estimate, max_hours: float) -> None:
                           f"--max-gpu-hours):\n{format_estimate(estimate)}")
 
 
-__all__ = ["Calibration", "Observed", "backward_weight", "calibrated_unit_seconds", "fit_calibration", "landed",
-           "makespan", "network_key", "point", "predicted_wall", "range_key", "unit_cost_of", "unit_point",
-           "DeviceProfile", "Estimate", "PEAKS", "Row", "check_budget", "device_profile", "format_estimate", "estimate_job",
+__all__ = ["unit_cost_of", "DeviceProfile", "Estimate", "PEAKS", "Row", "check_budget", "device_profile", "format_estimate", "estimate_job",
            "calibrate", "estimate_units", "guard", "progress", "measured_profile", "network_flops", "save_measured_profile", "predicted_unit_seconds",
            "prediction_document", "pricing_profile", "split_size", "write_prediction", "unit_evaluations"]
