@@ -165,3 +165,28 @@ def test_a_run_predicted_from_itself_takes_its_own_wall_time(tiny_run, cnn, tmp_
     assert result["ratio"] == pytest.approx(1.0)
     assert result["measured"]["makespan_of_recorded"] == pytest.approx(result["calibration"]["makespan"])
     assert any("predicted / measured = 1.000" in line for line in format_cost(result))
+
+
+def test_plan_with_a_calibration_run_prices_the_job_at_that_runs_speed(tiny_run, cnn, tmp_path):
+    """`plan JOB --calibration RUN`: the job of a finished run, planned again at the speed its records
+    show, takes the run's own wall time; the wall time alone is refused."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    uri, units = tiny_run
+    job = tmp_path / "tiny.toml"
+    job.write_text(f'name = "tiny-cost"\nseed = 3\n[data]\ndataset = "digits"\nsplit = "test"\nlimit = 6\n'
+                   f'shard_size = 2\n[[defenses]]\nkind = "plain"\nmodel = "{cnn}"\n'
+                   f'[[attacks]]\nkind = "pgd"\neps = [0.0, 0.1]\nsteps = 3\n')
+    result = CliRunner().invoke(app, ["plan", str(job), "--calibration", uri, "--calibration-wall", "30", "--json"])
+    assert result.exit_code == 0, result.output
+    calibrated = json.loads(result.output)["calibrated"]
+    assert calibrated["wall"] == pytest.approx(30.0) and not calibrated["unknown"]
+    assert sorted(calibrated["unit_seconds"]) == sorted(u.unit_id for u in units)
+    text = CliRunner().invoke(app, ["plan", str(job), "--calibration", uri])
+    assert text.exit_code == 0 and "start-up not known" in text.output
+    alone = CliRunner().invoke(app, ["plan", str(job), "--calibration-wall", "30"])
+    assert alone.exit_code == 2 and "--calibration-wall" in alone.output

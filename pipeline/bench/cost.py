@@ -181,4 +181,4 @@ def format_cost(r: dict) -> list[str]:
     return lines
 
 
-__all__ = ["bench_cost", "calibrate_on", "calibration_job", "compare", "format_cost", "predict_units", "read_run", "timed_run"]
+__all__ = ["bench_cost", "calibration_job", "compare", "format_cost", "timed_run"]

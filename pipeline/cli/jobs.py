@@ -57,23 +57,48 @@ def plan_cmd(
                                             "a100-tf32, or cpu (measured by `robustsweep bench cost`)"),
     efficiency: Optional[float] = typer.Option(None, help=EFFICIENCY_HELP),
     workers: int = typer.Option(1, help="devices the job runs on, for the wall time"),
+    calibration: Optional[str] = typer.Option(None, metavar="RUN_URI", help="also predict seconds and wall time at the "
+                                              "speed a run's records show (the same job resumed, or a similar one "
+                                              "on the same machines)"),
+    calibration_wall: Optional[float] = typer.Option(None, metavar="SECONDS", help="that run's wall seconds, for its "
+                                                     "start-up (default: start-up not counted)"),
+    endpoint_url: Optional[str] = typer.Option(None, help="S3 endpoint of --calibration (default: AWS_ENDPOINT_URL)"),
     as_json: bool = typer.Option(False, "--json/--no-json", metavar="", help="print the estimate as JSON"),
 ):
     """What a job will cost before it runs: per (defense, attack, eps), its units, network evaluations
-    (forward / backward; a range where outcomes decide), PFLOP and device-hours; writes nothing."""
-    from pipeline.runtime.estimate import device_profile, estimate_job, format_estimate, split_size
+    (forward / backward; a range where outcomes decide), PFLOP and device-hours; with --calibration,
+    also the seconds a run of it would take at a measured speed; writes nothing."""
+    from pipeline.runtime.estimate import device_profile, estimate_units, format_estimate, split_size
+    from pipeline.runtime.plan import plan
 
     profile = device_profile(device, efficiency)
     if workers < 1:
         raise ConfigError(f"workers (--workers) must be >= 1, got {workers}")
+    if calibration_wall is not None and (calibration is None or not calibration_wall > 0):
+        raise ConfigError(f"--calibration-wall must be a positive number of seconds and goes with --calibration; "
+                          f"got {calibration_wall!r}")
     spec = load_job_file(job)  # the model files and data may live on the cluster only
     n, note = split_size(spec)
     notes([note] if note else [])
-    estimate = estimate_job(spec, n, profile, workers)
+    units = plan(spec, n)
+    estimate = estimate_units(units, profile, workers)
+    calibrated = None
+    if calibration is not None:
+        from pipeline.runtime.calibration import calibrate_on, format_calibrated, predict_units
+
+        fitted = calibrate_on(calibration, calibration_wall or 0.0, endpoint_url)
+        calibrated = (predict_units(units, fitted, workers), fitted)
     if as_json:
-        print(json.dumps(estimate.as_dict(), indent=2))
+        doc = estimate.as_dict()
+        if calibrated is not None:
+            prediction, fitted = calibrated
+            doc["calibrated"] = {"on": fitted.what, **{k: prediction[k] for k in ("startup", "makespan", "wall", "unknown")},
+                                 "unit_seconds": {u: p["seconds"] for u, p in prediction["units"].items()}}
+        print(json.dumps(doc, indent=2))
     else:
         print(format_estimate(estimate))
+        if calibrated is not None:
+            print("\n".join(format_calibrated(units, *calibrated)))
 
 
 @fails_cleanly

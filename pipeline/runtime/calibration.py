@@ -255,5 +255,28 @@ def predict_units(units: list[Unit], calibration: Calibration, workers: int) -> 
     return {"units": per_unit, "workers": workers, "unknown": unknown, "how": sorted(hows), **wall}
 
 
-__all__ = ["Calibration", "Observed", "backward_weight", "calibrate_on", "calibrated_unit_seconds", "fit_calibration",
+def format_calibrated(units: list[Unit], prediction: dict, calibration: Calibration) -> list[str]:
+    """A prediction for a person: seconds per (defense, attack) summed over its units, then the
+    wall time on the prediction's workers and where the speeds came from."""
+    rows: dict[tuple[str, str], list] = {}
+    for u in units:
+        p = prediction["units"][u.unit_id]
+        row = rows.setdefault(unit_label(u), [0, 0.0, set()])
+        row[0] += 1
+        row[1] = None if p["seconds"] is None or row[1] is None else row[1] + p["seconds"]
+        row[2].add(p["how"])
+    head = ("defense", "attack", "units", "seconds", "range point")
+    table = [head] + [(d, a, str(n), "?" if sec is None else f"{sec:.1f}", "; ".join(sorted(how)))
+                      for (d, a), (n, sec, how) in rows.items()]
+    widths = [max(len(t[i]) for t in table) for i in range(len(head))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip() for t in table]
+    startup = f"start-up {prediction['startup']:.1f} s + " if calibration.wall else "start-up not known (no wall time given) + "
+    lines.append(f"calibrated on {calibration.what}: {startup}makespan {prediction['makespan']:.1f} s = "
+                 f"{prediction['wall']:.1f} s wall on {prediction['workers']} worker(s)")
+    if prediction["unknown"]:
+        lines.append(f"{len(prediction['unknown'])} units run networks of no known speed and are left out")
+    return lines
+
+
+__all__ = ["Calibration", "format_calibrated", "Observed", "backward_weight", "calibrate_on", "calibrated_unit_seconds", "fit_calibration",
            "landed", "makespan", "network_key", "point", "predict_units", "predicted_wall", "range_key", "read_run", "unit_label", "unit_point"]
