@@ -149,16 +149,22 @@ def test_a_network_the_calibration_did_not_run_is_priced_by_its_flops(tiny_run):
     assert calibrated_unit_seconds(u, cost, flops, unknown)[0] is None
 
 
+def tiny_job_file(cnn, folder):
+    """tiny_run's job as a job file."""
+    job = folder / "tiny.toml"
+    job.write_text(f'name = "tiny-cost"\nseed = 3\n[data]\ndataset = "digits"\nsplit = "test"\nlimit = 6\n'
+                   f'shard_size = 2\n[[defenses]]\nkind = "plain"\nmodel = "{cnn}"\n'
+                   f'[[attacks]]\nkind = "pgd"\neps = [0.0, 0.1]\nsteps = 3\n')
+    return job
+
+
 def test_a_run_predicted_from_itself_takes_its_own_wall_time(tiny_run, cnn, tmp_path):
     """`bench cost --calibration RUN --measured RUN` on the same run: every unit's seconds are its
     records', so the predicted wall is the given one (start-up = wall - makespan, added back)."""
     from pipeline.bench.cost import bench_cost, format_cost
 
     uri, units = tiny_run
-    job = tmp_path / "tiny.toml"
-    job.write_text(f'name = "tiny-cost"\nseed = 3\n[data]\ndataset = "digits"\nsplit = "test"\nlimit = 6\n'
-                   f'shard_size = 2\n[[defenses]]\nkind = "plain"\nmodel = "{cnn}"\n'
-                   f'[[attacks]]\nkind = "pgd"\neps = [0.0, 0.1]\nsteps = 3\n')
+    job = tiny_job_file(cnn, tmp_path)
     result = bench_cost(str(job), calibration=uri, calibration_wall=30.0, measured=uri, measured_wall=30.0,
                         workers=1, save=False)
     assert result["predicted"]["wall"] == pytest.approx(30.0)
@@ -177,10 +183,7 @@ def test_plan_with_a_calibration_run_prices_the_job_at_that_runs_speed(tiny_run,
     from pipeline.cli import app
 
     uri, units = tiny_run
-    job = tmp_path / "tiny.toml"
-    job.write_text(f'name = "tiny-cost"\nseed = 3\n[data]\ndataset = "digits"\nsplit = "test"\nlimit = 6\n'
-                   f'shard_size = 2\n[[defenses]]\nkind = "plain"\nmodel = "{cnn}"\n'
-                   f'[[attacks]]\nkind = "pgd"\neps = [0.0, 0.1]\nsteps = 3\n')
+    job = tiny_job_file(cnn, tmp_path)
     result = CliRunner().invoke(app, ["plan", str(job), "--calibration", uri, "--calibration-wall", "30", "--json"])
     assert result.exit_code == 0, result.output
     calibrated = json.loads(result.output)["calibrated"]
