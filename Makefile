@@ -24,7 +24,7 @@ PYTEST_WORKERS ?= 2
 # where PYTHONDONTWRITEBYTECODE is set none of them would keep what it compiled.
 test: setup
 	$(BIN)/python -m compileall -q pipeline tests
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 # The unit tests: no Ray, no S3 server, no subprocess CLI, no GPU.
 test-fast: setup

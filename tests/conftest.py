@@ -79,13 +79,6 @@ def pytest_collection_modifyitems(config, items) -> None:
         # its own time limit; give those tests room unless they set a limit themselves.
         if fixtures & {"default_models", "unet"} and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(TRAINING_TIMEOUT_S))
-    # Files with the most slow tests first (test order within a file kept): `make test` hands whole
-    # files to its two workers in this order (--no-loadscope-reorder), so the long files start early
-    # and the many short ones fill in at the end, instead of one worker finishing a long file alone.
-    slow: dict[str, int] = {}
-    for item in items:
-        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + (item.get_closest_marker("slow") is not None)
-    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])
 
 
 def models_key() -> str:

@@ -87,6 +87,25 @@ def test_a_renewed_lease_is_kept_and_a_stopped_one_taken_over(store):
     _lease(store, clock).acquire().release()  # released: free at once
 
 
+def test_a_lost_lease_names_its_taker_even_after_the_takers_lease_ended(store):
+    """The driver stops after its units in flight; by then the lease that took its place may have
+    ended too. The message still names the taker, as read when the loss was found."""
+    clock = FakeClock()
+    a = _lease(store, clock).acquire()
+    clock.advance(TTL + 1)
+    b = _lease(store, clock).acquire()
+    a.renew()
+    taker = current_holder(store, "r", clock=clock)
+    assert a.lost and taker["since"]
+    clock.advance(3 * TTL)  # b stops renewing as well
+    a.renew()  # a lost lease is not renewed again, nor its taker read again
+    assert current_holder(store, "r", clock=clock) is None
+    with pytest.raises(LeaseLostError) as err:
+        a.check()
+    assert f"pid {taker['pid']}, since {taker['since']}" in str(err.value) and "?" not in str(err.value)
+    b.release()
+
+
 def test_a_waiting_driver_takes_over_after_one_time_to_live_without_sleeping(store):
     clock = FakeClock()
     dead = _lease(store, clock).acquire()

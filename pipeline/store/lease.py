@@ -129,6 +129,7 @@ class RunLease:
         self.token = uuid.uuid4().hex
         self.since = clock.time()
         self.lost = False
+        self.taker: dict | None = None  # who held the lease when this driver found it lost
         self._fd: int | None = None
         self._version: Version | None = None
         self._seen: dict[str, float] = {}  # version tag of the lease read -> when this reader first saw it
@@ -226,12 +227,18 @@ class RunLease:
         return holder or {}
 
     def renew(self) -> None:
-        """Push `expires` forward; sets `lost` when another driver has taken the lease over."""
+        """Push `expires` forward; sets `lost` when another driver has taken the lease over (a lost
+        lease is not renewed again: it is the other driver's)."""
+        if self.lost:
+            return
         if self.store.backend == "local":
             self._write_local()
             return
         renewed = self.store.replace_if_match(self.rel, self._doc(), self._version)
         if renewed is None:
+            # Read now: by the time the driver stops (after the units in flight) the new holder's
+            # lease may itself have ended, and the message could no longer say who it was.
+            self.taker = self._holder_now()
             self.lost = True
         else:
             self._version = renewed
@@ -240,15 +247,18 @@ class RunLease:
         """Raise LeaseLostError, naming the new holder, once another driver has taken the lease over."""
         if not self.lost:
             return
-        try:
-            h = current_holder(self.store, self.run_id, clock=self.clock) or {}
-        except (StoreError, OSError):  # the message still says what happened
-            h = {}
+        h = self.taker or self._holder_now()
         raise LeaseLostError(
             f"the lease of run folder {self.store.join(self.run_id)} was taken over by another driver "
             f"(host {h.get('host', '?')}, pid {h.get('pid', '?')}, since {h.get('since', '?')}) while this run was "
             f"going: this driver stopped handing out units. Committed units stay; run again (with --lease-wait) "
             f"to resume once the other driver is done")
+
+    def _holder_now(self) -> dict:
+        try:
+            return current_holder(self.store, self.run_id, clock=self.clock) or {}
+        except (StoreError, OSError):  # the message still says what happened
+            return {}
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl / 3):
