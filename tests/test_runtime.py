@@ -90,7 +90,7 @@ def test_resume_skips_committed_units(ray_cluster, cnn, tmp_path):
     assert cost["evaluations_estimated"][0] <= cost["evaluations_spent"] <= cost["evaluations_estimated"][1]
     assert cost["evaluations_left"] == [0, 0] and cost["eta_worker_seconds"] == [0.0, 0.0]
     # the run calibrates this machine (the `cpu` profile of `plan`)
-    from pipeline.runtime.estimate import calibrate
+    from pipeline.runtime.calibration import calibrate
 
     assert calibrate(first.uri)["flops_per_second"] > 0
     fresh = run_job(job, RunOptions(out=str(tmp_path), workers=2, fresh=True), progress=False)

@@ -23,8 +23,8 @@ from pipeline.bench.common import load_average, local_ray, machine_info, timed
 from pipeline.config.job import Job, parse_job
 from pipeline.config.run import RunOptions
 from pipeline.errors import ConfigError
-from pipeline.runtime.calibration import calibrate_on, makespan, network_key, predict_units, read_run, unit_label
-from pipeline.runtime.estimate import calibrate, save_measured_profile
+from pipeline.runtime.calibration import calibrate, calibrate_on, makespan, network_key, predict_units, read_run, unit_label
+from pipeline.runtime.estimate import save_measured_profile
 from pipeline.runtime.plan import Unit
 from pipeline.runtime.scheduler import INFLIGHT, gang_size
 

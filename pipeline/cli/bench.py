@@ -249,7 +249,8 @@ def cost_cmd(
             raise ConfigError(f"{given[0]} is for the wall-time prediction; RUN_URI only calibrates the cpu profile: give one or the other")
         from pipeline.cli.common import load_job_file
         from pipeline.data import load_split
-        from pipeline.runtime.estimate import calibrate, device_profile, estimate_job, format_estimate, save_measured_profile
+        from pipeline.runtime.calibration import calibrate
+        from pipeline.runtime.estimate import device_profile, estimate_job, format_estimate, save_measured_profile
 
         profile = calibrate(run, endpoint_url)
         say([f"cpu: {profile['flops_per_second'] / 1e9:.4g} GFLOP/s ({profile['what']})"])

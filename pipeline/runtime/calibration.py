@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.config.attack import TransferSpec
 from pipeline.errors import ConfigError
 from pipeline.protocol.cost import Span, UnitCost
-from pipeline.runtime.estimate import unit_cost_of
+from pipeline.runtime.estimate import network_flops, unit_cost_of
 from pipeline.runtime.plan import Unit
 from pipeline.runtime.scheduler import INFLIGHT, gang_size
 from pipeline.store import Store
@@ -211,6 +212,30 @@ def read_run(uri: str, endpoint_url: str | None = None) -> tuple[str, list[Unit]
     return doc["run_id"], units, sums, max(1, len(workers))
 
 
+def calibrate(uri: str, endpoint_url: str | None = None) -> dict:
+    """A measured profile from a run's own records: the FLOPs its committed units spent (records'
+    forward / backward evaluations x the defense network's FLOPs) over their worker-seconds.
+    Transfer units, networks of unknown FLOPs and the authors' LM are left out.
+    {"flops_per_second", "what"}: the `cpu` profile of `plan --device cpu`."""
+    run_id, units, sums, _ = read_run(uri, endpoint_url)
+    known: dict[str, tuple[int, int] | None] = {}
+    flops = seconds = 0.0
+    n = 0
+    for u in units:
+        s = sums.get(u.unit_id)
+        if s is None or isinstance(u.attack_spec, TransferSpec):
+            continue
+        if u.defense not in known:
+            known[u.defense] = network_flops(u.defense_spec).network
+        per = known[u.defense]
+        if per is None or getattr(getattr(u.defense_spec, "lm", None), "variant", None) == "authors":
+            continue
+        flops, seconds, n = flops + s["forward"] * per[0] + s["backward"] * per[1], seconds + s["seconds"], n + s["records"]
+    if not n or seconds <= 0:
+        raise ConfigError(f"{uri}: no committed records of a defense whose network FLOPs are known to calibrate on")
+    return {"flops_per_second": flops / seconds, "what": f"this machine, calibrated on run {run_id} ({n} records)"}
+
+
 def calibrate_on(uri: str, wall: float, endpoint_url: str | None = None, workers: int | None = None) -> Calibration:
     """The Calibration of the run at `uri`, which took `wall` seconds (on `workers` actors; default:
     as many as wrote its records)."""
@@ -278,5 +303,5 @@ def format_calibrated(units: list[Unit], prediction: dict, calibration: Calibrat
     return lines
 
 
-__all__ = ["Calibration", "format_calibrated", "Observed", "backward_weight", "calibrate_on", "calibrated_unit_seconds", "fit_calibration",
+__all__ = ["Calibration", "calibrate", "format_calibrated", "Observed", "backward_weight", "calibrate_on", "calibrated_unit_seconds", "fit_calibration",
            "landed", "makespan", "network_key", "point", "predict_units", "predicted_wall", "range_key", "read_run", "unit_label", "unit_point"]

@@ -183,11 +183,16 @@ class Estimate:
                 "wall_hours": self.wall_hours.as_list(), "unknown": [f"{r.defense} / {r.attack}" for r in self.unknown]}
 
 
+def _shape(unit: Unit, gang: int) -> tuple:
+    """What a unit's cost depends on: the tables, not the names (an attack's adaptive and oblivious
+    units share its name), eps, its number of examples and its gang."""
+    return (json.dumps([unit.defense_table, unit.attack_table], sort_keys=True, default=str), unit.eps,
+            len(unit.example_ids), gang)
+
+
 def _unit_cost(unit: Unit, cache: dict, gang: int = 1) -> tuple[UnitCost, Flops, Flops]:
     """The unit's predicted cost on `gang` actors, and the FLOPs of its attacked and its defense networks."""
-    # The tables, not the names: an attack's adaptive and oblivious units share its name.
-    key = (json.dumps([unit.defense_table, unit.attack_table], sort_keys=True, default=str), unit.eps,
-           len(unit.example_ids), gang)
+    key = _shape(unit, gang)
     if key not in cache:
         defense = defense_structure(unit.defense_spec, unit.defense)
         surrogate = defense_structure(unit.surrogate_spec) if unit.surrogate_spec is not None else None
@@ -288,35 +293,6 @@ def progress(units: list[Unit], done: set[str], forward: float, backward: float,
             "eta_worker_seconds": None if rate is None else [round(v * rate, 1) for v in left.as_list()]}
 
 
-def calibrate(uri: str, endpoint_url: str | None = None) -> dict:
-    """A measured profile from a run's own records: the FLOPs its committed units spent (records'
-    forward / backward evaluations x the defense network's FLOPs) over their worker-seconds.
-    Transfer units and networks of unknown FLOPs are left out. {"flops_per_second", "what"}."""
-    from pipeline.store import Store
-
-    store = Store(uri, endpoint_url=endpoint_url)
-    doc = store.read_json("plan.json")
-    units = {u["unit_id"]: Unit.from_dict(u) for u in doc["units"]}
-    table = store.read_records("records", columns=["unit_id", "seconds", "forward_passes", "backward_passes"])
-    known: dict[str, Flops] = {}
-    flops = seconds = 0.0
-    n = 0
-    for unit_id, sec, fwd, bwd in zip(*(table.column(c).to_pylist() for c in table.column_names)):
-        u = units.get(unit_id)
-        if u is None or isinstance(u.attack_spec, TransferSpec):
-            continue
-        if u.defense not in known:
-            known[u.defense] = network_flops(u.defense_spec)
-        per = known[u.defense].network
-        if per is None or getattr(getattr(u.defense_spec, "lm", None), "variant", None) == "authors":
-            continue
-        flops, seconds, n = flops + fwd * per[0] + bwd * per[1], seconds + sec, n + 1
-    if not n or seconds <= 0:
-        raise ConfigError(f"{uri}: no committed records of a defense whose network FLOPs are known to calibrate on")
-    return {"flops_per_second": flops / seconds, "what": f"this machine, calibrated on run {doc['run_id']} ({n} records)"}
-
-
-# --- a calibrated prediction of wall time --------------------------------------------------------
 # --- the prediction a run keeps beside its plan ---------------------------------------------------
 def _number(v: float):
     """A count as JSON writes it best: an int where it is one (evaluations, FLOPs), else the float."""
@@ -364,8 +340,7 @@ def prediction_document(units: list[Unit], run_id: str, job_hash: str, profile: 
     for u in units:
         gang = gang_size(u.grid_workers, u.defense_spec.kind, workers, len(units))
         cost, a_flops, d_flops = _unit_cost(u, cache, gang)
-        key = (json.dumps([u.defense_table, u.attack_table], sort_keys=True, default=str), u.eps,
-               len(u.example_ids), gang)  # as _unit_cost keys them: the tables, not the names
+        key = _shape(u, gang)
         if key not in shapes:
             shapes[key] = len(parts)
             parts.append([{**r, "forward": [_number(v) for v in r["forward"]],
@@ -450,5 +425,5 @@ def check_budget(estimate: Estimate, max_hours: float) -> None:
 
 
 __all__ = ["unit_cost_of", "DeviceProfile", "Estimate", "PEAKS", "Row", "check_budget", "device_profile", "format_estimate", "estimate_job",
-           "calibrate", "estimate_units", "guard", "progress", "measured_profile", "network_flops", "save_measured_profile", "predicted_unit_seconds",
+           "estimate_units", "guard", "progress", "measured_profile", "network_flops", "save_measured_profile", "predicted_unit_seconds",
            "prediction_document", "pricing_profile", "split_size", "write_prediction", "unit_evaluations"]
